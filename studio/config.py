@@ -1,0 +1,266 @@
+"""The run config: the one typed description of a KTO run.
+
+The UI, the presets under ``presets/`` and the headless CLI all read and write this object; it is the only place
+where a run's settings live. Field names inside the ``lora``, ``kto`` and ``train`` sections are the names TRL's
+``KTOConfig`` and PEFT's ``LoraConfig`` use, so the mapping to them is derived from the fields, never retyped.
+Every field documents what it does and when to change it; the UI takes its labels and help texts from here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from studio import paths
+
+BUNDLED_MODEL = "bundled:smollm2-135m"
+SAMPLE_DATA = "sample"
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used. The message names the field and says what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Section):
+    name_or_path: str = Field(
+        BUNDLED_MODEL,
+        description="Which model to tune: a Hugging Face hub id (downloaded into the HF cache), a local folder, "
+        f"a .gguf file, or '{BUNDLED_MODEL}' for the small model that ships with the studio.",
+    )
+    backend: Literal["auto", "unsloth", "bnb", "full"] = Field(
+        "auto",
+        description="How the model is loaded. 'auto' picks Unsloth 4-bit on CUDA when Unsloth is installed, else "
+        "bitsandbytes NF4 4-bit on CUDA, else full precision on CPU / Apple MPS. Force one only to compare.",
+    )
+    load_in_4bit: bool = Field(
+        True, description="On CUDA, keep the frozen base weights in 4-bit (QLoRA). Needed for 7B models on 8 GB."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Compute dtype. 'auto' is bfloat16 where the device supports it, float16 on older CUDA cards, "
+        "float32 on CPU.",
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Only for models you trust.")
+
+
+class LoraSettings(_Section):
+    """Fields named as in ``peft.LoraConfig``."""
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank: capacity of the adapter. 8-32 is typical.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator; the update is scaled by alpha / r.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input. Unsloth is fastest at 0.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Layers that get an adapter. 'all-linear' = every projection of attention and MLP (not lm_head).",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
+
+
+class KTOSettings(_Section):
+    """Fields named as in ``trl.KTOConfig``."""
+
+    beta: float = Field(
+        0.1, gt=0.0, description="KTO beta: how far the tuned model may move from the base (higher = stay closer)."
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0.0, description="Loss weight of desirable (good) rows. Balance so that "
+        "(desirable_weight * n_good) / (undesirable_weight * n_bad) lies in [1, 4/3] (KTO paper)."
+    )
+    undesirable_weight: float = Field(1.0, gt=0.0, description="Loss weight of undesirable (bad) rows.")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field("kto", description="The KTO loss, or APO-zero unpaired.")
+    max_length: int = Field(
+        1024, ge=16, description="Longest prompt+completion in tokens; longer rows are truncated. Drives memory."
+    )
+    precompute_ref_log_probs: bool = Field(
+        False, description="Compute the reference model's log-probs once before training (saves a forward per step)."
+    )
+
+
+class TrainSettings(_Section):
+    """Fields named as in ``transformers.TrainingArguments`` (through ``KTOConfig``)."""
+
+    learning_rate: float = Field(
+        2e-4,
+        gt=0.0,
+        lt=1.0,
+        description="Peak learning rate. LoRA needs far more than full fine-tuning: 5e-7 (the full fine-tuning "
+        "advice) teaches a LoRA adapter nothing.",
+    )
+    num_train_epochs: float = Field(1.0, gt=0.0, description="Passes over the training data.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
+    per_device_train_batch_size: int = Field(
+        4,
+        description="Rows per forward pass on one device. KTO needs at least 2: its KL term pairs each prompt with "
+        "another row's completion inside the batch.",
+    )
+    gradient_accumulation_steps: int = Field(
+        2, ge=1, description="Forward passes per optimizer step. Effective batch = per-device batch x this x devices."
+    )
+    warmup_steps: float = Field(
+        0.1, ge=0.0, description="Warm-up: a fraction of the run when below 1 (0.1 = first 10%), else a step count."
+    )
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="How the learning rate decays after warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping.")
+    optim: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "auto", description="Optimizer. 'auto' = 8-bit AdamW on CUDA (saves memory), plain AdamW elsewhere."
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: much less memory, about 20-30% slower."
+    )
+    logging_steps: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+    save_steps: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(3, ge=1, description="Keep at most this many checkpoints per run.")
+    seed: int = Field(42, description="Seed for shuffling, LoRA init and dropout.")
+
+
+    @field_validator("per_device_train_batch_size")
+    @classmethod
+    def _kto_needs_pairs(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(
+                f"is {v}, but KTO needs at least 2: its KL estimate pairs each prompt with another row's completion "
+                "inside the batch. Use 2 and raise gradient_accumulation_steps to keep the effective batch."
+            )
+        return v
+
+
+class DataSettings(_Section):
+    train_file: str = Field(
+        SAMPLE_DATA,
+        description=f"Training data: a JSONL/JSON/CSV/Parquet file or a saved datasets folder; '{SAMPLE_DATA}' = "
+        "the small example set that ships with the studio.",
+    )
+    eval_file: str | None = Field(None, description="Optional held-out data in the same formats.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=0.9, description="Without an eval file, hold out this fraction of the training rows."
+    )
+    shuffle: bool = Field(True, description="Shuffle rows before training (TRL's KTO trainer never does).")
+
+
+class RunConfig(_Section):
+    name: str = Field("run", min_length=1, max_length=80, description="Run name; the run folder is named after it.")
+    output_dir: str | None = Field(
+        None, description="Where checkpoints, the adapter and logs go. Empty: <studio home>/runs/<name>."
+    )
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    kto: KTOSettings = Field(default_factory=KTOSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        bad = set(v) - set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+        if bad or v.startswith("."):
+            raise ValueError("use letters, digits, '-', '_' and '.' only (it names a folder)")
+        return v
+
+    # ---- paths -------------------------------------------------------------------------------------------------
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else paths.runs_dir() / self.name
+
+    # ---- YAML --------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as e:
+            raise ConfigError(_explain(e)) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"run config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model, lora, kto, train, data)")
+        return cls.from_dict(data or {})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml(), encoding="utf-8")
+        return path
+
+    def updated(self, changes: dict[str, Any]) -> "RunConfig":
+        """A copy with dotted-path changes applied ({'train.learning_rate': 1e-4}), validated as a whole."""
+        data = self.model_dump()
+        for dotted, value in changes.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                if p not in node or not isinstance(node[p], dict):
+                    raise ConfigError(f"unknown field '{dotted}'")
+                node = node[p]
+            if leaf not in node:
+                raise ConfigError(f"unknown field '{dotted}'")
+            node[leaf] = value
+        return RunConfig.from_dict(data)
+
+    # ---- mapping to TRL / PEFT ---------------------------------------------------------------------------------
+    def to_lora_config(self, target_modules: list[str] | str | None = None):
+        from peft import LoraConfig
+
+        kw = self.lora.model_dump()
+        if target_modules is not None:
+            kw["target_modules"] = target_modules
+        return LoraConfig(task_type="CAUSAL_LM", **kw)
+
+    def to_kto_config(self, *, device: str = "cpu", bf16: bool = False, fp16: bool = False, bnb: bool = False,
+                      **overrides: Any):
+        """TRL's KTOConfig for this run on the given device. ``overrides`` are KTOConfig fields set by the engine."""
+        from trl import KTOConfig
+
+        train = self.train.model_dump()
+        if train["optim"] == "auto":
+            train["optim"] = "adamw_8bit" if (device == "cuda" and bnb) else "adamw_torch"
+        kw: dict[str, Any] = dict(
+            **train,
+            **self.kto.model_dump(),
+            output_dir=str(self.run_dir()),
+            bf16=bf16,
+            fp16=fp16,
+            use_cpu=device == "cpu",
+            report_to=[],
+            save_strategy="steps",
+            dataset_num_proc=None,
+            dataloader_num_workers=0,  # worker processes break on Windows and cost more than they give here
+            gradient_checkpointing_kwargs={"use_reentrant": False} if self.train.gradient_checkpointing else None,
+            remove_unused_columns=False,
+        )
+        kw.update(overrides)
+        return KTOConfig(**kw)
+
+
+def _explain(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see presets/runs/quickstart.yaml for the known fields)"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid run config: " + "; ".join(lines)
+
+
+def field_help(section: str, name: str) -> str:
+    """The documentation of a config field, for UI labels and CLI help."""
+    section_model = RunConfig.model_fields[section].annotation
+    return section_model.model_fields[name].description or ""

@@ -1,0 +1,59 @@
+"""The data layer: read users' files, convert them to KTO rows, and hand the engine a shuffled dataset.
+
+No Gradio here; the Data tab and ``python -m studio data`` sit on top of it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from studio.config import SAMPLE_DATA, RunConfig
+from studio.data.normalize import DataError, Normalized, normalize, parse_label  # noqa: F401
+from studio.data.readers import read_records
+
+SAMPLE_PATH = Path(__file__).resolve().parent.parent / "samples" / "sample_kto.jsonl"
+
+
+def resolve(source: str) -> str:
+    return str(SAMPLE_PATH) if source == SAMPLE_DATA else source
+
+
+def load_kto(source: str, mapping: dict[str, str] | None = None) -> Normalized:
+    """KTO rows (prompt, completion, label) from any supported file, folder or hub id."""
+    return normalize(read_records(resolve(source)), mapping)
+
+
+@dataclass
+class TrainingData:
+    train: Any  # datasets.Dataset
+    eval: Any | None
+    n_desirable: int
+    n_undesirable: int
+    conversions: list[str] = field(default_factory=list)
+
+
+def prepare_training(cfg: RunConfig) -> TrainingData:
+    """Datasets for KTOTrainer: normalized, split, and shuffled with the run's seed (TRL never shuffles)."""
+    from datasets import Dataset
+
+    norm = load_kto(cfg.data.train_file)
+    rows = norm.rows
+    eval_rows = None
+    if cfg.data.eval_file:
+        eval_rows = load_kto(cfg.data.eval_file).rows
+    ds = Dataset.from_list(rows)
+    if cfg.data.shuffle:
+        ds = ds.shuffle(seed=cfg.train.seed).flatten_indices()
+    eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
+    if eval_ds is None and cfg.data.eval_fraction > 0:
+        split = ds.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.train.seed, shuffle=False)
+        ds, eval_ds = split["train"], split["test"]
+    n_pos = sum(ds["label"])
+    n_neg = len(ds) - n_pos
+    if len(ds) < cfg.train.per_device_train_batch_size:
+        raise DataError(
+            f"only {len(ds)} training rows, fewer than one batch of {cfg.train.per_device_train_batch_size}: "
+            "add rows or lower train.per_device_train_batch_size (KTO needs at least 2)"
+        )
+    return TrainingData(ds, eval_ds, n_pos, n_neg, norm.conversions)

@@ -1,0 +1,322 @@
+"""The training engine: TRL's KTOTrainer in a background thread, observable through events.
+
+Any front end (the Gradio Train tab, the CLI's progress bar, tests) starts a job with ``Engine.start`` and polls
+``Engine.events(since)``. Events are plain dicts with a ``type``:
+
+- ``status``: a phase message ("loading model", "training", ...);
+- ``metrics``: one logged step: step, max_steps, epoch, loss, rewards/chosen, rewards/rejected, rewards/margins, kl,
+  learning_rate, tokens_per_s, elapsed_s, eta_s, gpu_mem_gib;
+- ``error``: what went wrong and a plain-words fix; the job ends, the process stays up;
+- ``done``: the job ended (finished or stopped), with the adapter path.
+
+A stop request is a flag read at the end of each optimizer step: the trainer then saves a resumable checkpoint and
+the engine saves the adapter, so stopping never loses the work done. Only one job runs at a time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from studio.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "run.yaml"
+
+
+class JobRunning(RuntimeError):
+    pass
+
+
+@dataclass
+class Job:
+    id: str
+    config: RunConfig
+    resume_from: str | None = None
+    state: str = "starting"  # starting | running | stopping | finished | stopped | failed
+    events: list[dict[str, Any]] = field(default_factory=list)
+    stop_requested: bool = False
+    adapter_path: str | None = None
+    error: str | None = None
+    backend: str | None = None
+    started_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    thread: threading.Thread | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir()
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("finished", "stopped", "failed")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == "metrics"]
+
+
+def explain_error(exc: BaseException, cfg: RunConfig | None = None) -> str:
+    """A plain-words message with what to change, for errors users meet."""
+    import torch
+
+    from studio.data.normalize import DataError
+    from studio.models import ModelLoadError
+
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        hint = []
+        if cfg is not None:
+            hint.append(f"lower kto.max_length (now {cfg.kto.max_length})")
+            if cfg.train.per_device_train_batch_size > 2:
+                hint.append(f"lower train.per_device_train_batch_size (now {cfg.train.per_device_train_batch_size}, "
+                            "minimum 2) and raise gradient_accumulation_steps")
+            if not cfg.train.gradient_checkpointing:
+                hint.append("turn on train.gradient_checkpointing")
+            if not cfg.model.load_in_4bit:
+                hint.append("turn on model.load_in_4bit")
+        hint.append("pick a smaller model or the preset for your card (Model & preset tab: auto-fit)")
+        return "The GPU ran out of memory. To fit: " + "; ".join(hint) + "."
+    if isinstance(exc, (ConfigError, DataError, ModelLoadError)):
+        return str(exc)
+    if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
+        return f"The disk is full ({exc.filename or 'while saving'}): free some space, then resume the run."
+    return f"{type(exc).__name__}: {exc}. The full traceback is in the run folder's error.log."
+
+
+class Engine:
+    """Runs one KTO job at a time in a background thread."""
+
+    def __init__(self, on_event: Callable[[Job, dict], None] | None = None):
+        self._lock = threading.Lock()
+        self.job: Job | None = None
+        self.on_event = on_event  # e.g. the run history; called from the training thread
+
+    # ---- control -------------------------------------------------------------------------------------------------
+    def start(self, cfg: RunConfig, resume_from: str | None = None) -> Job:
+        """Start training ``cfg``; ``resume_from`` is a checkpoint folder or 'latest'. Raises JobRunning if busy."""
+        with self._lock:
+            if self.job is not None and not self.job.done:
+                raise JobRunning(f"a training job is already running ({self.job.config.name}): stop it or wait")
+            if resume_from == "latest":
+                resume_from = latest_checkpoint(cfg.run_dir())
+                if resume_from is None:
+                    raise ConfigError(f"run '{cfg.name}' has no saved checkpoint to resume from")
+            job = Job(id=uuid.uuid4().hex[:12], config=cfg, resume_from=resume_from)
+            self.job = job
+            job.thread = threading.Thread(target=self._run, args=(job,), name=f"kto-{job.id}", daemon=True)
+            job.thread.start()
+            return job
+
+    def stop(self) -> bool:
+        job = self.job
+        if job is None or job.done:
+            return False
+        job.stop_requested = True
+        if job.state == "running":
+            job.state = "stopping"
+        self._emit(job, "status", message="Stopping after the current step; the adapter will be saved…")
+        return True
+
+    def wait(self, timeout: float | None = None) -> Job | None:
+        job = self.job
+        if job and job.thread:
+            job.thread.join(timeout)
+        return job
+
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
+        job = self.job
+        return job.events[since:] if job else []
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None and not self.job.done
+
+    # ---- the job -------------------------------------------------------------------------------------------------
+    def _emit(self, job: Job, type_: str, **data) -> None:
+        event = {"type": type_, "time": time.time(), **data}
+        job.events.append(event)
+        if type_ == "metrics":
+            try:
+                with open(job.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(event) + "\n")
+            except OSError:
+                pass
+        if self.on_event:
+            try:
+                self.on_event(job, event)
+            except Exception:  # a broken observer must not kill training
+                log.exception("event observer failed")
+
+    def _run(self, job: Job) -> None:
+        cfg = job.config
+        try:
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(job.run_dir / CONFIG_FILE)
+            self._emit(job, "status", message=f"Run folder: {job.run_dir}")
+            trainer = self._build(job)
+            if trainer is None:  # stopped while loading
+                job.state = "stopped"
+                self._emit(job, "done", state="stopped", adapter=None, message="Stopped before training began.")
+                return
+            job.state = "stopping" if job.stop_requested else "running"
+            self._emit(job, "status", message="Resuming training…" if job.resume_from else "Training…")
+            trainer.train(resume_from_checkpoint=job.resume_from)
+            adapter = job.run_dir / ADAPTER_DIR
+            trainer.save_model(str(adapter))
+            job.adapter_path = str(adapter)
+            job.state = "stopped" if job.stop_requested else "finished"
+            step = trainer.state.global_step
+            self._emit(job, "done", state=job.state, adapter=str(adapter), step=step,
+                       message=f"{'Stopped' if job.stop_requested else 'Finished'} at step {step}. "
+                               f"Adapter saved to {adapter}")
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes an event; the process stays up
+            job.state = "failed"
+            job.error = explain_error(exc, cfg)
+            try:
+                (job.run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+            except OSError:
+                pass
+            log.error("training failed: %s", traceback.format_exc())
+            self._emit(job, "error", message=job.error)
+            self._emit(job, "done", state="failed", adapter=None, message=job.error)
+        finally:
+            job.ended_at = time.time()
+            _free_memory()
+
+    def _build(self, job: Job):
+        from studio import data as data_mod
+        from studio import logprob, models
+
+        cfg = job.config
+        device = models.detect_device()
+        backend = models.choose_backend(cfg, device)
+        job.backend = backend
+        self._emit(job, "status", message=f"Device: {device.name} ({device.kind}); path: {models.BACKEND_LABELS[backend]}",
+                   backend=backend, device=device.as_dict())
+        self._emit(job, "status", message="Preparing data…")
+        td = data_mod.prepare_training(cfg)
+        self._emit(job, "status", message=f"{len(td.train)} training rows ({td.n_desirable} desirable, "
+                                          f"{td.n_undesirable} undesirable)" + (f"; {len(td.eval)} eval rows" if td.eval is not None else ""),
+                   n_train=len(td.train), n_desirable=td.n_desirable, n_undesirable=td.n_undesirable)
+        if job.stop_requested:
+            return None
+        loaded = models.load_for_training(cfg, device, progress=lambda m: self._emit(job, "status", message=m))
+        if job.stop_requested:
+            return None
+        if logprob.needs_fallback(device.kind):
+            logprob.install_fallback(force=True)
+        from trl import KTOTrainer
+
+        bf16 = device.kind == "cuda" and loaded.dtype is not None and str(loaded.dtype) == "torch.bfloat16"
+        fp16 = device.kind == "cuda" and str(loaded.dtype) == "torch.float16"
+        kto_args = cfg.to_kto_config(device=device.kind, bf16=bf16, fp16=fp16, bnb=device.bitsandbytes,
+                                     do_eval=td.eval is not None,
+                                     eval_strategy="steps" if td.eval is not None else "no",
+                                     eval_steps=cfg.train.save_steps if td.eval is not None else None)
+        if backend == "unsloth":
+            # Unsloth's own checkpointing is already on; TRL must not wrap the model a second time
+            kto_args.gradient_checkpointing = False
+        trainer = KTOTrainer(model=loaded.model, args=kto_args, train_dataset=td.train, eval_dataset=td.eval,
+                             processing_class=loaded.tokenizer, callbacks=[_make_callback(self, job)])
+        return trainer
+
+
+def _make_callback(engine: Engine, job: Job):
+    """Bridges transformers' callback API to engine events and the stop flag (built lazily: Unsloth must be
+    imported before transformers, so this module does not import transformers at import time)."""
+    from transformers import TrainerCallback
+
+    class EngineCallback(TrainerCallback):
+        def __init__(self):
+            self.t0 = self.last_t = time.time()
+            self.last_tokens, self.start_step = None, 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = self.last_t = time.time()
+            self.start_step = state.global_step
+            engine._emit(job, "progress", step=state.global_step, max_steps=state.max_steps,
+                         epoch=state.epoch or 0.0, elapsed_s=0.0, eta_s=None)
+
+        def on_step_end(self, args, state, control, **kw):
+            if job.stop_requested:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            if "loss" not in logs and "eval_loss" not in logs:
+                return
+            now = time.time()
+            event: dict[str, Any] = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            tokens = logs.get("num_tokens")
+            if tokens is not None and self.last_tokens is not None and now > self.last_t:
+                event["tokens_per_s"] = (tokens - self.last_tokens) / (now - self.last_t)
+            elif tokens is not None and now > self.t0:
+                event["tokens_per_s"] = tokens / (now - self.t0) if self.start_step == 0 else None
+            if tokens is not None:
+                self.last_tokens, self.last_t = tokens, now
+            elapsed = now - self.t0
+            done_steps = state.global_step - self.start_step
+            eta = (state.max_steps - state.global_step) * elapsed / done_steps if done_steps > 0 else None
+            event.update(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0,
+                         elapsed_s=elapsed, eta_s=eta, gpu_mem_gib=_gpu_mem_gib())
+            engine._emit(job, "metrics", **event)
+
+    return EngineCallback()
+
+
+def _gpu_mem_gib() -> float | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return None
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def latest_checkpoint(run_dir: str | Path) -> str | None:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    ckpts = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    if not ckpts:
+        return None
+    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1])))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    f = Path(run_dir) / METRICS_FILE
+    if not f.is_file():
+        return []
+    out = []
+    for line in f.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

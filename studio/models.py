@@ -1,0 +1,295 @@
+"""Finding the device, resolving a model source, and loading a model for training or chat.
+
+Three loading paths, chosen automatically (``RunConfig.model.backend == 'auto'``) and reported to the user:
+
+- ``unsloth``: CUDA and Unsloth importable: Unsloth ``FastLanguageModel`` 4-bit, its LoRA and gradient checkpointing.
+- ``bnb``: CUDA without Unsloth: transformers + bitsandbytes NF4 (double quant) + PEFT LoRA,
+  ``prepare_model_for_kbit_training``.
+- ``full``: CPU / Apple MPS (or CUDA with 4-bit off): full precision (bf16 where supported) + PEFT LoRA.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from studio.config import BUNDLED_MODEL, RunConfig
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None] | None
+
+BACKEND_LABELS = {
+    "unsloth": "Unsloth 4-bit + LoRA (CUDA)",
+    "bnb": "bitsandbytes NF4 4-bit + PEFT LoRA (CUDA)",
+    "full": "full precision + PEFT LoRA (no quantization)",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be found or loaded; the message says what to do."""
+
+
+@dataclass
+class DeviceInfo:
+    kind: str  # "cuda" | "mps" | "cpu"
+    name: str
+    count: int = 1
+    total_gib: float | None = None
+    free_gib: float | None = None
+    compute_capability: str | None = None
+    bf16: bool = False
+    unsloth: bool = False
+    bitsandbytes: bool = False
+    flash_attn: bool = False
+    triton: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def detect_device() -> DeviceInfo:
+    import torch
+
+    common = dict(unsloth=_has("unsloth"), bitsandbytes=_has("bitsandbytes"), flash_attn=_has("flash_attn"),
+                  triton=_has("triton"))
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        free, total = torch.cuda.mem_get_info(0)
+        info = DeviceInfo(
+            kind="cuda", name=props.name, count=torch.cuda.device_count(), total_gib=round(total / 2**30, 2),
+            free_gib=round(free / 2**30, 2), compute_capability=f"{props.major}.{props.minor}",
+            bf16=torch.cuda.is_bf16_supported(), **common,
+        )
+        if info.count > 1:
+            info.notes.append(
+                f"{info.count} GPUs: the studio trains on one. For data-parallel training on all of them run "
+                "`accelerate launch -m studio train RUN.yaml` with the bitsandbytes path (Unsloth trains on one GPU)."
+            )
+        return info
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return DeviceInfo(kind="mps", name="Apple MPS", bf16=True, **common)
+    import platform
+
+    return DeviceInfo(kind="cpu", name=platform.processor() or platform.machine() or "CPU", bf16=False, **common)
+
+
+def choose_backend(cfg: RunConfig, device: DeviceInfo) -> str:
+    want = cfg.model.backend
+    if device.kind != "cuda":
+        if want in ("unsloth", "bnb"):
+            raise ModelLoadError(
+                f"model.backend '{want}' needs a CUDA GPU, and this machine has {device.kind}. Use 'auto' or 'full'."
+            )
+        return "full"
+    if want == "unsloth" and not device.unsloth:
+        raise ModelLoadError("model.backend 'unsloth' was asked for but Unsloth is not installed: "
+                             "`pip install unsloth` (see the README's GPU notes) or use 'auto'.")
+    if want == "bnb" and not device.bitsandbytes:
+        raise ModelLoadError("model.backend 'bnb' needs bitsandbytes: `pip install bitsandbytes`, or use 'auto'.")
+    if want != "auto":
+        return want
+    if not cfg.model.load_in_4bit:
+        return "full"
+    if device.unsloth and os.environ.get("KTO_STUDIO_NO_UNSLOTH") != "1" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return "unsloth"
+    if device.bitsandbytes:
+        return "bnb"
+    return "full"
+
+
+def compute_dtype(cfg: RunConfig, device: DeviceInfo):
+    import torch
+
+    if cfg.model.dtype != "auto":
+        return getattr(torch, cfg.model.dtype)
+    if device.kind == "cuda":
+        return torch.bfloat16 if device.bf16 else torch.float16
+    if device.kind == "mps":
+        return torch.float32  # bf16/fp16 training on MPS is still patchy across macOS versions
+    return torch.float32
+
+
+# ---- model sources ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelSource:
+    path: str  # what from_pretrained gets
+    gguf_file: str | None = None
+    kind: str = "hub"  # "bundled" | "local" | "gguf" | "hub"
+
+
+def resolve_source(name_or_path: str, progress: Progress = None, token: str | None = None) -> ModelSource:
+    """Turn the user's model field into something ``from_pretrained`` can read, downloading/converting as needed."""
+    from studio import bundled
+
+    if name_or_path == BUNDLED_MODEL:
+        return ModelSource(str(bundled.ensure_checkpoint(progress)), kind="bundled")
+    p = Path(name_or_path).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file {p} does not exist")
+        # GGUF weights are quantized for inference; convert once to a trainable checkpoint beside the others.
+        from studio import paths
+
+        target = paths.models_dir() / (p.stem + "-from-gguf")
+        if not (target / "done").is_file():
+            if progress:
+                progress(f"Converting {p.name} into a trainable checkpoint (once)…")
+            bundled.convert_gguf(p, target)
+        return ModelSource(str(target), kind="gguf")
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} is a folder but holds no config.json: point at a model folder or a .gguf file")
+        return ModelSource(str(p), kind="local")
+    if name_or_path.count("/") != 1 or name_or_path.startswith(("/", ".")):
+        raise ModelLoadError(
+            f"'{name_or_path}' is neither an existing folder/.gguf file nor a hub id like 'Qwen/Qwen2.5-3B-Instruct'"
+        )
+    return ModelSource(download(name_or_path, progress=progress, token=token), kind="hub")
+
+
+def download(repo_id: str, progress: Progress = None, token: str | None = None) -> str:
+    """Download (or find in the HF cache) a hub model; interrupted downloads resume from where they stopped."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    allow = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+    try:
+        return snapshot_download(repo_id, local_files_only=True, allow_patterns=allow)
+    except Exception:
+        pass
+    if progress:
+        progress(f"Downloading {repo_id} from the Hugging Face hub (resumes if interrupted)…")
+    try:
+        return snapshot_download(repo_id, allow_patterns=allow, token=token)
+    except GatedRepoError:
+        raise ModelLoadError(
+            f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id} while logged in, then give "
+            "the studio a Hugging Face token (Model tab, or `huggingface-cli login`)."
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"no model '{repo_id}' on the hub (or it is private): check the id") from None
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"{repo_id} is not in the local cache and the hub cannot be reached: connect to the internet, or "
+            "point at a local folder / .gguf file"
+        ) from None
+
+
+# ---- loading -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    backend: str
+    device: DeviceInfo
+    source: ModelSource
+    dtype: object = None
+
+    @property
+    def label(self) -> str:
+        return BACKEND_LABELS[self.backend]
+
+
+def prepare_tokenizer(tok):
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # TRL's KTO collator expects left padding for prompts
+    tok.padding_side = "left"
+    return tok
+
+
+def lora_targets(model, requested) -> list[str]:
+    """Module names for LoRA: the requested list, or every linear layer inside the decoder blocks."""
+    if requested != "all-linear":
+        return list(requested)
+    import torch
+
+    names = set()
+    for full, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+            leaf = full.rsplit(".", 1)[-1]
+            if leaf not in ("lm_head", "embed_out", "output", "score") and "vision" not in full:
+                names.add(leaf)
+    return sorted(names)
+
+
+def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress: Progress = None,
+                      resume_adapter: str | None = None) -> LoadedModel:
+    import torch
+
+    device = device or detect_device()
+    backend = choose_backend(cfg, device)
+    source = resolve_source(cfg.model.name_or_path, progress)
+    dtype = compute_dtype(cfg, device)
+    if progress:
+        progress(f"Loading {cfg.model.name_or_path} with {BACKEND_LABELS[backend]} on {device.name}…")
+    try:
+        if backend == "unsloth":
+            model, tok = _load_unsloth(cfg, source, dtype)
+        else:
+            model, tok = _load_transformers(cfg, source, dtype, backend, device)
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load {cfg.model.name_or_path}: {e}") from e
+    return LoadedModel(model, prepare_tokenizer(tok), backend, device, source, dtype)
+
+
+def _load_unsloth(cfg: RunConfig, source: ModelSource, dtype):
+    from unsloth import FastLanguageModel  # noqa: import patches transformers; only on this path
+
+    model, tok = FastLanguageModel.from_pretrained(
+        model_name=source.path, max_seq_length=cfg.kto.max_length, dtype=dtype, load_in_4bit=cfg.model.load_in_4bit,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    targets = lora_targets(model, cfg.lora.target_modules)
+    model = FastLanguageModel.get_peft_model(
+        model, r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
+        target_modules=targets, bias=cfg.lora.bias,
+        use_gradient_checkpointing="unsloth" if cfg.train.gradient_checkpointing else False,
+        random_state=cfg.train.seed,
+    )
+    return model, tok
+
+
+def _load_transformers(cfg: RunConfig, source: ModelSource, dtype, backend: str, device: DeviceInfo):
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    if backend == "bnb":
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        kw["device_map"] = {"": local_rank}
+    tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(source.path, **kw)
+    if backend == "bnb":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    elif device.kind in ("cuda", "mps") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        model.to(device.kind)
+    if cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    lora = cfg.to_lora_config(lora_targets(model, cfg.lora.target_modules))
+    model = get_peft_model(model, lora)
+    del torch
+    return model, tok
