@@ -244,6 +244,7 @@ class RunConfig(_Section):
             dataloader_num_workers=0,  # worker processes break on Windows and cost more than they give here
             gradient_checkpointing_kwargs={"use_reentrant": False} if self.train.gradient_checkpointing else None,
             remove_unused_columns=False,
+            disable_tqdm=True,  # front ends draw their own progress from the engine's events
         )
         kw.update(overrides)
         return KTOConfig(**kw)

@@ -197,6 +197,7 @@ class Engine:
         from studio import logprob, models
 
         cfg = job.config
+        _quiet_libraries()
         device = models.detect_device()
         backend = models.choose_backend(cfg, device)
         job.backend = backend
@@ -273,6 +274,15 @@ def _make_callback(engine: Engine, job: Job):
             engine._emit(job, "metrics", **event)
 
     return EngineCallback()
+
+
+def _quiet_libraries() -> None:
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:
+        pass
 
 
 def _gpu_mem_gib() -> float | None:

@@ -1,0 +1,52 @@
+"""Builds the Gradio app: the shared studio state and the four tabs."""
+from __future__ import annotations
+
+import threading
+
+import gradio as gr
+
+from studio.config import RunConfig
+from studio.engine import Engine
+
+
+class Studio:
+    """Server-side state shared by every browser tab: the run config being edited and the one training engine.
+
+    A desktop studio has one user and one GPU, so refreshing the page or opening a second tab shows the same
+    config and the same running job instead of a blank form."""
+
+    def __init__(self, config: RunConfig | None = None, engine: Engine | None = None):
+        self.config = config or RunConfig()
+        self.engine = engine or Engine()
+        self.lock = threading.Lock()
+
+    def update(self, changes: dict) -> RunConfig:
+        with self.lock:
+            self.config = self.config.updated(changes)
+            return self.config
+
+
+CSS = """
+#studio-title h1 {margin-bottom: 0}
+.metric-plot {min-height: 220px}
+"""
+
+
+def build_app(studio: Studio | None = None) -> gr.Blocks:
+    from studio.ui import chat_tab, data_tab, model_tab, train_tab
+
+    studio = studio or Studio()
+    with gr.Blocks(title="KTO Studio") as app:
+        gr.Markdown("# KTO Studio\nKTO preference fine-tuning on your own GPU (or CPU): "
+                    "**Data → Model & preset → Train → Chat**.", elem_id="studio-title")
+        with gr.Tabs():
+            with gr.Tab("Data", id="data"):
+                data_tab.build(studio)
+            with gr.Tab("Model & preset", id="model"):
+                model_tab.build(studio)
+            with gr.Tab("Train", id="train"):
+                train_tab.build(studio)
+            with gr.Tab("Chat", id="chat"):
+                chat_tab.build(studio)
+    app.studio = studio
+    return app
