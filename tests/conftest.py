@@ -1,0 +1,46 @@
+"""Shared fixtures. Every test gets its own studio home, so tests never touch a user's files or each other's."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# The converted bundled model is reused across tests and CI runs (converting takes ~30 s).
+os.environ.setdefault("KTO_STUDIO_MODELS", str(ROOT / "studio_data" / "models"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@pytest.fixture(autouse=True)
+def studio_home(tmp_path, monkeypatch):
+    home = tmp_path / "studio_home"
+    monkeypatch.setenv("KTO_STUDIO_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir():
+    """The bundled SmolLM2-135M as a trainable checkpoint (converted once per machine)."""
+    from studio import bundled
+
+    return bundled.ensure_checkpoint()
+
+
+def tiny_run_config(tmp_path, **changes):
+    """A few-step CPU run on the bundled model and sample data."""
+    from studio.config import RunConfig
+
+    base = {
+        "name": "t",
+        "output_dir": str(tmp_path / "run"),
+        "lora.r": 4, "lora.lora_alpha": 8,
+        "kto.max_length": 128,
+        "train.max_steps": 3, "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 1,
+        "train.gradient_checkpointing": False, "train.save_steps": 2, "train.learning_rate": 1e-3,
+        "train.warmup_steps": 0.0,
+    }
+    base.update(changes)
+    return RunConfig().updated(base)
