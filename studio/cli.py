@@ -119,6 +119,7 @@ def cmd_train(args) -> int:
         for ev in engine.events(seen):
             bar.show(ev)
     bar.close()
+    engine.wait()  # let the training thread finish cleaning up before the interpreter exits
     if job.state == "failed":
         print(f"error: {job.error}", file=sys.stderr)
         return 1
