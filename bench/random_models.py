@@ -1,0 +1,74 @@
+"""Real architectures with random weights, for GPU speed/memory measurements where no hub is reachable.
+
+Speed and memory depend on shapes, not weight values. Each model gets a word-level tokenizer ("w0".."w3999") and
+data of exact token lengths, so a row of seq tokens is exactly seq tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+ARCHS = {
+    "qwen2.5-3b": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                       max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6),
+    "llama3.2-3b": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                        num_attention_heads=24, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                        max_position_embeddings=131072, rope_theta=5e5, rms_norm_eps=1e-5, head_dim=128),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False,
+                       max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                       max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6),
+    "llama3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                        max_position_embeddings=131072, rope_theta=5e5, rms_norm_eps=1e-5),
+    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=4100, tie_word_embeddings=True,
+                       max_position_embeddings=4096),
+}
+
+
+def make_model_dir(arch: str, root: str = "/tmp/models", device: str = "cuda") -> str:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    d = os.path.join(root, arch)
+    if os.path.exists(os.path.join(d, "done")):
+        return d
+    os.makedirs(d, exist_ok=True)
+    spec = dict(ARCHS[arch])
+    cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 0
+    torch.manual_seed(0)
+    with torch.device(device):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    m.save_pretrained(d, max_shard_size="4GB")
+    del m
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for i in range(4000):
+        vocab[f"w{i}"] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                 unk_token="<unk>")
+    hf.save_pretrained(d)
+    open(os.path.join(d, "done"), "w").write("ok")
+    return d
+
+
+def write_dataset(path: str, n: int, prompt_len: int, completion_len: int, seed: int = 0,
+                  desirable: float = 0.6) -> str:
+    """KTO rows of exact token lengths (the completion gets one EOS token added by TRL)."""
+    rnd = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            p = " ".join(f"w{rnd.randrange(4000)}" for _ in range(prompt_len))
+            c = " " + " ".join(f"w{rnd.randrange(4000)}" for _ in range(completion_len))
+            f.write(json.dumps({"prompt": p, "completion": c, "label": rnd.random() < desirable}) + "\n")
+    return path
