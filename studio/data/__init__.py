@@ -10,6 +10,8 @@ from typing import Any
 
 from studio.config import SAMPLE_DATA, RunConfig
 from studio.data.normalize import DataError, Normalized, normalize, parse_label  # noqa: F401
+from studio.data.balance import check as check_weights
+from studio.data.balance import suggest_weights
 from studio.data.readers import read_records
 
 SAMPLE_PATH = Path(__file__).resolve().parent.parent / "samples" / "sample_kto.jsonl"
@@ -19,9 +21,12 @@ def resolve(source: str) -> str:
     return str(SAMPLE_PATH) if source == SAMPLE_DATA else source
 
 
-def load_kto(source: str, mapping: dict[str, str] | None = None) -> Normalized:
-    """KTO rows (prompt, completion, label) from any supported file, folder or hub id."""
-    return normalize(read_records(resolve(source)), mapping)
+def load_kto(source: str, mapping: dict[str, str] | None = None, *, strict: bool = True, seed: int = 42) -> Normalized:
+    """KTO rows (prompt, completion, label) from any supported file, folder or hub id.
+
+    ``strict``: rows with an unknown label raise DataError (training); otherwise they come back with label None and
+    are listed in ``unlabeled`` for a person to fix (Data tab, CLI)."""
+    return normalize(read_records(resolve(source)), mapping, strict=strict, seed=seed)
 
 
 @dataclass
@@ -31,6 +36,7 @@ class TrainingData:
     n_desirable: int
     n_undesirable: int
     conversions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # advice that does not stop training (weights, one label only)
 
 
 def prepare_training(cfg: RunConfig) -> TrainingData:
@@ -56,4 +62,11 @@ def prepare_training(cfg: RunConfig) -> TrainingData:
             f"only {len(ds)} training rows, fewer than one batch of {cfg.train.per_device_train_batch_size}: "
             "add rows or lower train.per_device_train_batch_size (KTO needs at least 2)"
         )
-    return TrainingData(ds, eval_ds, n_pos, n_neg, norm.conversions)
+    notes = []
+    if n_pos == 0 or n_neg == 0:
+        notes.append(suggest_weights(n_pos, n_neg).note)
+    else:
+        warning = check_weights(n_pos, n_neg, cfg.kto.desirable_weight, cfg.kto.undesirable_weight)
+        if warning:
+            notes.append(warning)
+    return TrainingData(ds, eval_ds, n_pos, n_neg, norm.conversions, notes)

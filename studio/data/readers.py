@@ -12,7 +12,8 @@ from typing import Any
 
 from studio.data.normalize import DataError
 
-MAX_BYTES = int(os.environ.get("KTO_STUDIO_MAX_DATA_BYTES", str(2 * 2**30)))
+# Loading a file as Python records takes several times its size in memory (strings, dicts, then a datasets copy).
+MEMORY_PER_FILE_BYTE = 5
 SUFFIXES = {".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq", ".gz"}
 
 
@@ -28,11 +29,7 @@ def read_records(source: str | Path) -> list[dict[str, Any]]:
     size = path.stat().st_size
     if size == 0:
         raise DataError(f"{path.name} is empty")
-    if size > MAX_BYTES:
-        raise DataError(
-            f"{path.name} is {size / 2**30:.1f} GiB, more than the {MAX_BYTES / 2**30:.1f} GiB the studio loads into "
-            "memory: split it, or sample it down (a KTO run rarely needs more than a few hundred thousand rows)"
-        )
+    check_size(path.name, size)
     name = path.name.lower()
     gz = name.endswith(".gz")
     if gz:
@@ -45,18 +42,67 @@ def read_records(source: str | Path) -> list[dict[str, Any]]:
         return _read_table(path, sep="\t" if name.endswith(".tsv") else ",")
     if name.endswith((".parquet", ".pq")):
         return _read_parquet(path)
-    raise DataError(f"{path.name}: unsupported file type; use .jsonl, .json, .csv, .tsv or .parquet")
+    hint = " (save the sheet as CSV UTF-8)" if name.endswith((".xlsx", ".xls", ".ods")) else ""
+    raise DataError(f"{path.name}: unsupported file type{hint}; use .jsonl, .json, .csv, .tsv or .parquet, or a saved "
+                    "`datasets` folder")
+
+
+def max_bytes() -> int:
+    """The largest file the studio loads: KTO_STUDIO_MAX_DATA_BYTES, else what the free memory can hold."""
+    if os.environ.get("KTO_STUDIO_MAX_DATA_BYTES"):
+        return int(os.environ["KTO_STUDIO_MAX_DATA_BYTES"])
+    avail = available_memory()
+    return avail // MEMORY_PER_FILE_BYTE if avail else 2 * 2**30
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for new data (MemAvailable on Linux), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return None
+
+
+def check_size(name: str, size: int) -> None:
+    limit = max_bytes()
+    if size > limit:
+        raise DataError(
+            f"{name} is {_human(size)}, more than the {_human(limit)} this machine can load into memory right now: "
+            "split it or sample it down (a KTO run rarely needs more than a few hundred thousand rows), then load a part"
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _open_text(path: Path, gz: bool) -> str:
-    raw = path.read_bytes()
     if gz:
         import gzip
 
+        limit = max_bytes()
         try:
-            raw = gzip.decompress(raw)
+            with gzip.open(path, "rb") as f:
+                raw = f.read(limit + 1)  # stop early instead of filling memory with a huge archive
         except (OSError, EOFError) as e:
             raise DataError(f"{path.name} is not a readable gzip file ({e}): it may be truncated") from None
+        if len(raw) > limit:
+            check_size(path.name + " (unpacked)", len(raw))
+    else:
+        raw = path.read_bytes()
     if b"\x00" in raw[:8192] and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(f"{path.name} looks like a binary file, not text: export it as JSONL or CSV")
     for enc in ("utf-8-sig", "utf-16"):
@@ -70,30 +116,53 @@ def _open_text(path: Path, gz: bool) -> str:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
+        if e.start >= len(raw) - 3 and e.reason == "unexpected end of data":
+            raise DataError(f"{path.name} ends in the middle of a character: the file is truncated "
+                            "(copy or download it again)") from None
         raise DataError(
-            f"{path.name} is not UTF-8 text (bad byte at line {line}): re-save it as UTF-8 "
-            "(in most editors: Save As → Encoding UTF-8)"
+            f"{path.name} is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}{_guess_encoding(raw)}): "
+            "re-save it as UTF-8 (in most editors: Save As → Encoding UTF-8; in Excel: CSV UTF-8)"
         ) from None
     raise AssertionError("unreachable")
 
 
+def _guess_encoding(raw: bytes) -> str:
+    """', it looks like cp1252' when charset-normalizer has a guess; the guess only helps the message, the text is
+    never decoded with it (a wrong guess would put garbled text into training)."""
+    try:
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(raw[:200_000]).best()
+    except Exception:
+        return ""
+    return f", it looks like {best.encoding}" if best is not None and best.encoding != "utf_8" else ""
+
+
 def _read_jsonl(path: Path, gz: bool) -> list[dict[str, Any]]:
     text = _open_text(path, gz)
+    # split on newlines only: str.splitlines would also split on U+2028 inside JSON strings
+    lines = text.split("\n")
     rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            hint = " (the file may be truncated)" if n == len(text.splitlines()) else ""
-            raise DataError(f"{path.name} line {n} is not valid JSON: {e.msg} at column {e.colno}{hint}") from None
+            last = not any(rest.strip() for rest in lines[n:])
+            hint = " (it is the last line: the file may be truncated)" if last else ""
+            raise DataError(f"{path.name} line {n} is not valid JSON: {_where(e.msg)} column {e.colno}{hint}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path.name} line {n} is a {type(obj).__name__}, expected an object with named fields")
         rows.append(obj)
     if not rows:
         raise DataError(f"{path.name} holds no rows")
     return rows
+
+
+def _where(msg: str) -> str:
+    # json's messages sometimes end in "at" already ("Unterminated string starting at")
+    return msg if msg.endswith(" at") else msg + " at"
 
 
 def _read_json(path: Path, gz: bool) -> list[dict[str, Any]]:
@@ -103,7 +172,8 @@ def _read_json(path: Path, gz: bool) -> list[dict[str, Any]]:
     except json.JSONDecodeError as e:
         if text.lstrip().startswith("{") and "\n{" in text:
             return _read_jsonl(path, gz)  # JSON Lines saved as .json
-        raise DataError(f"{path.name} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        hint = " (the text stops early: the file may be truncated)" if e.pos >= len(text.rstrip()) - 1 else ""
+        raise DataError(f"{path.name} is not valid JSON: {_where(e.msg)} line {e.lineno} column {e.colno}{hint}") from None
     if isinstance(obj, dict):
         for key in ("data", "rows", "train", "examples", "records"):
             if isinstance(obj.get(key), list):
@@ -163,9 +233,13 @@ def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
     try:
         ds = load_from_disk(str(path))
     except Exception as e:
-        raise DataError(f"{path} is a folder but not a saved `datasets` dataset: {e}") from None
+        raise DataError(f"{path} is a folder but not a saved `datasets` dataset ({type(e).__name__}): point at a "
+                        "data file, or at a folder written by Dataset.save_to_disk") from None
     if isinstance(ds, DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+    check_size(path.name, int(ds.data.nbytes))
+    if len(ds) == 0:
+        raise DataError(f"{path.name} holds no rows")
     return ds.to_list()
 
 

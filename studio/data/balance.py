@@ -1,0 +1,95 @@
+"""Desirable / undesirable loss weights, as the KTO paper advises.
+
+KTO weighs the two kinds of rows separately; the paper (Ethayarajh et al., 2024, section 4) recommends choosing
+lambda_D and lambda_U so that (lambda_D * n_D) / (lambda_U * n_U) lies in [1, 4/3]. We keep the majority label at
+weight 1 and raise the minority's weight, the way the paper's own imbalanced runs do (1 desirable : 10 undesirable ->
+lambda_D around 10-13), aiming at the middle of the range so rounding never leaves it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOW, HIGH = 1.0, 4 / 3
+TARGET = (LOW + HIGH) / 2
+
+
+def ratio(n_desirable: int, n_undesirable: int, desirable_weight: float = 1.0,
+          undesirable_weight: float = 1.0) -> float | None:
+    """(λD·nD)/(λU·nU), or None when one label is absent (the ratio is then meaningless)."""
+    if n_desirable <= 0 or n_undesirable <= 0 or undesirable_weight <= 0:
+        return None
+    return (desirable_weight * n_desirable) / (undesirable_weight * n_undesirable)
+
+
+def in_range(r: float | None) -> bool:
+    return r is not None and LOW - 1e-9 <= r <= HIGH + 1e-9
+
+
+@dataclass
+class Balance:
+    n_desirable: int
+    n_undesirable: int
+    desirable_weight: float
+    undesirable_weight: float
+    note: str
+
+    @property
+    def ratio(self) -> float | None:
+        return ratio(self.n_desirable, self.n_undesirable, self.desirable_weight, self.undesirable_weight)
+
+    @property
+    def in_range(self) -> bool:
+        return in_range(self.ratio)
+
+    def as_dict(self) -> dict:
+        r = self.ratio
+        return {"desirable_weight": self.desirable_weight, "undesirable_weight": self.undesirable_weight,
+                "ratio": None if r is None else round(r, 4), "in_range": self.in_range,
+                "target_range": [LOW, round(HIGH, 4)], "note": self.note}
+
+
+def suggest_weights(n_desirable: int, n_undesirable: int) -> Balance:
+    """Weights that bring the ratio into [1, 4/3]; 1.0 / 1.0 when it already is, or when one label is missing."""
+    if n_desirable == 0 and n_undesirable == 0:
+        return Balance(0, 0, 1.0, 1.0, "no labelled rows")
+    if n_desirable == 0 or n_undesirable == 0:
+        only = "desirable" if n_undesirable == 0 else "undesirable"
+        return Balance(n_desirable, n_undesirable, 1.0, 1.0,
+                       f"every row is {only}. KTO can still train on one label (unlike DPO it needs no pairs: its "
+                       "reference point comes from mismatched prompt/completion pairs within each batch); the "
+                       "ratio is undefined, so the weights stay 1.0. Adding some "
+                       f"{'undesirable' if only == 'desirable' else 'desirable'} rows usually helps.")
+    plain = ratio(n_desirable, n_undesirable)
+    if in_range(plain):
+        return Balance(n_desirable, n_undesirable, 1.0, 1.0,
+                       f"{n_desirable} desirable vs {n_undesirable} undesirable is already in the KTO range; "
+                       "weights stay 1.0")
+    if plain < LOW:  # fewer desirable rows: weigh them up
+        wd, wu = _round_into_range(TARGET * n_undesirable / n_desirable, n_desirable, n_undesirable, up=True), 1.0
+        minority = "desirable"
+    else:  # too many desirable rows: weigh the undesirable ones up
+        wd, wu = 1.0, _round_into_range(n_desirable / (TARGET * n_undesirable), n_desirable, n_undesirable, up=False)
+        minority = "undesirable"
+    b = Balance(n_desirable, n_undesirable, wd, wu, "")
+    b.note = (f"{n_desirable} desirable vs {n_undesirable} undesirable rows: the {minority} weight is raised so "
+              f"(λD·nD)/(λU·nU) = {b.ratio:.2f}, inside the KTO paper's [1, 1.33]")
+    return b
+
+
+def _round_into_range(w: float, nd: int, nu: int, up: bool) -> float:
+    """``w`` rounded to 3 significant-ish digits, nudged back if rounding left the range."""
+    for digits in (2, 3, 4, 6):
+        r = round(w, digits)
+        if in_range(ratio(nd, nu, r, 1.0) if up else ratio(nd, nu, 1.0, r)):
+            return r
+    return w
+
+
+def check(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float) -> str | None:
+    """A warning when the chosen weights put the ratio outside [1, 4/3]; None when they are fine or it is undefined."""
+    r = ratio(n_desirable, n_undesirable, desirable_weight, undesirable_weight)
+    if r is None or in_range(r):
+        return None
+    s = suggest_weights(n_desirable, n_undesirable)
+    return (f"(desirable_weight·{n_desirable}) / (undesirable_weight·{n_undesirable}) = {r:.2f}, outside the KTO "
+            f"paper's [1, 1.33]: try desirable_weight={s.desirable_weight}, undesirable_weight={s.undesirable_weight}")

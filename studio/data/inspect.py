@@ -1,0 +1,223 @@
+"""What is in a set of KTO rows: label counts, duplicates, empty completions, and token lengths measured the way TRL's
+KTOTrainer will measure them (same chat template, same prompt/completion split, same max_length rules).
+
+Row positions here are 0-based indices into the rows given; callers map them to the row numbers users see.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from studio.data.normalize import DataError, completion_text, is_conversation
+
+Progress = Callable[[float, str], None] | None
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------------------------
+
+_tokenizers: dict[str, Any] = {}
+
+
+def load_tokenizer(model: Any) -> Any:
+    """A tokenizer from a tokenizer object, the bundled model's name, a local folder / .gguf file or a hub id.
+
+    Hub ids load only the tokenizer files, never the weights: measuring lengths must not start a 15 GB download."""
+    if not isinstance(model, (str, Path)):
+        return model
+    model = str(model)
+    if model in _tokenizers:
+        return _tokenizers[model]
+    from transformers import AutoTokenizer
+
+    from studio.config import BUNDLED_MODEL
+    from studio.models import ModelLoadError, resolve_source
+
+    try:
+        if model == BUNDLED_MODEL or Path(model).expanduser().exists():
+            path = resolve_source(model).path
+        else:
+            path = model
+        tok = AutoTokenizer.from_pretrained(path)
+    except ModelLoadError as e:
+        raise DataError(f"cannot load the tokenizer of {model}: {e}") from None
+    except Exception as e:  # hub/offline/corrupt-folder errors come in many types
+        raise DataError(f"cannot load the tokenizer of {model} ({type(e).__name__}): check the model id or folder, "
+                        "and that you are online for hub models") from None
+    _tokenizers[model] = tok
+    return tok
+
+
+# ---- token lengths -------------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenLengths:
+    """Per row: prompt, completion and total tokens as the trainer splits them."""
+
+    prompt: list[int]
+    completion: list[int]
+    total: list[int]
+    mismatched: list[int]  # rows whose tokenized prompt is not a prefix of the tokenized prompt+completion
+    mismatch_example: str | None = None  # the prompt tail that gets lost, decoded, for the first such row
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for name in ("prompt", "completion", "total"):
+            values = sorted(getattr(self, name))
+            if values:
+                out[name] = {"min": values[0], "median": int(statistics.median(values)),
+                             "p95": values[min(len(values) - 1, int(0.95 * len(values)))], "max": values[-1]}
+        return out
+
+
+def token_lengths(rows: list[dict[str, Any]], tokenizer: Any, progress: Progress = None,
+                  chunk: int = 256) -> TokenLengths:
+    """Token lengths the way TRL's KTOTrainer tokenizes: conversations through the chat template (prompt with the
+    generation prompt, then prompt+completion), text with EOS appended to the completion; the completion starts
+    where the two token sequences diverge."""
+    from trl.data_utils import common_prefix_length
+
+    out = TokenLengths([], [], [], [])
+    if not rows:
+        return out
+    conv = is_conversation(rows[0]["prompt"])
+    if conv and not getattr(tokenizer, "chat_template", None):
+        raise DataError("the rows are conversations but this model's tokenizer has no chat template: pick an "
+                        "instruct/chat model, or use text prompts")
+    eos = tokenizer.eos_token or ""
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        if conv:
+            prompt_text = tokenizer.apply_chat_template([r["prompt"] for r in part], tokenize=False,
+                                                        add_generation_prompt=True)
+            full_text = tokenizer.apply_chat_template([r["prompt"] + r["completion"] for r in part],
+                                                      tokenize=False)
+            # apply_chat_template(tokenize=True) adds no special tokens: the template already has them
+            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+        else:
+            completions = [c if c.endswith(eos) else c + eos for c in (r["completion"] for r in part)]
+            prompt_ids = tokenizer([r["prompt"] for r in part])["input_ids"]
+            full_ids = tokenizer([r["prompt"] + c for r, c in zip(part, completions)])["input_ids"]
+        for i, (p, f) in enumerate(zip(prompt_ids, full_ids), start=start):
+            k = common_prefix_length(p, f)
+            out.prompt.append(k)
+            out.completion.append(len(f) - k)
+            out.total.append(len(f))
+            if k < len(p):
+                out.mismatched.append(i)
+                if out.mismatch_example is None:
+                    out.mismatch_example = tokenizer.decode(p[k:])
+        if progress:
+            progress(min(1.0, (start + len(part)) / len(rows)), "measuring token lengths")
+    return out
+
+
+# ---- the report ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    n_rows: int
+    n_desirable: int
+    n_undesirable: int
+    n_unlabeled: int
+    duplicates: list[int] = field(default_factory=list)  # repeats an earlier row (same prompt, completion, label)
+    conflicts: list[int] = field(default_factory=list)  # same prompt + completion also appears with the other label
+    empty_completions: list[int] = field(default_factory=list)
+    empty_prompts: list[int] = field(default_factory=list)
+    lengths: TokenLengths | None = None
+    max_length: int | None = None
+    truncated: list[int] = field(default_factory=list)  # longer than max_length: the end is cut off
+    dropped: list[int] = field(default_factory=list)  # the prompt alone fills max_length: the trainer drops the row
+    tokenizer_note: str | None = None  # why lengths are missing
+
+    @property
+    def mismatched(self) -> list[int]:
+        return self.lengths.mismatched if self.lengths else []
+
+    def problems(self, row_numbers: list[int] | None = None) -> list[dict[str, Any]]:
+        """Findings as {kind, rows, message}; ``rows`` are ``row_numbers[i]`` (default: i + 1)."""
+        def nums(idx: list[int]) -> list[int]:
+            return sorted({row_numbers[i] if row_numbers else i + 1 for i in idx})
+
+        out = []
+
+        def add(kind: str, idx: list[int], message: str) -> None:
+            if idx:
+                out.append({"kind": kind, "count": len(idx), "rows": nums(idx), "message": message})
+
+        add("duplicate", self.duplicates, "exact repeats of an earlier row (same prompt, completion and label)")
+        add("conflicting_labels", self.conflicts,
+            "the same prompt and completion labelled both desirable and undesirable (e.g. a pair whose chosen and "
+            "rejected are equal): they cancel out")
+        add("empty_completion", self.empty_completions, "completion is empty or only whitespace")
+        add("empty_prompt", self.empty_prompts, "prompt is empty or only whitespace")
+        if self.max_length:
+            add("over_length", self.truncated,
+                f"longer than max_length={self.max_length} tokens: the trainer cuts off the end of the completion")
+            add("prompt_too_long", self.dropped,
+                f"the prompt alone fills max_length={self.max_length} tokens: the trainer drops these rows")
+        if self.lengths and self.lengths.mismatched:
+            add("chat_template_mismatch", self.lengths.mismatched,
+                "the tokenized prompt is not a prefix of the tokenized prompt+completion (chat template renders the "
+                "prompt differently, or tokens merge across the boundary, e.g. a prompt ending in a space): the "
+                f"trainer leaves out {self.lengths.mismatch_example!r} at the end of the prompt")
+        return out
+
+
+def _key(value: Any) -> str:
+    """Comparable text of a prompt or completion; whitespace differences don't make a row unique."""
+    if is_conversation(value):
+        return "\x1e".join(f"{m.get('role')}\x1f{' '.join(str(m.get('content')).split())}" for m in value)
+    return " ".join(completion_text(value).split())
+
+
+def inspect_rows(rows: list[dict[str, Any]], tokenizer: Any = None, max_length: int | None = None,
+                 progress: Progress = None, lengths: TokenLengths | None = None,
+                 row_numbers: list[int] | None = None) -> Report:
+    """Everything the Data tab and ``python -m studio data`` report about ``rows``.
+
+    ``tokenizer``: a tokenizer, a model id/path, or None to skip token lengths. A tokenizer that cannot be loaded
+    leaves the lengths out and says why in ``tokenizer_note``; the rest of the report still comes back.
+    ``lengths``: token lengths measured before (they don't depend on labels, so a label edit needn't re-tokenize).
+    ``row_numbers``: each row's place in the user's file; of repeated rows, the one earliest in the file is the
+    original (rows made from pairs are shuffled, so list order would pick an arbitrary one)."""
+    labels = [r.get("label") for r in rows]
+    rep = Report(n_rows=len(rows), n_desirable=sum(1 for x in labels if x is True),
+                 n_undesirable=sum(1 for x in labels if x is False),
+                 n_unlabeled=sum(1 for x in labels if x is None), max_length=max_length)
+    seen: dict[tuple[str, str], dict[Any, int]] = {}
+    order = sorted(range(len(rows)), key=lambda i: (row_numbers[i], i)) if row_numbers else range(len(rows))
+    for i in order:
+        r = rows[i]
+        key = (_key(r["prompt"]), _key(r["completion"]))
+        by_label = seen.setdefault(key, {})
+        if r.get("label") in by_label:
+            rep.duplicates.append(i)
+        else:
+            by_label[r.get("label")] = i
+    rep.duplicates.sort()
+    for i, r in enumerate(rows):
+        if not completion_text(r["completion"]).strip():
+            rep.empty_completions.append(i)
+        if not completion_text(r["prompt"]).strip():
+            rep.empty_prompts.append(i)
+    for i, r in enumerate(rows):
+        by_label = seen[(_key(r["prompt"]), _key(r["completion"]))]
+        if True in by_label and False in by_label:
+            rep.conflicts.append(i)
+    if lengths is not None:
+        rep.lengths = lengths
+    elif tokenizer is not None:
+        try:
+            rep.lengths = token_lengths(rows, load_tokenizer(tokenizer), progress)
+        except DataError as e:
+            rep.tokenizer_note = str(e)
+    if rep.lengths and max_length:
+        for i, (p, t) in enumerate(zip(rep.lengths.prompt, rep.lengths.total)):
+            if p >= max_length:
+                rep.dropped.append(i)
+            elif t > max_length:
+                rep.truncated.append(i)
+    return rep
