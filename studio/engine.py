@@ -144,7 +144,7 @@ class Engine:
     def _emit(self, job: Job, type_: str, **data) -> None:
         event = {"type": type_, "time": time.time(), **data}
         job.events.append(event)
-        if type_ == "metrics":
+        if type_ == "metrics" and _is_main_process():
             try:
                 with open(job.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                     f.write(json.dumps(event) + "\n")
@@ -160,7 +160,8 @@ class Engine:
         cfg = job.config
         try:
             job.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(job.run_dir / CONFIG_FILE)
+            if _is_main_process():
+                cfg.save(job.run_dir / CONFIG_FILE)
             self._emit(job, "status", message=f"Run folder: {job.run_dir}")
             trainer = self._build(job)
             if trainer is None:  # stopped while loading
@@ -274,6 +275,11 @@ def _make_callback(engine: Engine, job: Job):
             engine._emit(job, "metrics", **event)
 
     return EngineCallback()
+
+
+def _is_main_process() -> bool:
+    """Under `accelerate launch` every rank runs an engine; only rank 0 writes the run folder's files."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _quiet_libraries() -> None:
