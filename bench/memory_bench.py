@@ -1,0 +1,394 @@
+"""Peak GPU memory of the studio's own KTO training, measured, beside the estimate of studio/memory.py.
+
+Models of the presets' real architectures (presets/models/*.yaml) with random weights - memory does not depend on
+weight values and no hub is reachable on the GPU machine - are loaded by `studio.models.load_for_training` and trained
+by `studio.engine.Engine`, exactly as the studio does, under an allocator cap that stands in for a desktop card.
+
+    python bench/memory_bench.py run --model mistral-7b-instruct-v0.3 --path unsloth --seq 2048 --batch 2
+    python bench/memory_bench.py run --model qwen2.5-7b-instruct --path bnb --autofit       # auto-fit, then train
+    python bench/memory_bench.py sweep --plan autofit --out results.jsonl                  # one process per config
+    python bench/memory_bench.py merge results.jsonl        # measured points -> tests/fixtures/memory_points.json
+    python bench/memory_bench.py fit                        # recalibrate the estimate's three constants
+    python bench/memory_bench.py table [results.jsonl]      # estimate vs measured, markdown
+
+`run` prints one line `RESULT {json}`: ok / oom, the setup peak (loading + trainer set-up), the training peak, the
+overall peak allocated and reserved GiB, and the estimate for the same settings and cap. One configuration per
+process: Unsloth patches libraries globally. On the device image: `source .whl/device_setup.sh` first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+FIXTURE = ROOT / "tests" / "fixtures" / "memory_points.json"
+TIERS = ("3B", "7B", "8B")
+
+
+# ---- models and data ---------------------------------------------------------------------------------------------
+
+def make_model_dir(model: str, root: str) -> str:
+    """A checkpoint of the preset's architecture with random bf16 weights and a word-level tokenizer (w0..w3999)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from studio import presets
+
+    d = os.path.join(root, model)
+    if os.path.exists(os.path.join(d, "done")):
+        return d
+    os.makedirs(d, exist_ok=True)
+    spec = dict(presets.get("models", model).get("config"))
+    spec.pop("original_max_position_embeddings", None)
+    cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 0
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    m.save_pretrained(d, max_shard_size="4GB")
+    del m
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({f"w{i}": i + 4 for i in range(4000)})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(d)
+    Path(d, "done").write_text("ok")
+    return d
+
+
+def write_rows(path: str, n: int, seq: int, seed: int = 0) -> str:
+    """KTO rows of seq tokens: half prompt, half completion (TRL adds one EOS), 60% desirable."""
+    rnd = random.Random(seed)
+    half = seq // 2 - 2
+    with open(path, "w") as f:
+        for _ in range(n):
+            p = " ".join(f"w{rnd.randrange(4000)}" for _ in range(half))
+            c = " " + " ".join(f"w{rnd.randrange(4000)}" for _ in range(half))
+            f.write(json.dumps({"prompt": p, "completion": c, "label": rnd.random() < 0.6}) + "\n")
+    return path
+
+
+# ---- one configuration -------------------------------------------------------------------------------------------
+
+def cmd_run(a) -> int:
+    if a.path == "unsloth":
+        import unsloth  # noqa: F401  (before transformers, as the studio's unsloth path needs)
+    import torch
+
+    from studio import memory
+    from studio.config import RunConfig
+    from studio.engine import Engine
+
+    arch = memory.arch_for(a.model)
+    result = dict(model=a.model, path=a.path, seq=a.seq, batch=a.batch, rank=a.rank, cap_gib=a.cap_gib,
+                  precompute_ref=a.precompute_ref, steps=a.steps, runner="studio-engine")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        result["card"] = torch.cuda.get_device_name(0)
+    settings = memory.Settings(seq=a.seq, batch=a.batch, rank=a.rank, precompute_ref=a.precompute_ref)
+    accum = a.grad_accum
+    if a.autofit:
+        fit = memory.auto_fit(arch, a.path, a.cap_gib, seq_ceiling=a.seq_ceiling, effective_batch=a.effective_batch,
+                              settings=settings)
+        result["autofit"] = fit.as_dict()
+        if not fit.ok:
+            result.update(ok=False, refused=True, error=fit.reason)
+            print("RESULT " + json.dumps(result), flush=True)
+            return 0
+        settings.seq, settings.batch = fit.seq, fit.batch
+        accum = fit.grad_accum if a.grad_accum is None else a.grad_accum
+        result.update(seq=fit.seq, batch=fit.batch)
+    accum = accum or 1
+    result["grad_accum"] = accum
+    est = memory.estimate(arch, a.path, settings, budget_gib=a.cap_gib if a.cap_gib > 0 else None)
+    result["estimate_gib"] = round(est.total_gib, 3)
+    result["estimate"] = {k: round(v, 3) for k, v in est.components.items()}
+
+    model_dir = make_model_dir(a.model, a.models_dir)
+    if cuda and a.cap_gib > 0:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap_gib * 2**30 / total))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    data = write_rows(f"/tmp/memory_bench_{settings.seq}.jsonl", settings.batch * accum * (a.steps + 2), settings.seq)
+    names = [n for n, _, _ in arch.linears()]
+    cfg = RunConfig().updated({
+        "name": "memory-bench", "output_dir": f"/tmp/memory_bench_runs/{a.model}-{a.path}-{settings.seq}",
+        "model.name_or_path": model_dir, "model.backend": a.path, "model.load_in_4bit": a.path != "full",
+        "lora.r": a.rank, "lora.lora_alpha": a.rank, "lora.target_modules": names,
+        "kto.max_length": settings.seq, "kto.precompute_ref_log_probs": a.precompute_ref,
+        "train.per_device_train_batch_size": settings.batch, "train.gradient_accumulation_steps": accum,
+        "train.max_steps": a.steps, "train.save_steps": 100_000, "train.learning_rate": 2e-4,
+        "train.warmup_steps": 0.0, "train.gradient_checkpointing": True,
+        "data.train_file": data, "data.shuffle": False,
+    })
+    phases: dict = {}
+
+    def on_event(job, event):
+        # Training starts after this status: what came before is loading and trainer set-up
+        if cuda and event["type"] == "status" and str(event.get("message", "")).startswith(("Training", "Resuming")):
+            phases["setup_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            phases["after_setup_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+            torch.cuda.reset_peak_memory_stats()
+
+    engine = Engine(on_event=on_event)
+    t0 = time.time()
+    job = engine.start(cfg)
+    engine.wait()
+    result["wall_s"] = round(time.time() - t0, 1)
+    result["backend_used"] = job.backend
+    result.update(phases)
+    metrics = [m for m in job.metrics() if "loss" in m]
+    result["steps_done"] = metrics[-1]["step"] if metrics else 0
+    if cuda:
+        train_peak = torch.cuda.max_memory_allocated() / 2**30
+        result["train_peak_gib"] = round(train_peak, 3) if "setup_peak_gib" in phases else None
+        result["peak_alloc_gib"] = round(max(train_peak, phases.get("setup_peak_gib", 0.0)), 3)
+        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    result["ok"] = job.state == "finished" and result["steps_done"] >= a.steps
+    if job.error:
+        result["error"] = job.error[:400]
+        result["oom"] = "out of memory" in job.error.lower()
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+# ---- plans -------------------------------------------------------------------------------------------------------
+
+def plan(name: str, models: list[str] | None) -> list[list[str]]:
+    """Argument lists for `run`, ordered by model so each random checkpoint is built once."""
+    from studio import presets
+
+    tiered = [p.key for p in presets.list_presets("models") if p.get("tier") in TIERS]
+    runs: list[tuple[str, list[str]]] = []
+    if name in ("autofit", "all"):  # the acceptance check: auto-fit under 7.5 GiB, then 10 steps
+        runs += [(m, ["--model", m, "--path", p, "--autofit"]) for m in tiered for p in ("unsloth", "bnb")]
+    if name in ("anchors", "all"):  # GPU.md's anchor settings through the studio's own engine
+        for m, p, seq, bs in [("qwen2.5-3b-instruct", "bnb", 1024, 2), ("qwen2.5-3b-instruct", "bnb", 2048, 2),
+                              ("qwen2.5-3b-instruct", "unsloth", 1024, 2), ("qwen2.5-3b-instruct", "unsloth", 2048, 2),
+                              ("qwen2.5-3b-instruct", "unsloth", 1024, 4), ("llama-3.2-3b-instruct", "bnb", 1024, 2),
+                              ("llama-3.2-3b-instruct", "unsloth", 1024, 2),
+                              ("mistral-7b-instruct-v0.3", "bnb", 1024, 2),
+                              ("mistral-7b-instruct-v0.3", "unsloth", 1024, 2),
+                              ("mistral-7b-instruct-v0.3", "unsloth", 4096, 2),
+                              ("llama-3.1-8b-instruct", "unsloth", 1024, 2),
+                              ("llama-3.1-8b-instruct", "unsloth", 2048, 2)]:
+            runs.append((m, ["--model", m, "--path", p, "--seq", str(seq), "--batch", str(bs)]))
+    if name in ("calibrate", "all"):  # what the anchors lack: other models, short/long rows, batch 4, rank 64
+        for m in tiered:
+            for p in ("unsloth", "bnb"):
+                runs.append((m, ["--model", m, "--path", p, "--seq", "512", "--batch", "2"]))
+                runs.append((m, ["--model", m, "--path", p, "--seq", "1024", "--batch", "4"]))
+            runs.append((m, ["--model", m, "--path", "unsloth", "--seq", "2048", "--batch", "2", "--rank", "64"]))
+    if models:
+        runs = [r for r in runs if r[0] in models]
+    runs.sort(key=lambda r: tiered.index(r[0]) if r[0] in tiered else 99)
+    return [args for _, args in runs]
+
+
+def cmd_sweep(a) -> int:
+    models = a.models.split(",") if a.models else None
+    todo = plan(a.plan, models)
+    out = open(a.out, "a") if a.out else None
+    last_model = None
+    for i, args in enumerate(todo, 1):
+        model = args[1]
+        if a.cleanup and last_model and model != last_model:
+            shutil.rmtree(os.path.join(a.models_dir, last_model), ignore_errors=True)  # disk: 7B checkpoints ~15 GB
+        last_model = model
+        cmd = [sys.executable, __file__, "run", *args, "--cap-gib", str(a.cap_gib), "--steps", str(a.steps),
+               "--models-dir", a.models_dir]
+        print(f"[{i}/{len(todo)}] {' '.join(args)}", file=sys.stderr, flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not lines:
+                tail = (proc.stderr or "")[-600:]
+                lines = ["RESULT " + json.dumps({"args": args, "ok": False, "error": f"no result (rc {proc.returncode})",
+                                                 "stderr_tail": tail})]
+        except subprocess.TimeoutExpired:
+            lines = ["RESULT " + json.dumps({"args": args, "ok": False, "error": f"timeout after {a.timeout}s"})]
+        for ln in lines:
+            print(ln, flush=True)
+            if out:
+                out.write(ln.removeprefix("RESULT ") + "\n")
+                out.flush()
+    if a.cleanup and last_model:
+        shutil.rmtree(os.path.join(a.models_dir, last_model), ignore_errors=True)
+    return 0
+
+
+# ---- fixtures, calibration, tables -------------------------------------------------------------------------------
+
+def _read_results(path: str) -> list[dict]:
+    rows = []
+    for ln in Path(path).read_text().splitlines():
+        ln = ln.strip().removeprefix("RESULT ")
+        if ln.startswith("{"):
+            rows.append(json.loads(ln))
+    return rows
+
+
+def _key(p: dict) -> tuple:
+    return (p["model"], p["path"], p["seq"], p["batch"], p.get("rank", 16), bool(p.get("precompute_ref")),
+            p.get("cap_gib", 7.5))
+
+
+def cmd_merge(a) -> int:
+    """Add measured runs to the fixture table: finished runs as 'measured', OOM runs as 'lower_bound' (the peak they
+    reached before failing). A new measurement replaces an older point with the same settings (and its dispute)."""
+    doc = json.loads(FIXTURE.read_text())
+    points = {_key(p): p for p in doc["points"]}
+    added = 0
+    for r in _read_results(a.results):
+        if r.get("refused") or "peak_alloc_gib" not in r or "model" not in r:
+            continue
+        if not r.get("ok") and not r.get("oom"):
+            continue  # failed for another reason: nothing learned about memory
+        p = {"model": r["model"], "path": r["path"], "seq": r["seq"], "batch": r["batch"], "rank": r["rank"],
+             "targets": "all-linear", "optim": "adamw_8bit", "gradient_checkpointing": True,
+             "cap_gib": r["cap_gib"], "precompute_ref": r.get("precompute_ref", False), "lora_dropout": 0.0,
+             "peak_alloc_gib": r["peak_alloc_gib"], "kind": "measured" if r.get("ok") else "lower_bound",
+             "source": f"bench/memory_bench.py ({r.get('runner')}, {r.get('card', 'GPU')})"}
+        for k in ("setup_peak_gib", "train_peak_gib", "peak_reserved_gib"):
+            if r.get(k) is not None:
+                p[k] = r[k]
+        points[_key(p)] = p
+        added += 1
+    doc["points"] = sorted(points.values(), key=lambda p: (p["path"], p["model"], p["seq"], p["batch"]))
+    FIXTURE.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"{added} points merged into {FIXTURE} ({len(doc['points'])} in all)")
+    return 0
+
+
+def _fixture_points(include_disputed: bool = False) -> list[dict]:
+    pts = json.loads(FIXTURE.read_text())["points"]
+    return [p for p in pts if include_disputed or not p.get("disputed")]
+
+
+def _settings(p: dict):
+    from studio import memory
+
+    targets = p.get("targets", "all-linear")
+    return memory.Settings(seq=p["seq"], batch=p["batch"], rank=p.get("rank", 16),
+                           targets=targets if isinstance(targets, str) else tuple(targets),
+                           optim=p.get("optim", "adamw_8bit"), precompute_ref=bool(p.get("precompute_ref")))
+
+
+def cmd_fit(a) -> int:
+    """Minimax relative error over the fixture (disputed points left out) for WORKING_SET_BYTES and the paths'
+    overheads; lower bounds only ask estimate >= 85% of the bound. Prints the constants to put in studio/memory.py."""
+    import dataclasses
+
+    from scipy.optimize import linprog
+
+    from studio import memory
+
+    paths = sorted({p["path"] for p in _fixture_points()})
+    rows_a, rows_b = [], []
+    saved = dict(memory.PATHS), memory.WORKING_SET_BYTES
+    try:
+        memory.WORKING_SET_BYTES = 0.0
+        for k in paths:
+            memory.PATHS[k] = dataclasses.replace(memory.PATHS[k], overhead_gib=0.0)
+        for p in _fixture_points():
+            arch, s = memory.arch_for(p["model"]), _settings(p)
+            base = memory.estimate(arch, p["path"], s, budget_gib=p.get("cap_gib")).total_gib
+            slope = s.tokens * arch.hidden / memory.GIB
+            onehot = [1.0 if p["path"] == k else 0.0 for k in paths]
+            m = p["peak_alloc_gib"]
+            if p["kind"] == "measured":  # |base + slope*w + c - m| <= t*m
+                rows_a += [[slope, *onehot, -m], [-slope, *[-x for x in onehot], -m]]
+                rows_b += [m - base, base - m]
+            else:
+                rows_a.append([-slope, *[-x for x in onehot], 0.0])
+                rows_b.append(base - 0.85 * m)
+    finally:
+        memory.PATHS.clear()
+        memory.PATHS.update(saved[0])
+        memory.WORKING_SET_BYTES = saved[1]
+    n = len(paths) + 2
+    res = linprog([0.0] * (n - 1) + [1.0], A_ub=rows_a, b_ub=rows_b, bounds=[(0, None)] * n)
+    if not res.success:
+        print(f"no fit: {res.message}")
+        return 1
+    print(f"WORKING_SET_BYTES = {res.x[0]:.1f}")
+    for k, c in zip(paths, res.x[1:-1]):
+        print(f"PATHS['{k}'].overhead_gib = {c:.3f}")
+    print(f"max relative error {res.x[-1]:.3f} over {len(_fixture_points())} points")
+    return 0
+
+
+def cmd_table(a) -> int:
+    from studio import memory
+
+    pts = _fixture_points(include_disputed=True) if not a.results else [
+        {**r, "kind": "measured" if r.get("ok") else "lower_bound"} for r in _read_results(a.results)
+        if "peak_alloc_gib" in r and "model" in r and (r.get("ok") or r.get("oom"))]
+    print("| model | path | seq | batch | rank | measured GiB | estimate GiB | error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for p in pts:
+        e = memory.estimate(memory.arch_for(p["model"]), p["path"], _settings(p), budget_gib=p.get("cap_gib"))
+        m = p["peak_alloc_gib"]
+        mark = ">= " if p["kind"] == "lower_bound" else ""
+        flag = " (disputed)" if p.get("disputed") else ""
+        print(f"| {p['model']} | {p['path']} | {p['seq']} | {p['batch']} | {p.get('rank', 16)} | {mark}{m:.2f} | "
+              f"{e.total_gib:.2f} | {(e.total_gib - m) / m:+.1%}{flag} |")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="measure one configuration in this process")
+    r.add_argument("--model", required=True, help="a presets/models key, e.g. mistral-7b-instruct-v0.3")
+    r.add_argument("--path", choices=["unsloth", "bnb", "full"], required=True)
+    r.add_argument("--seq", type=int, default=1024)
+    r.add_argument("--batch", type=int, default=2)
+    r.add_argument("--grad-accum", type=int, default=None)
+    r.add_argument("--rank", type=int, default=16)
+    r.add_argument("--steps", type=int, default=10)
+    r.add_argument("--cap-gib", type=float, default=7.5)
+    r.add_argument("--precompute-ref", action="store_true")
+    r.add_argument("--autofit", action="store_true", help="let studio.memory.auto_fit choose seq and batch")
+    r.add_argument("--seq-ceiling", type=int, default=4096)
+    r.add_argument("--effective-batch", type=int, default=16)
+    r.add_argument("--models-dir", default="/tmp/models")
+    r.set_defaults(func=cmd_run)
+    s = sub.add_parser("sweep", help="run a plan, one process per configuration")
+    s.add_argument("--plan", choices=["autofit", "anchors", "calibrate", "all"], default="autofit")
+    s.add_argument("--models", default=None, help="comma-separated preset keys to keep")
+    s.add_argument("--out", default=None, help="append result lines (JSON) here")
+    s.add_argument("--cap-gib", type=float, default=7.5)
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--timeout", type=int, default=420)
+    s.add_argument("--models-dir", default="/tmp/models")
+    s.add_argument("--cleanup", action="store_true", help="delete each random checkpoint after its runs")
+    s.set_defaults(func=cmd_sweep)
+    m = sub.add_parser("merge", help="add measured runs to tests/fixtures/memory_points.json")
+    m.add_argument("results")
+    m.set_defaults(func=cmd_merge)
+    f = sub.add_parser("fit", help="recalibrate the estimate's constants on the fixture table")
+    f.set_defaults(func=cmd_fit)
+    t = sub.add_parser("table", help="estimate vs measured as a markdown table")
+    t.add_argument("results", nargs="?", default=None)
+    t.set_defaults(func=cmd_table)
+    a = ap.parse_args(argv)
+    return int(a.func(a) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

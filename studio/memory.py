@@ -1,0 +1,561 @@
+"""Peak GPU memory of a KTO run, predicted from the model's config.json, and auto-fit to a card.
+
+No weights are loaded and nothing here imports torch: the estimate reads architecture numbers (hidden size, layers,
+vocabulary, ...) from a config dict - a model preset's built-in copy, a local folder's config.json, the HF cache,
+or a GGUF header - and adds up what the training step keeps on the GPU:
+
+- ``weights``: the frozen base. On the 4-bit paths every decoder linear is NF4 with double quantization
+  (4 bits + 0.127 bit of scales per weight); embeddings, the LM head and norms are not quantized and stay 16-bit
+  (Unsloth) or are upcast to float32 by PEFT's ``prepare_model_for_kbit_training`` (bitsandbytes path). Under memory
+  pressure Unsloth moves an untied input embedding to CPU RAM; the estimate applies Unsloth's own rule for that.
+- ``lora_optimizer``: the trainable adapter (bf16 on quantized bases, TRL casts it), its gradient and optimizer
+  state, plus the frozen "ref" copy of the adapter TRL's KTOTrainer keeps for the reference pass.
+- ``activations``: per token, per hidden unit: the checkpointed input of every layer when it stays on the GPU
+  (bitsandbytes path: float32, 4 bytes x layers; Unsloth offloads these to CPU RAM) plus one layer's working set
+  during the backward recompute, ``WORKING_SET_BYTES`` (48, calibrated; Unsloth's own figure is 42-48). KTO's KL and
+  reference passes run without gradients, so they add a transient working set, not stored activations.
+- ``logits``: TRL 1.15 scores tokens with a chunked fused LM-head kernel, so the [batch, seq, vocab] logits never
+  exist: one [<=4096 tokens, <=32768 vocab] tile at a time, the completion hidden states it saves and their float32
+  gradient (and, with a float32 head, a bf16 copy of one vocabulary tile of it).
+- ``overhead``: CUDA workspaces, Unsloth's staging buffers, allocator slack: a calibrated constant per path.
+
+Three numbers are calibrated (``WORKING_SET_BYTES`` and the two paths' ``overhead_gib``); everything else is counted
+from the architecture. ``tests/test_memory.py`` holds the estimate to 15% of every measured point.
+
+Figures are PyTorch's peak *allocated* memory (``torch.cuda.max_memory_allocated``); the card also needs room for the
+CUDA context and the desktop, which the GPU presets' budgets (``gpu_gib``: 7.5 for an 8 GB card) leave out.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from studio.config import ConfigError
+
+GIB = 2**30
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 absmax per 256 blocks
+LOGPROB_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
+LOGPROB_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+COMPLETION_SHARE = 0.5  # completion tokens / all tokens in a row, for the log-prob kernel (anchors: 0.5)
+DEFAULT_SEQ_CEILING = 4096
+MIN_SEQ = 128
+SEQ_STEP = 128
+MAX_BATCH = 16
+# Auto-fit's safety margins. The weights are counted exactly; the calibrated per-token terms (activations, logits,
+# overhead) carry the estimate's error, which grows with the tokens in a step, so auto-fit takes them 1.5 times, and
+# keeps 5% of the budget for the caching allocator's fragmentation on top of the peak it reports.
+TRANSIENT_MARGIN = 1.5
+DEFAULT_HEADROOM = 0.05
+COMPONENTS = ("weights", "lora_optimizer", "activations", "logits", "overhead")
+COMPONENT_LABELS = {
+    "weights": "weights (frozen base)",
+    "lora_optimizer": "LoRA + grads + optimizer",
+    "activations": "activations",
+    "logits": "logits (LM-head tiles)",
+    "overhead": "CUDA/allocator overhead",
+}
+
+
+class EstimateError(ValueError):
+    """An estimate that cannot be made (unknown architecture, missing config); the message says what to do."""
+
+
+class RunWontFit(ConfigError):
+    """A run predicted not to fit its memory budget; ``estimate`` holds the breakdown."""
+
+    def __init__(self, message: str, estimate: "Estimate"):
+        super().__init__(message)
+        self.estimate = estimate
+
+
+# ---- architecture --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arch:
+    """The shapes that decide memory, from a config.json dict."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    max_positions: int
+    attention_bias: bool = False
+    fused_qkv: bool = False  # Phi-3: one qkv_proj, one gate_up_proj
+    name: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], name: str = "") -> "Arch":
+        text = cfg.get("text_config") or cfg
+        if not isinstance(text, dict):
+            text = cfg
+        try:
+            hidden = int(text.get("hidden_size") or text.get("n_embd") or text["d_model"])
+            layers = int(text.get("num_hidden_layers") or text.get("n_layer") or text["num_layers"])
+            heads = int(text.get("num_attention_heads") or text["n_head"])
+            vocab = int(text["vocab_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise EstimateError(f"config of {name or 'the model'} lacks {e}: not a decoder-only language model config")
+        model_type = str(text.get("model_type") or cfg.get("model_type") or "")
+        head_dim = int(text.get("head_dim") or hidden // heads)
+        inter = int(text.get("intermediate_size") or text.get("n_inner") or 4 * hidden)
+        return cls(
+            model_type=model_type, hidden=hidden, intermediate=inter, layers=layers, heads=heads,
+            kv_heads=int(text.get("num_key_value_heads") or heads), head_dim=head_dim, vocab=vocab,
+            tied=bool(text.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True))),
+            max_positions=int(text.get("max_position_embeddings") or 4096),
+            attention_bias=bool(text.get("attention_bias", model_type in ("qwen2",))),
+            fused_qkv=model_type in ("phi3", "phi4", "phimoe"), name=name,
+        )
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(module name, in, out) of the linear layers of one decoder block."""
+        h, i = self.hidden, self.intermediate
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.fused_qkv:
+            return [("qkv_proj", h, q + 2 * kv), ("o_proj", q, h), ("gate_up_proj", h, 2 * i), ("down_proj", i, h)]
+        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
+                ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for _, a, b in self.linears())
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    def unquantized_params(self, include_input_embedding: bool = True) -> int:
+        """Embedding (when on the GPU), untied LM head, norms and attention biases: never quantized."""
+        emb = self.embedding_params()
+        n = (emb if include_input_embedding else 0) + (0 if self.tied else emb)
+        n += (2 * self.layers + 1) * self.hidden
+        if self.attention_bias:
+            n += self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim
+        return n
+
+    def total_params(self) -> int:
+        return self.linear_params() + self.unquantized_params()
+
+    def lora_params(self, rank: int, targets: str | Iterable[str] = "all-linear") -> int:
+        wanted = None if targets == "all-linear" else set(targets)
+        per_layer = sum(rank * (a + b) for n, a, b in self.linears() if wanted is None or n in wanted)
+        return self.layers * per_layer
+
+    def label(self) -> str:
+        return self.name or self.model_type
+
+
+# ---- loading paths -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PathModel:
+    """How one loading path spends memory. ``overhead_gib`` is calibrated on measured peaks; the rest follows from
+    what the path does."""
+
+    name: str
+    quantized: bool
+    unquantized_bytes: int | None  # frozen embeddings/head/norms: 2 (bf16), 4 (upcast to fp32); None = compute dtype
+    # bytes per token per hidden unit per layer for the checkpointed layer inputs kept on the GPU: 0 when offloaded
+    # to CPU RAM (Unsloth), 4 when the residual stream is float32 (the upcast embedding), None = compute dtype
+    checkpoint_bytes: int | None
+    overhead_gib: float
+    offloads_embedding: bool = False  # Unsloth's offload_embedding="auto"
+    calibrated: bool = True
+
+
+# One layer's working set during the backward recompute (plus the no-grad KL/reference passes), bytes per token per
+# hidden unit; the same on every path. Calibrated with the overheads below by `python bench/memory_bench.py fit`
+# (minimax relative error over tests/fixtures/memory_points.json): 47.6, rounded. Unsloth's own figure is 42-48.
+WORKING_SET_BYTES = 48.0
+PATHS = {
+    "unsloth": PathModel("unsloth", True, 2, checkpoint_bytes=0, overhead_gib=0.14, offloads_embedding=True),
+    "bnb": PathModel("bnb", True, 4, checkpoint_bytes=4, overhead_gib=0.0),
+    # No measurements yet: same physics, the base in the compute dtype, layer inputs in the compute dtype.
+    "full": PathModel("full", False, None, checkpoint_bytes=None, overhead_gib=0.0, calibrated=False),
+}
+
+
+# ---- the estimate ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    """The run settings that move memory (the defaults are the anchors' recipe)."""
+
+    seq: int = 1024
+    batch: int = 2
+    rank: int = 16
+    targets: str | tuple[str, ...] = "all-linear"
+    gradient_checkpointing: bool = True
+    optim: str = "adamw_8bit"  # adamw_8bit | paged_adamw_8bit | adamw_torch
+    precompute_ref: bool = False
+    compute_bytes: int = 2  # bf16/fp16 on CUDA; 4 for float32 (CPU, MPS)
+
+    @property
+    def tokens(self) -> int:
+        return self.seq * self.batch
+
+
+@dataclass
+class Estimate:
+    path: str
+    arch: str
+    settings: dict[str, Any]
+    components: dict[str, float]  # GiB, in COMPONENTS order
+    total_gib: float
+    budget_gib: float | None = None
+    notes: list[str] = field(default_factory=list)
+    calibrated: bool = True
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget_gib is None else self.total_gib <= self.budget_gib
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["components"] = {k: round(v, 3) for k, v in self.components.items()}
+        d["total_gib"] = round(self.total_gib, 3)
+        d["fits"] = self.fits
+        return d
+
+
+def _optimizer_bytes(optim: str, param_bytes: int) -> float:
+    if "8bit" in optim:
+        return 2.0  # two 8-bit moments
+    return 2.0 * param_bytes  # AdamW moments in the parameter's dtype
+
+
+def unsloth_offloads_embedding(arch: Arch, seq: int, budget_gib: float, resident_bytes: float, lora_params: int) -> bool:
+    """Unsloth's ``offload_embedding="auto"``: an untied input embedding moves to CPU RAM when the card lacks the
+    reserve Unsloth wants for a training step (its estimate: 48 bytes x seq x hidden of activations, fp32 logits for
+    up to 2048 rows, fp32 LoRA + AdamW, 1/16 for fragmentation, 256 MiB). Checked after loading and after adding
+    LoRA, with the memory left under the cap."""
+    if arch.tied:
+        return False
+
+    def reserve(extra: float) -> float:
+        base = seq * arch.hidden * 48 + min(seq, 2048) * arch.vocab * 4 + extra
+        return base * (1 + 1 / 16) + 256 * 2**20
+
+    budget = budget_gib * GIB
+    at_load = reserve(0) > budget - resident_bytes
+    at_peft = reserve(lora_params * 16) > budget - resident_bytes - lora_params * 4
+    return at_load or at_peft
+
+
+def estimate(arch: Arch, path: str, settings: Settings | None = None, budget_gib: float | None = None,
+             **changes: Any) -> Estimate:
+    """Predicted peak allocated GPU memory of a KTO training step with this model, path and settings."""
+    s = settings or Settings()
+    if changes:
+        s = Settings(**{**asdict(s), **changes})
+    if path not in PATHS:
+        raise EstimateError(f"unknown path '{path}': use one of {', '.join(PATHS)}")
+    pm = PATHS[path]
+    if s.batch < 2:
+        raise EstimateError("KTO needs a per-device batch of at least 2")
+    notes: list[str] = []
+    h, n_tok = arch.hidden, s.tokens
+    frozen_bytes = pm.unquantized_bytes or s.compute_bytes
+
+    # weights
+    lora_n = arch.lora_params(s.rank, s.targets)
+    if pm.quantized:
+        weights = arch.linear_params() * NF4_BYTES_PER_PARAM
+    else:
+        weights = arch.linear_params() * s.compute_bytes
+    on_gpu_embedding = True
+    if pm.offloads_embedding and budget_gib is not None:
+        resident = weights + arch.unquantized_params() * frozen_bytes
+        if unsloth_offloads_embedding(arch, s.seq, budget_gib, resident, lora_n):
+            on_gpu_embedding = False
+            notes.append(f"Unsloth keeps the input embedding ({arch.embedding_params() * frozen_bytes / GIB:.2f} GiB) "
+                         "in CPU RAM at this budget (its offload_embedding='auto').")
+    weights += arch.unquantized_params(on_gpu_embedding) * frozen_bytes
+
+    # LoRA: trainable copy + gradient + optimizer, and TRL's frozen fp32 "ref" copy
+    lora_bytes = 2 if pm.quantized else 4  # TRL casts the adapter to bf16 on quantized bases only
+    lora = lora_n * (2 * lora_bytes + _optimizer_bytes(s.optim, lora_bytes) + 4)
+
+    # activations: the checkpointed layer inputs (unless offloaded) and one layer's working set
+    ckpt_bytes = s.compute_bytes if pm.checkpoint_bytes is None else pm.checkpoint_bytes
+    acts = n_tok * h * (arch.layers * ckpt_bytes + WORKING_SET_BYTES)
+    if not s.gradient_checkpointing:
+        # every layer keeps its intermediate tensors: norm outputs, q/k/v, attention output, MLP (gate, up, act, product)
+        per_layer = s.compute_bytes * (6 * h + 2 * arch.kv_heads * arch.head_dim + 4 * arch.intermediate)
+        acts += n_tok * arch.layers * per_layer
+        notes.append("Without gradient checkpointing every layer keeps its activations (uncalibrated term).")
+
+    # logits: the fused LM-head kernel's tile, the saved completion hidden states and their fp32 gradient
+    # (one tile at a time: each pass frees its tile before the next pass starts)
+    n_comp = math.ceil(n_tok * COMPLETION_SHARE)
+    logits = min(n_comp, LOGPROB_TOKEN_TILE) * min(arch.vocab, LOGPROB_VOCAB_TILE) * s.compute_bytes
+    logits += n_comp * h * (s.compute_bytes + 4)
+    if frozen_bytes != s.compute_bytes:  # an fp32 head is cast tile by tile to the compute dtype
+        logits += min(arch.vocab, LOGPROB_VOCAB_TILE) * h * s.compute_bytes
+
+    comps = {"weights": weights / GIB, "lora_optimizer": lora / GIB, "activations": acts / GIB, "logits": logits / GIB,
+             "overhead": pm.overhead_gib}
+    total = sum(comps.values())
+    if not pm.calibrated:
+        notes.append(f"The '{path}' path has no measured points yet: treat this figure as a rough guide.")
+    settings_d = asdict(s)
+    settings_d["targets"] = s.targets if isinstance(s.targets, str) else list(s.targets)
+    return Estimate(path=path, arch=arch.label(), settings=settings_d, components=comps, total_gib=total,
+                    budget_gib=budget_gib, notes=notes, calibrated=pm.calibrated)
+
+
+# ---- auto-fit ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Fit:
+    ok: bool
+    path: str
+    budget_gib: float
+    seq: int | None = None
+    batch: int | None = None
+    grad_accum: int | None = None
+    effective_batch: int | None = None
+    estimate: Estimate | None = None
+    reason: str = ""
+
+    def run_changes(self) -> dict[str, Any]:
+        """Dotted run-config fields for the chosen settings."""
+        if not self.ok:
+            return {}
+        return {"kto.max_length": self.seq, "train.per_device_train_batch_size": self.batch,
+                "train.gradient_accumulation_steps": self.grad_accum}
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {"ok": self.ok, "path": self.path, "budget_gib": self.budget_gib, "reason": self.reason}
+        if self.ok:
+            d["chosen"] = {"max_length": self.seq, "per_device_train_batch_size": self.batch,
+                           "gradient_accumulation_steps": self.grad_accum, "effective_batch": self.effective_batch}
+        if self.estimate is not None:
+            d["estimate"] = self.estimate.as_dict()
+        return d
+
+
+def usable(budget_gib: float, headroom: float = DEFAULT_HEADROOM) -> float:
+    return budget_gib * (1 - headroom)
+
+
+def safe_total(e: Estimate, margin: float = TRANSIENT_MARGIN) -> float:
+    """The estimate with its calibrated, token-dependent parts taken ``margin`` times: what auto-fit plans with."""
+    c = e.components
+    return c["weights"] + c["lora_optimizer"] + margin * (c["activations"] + c["logits"] + c["overhead"])
+
+
+def auto_fit(arch: Arch, path: str, budget_gib: float, *, seq: int | None = None,
+             seq_ceiling: int = DEFAULT_SEQ_CEILING, effective_batch: int = 16, max_batch: int = MAX_BATCH,
+             settings: Settings | None = None, headroom: float = DEFAULT_HEADROOM) -> Fit:
+    """The largest sequence length (up to ``seq_ceiling``, or exactly ``seq``) that fits with the minimum KTO batch
+    of 2, then the largest per-device batch (up to ``effective_batch``) that still fits at that length; gradient
+    accumulation makes up the effective batch. Fits means: ``safe_total`` <= budget x (1 - headroom)."""
+    base = settings or Settings()
+    limit = usable(budget_gib, headroom)
+
+    def est(q: int, b: int) -> Estimate:
+        return estimate(arch, path, base, budget_gib=budget_gib, seq=q, batch=b)
+
+    def fits(q: int, b: int) -> bool:
+        return safe_total(est(q, b)) <= limit
+
+    ceiling = min(seq_ceiling, arch.max_positions)
+    candidates = [seq] if seq else list(range(ceiling - ceiling % SEQ_STEP or MIN_SEQ, MIN_SEQ - 1, -SEQ_STEP))
+    chosen_seq = next((q for q in candidates if fits(q, 2)), None)
+    if chosen_seq is None:
+        q = candidates[-1]
+        e = est(q, 2)
+        fixed = e.components["weights"] + e.components["lora_optimizer"]
+        if fixed + TRANSIENT_MARGIN * e.components["overhead"] > limit:
+            reason = (f"{arch.label()} does not fit on the {path} path in {budget_gib:g} GiB: the frozen weights and "
+                      f"the adapter alone take {fixed:.2f} GiB of the {limit:.2f} GiB auto-fit plans with "
+                      f"({headroom:.0%} kept free). Pick a smaller model, another path or a larger card.")
+        else:
+            reason = (f"{arch.label()} at {q} tokens x batch 2 needs {e.total_gib:.2f} GiB on the {path} path "
+                      f"({safe_total(e):.2f} GiB with auto-fit's margin), more than the {limit:.2f} GiB it plans with "
+                      f"in {budget_gib:g} GiB. Use shorter rows, a smaller model or a larger card.")
+        return Fit(False, path, budget_gib, estimate=e, reason=reason)
+    top = max(2, min(max_batch, effective_batch))
+    chosen_batch = 2
+    for b in range(3, top + 1):
+        if not fits(chosen_seq, b):
+            break
+        chosen_batch = b
+    accum = max(1, math.ceil(effective_batch / chosen_batch))
+    e = est(chosen_seq, chosen_batch)
+    reason = (f"{chosen_seq} tokens x batch {chosen_batch} (x{accum} accumulation = effective batch "
+              f"{chosen_batch * accum}): {e.total_gib:.2f} GiB predicted of {budget_gib:g} GiB")
+    return Fit(True, path, budget_gib, chosen_seq, chosen_batch, accum, chosen_batch * accum, e, reason)
+
+
+def check(arch: Arch, path: str, settings: Settings, budget_gib: float) -> Estimate:
+    """The estimate of a run about to start. Raises RunWontFit, with the reason and what to change, when the
+    predicted peak exceeds the budget; adds a warning note when it fits only without auto-fit's safety margin."""
+    e = estimate(arch, path, settings, budget_gib=budget_gib)
+    if e.total_gib > budget_gib:
+        fit = auto_fit(arch, path, budget_gib, seq_ceiling=settings.seq, settings=settings,
+                       effective_batch=settings.batch)
+        advice = (f"To fit: max_length {fit.seq} with per-device batch {fit.batch} (raise gradient accumulation to "
+                  "keep the effective batch), or press Auto-fit in the Model & preset tab." if fit.ok else fit.reason)
+        top = max(COMPONENTS, key=lambda k: e.components[k])
+        raise RunWontFit(
+            f"This run is predicted not to fit: {e.total_gib:.2f} GiB peak > {budget_gib:g} GiB available for "
+            f"{arch.label()} on the {path} path at max_length {settings.seq} x batch {settings.batch} (largest part: "
+            f"{COMPONENT_LABELS[top]}, {e.components[top]:.2f} GiB). {advice}", e)
+    if safe_total(e) > usable(budget_gib):
+        e.notes.append(f"Close to the limit: {e.total_gib:.2f} GiB predicted of {budget_gib:g} GiB, and the estimate "
+                       "is good to about 15%. If it runs out of memory, use Auto-fit's settings.")
+    return e
+
+
+def check_run(cfg, path: str, budget_gib: float) -> Estimate:
+    """``check`` for a RunConfig: the model's architecture and the memory-relevant settings come from it."""
+    return check(arch_for(cfg.model.name_or_path), path, settings_from_run(cfg), budget_gib)
+
+
+# ---- from a run config / model name --------------------------------------------------------------------------------
+
+def model_config(name_or_path: str) -> tuple[dict[str, Any], str]:
+    """(config dict, where it came from) for a preset key, hub id, local folder, config.json, GGUF file or the
+    bundled model, without loading weights. Hub ids not in the presets are read from the local HF cache (or fetched:
+    config.json only)."""
+    from studio import presets
+
+    preset = presets.find_model(name_or_path)
+    if preset is not None and preset.get("config"):
+        return dict(preset.get("config")), f"preset {preset.key}"
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        f = p / "config.json"
+        if not f.is_file():
+            raise EstimateError(f"{p} holds no config.json: point at a model folder")
+        return json.loads(f.read_text(encoding="utf-8")), str(f)
+    if p.is_file() and p.suffix.lower() == ".json":
+        return json.loads(p.read_text(encoding="utf-8")), str(p)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        return dict(load_gguf_checkpoint(str(p), return_tensors=False)["config"]), str(p)
+    if p.suffix.lower() in (".gguf", ".json") or name_or_path.startswith(("/", ".", "~")):
+        raise EstimateError(f"{name_or_path} does not exist")
+    if name_or_path.count("/") != 1:
+        raise EstimateError(f"'{name_or_path}' is neither a model preset, a local folder/.gguf file nor a hub id")
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, "config.json")
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text(encoding="utf-8")), cached
+    try:
+        f = hf_hub_download(name_or_path, "config.json")
+    except Exception as e:  # offline, gated or unknown: say which
+        raise EstimateError(
+            f"cannot read {name_or_path}'s config.json ({type(e).__name__}): download the model first, or pick a "
+            "model preset") from None
+    return json.loads(Path(f).read_text(encoding="utf-8")), f
+
+
+def arch_for(name_or_path: str) -> Arch:
+    from studio.config import BUNDLED_MODEL
+
+    if name_or_path == BUNDLED_MODEL:
+        name_or_path = "smollm2-135m"
+    cfg, _ = model_config(name_or_path)
+    local = Path(name_or_path).expanduser()
+    return Arch.from_config(cfg, name=local.name if local.exists() else name_or_path)
+
+
+def settings_from_run(cfg) -> Settings:
+    """The memory-relevant settings of a RunConfig (``optim='auto'`` is 8-bit AdamW on CUDA)."""
+    optim = cfg.train.optim if cfg.train.optim != "auto" else "adamw_8bit"
+    targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else tuple(cfg.lora.target_modules)
+    return Settings(seq=cfg.kto.max_length, batch=cfg.train.per_device_train_batch_size, rank=cfg.lora.r,
+                    targets=targets, gradient_checkpointing=cfg.train.gradient_checkpointing, optim=optim,
+                    precompute_ref=cfg.kto.precompute_ref_log_probs,
+                    compute_bytes=4 if cfg.model.dtype == "float32" else 2)
+
+
+def gpu_paths(backend: str | None) -> list[str]:
+    return [backend] if backend else ["unsloth", "bnb"]
+
+
+@dataclass
+class CardPlan:
+    """Auto-fit of a run config to a card, for every loading path that can run there."""
+
+    arch: Arch
+    budget_gib: float | None
+    fits: dict[str, Fit]  # GPU paths
+    estimates: dict[str, Estimate]  # every path shown (the fitted estimate for GPU paths)
+    path: str | None  # the path whose settings ``changes`` holds
+    changes: dict[str, Any]
+    message: str
+
+
+def plan_for_card(cfg, budget_gib: float | None, device_kind: str = "cuda", preferred_path: str | None = None,
+                  seq_ceiling: int = DEFAULT_SEQ_CEILING, effective_batch: int | None = None) -> CardPlan:
+    """Fit ``cfg`` (a RunConfig) to a card with ``budget_gib`` for PyTorch. On CUDA every 4-bit path the config
+    allows is fitted and the settings of ``preferred_path`` (what backend 'auto' picks there), else of the first
+    path that fits, are returned as run-config changes. On CPU / Apple MPS there is no GPU budget: the full-precision
+    estimate is returned for information (the limit there is system memory and time)."""
+    arch = arch_for(cfg.model.name_or_path)
+    base = settings_from_run(cfg)
+    eff = effective_batch or cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+    if device_kind != "cuda" or budget_gib is None:
+        base.compute_bytes = 4  # float32 on CPU and MPS
+        e = estimate(arch, "full", base)
+        return CardPlan(arch, None, {}, {"full": e}, "full", {},
+                        f"{device_kind.upper()}: full-precision LoRA, about {e.total_gib:.1f} GiB of system memory at "
+                        f"max_length {base.seq} x batch {base.batch}. Auto-fit works on GPU memory: pick a GPU preset.")
+    backend = cfg.model.backend
+    if not cfg.model.load_in_4bit or backend == "full":
+        paths = ["full"]
+    elif backend in ("unsloth", "bnb"):
+        paths = [backend]
+    else:
+        paths = ["unsloth", "bnb"]
+    fits = {p: auto_fit(arch, p, budget_gib, seq_ceiling=seq_ceiling, effective_batch=eff, settings=base)
+            for p in paths}
+    order = ([preferred_path] if preferred_path in fits else []) + paths
+    chosen = next((p for p in order if fits[p].ok), None)
+    estimates = {p: f.estimate for p, f in fits.items() if f.estimate is not None}
+    if chosen is None:
+        msg = " ".join(f.reason for f in fits.values())
+        return CardPlan(arch, budget_gib, fits, estimates, None, {}, msg)
+    f = fits[chosen]
+    return CardPlan(arch, budget_gib, fits, estimates, chosen, f.run_changes(), f"{chosen}: {f.reason}")
+
+
+# ---- headless: python -m studio fit ----------------------------------------------------------------------------------
+
+def cli(args) -> int:
+    """``python -m studio fit --model ID_OR_PATH --gpu-gib 7.5 [--seq N] [--backend P] [--rank R]``: the chosen
+    settings and the estimate breakdown per path, as JSON. Exit 0 when some path fits, 1 when none does, 2 on bad
+    input."""
+    from studio.cli import print_json
+
+    try:
+        arch = arch_for(args.model)
+    except (EstimateError, OSError, ValueError) as e:
+        print(f"error: {e}", file=__import__("sys").stderr)
+        return 2
+    seq_ceiling = getattr(args, "seq_ceiling", None) or DEFAULT_SEQ_CEILING
+    effective = getattr(args, "effective_batch", None) or 16
+    base = Settings(rank=args.rank)
+    out: dict[str, Any] = {"model": args.model, "arch": asdict(arch), "gpu_gib": args.gpu_gib, "paths": {}}
+    any_ok = False
+    for path in gpu_paths(args.backend):
+        fit = auto_fit(arch, path, args.gpu_gib, seq=args.seq, seq_ceiling=seq_ceiling, effective_batch=effective,
+                       settings=base)
+        out["paths"][path] = fit.as_dict()
+        any_ok = any_ok or fit.ok
+    ok_paths = [p for p, f in out["paths"].items() if f["ok"]]
+    out["recommended_path"] = ok_paths[0] if ok_paths else None
+    print_json(out)
+    return 0 if any_ok else 1
