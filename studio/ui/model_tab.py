@@ -1,16 +1,19 @@
-"""Model & preset tab: which model, how it is loaded, on which device."""
+"""Model & preset tab: the card, the model and the KTO recipe; a memory estimate and auto-fit; downloads and cache."""
 from __future__ import annotations
 
 import gradio as gr
+import pandas as pd
 
-from studio import models
+from studio import hub, memory, models, presets
 from studio.ui.widgets import collect, field_component
 
 FIELDS = [("model", "name_or_path"), ("model", "backend"), ("model", "load_in_4bit")]
+PATH_LABELS = {"unsloth": "Unsloth 4-bit", "bnb": "bitsandbytes 4-bit", "full": "full precision"}
+DETECTED = "detected"
 
 
-def device_markdown() -> str:
-    d = models.detect_device()
+def device_markdown(d=None) -> str:
+    d = d or models.detect_device()
     mem = f", {d.total_gib} GiB ({d.free_gib} free)" if d.total_gib else ""
     cc = f", compute capability {d.compute_capability}" if d.compute_capability else ""
     flags = ", ".join(f"{k}: {'yes' if getattr(d, k) else 'no'}" for k in ("unsloth", "bitsandbytes", "flash_attn"))
@@ -18,17 +21,260 @@ def device_markdown() -> str:
     return f"**Device:** {d.name} ({d.kind}{mem}{cc}; bf16: {'yes' if d.bf16 else 'no'})  \n{flags}{notes}"
 
 
-def build(studio):
-    gr.Markdown(device_markdown(), elem_id="device-info")
-    comps = [field_component(studio.config, s, n) for s, n in FIELDS]
-    msg = gr.Markdown()
+# ---- presets -----------------------------------------------------------------------------------------------------
 
-    def apply(*values):
+def gpu_choices(device) -> list[tuple[str, str]]:
+    out = [(p.title, p.key) for p in presets.list_presets("gpu")]
+    if device.kind == "cuda" and device.total_gib:
+        out.insert(0, (f"This GPU: {device.name} ({device.total_gib} GiB)", DETECTED))
+    return out
+
+
+def default_gpu(device) -> str:
+    if device.kind == "cuda":
+        return DETECTED
+    return "mps" if device.kind == "mps" else "cpu"
+
+
+def budget_for(gpu_key: str, device) -> tuple[float | None, str]:
+    """(GiB PyTorch may use, device kind) for a GPU preset, or for this machine's card."""
+    if gpu_key == DETECTED:
+        # the free memory now, less a little for the CUDA context the training process will create
+        return round(max(0.5, (device.free_gib or device.total_gib or 0) - 0.4), 2), "cuda"
+    p = presets.get("gpu", gpu_key)
+    return p.get("gpu_gib"), p.get("device", "cuda")
+
+
+def model_choices() -> list[tuple[str, str]]:
+    out = []
+    for p in presets.list_presets("models"):
+        gated = " · gated" if p.get("gated") else ""
+        out.append((f"{p.title} · {p.get('tier')}{gated}", p.key))
+    return out + [("Any hub id / local folder / GGUF (type it below)", presets.OTHER_MODEL)]
+
+
+def model_choice_for(name_or_path: str) -> str:
+    p = presets.find_model(name_or_path)
+    return p.key if p else presets.OTHER_MODEL
+
+
+def recipe_choices() -> list[tuple[str, str]]:
+    return [(p.title, p.key) for p in presets.list_presets("recipes")]
+
+
+def preset_info(model_key: str, recipe_key: str) -> str:
+    lines = []
+    if model_key and model_key != presets.OTHER_MODEL:
+        p = presets.get("models", model_key)
+        gate = (" **Gated:** accept the licence on the hub and add a token below — or use Unsloth's pre-quantized "
+                f"copy `{p.get('unsloth_id')}` on a CUDA GPU (no token)." if p.get("gated") else "")
+        size = f", about {p.get('download_gb')} GB to download" if p.get("download_gb") else ""
+        lines.append(f"**{p.title}** — hub `{p.get('hub_id')}`"
+                     + (f", 4-bit `{p.get('unsloth_id')}`" if p.get("unsloth_id") else "")
+                     + f"; licence: {p.get('licence')}{size}.{gate}")
+    if recipe_key:
+        r = presets.get("recipes", recipe_key)
+        lines.append(f"**Recipe {r.title}** (effective batch {r.get('effective_batch')}): {r.description}")
+    return "\n\n".join(lines)
+
+
+# ---- memory ------------------------------------------------------------------------------------------------------
+
+def chart_frame(plan: memory.CardPlan | None) -> pd.DataFrame:
+    rows = []
+    if plan is not None:
+        for path, e in plan.estimates.items():
+            for k in memory.COMPONENTS:
+                rows.append({"path": PATH_LABELS.get(path, path), "part": memory.COMPONENT_LABELS[k],
+                             "GiB": round(e.components[k], 3)})
+    return pd.DataFrame(rows, columns=["path", "part", "GiB"])
+
+
+def plan_markdown(plan: memory.CardPlan, applied: bool) -> str:
+    if plan.budget_gib is None:
+        return plan.message
+    head = f"**Budget: {plan.budget_gib:g} GiB** for {plan.arch.label()}"
+    lines = [head, "", "| path | fits | max_length | batch | accumulation | effective batch | predicted peak |",
+             "|---|---|---|---|---|---|---|"]
+    for path, f in plan.fits.items():
+        e = f.estimate
+        peak = f"{e.total_gib:.2f} GiB" if e is not None else "–"
+        if f.ok:
+            lines.append(f"| {PATH_LABELS[path]} | yes | {f.seq} | {f.batch} | {f.grad_accum} | {f.effective_batch} | "
+                         f"{peak} |")
+        else:
+            lines.append(f"| {PATH_LABELS[path]} | **no** | – | – | – | – | {peak} |")
+    lines.append("")
+    if plan.path is None:
+        lines.append(f"**Does not fit:** {plan.message}")
+    elif applied:
+        f = plan.fits[plan.path]
+        lines.append(f"Applied for the {PATH_LABELS[plan.path]} path: max_length **{f.seq}**, per-device batch "
+                     f"**{f.batch}**, gradient accumulation **{f.grad_accum}** (effective batch {f.effective_batch}).")
+    for e in plan.estimates.values():
+        lines += [f"> {n}" for n in e.notes]
+    return "\n".join(lines)
+
+
+def preferred_path(cfg, device) -> str | None:
+    """The path backend 'auto' takes on this machine, when it has a GPU; else Unsloth first."""
+    if device.kind != "cuda":
+        return "unsloth"
+    try:
+        return models.choose_backend(cfg, device)
+    except models.ModelLoadError:
+        return None
+
+
+# ---- the tab -----------------------------------------------------------------------------------------------------
+
+def fit_view(studio, device, gpu_key: str, recipe_key: str | None, seq_ceiling, apply: bool = True):
+    """(markdown, chart frame) of auto-fit for the current config on the chosen card; ``apply`` writes the chosen
+    max_length / batch / accumulation into the config."""
+    cfg = studio.config
+    budget, kind = budget_for(gpu_key, device)
+    eff = presets.get("recipes", recipe_key).get("effective_batch") if recipe_key else None
+    try:
+        plan = memory.plan_for_card(cfg, budget, kind, preferred_path(cfg, device),
+                                    seq_ceiling=int(seq_ceiling or memory.DEFAULT_SEQ_CEILING), effective_batch=eff)
+    except (memory.EstimateError, OSError, ValueError) as e:
+        return f"**No estimate:** {e}", chart_frame(None)
+    if apply and plan.changes:
+        studio.update(plan.changes)
+    return plan_markdown(plan, apply), chart_frame(plan)
+
+
+def cache_view():
+    items = hub.cached_models()
+    frame = pd.DataFrame([[m.name, m.kind, m.size_gb, m.path] for m in items],
+                         columns=["model", "kind", "size (GB)", "path"])
+    token_line = " · a Hugging Face token is stored" if hub.has_token() else ""
+    return hub.describe_cache(items) + token_line, frame, gr.update(choices=[m.name for m in items], value=None)
+
+
+def build(studio):
+    device = models.detect_device()
+    start_gpu, start_recipe = default_gpu(device), "standard"
+    start_model = model_choice_for(studio.config.model.name_or_path)
+    first_md, first_chart = fit_view(studio, device, start_gpu, start_recipe, memory.DEFAULT_SEQ_CEILING, apply=False)
+    first_cache_md, first_cache, _ = cache_view()
+
+    gr.Markdown(device_markdown(device), elem_id="device-info")
+    with gr.Row():
+        gpu = gr.Dropdown(gpu_choices(device), value=start_gpu, label="Your card",
+                          info="Sets how the model is loaded and the memory auto-fit plans with.", elem_id="gpu-preset")
+        model_pick = gr.Dropdown(model_choices(), value=start_model, label="Model",
+                                 info="The seed's tiers; gated ones need a licence click and a token.",
+                                 elem_id="model-preset")
+        recipe = gr.Dropdown(recipe_choices(), value=start_recipe, label="KTO recipe",
+                             info="Learning rate, beta and the effective batch.", elem_id="recipe-preset")
+    info = gr.Markdown(preset_info(start_model, start_recipe), elem_id="preset-info")
+    comps = [field_component(studio.config, s, n) for s, n in FIELDS]
+    with gr.Row():
+        ceiling = gr.Number(memory.DEFAULT_SEQ_CEILING, label="Longest sequence to allow (tokens)", precision=0,
+                            minimum=memory.MIN_SEQ, info="Auto-fit picks the longest max_length up to this, then the "
+                            "largest batch.", elem_id="seq-ceiling")
+        fit_btn = gr.Button("Auto-fit to this card", variant="primary", elem_id="autofit")
+    fit_md = gr.Markdown(first_md, elem_id="fit-settings")
+    chart = gr.BarPlot(first_chart, x="path", y="GiB", color="part", title="Predicted peak GPU memory",
+                       y_title="GiB", height=300, elem_id="memory-chart")
+    msg = gr.Markdown(elem_id="model-message")
+
+    with gr.Accordion("Download & model cache", open=False):
+        with gr.Row():
+            dl_btn = gr.Button("Download the model now", elem_id="download")
+            token = gr.Textbox(label="Hugging Face token (for gated models)", type="password", elem_id="hf-token",
+                               placeholder="hf_…  (stored by huggingface_hub's login, never in the studio's files)")
+            token_btn = gr.Button("Save token", elem_id="save-token")
+        dl_md = gr.Markdown(elem_id="download-message")
+        cache_md = gr.Markdown(first_cache_md, elem_id="cache-info")
+        cache_table = gr.Dataframe(first_cache, interactive=False, elem_id="cache-table")
+        with gr.Row():
+            to_delete = gr.Dropdown(list(first_cache["model"]), value=None, label="Delete a cached model",
+                                    elem_id="cache-delete-pick")
+            del_btn = gr.Button("Delete", variant="stop", elem_id="cache-delete")
+
+    def field_values():
+        c = studio.config
+        return [c.model.name_or_path, c.model.backend, c.model.load_in_4bit]
+
+    def model_change(model_key, gpu_key) -> dict:
+        if not model_key or model_key == presets.OTHER_MODEL:
+            return {}
+        _, kind = budget_for(gpu_key, device)
+        source = presets.model_source(presets.get("models", model_key), kind, studio.config.model.load_in_4bit)
+        return {"model.name_or_path": source}
+
+    def on_gpu(gpu_key, model_key, recipe_key, seq_ceiling):
+        card = presets.get("gpu", gpu_key).set if gpu_key != DETECTED else {"model.backend": "auto",
+                                                                             "model.load_in_4bit": True}
+        studio.update(card)
+        studio.update(model_change(model_key, gpu_key))  # 4-bit copy on CUDA, original weights elsewhere
+        md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling)
+        return [md, frame, *field_values()]
+
+    def on_model(model_key, gpu_key, recipe_key, seq_ceiling):
+        studio.update(model_change(model_key, gpu_key))
+        md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling)
+        return [preset_info(model_key, recipe_key), md, frame, *field_values()]
+
+    def on_recipe(recipe_key, model_key, gpu_key, seq_ceiling):
+        studio.update(presets.recipe_changes(studio.config, presets.get("recipes", recipe_key)))
+        md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling)
+        return [preset_info(model_key, recipe_key), md, frame]
+
+    def on_fit(gpu_key, recipe_key, seq_ceiling):
+        return fit_view(studio, device, gpu_key, recipe_key, seq_ceiling)
+
+    def on_fields(*values):
         try:
             cfg = studio.update(collect(FIELDS, values))
-            return f"Model: `{cfg.model.name_or_path}`"
+            return f"Model: `{cfg.model.name_or_path}`", gr.update(value=model_choice_for(cfg.model.name_or_path))
         except ValueError as e:
-            return f"**{e}**"
+            return f"**{e}**", gr.update()
 
+    def on_download(progress=gr.Progress()):
+        name = studio.config.model.name_or_path
+        try:
+            if not _is_hub_id(name):
+                src = models.resolve_source(name)
+                return f"`{name}` is a {src.kind} model: nothing to download.", *cache_view()
+            path = hub.download(name, progress=lambda done, total, m: progress(
+                done / total if total else None, desc=f"{m}: {done / 1e9:.2f} / {total / 1e9:.2f} GB"))
+            return f"Ready: `{name}` in `{path}`", *cache_view()
+        except (hub.HubError, models.ModelLoadError) as e:
+            return f"**{e}**", *cache_view()
+
+    def on_token(value):
+        try:
+            return hub.login(value), ""
+        except hub.HubError as e:
+            return f"**{e}**", ""
+
+    def on_delete(name):
+        if not name:
+            return "Pick a model to delete.", *cache_view()
+        try:
+            freed = hub.delete_cached(name)
+            return f"Deleted `{name}`: {freed / 1e9:.2f} GB freed.", *cache_view()
+        except hub.HubError as e:
+            return f"**{e}**", *cache_view()
+
+    gpu.input(on_gpu, [gpu, model_pick, recipe, ceiling], [fit_md, chart, *comps])
+    model_pick.input(on_model, [model_pick, gpu, recipe, ceiling], [info, fit_md, chart, *comps])
+    recipe.input(on_recipe, [recipe, model_pick, gpu, ceiling], [info, fit_md, chart])
+    fit_btn.click(on_fit, [gpu, recipe, ceiling], [fit_md, chart])
     for c in comps:
-        c.change(apply, comps, msg)
+        c.input(on_fields, comps, [msg, model_pick])
+    dl_btn.click(on_download, None, [dl_md, cache_md, cache_table, to_delete], concurrency_limit=1)
+    token_btn.click(on_token, token, [dl_md, token])
+    del_btn.click(on_delete, to_delete, [dl_md, cache_md, cache_table, to_delete])
+
+
+def _is_hub_id(name: str) -> bool:
+    from pathlib import Path
+
+    from studio.config import BUNDLED_MODEL
+
+    return (name != BUNDLED_MODEL and name.count("/") == 1 and not name.startswith(("/", ".", "~"))
+            and not Path(name).expanduser().exists())

@@ -1,0 +1,48 @@
+"""A hobbyist with an 8 GB card picks a 7B model and sees what the studio will run and how the memory adds up."""
+import re
+
+from tests.browser.conftest import shot
+
+
+def pick(page, elem_id: str, option: str) -> None:
+    """Choose an option of a Gradio dropdown as a user does: open it, click the entry."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option).click()
+
+
+def test_8gb_card_and_a_7b_model_show_the_chosen_settings_and_the_memory_chart(page):
+    page.get_by_role("tab", name="Model & preset").click()
+    pick(page, "gpu-preset", "8 GB card (RTX 3070 / 2070 / 4060)")
+    pick(page, "model-preset", "Mistral-7B-Instruct-v0.3 · 7B · gated")
+
+    settings = page.locator("#fit-settings")
+    settings.get_by_text("Budget: 7.5 GiB").wait_for()
+    text = settings.inner_text()
+    assert "mistral-7b-instruct-v0.3" in text
+    # both 4-bit paths are planned, and the Unsloth path's settings are applied
+    applied = re.search(r"max_length (\d+), per-device batch (\d+), gradient accumulation (\d+)", text)
+    assert applied, text
+    seq, batch, accum = (int(x) for x in applied.groups())
+    assert 512 <= seq <= 4096 and batch >= 2 and batch * accum >= 16
+    assert "Unsloth 4-bit" in text and "bitsandbytes 4-bit" in text
+
+    # the CUDA preset loads Unsloth's pre-quantized copy, so no token is needed
+    assert page.locator("#cfg-model-name_or_path textarea, #cfg-model-name_or_path input").first.input_value() == \
+        "unsloth/mistral-7b-instruct-v0.3-bnb-4bit"
+    assert "Gated" in page.locator("#preset-info").inner_text()
+
+    chart = page.locator("#memory-chart")
+    chart.locator("canvas, svg").first.wait_for()
+    assert chart.get_by_text("Predicted peak GPU memory").is_visible()
+    shot(page, "model-tab-8gb-mistral7b")
+
+
+def test_a_7b_model_that_cannot_fit_the_bitsandbytes_path_says_why(page):
+    page.get_by_role("tab", name="Model & preset").click()
+    pick(page, "gpu-preset", "8 GB card (RTX 3070 / 2070 / 4060)")
+    pick(page, "model-preset", "Llama-3.1-8B-Instruct · 8B · gated")
+    settings = page.locator("#fit-settings")
+    settings.get_by_text("Budget: 7.5 GiB").wait_for()
+    row = [ln for ln in settings.inner_text().splitlines() if "bitsandbytes" in ln]
+    assert row and "no" in row[0], settings.inner_text()
+    assert "Applied for the Unsloth 4-bit path" in settings.inner_text()
