@@ -64,3 +64,5 @@ def test_length_histograms_count_rows_and_draw_max_length():
     assert sum(p.get_height() for p in completion_ax.patches) == 3
     assert "1 over max_length=50" in total_ax.get_title()
     assert [line.get_xdata()[0] for line in total_ax.get_lines()] == [50]
+    far = length_figure(lengths, max_length=4096).axes[2]
+    assert "0 over max_length=4096" in far.get_title() and len(far.get_lines()) == 0

@@ -17,22 +17,25 @@ GOOD, BAD, NEUTRAL, WARN = "#2e9d5b", "#d1495b", "#6c7a89", "#e8a33d"
 
 def length_figure(lengths: TokenLengths, max_length: int | None = None, bins: int = 30) -> Figure:
     """Histograms of prompt, completion and total tokens; max_length drawn on the total, rows beyond it counted."""
-    fig = Figure(figsize=(10, 2.8), layout="constrained")
+    fig = Figure(figsize=(9, 2.8), layout="constrained")
     axes = fig.subplots(1, 3)
     for ax, (name, values, color) in zip(axes, (("prompt", lengths.prompt, NEUTRAL),
                                                 ("completion", lengths.completion, GOOD),
                                                 ("prompt + completion", lengths.total, "#3c6e9f"))):
         if values:
             ax.hist(values, bins=min(bins, max(1, len(set(values)))), color=color)
-        ax.set_title(f"{name} tokens")
+        ax.set_title(name, fontsize=10)
         ax.set_xlabel("tokens")
         ax.set_ylabel("rows")
     if max_length and lengths.total:
         over = sum(1 for t in lengths.total if t > max_length)
         ax = axes[2]
-        ax.axvline(max_length, color=BAD, linestyle="--", linewidth=1.5)
-        ax.set_title(f"prompt + completion tokens ({over} over max_length={max_length})")
-        ax.set_xlim(left=0, right=max(max(lengths.total), max_length) * 1.05)
+        ax.set_title(f"prompt + completion\n{over} over max_length={max_length}", fontsize=10)
+        longest = max(lengths.total)
+        if max_length <= 1.5 * longest:
+            ax.axvline(max_length, color=BAD, linestyle="--", linewidth=1.5)
+            ax.set_xlim(left=0, right=max(longest, max_length) * 1.05)
+        # a limit far beyond every row would squash the histogram into a sliver: leave it to the title
     return fig
 
 

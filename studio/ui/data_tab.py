@@ -1,48 +1,342 @@
-"""Data tab: load a file (or the bundled sample), see what is in it, choose it for training."""
+"""Data tab: load a file, see what is in it, fix it, balance it, save a cleaned copy and train on it.
+
+All the work is done by ``studio.data.workbench.Workbench``; this file only wires it to components.
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from studio import data as data_mod
 from studio.config import SAMPLE_DATA
-from studio.data.normalize import DataError, completion_text
+from studio.data import DataError, resolve
+from studio.data.balance import ratio as weighted_ratio
+from studio.data.balance import suggest_weights
+from studio.data.clean import CleanOptions
+from studio.data.normalize import FIELDS, ColumnError
+from studio.data.plots import gauge_figure, length_figure
+from studio.data.workbench import Workbench, parse_row_numbers
+
+PAGE_SIZE = 25
+TABLE_COLUMNS = ["#", "source row", "label", "prompt", "completion", "tokens", "issues"]
+LABEL_COLUMN = TABLE_COLUMNS.index("label")
+MAX_LISTED = 25
 
 
-def _preview(rows, limit=200) -> pd.DataFrame:
-    def text(v):
-        s = completion_text(v)
-        return s if len(s) < 300 else s[:300] + "…"
+def _numbers(rows: list[int]) -> str:
+    shown = ", ".join(f"#{n}" for n in rows[:MAX_LISTED])
+    return shown + (f" … and {len(rows) - MAX_LISTED} more" if len(rows) > MAX_LISTED else "")
 
-    return pd.DataFrame([{"prompt": text(r["prompt"]), "completion": text(r["completion"]), "label": r["label"]}
-                         for r in rows[:limit]])
+
+def _options(dupes: bool, empty: bool, long: bool) -> CleanOptions:
+    return CleanOptions(drop_duplicates=bool(dupes), drop_empty=bool(empty), drop_over_length=bool(long))
+
+
+# ---- views: plain functions of a Workbench ----------------------------------------------------------------------------
+
+def summary_md(wb: Workbench) -> str:
+    r, n = wb.report, wb.norm
+    shape = {"unpaired": "KTO rows", "messages": "labelled conversations", "paired": "preference pairs",
+             "hh": "Anthropic HH pairs"}.get(n.shape, n.shape)
+    lines = [f"**{wb.name}**: {n.n_records} records ({shape}) → **{r.n_rows} KTO rows**: {r.n_desirable} desirable, "
+             f"{r.n_undesirable} undesirable" + (f", {r.n_unlabeled} without a usable label" if r.n_unlabeled else "")]
+    lines += [f"- {c}" for c in n.conversions]
+    if wb.edits:
+        lines.append(f"- {wb.edits} labels changed by you")
+    lines.append("\n_Your file is only read. Nothing is used for training until you save the cleaned copy below._")
+    return "\n".join(lines)
+
+
+def problems_md(wb: Workbench) -> str:
+    items = []
+    unlabeled = [i + 1 for i, row in enumerate(wb.rows) if row["label"] is None]
+    if unlabeled:
+        items.append(f"- **No usable label** ({len(unlabeled)}): {_numbers(unlabeled)}. Labels must be true/false, "
+                     "yes/no, 1/0, good/bad, desirable/undesirable or 👍/👎; the studio does not guess. Type one into "
+                     "the table's label column, or these rows are left out.")
+    for p in wb.report.problems():
+        items.append(f"- **{p['kind'].replace('_', ' ')}** ({p['count']}): {p['message']}. Rows {_numbers(p['rows'])}")
+    if wb.report.n_desirable == 0 or wb.report.n_undesirable == 0:
+        items.append("- **One label only**: " + suggest_weights(wb.report.n_desirable, wb.report.n_undesirable).note)
+    return ("### Problems found\n" + "\n".join(items)) if items else "### Problems found\nNone."
+
+
+def lengths_md(wb: Workbench) -> str:
+    if wb.lengths is None:
+        return f"Token lengths not measured: {wb.tokenizer_note}" if wb.tokenizer_note else ""
+    st = wb.lengths.stats()
+    rows = ["| tokens | min | median | 95% | max |", "|---|---|---|---|---|"]
+    for name in ("prompt", "completion", "total"):
+        if name in st:
+            s = st[name]
+            rows.append(f"| {name} | {s['min']} | {s['median']} | {s['p95']} | {s['max']} |")
+    r = wb.report
+    rows.append("")
+    if r.max_length:
+        rows.append(f"With max_length = {r.max_length}: **{len(r.truncated)}** rows would be truncated, "
+                    f"**{len(r.dropped)}** dropped by the trainer (prompt alone too long).")
+    rows.append(f"Chat-template / tokenization mismatches: **{len(r.mismatched)}**. (Measured with "
+                f"{wb.length_model}'s tokenizer.)")
+    return "\n".join(rows)
+
+
+def label_frame(wb: Workbench, options: CleanOptions) -> pd.DataFrame:
+    keep, _ = wb.kept(options)
+    kept_ids = {id(r) for r in keep}
+    counts: dict[tuple[str, str], int] = {}
+    for row in wb.rows:
+        label = {True: "desirable", False: "undesirable", None: "no label"}[row["label"]]
+        stage = "kept" if id(row) in kept_ids else "dropped by filters"
+        counts[(label, stage)] = counts.get((label, stage), 0) + 1
+    return pd.DataFrame([{"label": k[0], "rows": v, "stage": k[1]} for k, v in sorted(counts.items())],
+                        columns=["label", "rows", "stage"])
+
+
+def table_frame(wb: Workbench, page: int, only_issues: bool) -> tuple[pd.DataFrame, int, str]:
+    rows, page, pages = wb.table(page, PAGE_SIZE, only_issues)
+    df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    df["tokens"] = df["tokens"].astype("object").where(df["tokens"].notna(), "")
+    return df, page, f"page {page} of {pages}"
+
+
+def balance_md(wb: Workbench, options: CleanOptions, wd: float, wu: float) -> str:
+    nd, nu = wb.counts(options)
+    s = suggest_weights(nd, nu)
+    r = weighted_ratio(nd, nu, wd, wu)
+    head = (f"After the filters: **{nd} desirable, {nu} undesirable**. Suggested: desirable_weight = "
+            f"{s.desirable_weight}, undesirable_weight = {s.undesirable_weight}. ")
+    if r is None:
+        return head + s.note
+    verdict = "in the KTO range [1, 4/3]" if 1 - 1e-9 <= r <= 4 / 3 + 1e-9 else "**outside** the KTO range [1, 4/3]"
+    return head + f"With your weights ({wd} / {wu}) the ratio is {r:.2f}, {verdict}."
 
 
 def build(studio):
+    wb_state = gr.State(None)
+    gr.Markdown("Load your data: KTO rows (prompt / completion / label), preference pairs (prompt / chosen / "
+                "rejected), Anthropic HH transcripts or labelled conversations, as JSONL, JSON, CSV/TSV, Parquet, a "
+                "saved `datasets` folder or a hub dataset id. The studio converts it, shows what is in it and "
+                "saves a cleaned copy in its own data folder.")
     with gr.Row():
-        upload = gr.File(label="Upload a data file (JSONL, JSON, CSV/TSV, Parquet)", file_count="single",
-                         elem_id="data-upload")
+        upload = gr.File(label="Upload a data file", file_count="single", elem_id="data-upload")
         with gr.Column():
-            path = gr.Textbox(label="…or a path / hub dataset id", value=studio.config.data.train_file,
+            path = gr.Textbox(label="…or a path / hub dataset id", value=lambda: studio.config.data.train_file,
                               info=f"'{SAMPLE_DATA}' is the small example set that ships with the studio.",
                               elem_id="data-path")
             load_btn = gr.Button("Load", variant="primary", elem_id="data-load")
+    with gr.Accordion("Column mapping", open=False, elem_id="data-mapping") as map_box:
+        gr.Markdown("When the columns can't be told apart, say which of your columns holds what. Leave a field "
+                    "empty when your file has no such column.")
+        with gr.Row():
+            map_dd = [gr.Dropdown(choices=[""], value="", label=f, allow_custom_value=True,
+                                  elem_id=f"data-map-{f}") for f in FIELDS]
+        map_btn = gr.Button("Load with this mapping", elem_id="data-map-apply")
     summary = gr.Markdown(elem_id="data-summary")
-    table = gr.Dataframe(label="Rows (first 200)", interactive=False, wrap=True, elem_id="data-table")
+    problems = gr.Markdown(elem_id="data-problems")
 
-    def load(file, source):
+    gr.Markdown("### Inspect")
+    with gr.Row():
+        model_box = gr.Textbox(label="Measure tokens with the model", value=lambda: studio.config.model.name_or_path,
+                               info="The chat template and tokenizer of the model you will train.",
+                               elem_id="data-model")
+        max_len = gr.Number(label="max_length (tokens)", value=lambda: studio.config.kto.max_length, precision=0,
+                            minimum=16, info="From the run config (Model & preset tab); try other values here.",
+                            elem_id="data-max-length")
+        measure_btn = gr.Button("Measure token lengths", elem_id="data-measure")
+    with gr.Row():
+        label_plot = gr.BarPlot(x="label", y="rows", color="stage", title="Rows per label",
+                                color_map={"kept": "#2e9d5b", "dropped by filters": "#d1495b"},
+                                elem_id="data-label-plot", scale=1)
+        length_plot = gr.Plot(label="Token lengths", elem_id="data-length-plot", scale=3)
+    lengths = gr.Markdown(elem_id="data-lengths")
+
+    gr.Markdown("### Rows\nEdit a **label** cell (desirable / undesirable, yes / no, 👍 / 👎 …) to relabel a row.")
+    with gr.Row():
+        only_issues = gr.Checkbox(False, label="Only rows with issues", elem_id="data-only-issues")
+        prev_btn = gr.Button("◀ Previous", size="sm", elem_id="data-prev")
+        page = gr.Number(value=1, precision=0, label="Page", minimum=1, elem_id="data-page")
+        next_btn = gr.Button("Next ▶", size="sm", elem_id="data-next")
+        page_info = gr.Markdown(elem_id="data-page-info")
+    table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=True, wrap=True, max_height=600,
+                         static_columns=[i for i in range(len(TABLE_COLUMNS)) if i != LABEL_COLUMN],
+                         elem_id="data-table")
+    with gr.Row():
+        flip_rows = gr.Textbox(label="Flip the label of rows (#)", placeholder="3, 7-9", elem_id="data-flip-rows")
+        flip_btn = gr.Button("Flip labels", elem_id="data-flip")
+
+    gr.Markdown("### Fix and balance")
+    with gr.Row():
+        drop_dupes = gr.Checkbox(True, label="Drop duplicates (and rows labelled both ways)", elem_id="data-drop-dupes")
+        drop_empty = gr.Checkbox(True, label="Drop empty completions", elem_id="data-drop-empty")
+        drop_long = gr.Checkbox(False, label="Drop rows over max_length (else truncated)", elem_id="data-drop-long")
+    with gr.Row():
+        eval_frac = gr.Slider(0.0, 0.5, step=0.05, value=lambda: studio.config.data.eval_fraction,
+                              label="Hold out for evaluation", elem_id="data-eval-fraction")
+        seed = gr.Number(value=lambda: studio.config.train.seed, precision=0, label="Split seed", elem_id="data-seed")
+    with gr.Row():
+        auto_w = gr.Checkbox(True, label="Use the suggested weights", elem_id="data-auto-weights")
+        wd = gr.Number(value=lambda: studio.config.kto.desirable_weight, label="desirable_weight", minimum=0.001,
+                       elem_id="data-desirable-weight")
+        wu = gr.Number(value=lambda: studio.config.kto.undesirable_weight, label="undesirable_weight",
+                       minimum=0.001, elem_id="data-undesirable-weight")
+    with gr.Row():
+        gauge = gr.Plot(label="Balance", elem_id="data-gauge", scale=2)
+        balance = gr.Markdown(elem_id="data-balance")
+    save_btn = gr.Button("Save cleaned copy and train on it", variant="primary", elem_id="data-save")
+    saved = gr.Markdown(elem_id="data-saved")
+
+    filters = [drop_dupes, drop_empty, drop_long]
+    view_out = [summary, problems, label_plot, length_plot, lengths, table, page, page_info, wd, wu, gauge, balance]
+
+    def view(wb, pg, issues_only, dupes, empty, long, auto, w_d, w_u, new_lengths=False):
+        """Every view of ``wb``; the histogram figure only when the lengths were (re)measured (it is the slow one)."""
+        if wb is None:
+            return [gr.update()] * len(view_out)
+        opts = _options(dupes, empty, long)
+        if auto:
+            s = wb.balance(opts)
+            w_d, w_u = s.desirable_weight, s.undesirable_weight
+        df, pg, info = table_frame(wb, pg, issues_only)
+        nd, nu = wb.counts(opts)
+        fig = (length_figure(wb.lengths, wb.max_length) if wb.lengths else None) if new_lengths else gr.update()
+        return [summary_md(wb), problems_md(wb), label_frame(wb, opts), fig, lengths_md(wb), df, pg, info, w_d, w_u,
+                gauge_figure(weighted_ratio(nd, nu, w_d, w_u)), balance_md(wb, opts, w_d, w_u)]
+
+    view_in = [page, only_issues, *filters, auto_w, wd, wu]
+
+    def load(file, source, model, max_length, *rest, progress=gr.Progress()):
+        mapping_values, view_args = rest[:len(FIELDS)], rest[len(FIELDS):]
+        mapping = {theirs: ours for ours, theirs in zip(FIELDS, mapping_values) if theirs}
         src = file if file else (source or SAMPLE_DATA)
+        name = Path(file).name if file else Path(resolve(src)).name
+        map_updates = [gr.update()] * len(FIELDS)
         try:
-            norm = data_mod.load_kto(src)
+            progress(0, desc="reading")
+            wb = Workbench.load(src, name=name, mapping=mapping or None)
+        except ColumnError as e:
+            choices = [""] + list(e.columns)
+            map_updates = [gr.update(choices=choices, value=v if v in choices else "") for v in mapping_values]
+            return [None, f"**Cannot use this data:** {e}", gr.update(open=True), *map_updates,
+                    *_cleared(len(view_out) - 1)]
         except DataError as e:
-            return f"**Cannot use this data:** {e}", None, gr.update()
-        n_pos = sum(r["label"] for r in norm.rows)
-        n_neg = len(norm.rows) - n_pos
-        studio.update({"data.train_file": src})
-        conv = "".join(f"\n- {c}" for c in norm.conversions)
-        msg = (f"**{len(norm.rows)} KTO rows**: {n_pos} desirable, {n_neg} undesirable. "
-               f"Selected for training.{conv}")
-        return msg, _preview(norm.rows), src
+            return [None, f"**Cannot use this data:** {e}", gr.update(), *map_updates, *_cleared(len(view_out) - 1)]
+        choices = [""] + wb.norm.columns
+        ours_to_theirs = {ours: theirs for theirs, ours in wb.norm.mapping.items()}
+        map_updates = [gr.update(choices=choices, value=ours_to_theirs.get(f, f if f in wb.norm.columns else ""))
+                       for f in FIELDS]
+        _measure(wb, model, max_length, progress)
+        out = view(wb, 1, *view_args, new_lengths=True)
+        return [wb, out[0], gr.update(), *map_updates, *out[1:]]
 
-    load_btn.click(load, [upload, path], [summary, table, path])
-    upload.upload(load, [upload, path], [summary, table, path])
+    def _cleared(n):
+        # summary carries the error; the rest is emptied so nothing stale from an earlier file is shown
+        return [gr.update(value="")] + [None] * 4 + [1, ""] + [gr.update()] * 2 + [None, ""]
+
+    def _measure(wb, model, max_length, progress=None):
+        ml = int(max_length) if max_length else None
+        model = model or studio.config.model.name_or_path
+        if progress:
+            progress(0, desc=f"loading the tokenizer of {model}")
+        wb.measure(model, ml, (lambda f, msg: progress(f, desc=msg)) if progress else None)
+
+    load_out = [wb_state, summary, map_box, *map_dd, *view_out[1:]]
+    load_in = [upload, path, model_box, max_len, *map_dd, *view_in[1:]]
+
+    load_btn.click(load, load_in, load_out)
+    map_btn.click(load, load_in, load_out)
+    upload.upload(load, load_in, load_out)
+
+    def measure(wb, model, max_length, *args, progress=gr.Progress()):
+        if wb is None:
+            return [gr.update()] * len(view_out)
+        _measure(wb, model, max_length, progress)
+        return view(wb, *args, new_lengths=True)
+
+    measure_btn.click(measure, [wb_state, model_box, max_len, *view_in], view_out)
+    max_len.submit(measure, [wb_state, model_box, max_len, *view_in], view_out)  # lengths are kept: only the limit
+    model_box.submit(measure, [wb_state, model_box, max_len, *view_in], view_out)
+
+    def refresh(wb, *args):
+        return view(wb, *args)
+
+    for comp in (only_issues, *filters, auto_w):
+        comp.input(refresh, [wb_state, *view_in], view_out)
+    page.submit(refresh, [wb_state, *view_in], view_out)
+
+    def step(delta):
+        def go(wb, pg, *args):
+            return view(wb, int(pg or 1) + delta, *args)
+
+        return go
+
+    prev_btn.click(step(-1), [wb_state, *view_in], view_out)
+    next_btn.click(step(+1), [wb_state, *view_in], view_out)
+
+    def own_weights(wb, *args):
+        # typing a weight means the user overrides the suggestion
+        args = list(args)
+        args[-3] = False
+        return [False, *view(wb, *args)]
+
+    for w in (wd, wu):
+        w.input(own_weights, [wb_state, *view_in], [auto_w, *view_out])
+
+    def edit_labels(wb, df, *args):
+        if wb is None or df is None:
+            return [gr.update(), *[gr.update()] * len(view_out)]
+        errors = []
+        for _, row in df.iterrows():
+            try:
+                num = int(row["#"])
+            except (TypeError, ValueError):
+                continue
+            if not 1 <= num <= len(wb.rows):
+                continue
+            value = str(row["label"]).strip()
+            current = wb.rows[num - 1]["label"]
+            if value.startswith("?") and current is None:
+                continue
+            try:
+                wb.set_label(num, value)
+            except DataError as e:
+                errors.append(str(e))
+        if errors:
+            gr.Warning("; ".join(errors[:3]))
+        return [wb, *view(wb, *args)]
+
+    table.input(edit_labels, [wb_state, table, *view_in], [wb_state, *view_out])
+
+    def flip(wb, text, *args):
+        if wb is None:
+            gr.Warning("Load data first.")
+            return [gr.update(), gr.update(), *[gr.update()] * len(view_out)]
+        try:
+            nums = parse_row_numbers(text or "", len(wb.rows))
+        except DataError as e:
+            gr.Warning(str(e))
+            return [gr.update(), gr.update(), *[gr.update()] * len(view_out)]
+        n = wb.flip(nums)
+        gr.Info(f"Flipped {n} label{'' if n == 1 else 's'}.")
+        return [wb, "", *view(wb, *args)]
+
+    flip_btn.click(flip, [wb_state, flip_rows, *view_in], [wb_state, flip_rows, *view_out])
+
+    def save(wb, dupes, empty, long, frac, split_seed, w_d, w_u):
+        if wb is None:
+            return "Load data first."
+        if not w_d or not w_u or w_d <= 0 or w_u <= 0:
+            return "**Not saved:** both weights must be greater than 0."
+        try:
+            s = wb.save(_options(dupes, empty, long), float(frac or 0), int(split_seed or 0), (float(w_d), float(w_u)))
+            cfg = studio.update({"data.train_file": s["train_file"], "data.eval_file": s["eval_file"],
+                                 "data.eval_fraction": 0.0, "kto.desirable_weight": float(w_d),
+                                 "kto.undesirable_weight": float(w_u)})
+        except (DataError, ValueError) as e:
+            return f"**Not saved:** {e}"
+        ev = f" and {s['eval_rows']} eval rows to `{s['eval_file']}`" if s["eval_file"] else ""
+        return (f"**Saved {s['train_rows']} rows** to `{s['train_file']}`{ev} (your file is unchanged). The run "
+                f"config now trains on it with desirable_weight = {cfg.kto.desirable_weight}, undesirable_weight = "
+                f"{cfg.kto.undesirable_weight}.")
+
+    save_btn.click(save, [wb_state, *filters, eval_frac, seed, wd, wu], saved)
