@@ -77,8 +77,10 @@ class KTOSettings(_Section):
     max_length: int = Field(
         1024, ge=16, description="Longest prompt+completion in tokens; longer rows are truncated. Drives memory."
     )
-    precompute_ref_log_probs: bool = Field(
-        False, description="Compute the reference model's log-probs once before training (saves a forward per step)."
+    precompute_ref_log_probs: bool | Literal["auto"] = Field(
+        "auto",
+        description="Compute the frozen reference model's log-probs once before training instead of two extra "
+        "forward passes per row per step. 'auto': on when the run visits (nearly) every row.",
     )
 
 
@@ -144,6 +146,11 @@ class DataSettings(_Section):
         0.0, ge=0.0, lt=0.9, description="Without an eval file, hold out this fraction of the training rows."
     )
     shuffle: bool = Field(True, description="Shuffle rows before training (TRL's KTO trainer never does).")
+    length_grouping: bool = Field(
+        True,
+        description="Batch rows of similar length together (less padding, faster), in random batch order. "
+        "Whole batches are moved, so KTO's in-batch KL pairing stays valid.",
+    )
 
 
 class RunConfig(_Section):
@@ -247,6 +254,8 @@ class RunConfig(_Section):
             disable_tqdm=True,  # front ends draw their own progress from the engine's events
         )
         kw.update(overrides)
+        if kw["precompute_ref_log_probs"] == "auto":  # the engine resolves 'auto' from the data (studio/speed.py)
+            kw["precompute_ref_log_probs"] = False
         return KTOConfig(**kw)
 
 

@@ -4,8 +4,11 @@ Any front end (the Gradio Train tab, the CLI's progress bar, tests) starts a job
 ``Engine.events(since)``. Events are plain dicts with a ``type``:
 
 - ``status``: a phase message ("loading model", "training", ...);
+- ``started``: the job was accepted (emitted by ``start``, before the thread runs), with resume_from;
 - ``metrics``: one logged step: step, max_steps, epoch, loss, rewards/chosen, rewards/rejected, rewards/margins, kl,
-  learning_rate, tokens_per_s, elapsed_s, eta_s, gpu_mem_gib;
+  learning_rate, tokens_per_s, elapsed_s, eta_s, and memory: gpu_mem_gib (peak allocated), gpu_reserved_gib
+  (held from the card), gpu_total_gib (the card), ram_gib / ram_total_gib (this process / the machine);
+- ``checkpoint``: a resumable checkpoint was saved: step, path;
 - ``error``: what went wrong and a plain-words fix; the job ends, the process stays up;
 - ``done``: the job ended (finished or stopped), with the adapter path.
 
@@ -89,6 +92,11 @@ def explain_error(exc: BaseException, cfg: RunConfig | None = None) -> str:
         return str(exc)
     if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
         return f"The disk is full ({exc.filename or 'while saving'}): free some space, then resume the run."
+    text = str(exc)
+    # safetensors and torch.save report a full disk in their own words, not as OSError 28
+    if any(s in text for s in ("No space left on device", "StorageFull", "file write failed")):
+        return ("The disk filled up while saving: free some space (or delete old runs' files in the run history), "
+                "then resume the run from its latest checkpoint.")
     return f"{type(exc).__name__}: {exc}. The full traceback is in the run folder's error.log."
 
 
@@ -110,8 +118,12 @@ class Engine:
                 resume_from = latest_checkpoint(cfg.run_dir())
                 if resume_from is None:
                     raise ConfigError(f"run '{cfg.name}' has no saved checkpoint to resume from")
+            elif resume_from is not None and not (Path(resume_from) / "trainer_state.json").is_file():
+                raise ConfigError(f"{resume_from} is not a saved checkpoint (no trainer_state.json): pick one of "
+                                  f"the run's checkpoint-N folders")
             job = Job(id=uuid.uuid4().hex[:12], config=cfg, resume_from=resume_from)
             self.job = job
+            self._emit(job, "started", resume_from=resume_from, run_dir=str(cfg.run_dir()))
             job.thread = threading.Thread(target=self._run, args=(job,), name=f"kto-{job.id}", daemon=True)
             job.thread.start()
             return job
@@ -162,6 +174,8 @@ class Engine:
             job.run_dir.mkdir(parents=True, exist_ok=True)
             if _is_main_process():
                 cfg.save(job.run_dir / CONFIG_FILE)
+            if job.resume_from:
+                _forget_metrics_after(job.run_dir, _checkpoint_step(job.resume_from))
             self._emit(job, "status", message=f"Run folder: {job.run_dir}")
             trainer = self._build(job)
             if trainer is None:  # stopped while loading
@@ -195,7 +209,7 @@ class Engine:
 
     def _build(self, job: Job):
         from studio import data as data_mod
-        from studio import logprob, models
+        from studio import logprob, models, speed
 
         cfg = job.config
         _quiet_libraries()
@@ -209,6 +223,16 @@ class Engine:
         self._emit(job, "status", message=f"{len(td.train)} training rows ({td.n_desirable} desirable, "
                                           f"{td.n_undesirable} undesirable)" + (f"; {len(td.eval)} eval rows" if td.eval is not None else ""),
                    n_train=len(td.train), n_desirable=td.n_desirable, n_undesirable=td.n_undesirable)
+        if cfg.data.length_grouping:
+            td.train = speed.group_by_length(td.train, cfg.train.per_device_train_batch_size, cfg.train.seed)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        precompute = speed.should_precompute_ref(
+            cfg.kto.precompute_ref_log_probs, len(td.train), cfg.train.max_steps,
+            cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * world,
+            cfg.train.num_train_epochs)
+        self._emit(job, "status", message="Speed-ups: " + ", ".join(
+            (["length-grouped batches"] if cfg.data.length_grouping else [])
+            + (["reference log-probs computed once before training"] if precompute else [])) or "Speed-ups: none")
         if job.stop_requested:
             return None
         loaded = models.load_for_training(cfg, device, progress=lambda m: self._emit(job, "status", message=m))
@@ -223,7 +247,8 @@ class Engine:
         kto_args = cfg.to_kto_config(device=device.kind, bf16=bf16, fp16=fp16, bnb=device.bitsandbytes,
                                      do_eval=td.eval is not None,
                                      eval_strategy="steps" if td.eval is not None else "no",
-                                     eval_steps=cfg.train.save_steps if td.eval is not None else None)
+                                     eval_steps=cfg.train.save_steps if td.eval is not None else None,
+                                     precompute_ref_log_probs=precompute)
         if backend == "unsloth":
             # Unsloth's own checkpointing is already on; TRL must not wrap the model a second time
             kto_args.gradient_checkpointing = False
@@ -248,6 +273,11 @@ def _make_callback(engine: Engine, job: Job):
             engine._emit(job, "progress", step=state.global_step, max_steps=state.max_steps,
                          epoch=state.epoch or 0.0, elapsed_s=0.0, eta_s=None)
 
+        def on_save(self, args, state, control, **kw):
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if path.is_dir():
+                engine._emit(job, "checkpoint", step=state.global_step, path=str(path))
+
         def on_step_end(self, args, state, control, **kw):
             if job.stop_requested:
                 control.should_save = True
@@ -271,7 +301,7 @@ def _make_callback(engine: Engine, job: Job):
             done_steps = state.global_step - self.start_step
             eta = (state.max_steps - state.global_step) * elapsed / done_steps if done_steps > 0 else None
             event.update(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0,
-                         elapsed_s=elapsed, eta_s=eta, gpu_mem_gib=_gpu_mem_gib())
+                         elapsed_s=elapsed, eta_s=eta, **memory_use())
             engine._emit(job, "metrics", **event)
 
     return EngineCallback()
@@ -291,12 +321,28 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _gpu_mem_gib() -> float | None:
+def memory_use() -> dict[str, float | None]:
+    """Memory now, in GiB: on CUDA the peak allocated by tensors (gpu_mem_gib), what the process holds from the
+    card (gpu_reserved_gib: what other programs cannot use) and the card's size; on every device the process's
+    RAM and the machine's."""
     import torch
 
+    out: dict[str, float | None] = {"gpu_mem_gib": None, "gpu_reserved_gib": None, "gpu_total_gib": None,
+                                    "ram_gib": None, "ram_total_gib": None}
     if torch.cuda.is_available():
-        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    return None
+        gib = 2**30
+        out.update(gpu_mem_gib=round(torch.cuda.max_memory_allocated() / gib, 3),
+                   gpu_reserved_gib=round(torch.cuda.memory_reserved() / gib, 3),
+                   gpu_total_gib=round(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+                                       / gib, 3))
+    try:
+        import psutil
+
+        out.update(ram_gib=round(psutil.Process().memory_info().rss / 2**30, 3),
+                   ram_total_gib=round(psutil.virtual_memory().total / 2**30, 3))
+    except Exception:  # psutil is optional here; the plots simply lack RAM
+        pass
+    return out
 
 
 def _free_memory() -> None:
@@ -320,6 +366,29 @@ def latest_checkpoint(run_dir: str | Path) -> str | None:
     if not ckpts:
         return None
     return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1])))
+
+
+def _checkpoint_step(path: str | Path) -> int | None:
+    tail = Path(path).name.rsplit("-", 1)[-1]
+    return int(tail) if Path(path).name.startswith("checkpoint-") and tail.isdigit() else None
+
+
+def _forget_metrics_after(run_dir: Path, step: int | None) -> None:
+    """Resuming from an earlier checkpoint replays the steps after it: drop their old log lines first, so
+    metrics.jsonl stays one line per step."""
+    f = run_dir / METRICS_FILE
+    if step is None or not f.is_file():
+        return
+    kept = [line for line in f.read_text(encoding="utf-8").splitlines()
+            if _line_step(line) is None or _line_step(line) <= step]
+    f.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _line_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line).get("step"))
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -290,6 +290,7 @@ def _load_transformers(cfg: RunConfig, source: ModelSource, dtype, backend: str,
         model.enable_input_require_grads()
     model.config.use_cache = False
     lora = cfg.to_lora_config(lora_targets(model, cfg.lora.target_modules))
+    torch.manual_seed(cfg.train.seed)  # the same seed gives the same LoRA initialisation
     model = get_peft_model(model, lora)
     del torch
     return model, tok

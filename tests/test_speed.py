@@ -1,0 +1,77 @@
+"""Speed-ups keep the numbers: precomputed reference log-probs and length-grouped batches change cost, not results."""
+import random
+
+import pytest
+
+from studio import speed
+from studio.engine import Engine
+from tests.conftest import tiny_run_config
+
+
+def test_length_grouping_is_a_permutation_of_whole_blocks_with_less_padding():
+    rnd = random.Random(0)
+    lengths = [rnd.randint(10, 2000) for _ in range(203)]
+    order = speed.length_grouped_order(lengths, batch_size=4, seed=3)
+    assert sorted(order) == list(range(203))
+    assert order == speed.length_grouped_order(lengths, batch_size=4, seed=3)  # seeded
+    assert order != speed.length_grouped_order(lengths, batch_size=4, seed=4)
+    grouped = speed.padding_fraction([lengths[i] for i in order], 4)
+    plain = speed.padding_fraction(lengths, 4)
+    assert grouped < plain / 3, (grouped, plain)
+
+
+def test_grouped_batches_keep_trl_kl_pairs_inside_each_batch(tmp_path, bundled_model_dir):
+    """TRL builds KL completions by rotating inside consecutive blocks; after grouping, every KL completion of a
+    batch is still a completion of that same batch (paired with another prompt)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    from studio import data as data_mod, logprob, models
+
+    cfg = tiny_run_config(tmp_path, **{"data.length_grouping": True})
+    td = data_mod.prepare_training(cfg)
+    grouped = speed.group_by_length(td.train, 4, seed=1)
+    assert isinstance(grouped, Dataset) and len(grouped) == len(td.train)
+    loaded = models.load_for_training(cfg)
+    logprob.install_fallback(force=True)
+    args = cfg.to_kto_config(device="cpu", per_device_train_batch_size=4)
+    trainer = KTOTrainer(model=loaded.model, args=args, train_dataset=grouped, processing_class=loaded.tokenizer)
+    ds = trainer.train_dataset
+    for s in range(0, len(ds) - len(ds) % 4, 4):
+        block = ds[s:s + 4]
+        completions = sorted(map(tuple, block["completion_ids"]))
+        kl = sorted(map(tuple, block["KL_completion_ids"]))
+        assert completions == kl
+        # and each row's KL completion is another row's (the rotation), not its own
+        assert all(a != b for a, b in zip(block["completion_ids"], block["KL_completion_ids"])) or \
+            len(set(map(tuple, block["completion_ids"]))) < 4
+
+
+def _run(tmp_path, name, **changes):
+    cfg = tiny_run_config(tmp_path, **{"output_dir": str(tmp_path / name), "train.max_steps": 2,
+                                       "data.length_grouping": False, **changes})
+    engine = Engine()
+    job = engine.start(cfg)
+    engine.wait(600)
+    assert job.state == "finished", job.error
+    return [m for m in job.metrics() if "loss" in m]
+
+
+def test_precomputed_reference_log_probs_give_the_same_losses_and_rewards(tmp_path, bundled_model_dir):
+    plain = _run(tmp_path, "plain", **{"kto.precompute_ref_log_probs": False})
+    pre = _run(tmp_path, "pre", **{"kto.precompute_ref_log_probs": True})
+    assert len(plain) == len(pre) == 2
+    for a, b in zip(plain, pre):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "kl", "logps/chosen", "logps/rejected"):
+            if key in a or key in b:
+                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (a["step"], key, a[key], b[key])
+    # step 2 runs after an optimizer update: the policy moved, so rewards are no longer all zero
+    assert any(abs(pre[1].get(k, 0.0)) > 0 for k in ("rewards/chosen", "rewards/rejected"))
+
+
+def test_auto_precompute_only_when_the_run_visits_the_data():
+    assert speed.should_precompute_ref("auto", n_rows=1000, max_steps=-1, rows_per_step=16, epochs=1)
+    assert not speed.should_precompute_ref("auto", n_rows=1000, max_steps=3, rows_per_step=16, epochs=1)
+    assert speed.should_precompute_ref(True, n_rows=1000, max_steps=3, rows_per_step=16, epochs=1)
+    assert not speed.should_precompute_ref(False, n_rows=10, max_steps=-1, rows_per_step=16, epochs=2)
