@@ -221,6 +221,9 @@ def build(studio):
                     *_cleared(len(view_out) - 1)]
         except DataError as e:
             return [None, f"**Cannot use this data:** {e}", gr.update(), *map_updates, *_cleared(len(view_out) - 1)]
+        except Exception as e:  # a reader we don't know failing: say so, keep the app up
+            return [None, f"**Cannot use this data:** {type(e).__name__}: {e}", gr.update(), *map_updates,
+                    *_cleared(len(view_out) - 1)]
         choices = [""] + wb.norm.columns
         ours_to_theirs = {ours: theirs for theirs, ours in wb.norm.mapping.items()}
         map_updates = [gr.update(choices=choices, value=ours_to_theirs.get(f, f if f in wb.norm.columns else ""))

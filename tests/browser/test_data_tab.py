@@ -25,6 +25,14 @@ def test_upload_pairs_see_them_converted_and_balanced_then_save(page, studio_ser
     original = src.read_bytes()
 
     page.get_by_role("tab", name="Data").click()
+    # a file cut off mid-download first: a message, and the tab keeps working
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(original[:-25])
+    page.locator("#data-upload input[type=file]").set_input_files(str(cut))
+    expect(page.locator("#data-summary")).to_contain_text("cut.jsonl line 8 is not valid JSON", timeout=60_000)
+    expect(page.locator("#data-summary")).to_contain_text("the file may be truncated")
+
+    page.locator("#data-upload button[aria-label='Clear']").click()
     page.locator("#data-upload input[type=file]").set_input_files(str(src))
 
     # converted: 8 pairs -> 16 unpaired KTO rows, with the problems listed by row
