@@ -5,8 +5,6 @@ while a server runs for days.
 """
 from __future__ import annotations
 
-import math
-
 from matplotlib.figure import Figure
 
 from studio.data.balance import HIGH, LOW
@@ -73,9 +71,3 @@ def marker_position(fig: Figure) -> float | None:
         if len(x):
             return float(x[0])
     return None
-
-
-def nice_ratio(ratio: float | None) -> str:
-    if ratio is None or math.isinf(ratio):
-        return "undefined"
-    return f"{ratio:.2f}"

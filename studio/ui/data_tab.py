@@ -218,12 +218,12 @@ def build(studio):
             choices = [""] + list(e.columns)
             map_updates = [gr.update(choices=choices, value=v if v in choices else "") for v in mapping_values]
             return [None, f"**Cannot use this data:** {e}", gr.update(open=True), *map_updates,
-                    *_cleared(len(view_out) - 1)]
+                    *_cleared()]
         except DataError as e:
-            return [None, f"**Cannot use this data:** {e}", gr.update(), *map_updates, *_cleared(len(view_out) - 1)]
+            return [None, f"**Cannot use this data:** {e}", gr.update(), *map_updates, *_cleared()]
         except Exception as e:  # a reader we don't know failing: say so, keep the app up
             return [None, f"**Cannot use this data:** {type(e).__name__}: {e}", gr.update(), *map_updates,
-                    *_cleared(len(view_out) - 1)]
+                    *_cleared()]
         choices = [""] + wb.norm.columns
         ours_to_theirs = {ours: theirs for theirs, ours in wb.norm.mapping.items()}
         map_updates = [gr.update(choices=choices, value=ours_to_theirs.get(f, f if f in wb.norm.columns else ""))
@@ -232,7 +232,7 @@ def build(studio):
         out = view(wb, 1, *view_args, new_lengths=True)
         return [wb, out[0], gr.update(), *map_updates, *out[1:]]
 
-    def _cleared(n):
+    def _cleared():
         # summary carries the error; the rest is emptied so nothing stale from an earlier file is shown
         return [gr.update(value="")] + [None] * 4 + [1, ""] + [gr.update()] * 2 + [None, ""]
 
