@@ -356,7 +356,8 @@ def auto_fit(arch: Arch, path: str, budget_gib: float, *, seq: int | None = None
              settings: Settings | None = None, headroom: float = DEFAULT_HEADROOM) -> Fit:
     """The largest sequence length (up to ``seq_ceiling``, or exactly ``seq``) that fits with the minimum KTO batch
     of 2, then the largest per-device batch (up to ``effective_batch``) that still fits at that length; gradient
-    accumulation makes up the effective batch. Fits means: ``safe_total`` <= budget x (1 - headroom)."""
+    accumulation makes up the effective batch, with as few steps as that batch allows (the batch is then trimmed to
+    the smallest that reaches the effective batch in those steps). Fits: ``safe_total`` <= budget x (1 - headroom)."""
     base = settings or Settings()
     limit = usable(budget_gib, headroom)
 
@@ -383,12 +384,15 @@ def auto_fit(arch: Arch, path: str, budget_gib: float, *, seq: int | None = None
                       f"in {budget_gib:g} GiB. Use shorter rows, a smaller model or a larger card.")
         return Fit(False, path, budget_gib, estimate=e, reason=reason)
     top = max(2, min(max_batch, effective_batch))
-    chosen_batch = 2
+    widest = 2
     for b in range(3, top + 1):
         if not fits(chosen_seq, b):
             break
-        chosen_batch = b
-    accum = max(1, math.ceil(effective_batch / chosen_batch))
+        widest = b
+    # the fewest accumulation steps the widest batch allows, then the smallest batch that still reaches the effective
+    # batch in that many steps (batch 15 x 2 would overshoot an effective batch of 16; 8 x 2 hits it)
+    accum = max(1, math.ceil(effective_batch / widest))
+    chosen_batch = max(2, math.ceil(effective_batch / accum))
     e = est(chosen_seq, chosen_batch)
     reason = (f"{chosen_seq} tokens x batch {chosen_batch} (x{accum} accumulation = effective batch "
               f"{chosen_batch * accum}): {e.total_gib:.2f} GiB predicted of {budget_gib:g} GiB")
@@ -422,10 +426,10 @@ def check_run(cfg, path: str, budget_gib: float) -> Estimate:
 
 # ---- from a run config / model name --------------------------------------------------------------------------------
 
-def model_config(name_or_path: str) -> tuple[dict[str, Any], str]:
+def model_config(name_or_path: str, fetch: bool = True) -> tuple[dict[str, Any], str]:
     """(config dict, where it came from) for a preset key, hub id, local folder, config.json, GGUF file or the
-    bundled model, without loading weights. Hub ids not in the presets are read from the local HF cache (or fetched:
-    config.json only)."""
+    bundled model, without loading weights. Hub ids not in the presets are read from the local HF cache, else
+    (``fetch``) their config.json alone is downloaded."""
     from studio import presets
 
     preset = presets.find_model(name_or_path)
@@ -452,6 +456,9 @@ def model_config(name_or_path: str) -> tuple[dict[str, Any], str]:
     cached = try_to_load_from_cache(name_or_path, "config.json")
     if isinstance(cached, str):
         return json.loads(Path(cached).read_text(encoding="utf-8")), cached
+    if not fetch:
+        raise EstimateError(f"{name_or_path} is not downloaded yet, so its architecture is unknown: download it "
+                            "(Model & preset tab) or pick a model preset")
     try:
         f = hf_hub_download(name_or_path, "config.json")
     except Exception as e:  # offline, gated or unknown: say which
@@ -461,12 +468,12 @@ def model_config(name_or_path: str) -> tuple[dict[str, Any], str]:
     return json.loads(Path(f).read_text(encoding="utf-8")), f
 
 
-def arch_for(name_or_path: str) -> Arch:
+def arch_for(name_or_path: str, fetch: bool = True) -> Arch:
     from studio.config import BUNDLED_MODEL
 
     if name_or_path == BUNDLED_MODEL:
         name_or_path = "smollm2-135m"
-    cfg, _ = model_config(name_or_path)
+    cfg, _ = model_config(name_or_path, fetch)
     local = Path(name_or_path).expanduser()
     return Arch.from_config(cfg, name=local.name if local.exists() else name_or_path)
 
@@ -499,12 +506,13 @@ class CardPlan:
 
 
 def plan_for_card(cfg, budget_gib: float | None, device_kind: str = "cuda", preferred_path: str | None = None,
-                  seq_ceiling: int = DEFAULT_SEQ_CEILING, effective_batch: int | None = None) -> CardPlan:
+                  seq_ceiling: int = DEFAULT_SEQ_CEILING, effective_batch: int | None = None,
+                  fetch: bool = True) -> CardPlan:
     """Fit ``cfg`` (a RunConfig) to a card with ``budget_gib`` for PyTorch. On CUDA every 4-bit path the config
     allows is fitted and the settings of ``preferred_path`` (what backend 'auto' picks there), else of the first
     path that fits, are returned as run-config changes. On CPU / Apple MPS there is no GPU budget: the full-precision
     estimate is returned for information (the limit there is system memory and time)."""
-    arch = arch_for(cfg.model.name_or_path)
+    arch = arch_for(cfg.model.name_or_path, fetch)
     base = settings_from_run(cfg)
     eff = effective_batch or cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
     if device_kind != "cuda" or budget_gib is None:

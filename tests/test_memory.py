@@ -161,9 +161,11 @@ def test_auto_fit_under_an_8gb_cap_picks_the_longest_rows_then_the_largest_batch
     if fit.seq + memory.SEQ_STEP <= memory.DEFAULT_SEQ_CEILING:  # one step longer would not fit
         longer = memory.estimate(arch, path, seq=fit.seq + memory.SEQ_STEP, batch=2, budget_gib=7.5)
         assert memory.safe_total(longer) > limit
-    if fit.batch < memory.MAX_BATCH:  # one more row per batch would not fit
-        wider = memory.estimate(arch, path, seq=fit.seq, batch=fit.batch + 1, budget_gib=7.5)
-        assert memory.safe_total(wider) > limit
+    # the fewest accumulation steps any fitting batch allows, with no more rows per step than needed
+    widest = max(b for b in range(2, 17)
+                 if memory.safe_total(memory.estimate(arch, path, seq=fit.seq, batch=b, budget_gib=7.5)) <= limit)
+    assert fit.grad_accum == -(-32 // widest)
+    assert fit.batch <= widest and (fit.batch - 1) * fit.grad_accum < 32
 
 
 def test_every_3b_model_fits_an_8gb_card_on_both_paths_and_every_7b_8b_on_unsloth():
@@ -251,6 +253,8 @@ def test_an_unknown_model_gets_a_message_not_a_traceback(tmp_path):
         memory.arch_for(str(tmp_path))
     with pytest.raises(memory.EstimateError, match="neither"):
         memory.arch_for("not a model")
+    with pytest.raises(memory.EstimateError, match="not downloaded yet"):
+        memory.arch_for("someone/never-downloaded-7B", fetch=False)
 
 
 # ---- headless ------------------------------------------------------------------------------------------------------

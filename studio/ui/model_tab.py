@@ -18,7 +18,8 @@ def device_markdown(d=None) -> str:
     cc = f", compute capability {d.compute_capability}" if d.compute_capability else ""
     flags = ", ".join(f"{k}: {'yes' if getattr(d, k) else 'no'}" for k in ("unsloth", "bitsandbytes", "flash_attn"))
     notes = "".join(f"\n\n> {n}" for n in d.notes)
-    return f"**Device:** {d.name} ({d.kind}{mem}{cc}; bf16: {'yes' if d.bf16 else 'no'})  \n{flags}{notes}"
+    dtype = "bf16" if d.bf16 and d.kind == "cuda" else ("fp16 (no bf16 on this card)" if d.kind == "cuda" else "float32")
+    return f"**Device:** {d.name} ({d.kind}{mem}{cc}; compute dtype {dtype})  \n{flags}{notes}"
 
 
 # ---- presets -----------------------------------------------------------------------------------------------------
@@ -129,19 +130,30 @@ def preferred_path(cfg, device) -> str | None:
 # ---- the tab -----------------------------------------------------------------------------------------------------
 
 def fit_view(studio, device, gpu_key: str, recipe_key: str | None, seq_ceiling, apply: bool = True):
-    """(markdown, chart frame) of auto-fit for the current config on the chosen card; ``apply`` writes the chosen
+    """(markdown, chart update) of auto-fit for the current config on the chosen card; ``apply`` writes the chosen
     max_length / batch / accumulation into the config."""
     cfg = studio.config
     budget, kind = budget_for(gpu_key, device)
     eff = presets.get("recipes", recipe_key).get("effective_batch") if recipe_key else None
     try:
         plan = memory.plan_for_card(cfg, budget, kind, preferred_path(cfg, device),
-                                    seq_ceiling=int(seq_ceiling or memory.DEFAULT_SEQ_CEILING), effective_batch=eff)
+                                    seq_ceiling=int(seq_ceiling or memory.DEFAULT_SEQ_CEILING), effective_batch=eff,
+                                    fetch=False)  # no hub round trip on every click: Download fetches
     except (memory.EstimateError, OSError, ValueError) as e:
-        return f"**No estimate:** {e}", chart_frame(None)
+        return f"**No estimate:** {e}", chart(None)
     if apply and plan.changes:
         studio.update(plan.changes)
-    return plan_markdown(plan, apply), chart_frame(plan)
+    return plan_markdown(plan, apply), chart(plan)
+
+
+def chart(plan: memory.CardPlan | None) -> dict:
+    """The stacked breakdown per path; the title carries the budget the bars are measured against."""
+    title = "Predicted peak GPU memory"
+    if plan is not None and plan.budget_gib is not None:
+        title += f" (budget {plan.budget_gib:g} GiB)"
+    elif plan is not None:
+        title = "Predicted peak memory (system RAM on CPU / MPS)"
+    return gr.update(value=chart_frame(plan), title=title)
 
 
 def cache_view():
@@ -176,8 +188,8 @@ def build(studio):
                             "largest batch.", elem_id="seq-ceiling")
         fit_btn = gr.Button("Auto-fit to this card", variant="primary", elem_id="autofit")
     fit_md = gr.Markdown(first_md, elem_id="fit-settings")
-    chart = gr.BarPlot(first_chart, x="path", y="GiB", color="part", title="Predicted peak GPU memory",
-                       y_title="GiB", height=300, elem_id="memory-chart")
+    chart_plot = gr.BarPlot(first_chart["value"], x="path", y="GiB", color="part", title=first_chart["title"],
+                            y_title="GiB", height=300, elem_id="memory-chart")
     msg = gr.Markdown(elem_id="model-message")
 
     with gr.Accordion("Download & model cache", open=False):
@@ -260,10 +272,10 @@ def build(studio):
         except hub.HubError as e:
             return f"**{e}**", *cache_view()
 
-    gpu.input(on_gpu, [gpu, model_pick, recipe, ceiling], [fit_md, chart, *comps])
-    model_pick.input(on_model, [model_pick, gpu, recipe, ceiling], [info, fit_md, chart, *comps])
-    recipe.input(on_recipe, [recipe, model_pick, gpu, ceiling], [info, fit_md, chart])
-    fit_btn.click(on_fit, [gpu, recipe, ceiling], [fit_md, chart])
+    gpu.input(on_gpu, [gpu, model_pick, recipe, ceiling], [fit_md, chart_plot, *comps])
+    model_pick.input(on_model, [model_pick, gpu, recipe, ceiling], [info, fit_md, chart_plot, *comps])
+    recipe.input(on_recipe, [recipe, model_pick, gpu, ceiling], [info, fit_md, chart_plot])
+    fit_btn.click(on_fit, [gpu, recipe, ceiling], [fit_md, chart_plot])
     for c in comps:
         c.input(on_fields, comps, [msg, model_pick])
     dl_btn.click(on_download, None, [dl_md, cache_md, cache_table, to_delete], concurrency_limit=1)

@@ -33,7 +33,7 @@ def test_8gb_card_and_a_7b_model_show_the_chosen_settings_and_the_memory_chart(p
 
     chart = page.locator("#memory-chart")
     chart.locator("canvas, svg").first.wait_for()
-    assert chart.get_by_text("Predicted peak GPU memory").is_visible()
+    assert chart.get_by_text("Predicted peak GPU memory (budget 7.5 GiB)").is_visible()
     shot(page, "model-tab-8gb-mistral7b")
 
 
