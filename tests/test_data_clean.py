@@ -206,3 +206,17 @@ def test_prepare_training_reads_the_cleaned_file_and_warns_about_weights(tmp_pat
     assert "outside the KTO paper's [1, 1.33]" in td.notes[0]
     cfg = cfg.updated({"kto.undesirable_weight": 1.5})
     assert prepare_training(cfg).notes == []
+
+
+def test_cli_filter_flags_when_the_parser_offers_them(tmp_path, capsys):
+    from argparse import Namespace
+
+    from studio.data.clean import cli
+
+    src = write_jsonl_rows(tmp_path / "pairs.jsonl", messy_pairs())
+    args = Namespace(file=str(src), out=str(tmp_path / "o.jsonl"), model=None, max_length=None, map=[],
+                     keep_duplicates=True, keep_empty=True)
+    assert cli(args) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["rows_out"] == 16 and s["dropped"] == {}
+    assert {p["kind"]: p["action"] for p in s["problems"]}["duplicate"] == "kept"

@@ -213,8 +213,13 @@ def cli(args) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # filter flags are optional on the parser: the defaults are the Data tab's
+    options = CleanOptions(drop_duplicates=not getattr(args, "keep_duplicates", False),
+                           drop_empty=not getattr(args, "keep_empty", False),
+                           drop_over_length=getattr(args, "drop_over_length", False))
     try:
-        summary = run(args.file, args.out, model=args.model, max_length=args.max_length, mapping=mapping)
+        summary = run(args.file, args.out, model=args.model, max_length=args.max_length, mapping=mapping,
+                      options=options)
     except DataError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
