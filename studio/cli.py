@@ -28,13 +28,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a field, e.g. --set train.max_steps=10 (YAML value syntax)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("data", help="convert and clean a data file; print a JSON summary")
+    p = sub.add_parser("data", help="convert and clean a data file; print a JSON summary "
+                                   "(exit 1: the file can't be used; 2: usage error)")
     p.add_argument("file")
     p.add_argument("--out", required=True, help="where to write the cleaned JSONL (never the input file)")
     p.add_argument("--model", default=None, help="model id or path whose tokenizer measures lengths")
     p.add_argument("--max-length", type=int, default=None, help="token limit: longer rows are reported/dropped")
     p.add_argument("--map", action="append", default=[], metavar="THEIRS=OURS",
                    help="column mapping, e.g. --map question=prompt --map answer=completion --map rating=label")
+    p.add_argument("--keep-duplicates", action="store_true", help="keep repeated rows and rows labelled both ways")
+    p.add_argument("--keep-empty", action="store_true", help="keep rows whose completion is empty")
+    p.add_argument("--drop-over-length", action="store_true",
+                   help="drop rows longer than --max-length (else the trainer truncates them)")
     p.set_defaults(func=_lazy("studio.data.clean", "cli"))
 
     p = sub.add_parser("fit", help="auto-fit sequence length and batch to a GPU; print the estimate as JSON")

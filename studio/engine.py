@@ -223,6 +223,8 @@ class Engine:
         self._emit(job, "status", message=f"{len(td.train)} training rows ({td.n_desirable} desirable, "
                                           f"{td.n_undesirable} undesirable)" + (f"; {len(td.eval)} eval rows" if td.eval is not None else ""),
                    n_train=len(td.train), n_desirable=td.n_desirable, n_undesirable=td.n_undesirable)
+        for note in td.notes:
+            self._emit(job, "status", message=note)
         if cfg.data.length_grouping:
             td.train = speed.group_by_length(td.train, cfg.train.per_device_train_batch_size, cfg.train.seed)
         world = int(os.environ.get("WORLD_SIZE", "1"))
