@@ -16,9 +16,9 @@ def test_8gb_card_and_a_7b_model_show_the_chosen_settings_and_the_memory_chart(p
     pick(page, "model-preset", "Mistral-7B-Instruct-v0.3 · 7B · gated")
 
     settings = page.locator("#fit-settings")
-    settings.get_by_text("Budget: 7.5 GiB").wait_for()
+    settings.get_by_text("for unsloth/mistral-7b-instruct-v0.3-bnb-4bit").wait_for()  # the plan for the new model
     text = settings.inner_text()
-    assert "mistral-7b-instruct-v0.3" in text
+    assert "Budget: 7.5 GiB" in text
     # both 4-bit paths are planned, and the Unsloth path's settings are applied
     applied = re.search(r"max_length (\d+), per-device batch (\d+), gradient accumulation (\d+)", text)
     assert applied, text
@@ -42,7 +42,7 @@ def test_a_7b_model_that_cannot_fit_the_bitsandbytes_path_says_why(page):
     pick(page, "gpu-preset", "8 GB card (RTX 3070 / 2070 / 4060)")
     pick(page, "model-preset", "Llama-3.1-8B-Instruct · 8B · gated")
     settings = page.locator("#fit-settings")
-    settings.get_by_text("Budget: 7.5 GiB").wait_for()
+    settings.get_by_text("for unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit").wait_for()
     row = [ln for ln in settings.inner_text().splitlines() if "bitsandbytes" in ln]
     assert row and "no" in row[0], settings.inner_text()
     assert "Applied for the Unsloth 4-bit path" in settings.inner_text()
