@@ -20,7 +20,9 @@ or a GGUF header - and adds up what the training step keeps on the GPU:
 - ``overhead``: CUDA workspaces, Unsloth's staging buffers, allocator slack: a calibrated constant per path.
 
 Three numbers are calibrated (``WORKING_SET_BYTES`` and the two paths' ``overhead_gib``); everything else is counted
-from the architecture. ``tests/test_memory.py`` holds the estimate to 15% of every measured point.
+from the architecture. ``tests/test_memory.py`` holds the estimate to 15% of every measured point in
+``tests/fixtures/memory_points.json`` (a point whose measurement contradicts the others is kept there, marked
+``disputed`` with the reason and the command that re-measures it).
 
 Figures are PyTorch's peak *allocated* memory (``torch.cuda.max_memory_allocated``); the card also needs room for the
 CUDA context and the desktop, which the GPU presets' budgets (``gpu_gib``: 7.5 for an 8 GB card) leave out.
