@@ -211,6 +211,8 @@ def cmd_sweep(a) -> int:
         last_model = model
         cmd = [sys.executable, __file__, "run", *args, "--cap-gib", str(a.cap_gib), "--steps", str(a.steps),
                "--models-dir", a.models_dir]
+        if a.grad_accum:
+            cmd += ["--grad-accum", str(a.grad_accum)]
         print(f"[{i}/{len(todo)}] {' '.join(args)}", file=sys.stderr, flush=True)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
@@ -377,6 +379,8 @@ def main(argv=None) -> int:
     s.add_argument("--timeout", type=int, default=420)
     s.add_argument("--models-dir", default="/tmp/models")
     s.add_argument("--cleanup", action="store_true", help="delete each random checkpoint after its runs")
+    s.add_argument("--grad-accum", type=int, default=None,
+                   help="override auto-fit's accumulation (peak memory does not depend on it; 1 is fastest)")
     s.set_defaults(func=cmd_sweep)
     m = sub.add_parser("merge", help="add measured runs to tests/fixtures/memory_points.json")
     m.add_argument("results")
