@@ -174,8 +174,8 @@ class Engine:
             job.run_dir.mkdir(parents=True, exist_ok=True)
             if _is_main_process():
                 cfg.save(job.run_dir / CONFIG_FILE)
-            if job.resume_from:
-                _forget_metrics_after(job.run_dir, _checkpoint_step(job.resume_from))
+                if job.resume_from:
+                    _forget_metrics_after(job.run_dir, _checkpoint_step(job.resume_from))
             self._emit(job, "status", message=f"Run folder: {job.run_dir}")
             trainer = self._build(job)
             if trainer is None:  # stopped while loading

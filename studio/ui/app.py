@@ -7,6 +7,7 @@ import gradio as gr
 
 from studio.config import RunConfig
 from studio.engine import Engine
+from studio.history import History
 
 
 class Studio:
@@ -15,9 +16,13 @@ class Studio:
     A desktop studio has one user and one GPU, so refreshing the page or opening a second tab shows the same
     config and the same running job instead of a blank form."""
 
-    def __init__(self, config: RunConfig | None = None, engine: Engine | None = None):
+    def __init__(self, config: RunConfig | None = None, engine: Engine | None = None,
+                 history: History | None = None):
         self.config = config or RunConfig()
-        self.engine = engine or Engine()
+        self.history = history or History()
+        self.engine = engine or Engine(on_event=self.history.record)
+        if self.engine.on_event is None:
+            self.engine.on_event = self.history.record
         self.lock = threading.Lock()
 
     def update(self, changes: dict) -> RunConfig:

@@ -1,28 +1,48 @@
-"""Train tab: start / stop / resume the engine's job and watch its curves."""
+"""Train tab: start / stop / resume the engine's job, watch its curves and health, browse the run history.
+
+Everything shown is read from the server-side ``Studio`` (its engine's current job and the SQLite history) by a
+timer, so a refreshed page or a second browser tab shows the running job, not a blank form.
+"""
 from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from studio.config import ConfigError
-from studio.engine import JobRunning, latest_checkpoint
+from studio import health
+from studio.config import ConfigError, RunConfig
+from studio.engine import CONFIG_FILE, JobRunning
+from studio.history import HistoryError, checkpoints_on_disk, unused_run_config
 from studio.ui.widgets import collect, field_component
 
 FIELDS = [
     ("train", "learning_rate"), ("train", "num_train_epochs"), ("train", "max_steps"),
     ("train", "per_device_train_batch_size"), ("train", "gradient_accumulation_steps"),
     ("kto", "beta"), ("kto", "max_length"), ("kto", "desirable_weight"), ("kto", "undesirable_weight"),
-    ("lora", "r"), ("lora", "lora_alpha"), ("train", "save_steps"),
+    ("lora", "r"), ("lora", "lora_alpha"), ("train", "save_steps"), ("train", "gradient_checkpointing"),
 ]
+# title -> (elem_id suffix, logged keys drawn as series)
 PLOTS = {
-    "loss": ["loss"],
-    "rewards": ["rewards/chosen", "rewards/rejected"],
-    "margins & KL": ["rewards/margins", "kl"],
-    "learning rate": ["learning_rate"],
-    "tokens/s": ["tokens_per_s"],
+    "loss": ("loss", ["loss"]),
+    "rewards": ("rewards", ["rewards/chosen", "rewards/rejected"]),
+    "margins (chosen − rejected)": ("margins", ["rewards/margins"]),
+    "KL (reference point)": ("kl", ["kl"]),
+    "learning rate": ("lr", ["learning_rate"]),
+    "tokens/s": ("tokens", ["tokens_per_s"]),
 }
+COMPARABLE = ["loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl", "learning_rate", "tokens_per_s"]
+HISTORY_COLUMNS = ["run", "name", "status", "started", "took", "steps", "loss", "margin", "adapter"]
+STATE_LABELS = {"starting": "⏳ starting", "running": "🏃 training", "stopping": "⏸ stopping",
+                "finished": "✅ finished", "stopped": "⏹ stopped", "failed": "❌ failed",
+                "interrupted": "⚠️ interrupted"}
+SEVERITY_ICONS = {health.ERROR: "🛑", health.WARNING: "⚠️", health.INFO: "ℹ️"}
+LATEST = "latest"
 
 
+# ---- formatting ----------------------------------------------------------------------------------------------------
 def _fmt_s(s) -> str:
     if s is None:
         return "–"
@@ -30,37 +50,185 @@ def _fmt_s(s) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def _long(metrics: list[dict], keys: list[str]) -> pd.DataFrame:
-    rows = [{"step": m["step"], "value": float(m[k]), "series": k}
-            for m in metrics for k in keys if m.get(k) is not None]
+def _fmt_time(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "–"
+
+
+def _num(v, fmt=".4f") -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) else "–"
+
+
+def _long(metrics: list[dict], keys: list[str], label=None) -> pd.DataFrame:
+    rows = [{"step": m["step"], "value": float(m[k]), "series": label or k}
+            for m in metrics for k in keys if isinstance(m.get(k), (int, float))]
     return pd.DataFrame(rows, columns=["step", "value", "series"])
 
 
-def snapshot(studio):
-    """Status line, progress line and one frame per plot for the current (or last) job."""
+def _bar(fraction: float | None, text: str, elem_class: str) -> str:
+    pct = 0.0 if fraction is None else max(0.0, min(1.0, fraction)) * 100
+    return (f'<div class="{elem_class}" data-fraction="{pct / 100:.4f}">'
+            '<div style="height:14px;border-radius:7px;background:var(--neutral-200,#e5e7eb);overflow:hidden">'
+            f'<div style="width:{pct:.1f}%;height:100%;background:var(--color-accent,#f97316);'
+            'transition:width .5s"></div></div>'
+            f'<div style="margin-top:4px;font-size:0.95em">{text}</div></div>')
+
+
+# ---- views of the live job -----------------------------------------------------------------------------------------
+def job_metrics(studio) -> list[dict]:
+    """The current job's training steps, with the steps of earlier attempts of the same run when it was resumed."""
     job = studio.engine.job
     if job is None:
-        return ["No run yet. Pick settings and press **Start training**.", ""] + [_long([], k) for k in PLOTS.values()]
+        return []
+    run_id = studio.history.run_for_job(job.id) if job.resume_from else None
+    logged = studio.history.metrics(run_id) if run_id else []
+    return health.train_steps(logged + job.metrics())
+
+
+def status_md(job) -> str:
+    if job is None:
+        return "No run yet. Pick settings and press **Start training**."
     statuses = [e for e in job.events if e["type"] in ("status", "error", "done")]
     last = statuses[-1]["message"] if statuses else ""
-    state = {"starting": "⏳ starting", "running": "🏃 training", "stopping": "⏸ stopping",
-             "finished": "✅ finished", "stopped": "⏹ stopped", "failed": "❌ failed"}[job.state]
-    status = f"**{state}** — run `{job.config.name}`" + (f" ({job.backend})" if job.backend else "") + f"  \n{last}"
-    metrics = [m for m in job.metrics() if "loss" in m]
-    progress = ""
-    if metrics:
-        m = metrics[-1]
-        progress = (f"step **{m['step']} / {m['max_steps']}** · epoch {m['epoch']:.2f} · elapsed {_fmt_s(m['elapsed_s'])}"
-                    f" · ETA {_fmt_s(m.get('eta_s'))} · loss {m['loss']:.4f}")
-        if m.get("gpu_mem_gib"):
-            progress += f" · GPU peak {m['gpu_mem_gib']:.2f} GiB"
-    return [status, progress] + [_long(metrics, keys) for keys in PLOTS.values()]
+    return (f"**{STATE_LABELS[job.state]}** — run `{job.config.name}`" + (f" ({job.backend})" if job.backend else "")
+            + (f", resumed from `{Path(job.resume_from).name}`" if job.resume_from else "") + f"  \n{last}")
 
 
-def build(studio):
+def progress_html(job) -> str:
+    if job is None:
+        return _bar(None, "No training yet.", "train-progress-bar")
+    ticks = [e for e in job.events if e["type"] in ("progress", "metrics") and "max_steps" in e and "eval_loss" not in e]
+    if not ticks:
+        return _bar(None, "Preparing (data, model)…" if not job.done else "Did not reach training.",
+                    "train-progress-bar")
+    m = ticks[-1]
+    step, total = m.get("step", 0), m.get("max_steps") or 0
+    elapsed = (job.ended_at or time.time()) - job.started_at
+    text = (f"step <b>{step} / {total}</b> · epoch {m.get('epoch', 0):.2f} · elapsed {_fmt_s(elapsed)} · "
+            f"ETA {'–' if job.done else _fmt_s(m.get('eta_s'))}")
+    if "loss" in m:
+        text += f" · loss {m['loss']:.4f}"
+    return _bar(step / total if total else None, text, "train-progress-bar")
+
+
+def memory_html(job) -> str:
+    last = next((m for m in reversed(job.metrics()) if "ram_gib" in m or "gpu_mem_gib" in m), None) if job else None
+    if last is None:
+        return _bar(None, "Memory: shown once training logs its first step.", "train-memory-bar")
+    if last.get("gpu_total_gib"):
+        held, total = last.get("gpu_reserved_gib") or 0.0, last["gpu_total_gib"]
+        return _bar(held / total, f"GPU memory: <b>{held:.2f} of {total:.2f} GiB</b> held by training "
+                                  f"(peak in tensors {last.get('gpu_mem_gib') or 0:.2f} GiB)", "train-memory-bar")
+    if last.get("ram_total_gib"):
+        ram, total = last.get("ram_gib") or 0.0, last["ram_total_gib"]
+        return _bar(ram / total, f"No GPU: training on the CPU. RAM: <b>{ram:.2f} of {total:.1f} GiB</b> "
+                                 "used by the studio", "train-memory-bar")
+    return _bar(None, "No GPU: training on the CPU.", "train-memory-bar")
+
+
+def health_md(metrics: list[dict], cfg: RunConfig | None) -> str:
+    steps = health.train_steps(metrics)
+    if not steps:
+        return "**KTO health** — checks start once training logs its first steps."
+    findings = health.check_config(steps, cfg) if cfg is not None else health.check(steps)
+    head = f"**KTO health** after {len(steps)} logged step{'s' if len(steps) != 1 else ''}"
+    if not findings:
+        early = len(steps) < max(health.KL_WINDOW, health.FLAT_WINDOW)
+        return head + ": ✅ no problems spotted" + (
+            f" (the KL and flat-loss checks need {health.KL_WINDOW}+ steps)." if early else ".")
+    out = [head + ":"]
+    for f in findings:
+        where = f" (from step {f.step})" if f.step is not None else ""
+        out.append(f"- {SEVERITY_ICONS[f.severity]} **{f.title}**{where}  \n  *Usually means:* {f.meaning}  \n"
+                   f"  *What to change:* {f.fix}")
+    return "\n".join(out)
+
+
+def plot_updates(metrics: list[dict]) -> list:
+    out = []
+    for _, keys in PLOTS.values():
+        frame = _long(metrics, keys)
+        if frame.empty:
+            caption = "no points yet"
+        else:
+            last = frame[frame.step == frame.step.max()]
+            caption = f"{len(frame)} points · step {int(last.step.iloc[0])}: " + ", ".join(
+                f"{s} {v:.4g}" for s, v in zip(last.series, last.value))
+        out.append(gr.update(value=frame, caption=caption))
+    return out
+
+
+# ---- history views -------------------------------------------------------------------------------------------------
+def history_frame(history) -> pd.DataFrame:
+    rows = []
+    for r in history.runs():
+        fm = r["final_metrics"]
+        took = (r["ended_at"] or r["updated_at"]) - r["created_at"] if r["created_at"] else None
+        adapter = r["adapter_path"] or "–"
+        if r["files_deleted_at"]:
+            adapter = "files deleted"
+        rows.append([r["id"], r["name"], r["status"], _fmt_time(r["created_at"]), _fmt_s(took),
+                     f"{r['step'] or 0} / {r['max_steps'] or '?'}", _num(fm.get("loss")),
+                     _num(fm.get("rewards/margins")), adapter])
+    return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+
+
+def run_choices(history) -> list[tuple[str, str]]:
+    return [(f"{r['name']} · {_fmt_time(r['created_at'])} · {r['id'][:6]}", r["id"]) for r in history.runs()]
+
+
+def run_detail_md(history, run_id: str | None) -> str:
+    run = history.get(run_id) if run_id else None
+    if run is None:
+        return "Pick a run above and press **Open**."
+    fm = run["final_metrics"]
+    lines = [f"### `{run['name']}` — {STATE_LABELS.get(run['status'], run['status'])}",
+             f"- started {_fmt_time(run['created_at'])}, ended {_fmt_time(run['ended_at'])}; run folder "
+             f"`{run['run_dir']}`" + (" (files deleted)" if run["files_deleted_at"] else ""),
+             f"- steps {run['step'] or 0} / {run['max_steps'] or '?'} · loss {_num(fm.get('loss'))} · margin "
+             f"{_num(fm.get('rewards/margins'))} · KL {_num(fm.get('kl'))}"]
+    if run["adapter_path"]:
+        there = Path(run["adapter_path"]).is_dir()
+        lines.append(f"- adapter: `{run['adapter_path']}`" + ("" if there else " (no longer on disk)"))
+    ckpts = history.checkpoints(run["id"])
+    lines.append("- checkpoints on disk: " + (", ".join(f"`checkpoint-{s}`" for s, _ in ckpts) +
+                                               " — pick one in **Resume from** to continue from it"
+                                               if ckpts else "none"))
+    attempts = history.attempts(run["id"])
+    if len(attempts) > 1:
+        lines.append("- attempts: " + "; ".join(
+            f"{a['status']}" + (f" (resumed from `{Path(a['resume_from']).name}`)" if a["resume_from"] else "")
+            for a in attempts))
+    if run["error"]:
+        lines.append(f"- **error:** {run['error']}")
+    cfg = history.config(run["id"])
+    lines.append("\n" + health_md(history.metrics(run["id"]), cfg))
+    lines.append(f"\n<details><summary>run config</summary>\n\n```yaml\n{cfg.to_yaml() if cfg else ''}```\n"
+                 "</details>")
+    return "\n".join(lines)
+
+
+def compare_frame(history, run_a: str | None, run_b: str | None, key: str) -> pd.DataFrame:
+    frames = []
+    for tag, run_id in (("A", run_a), ("B", run_b)):
+        run = history.get(run_id) if run_id else None
+        if run is not None:
+            steps = health.train_steps(history.metrics(run_id))
+            frames.append(_long(steps, [key], label=f"{tag}: {run['name']} ({run_id[:6]})"))
+    return pd.concat(frames, ignore_index=True) if frames else _long([], [key])
+
+
+def checkpoint_choices(run_dir: Path | None) -> list[tuple[str, str]]:
+    ckpts = checkpoints_on_disk(run_dir) if run_dir else []
+    latest = f"latest (checkpoint-{ckpts[-1][0]})" if ckpts else "latest (none saved yet)"
+    return [(latest, LATEST)] + [(f"checkpoint-{s}", p) for s, p in reversed(ckpts)]
+
+
+# ---- the tab -------------------------------------------------------------------------------------------------------
+def build(studio, app: gr.Blocks | None = None):
     with gr.Row():
         name = gr.Textbox(label="Run name", value=studio.config.name, elem_id="run-name",
-                          info="Names the run folder; resume continues the run of this name.")
+                          info="Names the run folder. Start makes a new run (a used name gets -2, -3 …); "
+                               "Resume continues the run of this name.")
     with gr.Accordion("Training settings", open=True):
         with gr.Row():
             comps = [field_component(studio.config, s, n, label=f"{n.replace('_', ' ')}", min_width=200)
@@ -68,48 +236,180 @@ def build(studio):
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         stop = gr.Button("Stop (saves the adapter)", variant="stop", elem_id="train-stop")
-        resume = gr.Button("Resume latest checkpoint", elem_id="train-resume")
+        resume = gr.Button("Resume", elem_id="train-resume")
+        ckpt = gr.Dropdown(label="Resume from", choices=checkpoint_choices(None), value=LATEST,
+                           elem_id="train-checkpoint", info="Any saved checkpoint of the run named above.")
     message = gr.Markdown(elem_id="train-message")
     status = gr.Markdown(elem_id="train-status")
-    progress = gr.Markdown(elem_id="train-progress")
+    with gr.Row():
+        progress = gr.HTML(elem_id="train-progress")
+        memory = gr.HTML(elem_id="train-memory")
     plots = []
-    with gr.Row():
-        for title in list(PLOTS)[:3]:
-            plots.append(gr.LinePlot(x="step", y="value", color="series", title=title, height=240,
-                                     elem_id=f"plot-{title.split()[0].replace('&', '')}"))
-    with gr.Row():
-        for title in list(PLOTS)[3:]:
-            plots.append(gr.LinePlot(x="step", y="value", color="series", title=title, height=240,
-                                     elem_id=f"plot-{title.split()[0].replace('/', '')}"))
+    titles = list(PLOTS)
+    for row in (titles[:3], titles[3:]):
+        with gr.Row():
+            for title in row:
+                plots.append(gr.LinePlot(x="step", y="value", color="series", title=title, height=230,
+                                         elem_id=f"plot-{PLOTS[title][0]}", caption="no points yet"))
+    health_box = gr.Markdown(elem_id="train-health")
+
+    with gr.Accordion("Run history", open=True):
+        table = gr.Dataframe(headers=HISTORY_COLUMNS, interactive=False, elem_id="history-table", wrap=True)
+        with gr.Row():
+            run_dd = gr.Dropdown(label="Run", choices=[], elem_id="history-run", scale=3)
+            open_btn = gr.Button("Open (load its settings)", elem_id="history-open", scale=1)
+            confirm = gr.Checkbox(label="yes, delete this run's files", value=False,
+                                  elem_id="history-delete-confirm", scale=1)
+            delete_btn = gr.Button("Delete run files", variant="stop", elem_id="history-delete", scale=1)
+        detail = gr.Markdown(elem_id="history-detail")
+        gr.Markdown("**Compare two runs**")
+        with gr.Row():
+            cmp_a = gr.Dropdown(label="Run A", choices=[], elem_id="history-compare-a")
+            cmp_b = gr.Dropdown(label="Run B", choices=[], elem_id="history-compare-b")
+            cmp_key = gr.Dropdown(label="Curve", choices=COMPARABLE, value="loss", elem_id="history-compare-metric")
+        cmp_plot = gr.LinePlot(x="step", y="value", color="series", title="compare", height=260,
+                               elem_id="plot-compare")
+    seen = gr.State(None)  # what this browser tab last drew, so the timer only sends changes
     timer = gr.Timer(1.0)
 
-    def _config(run_name, values):
-        return studio.update({"name": run_name.strip() or "run", **collect(FIELDS, values)})
+    # ---- helpers over the form ----
+    def _changes(run_name, values) -> dict:
+        return {"name": (run_name or "").strip() or "run", **collect(FIELDS, values)}
 
+    def _run_dir(run_name) -> Path | None:
+        try:
+            return studio.config.updated({"name": (run_name or "").strip() or "run"}).run_dir()
+        except ConfigError:
+            return None
+
+    def _busy_message(verb: str) -> str:
+        job = studio.engine.job
+        return f"**Not {verb}:** a training job is running (`{job.config.name}`): stop it or wait for it to end."
+
+    def _form_values(cfg: RunConfig) -> list:
+        return [cfg.name] + [getattr(getattr(cfg, s), n) for s, n in FIELDS]
+
+    # ---- actions ----
     def on_start(run_name, *values):
+        if studio.engine.busy:
+            return _busy_message("started"), gr.skip()
         try:
-            cfg = _config(run_name, values)
+            changes = _changes(run_name, values)
+            cfg, note = unused_run_config(studio.config.updated(changes))
+            cfg = studio.update({**changes, "name": cfg.name})
             studio.engine.start(cfg)
-            return f"Started run `{cfg.name}` → `{cfg.run_dir()}`"
-        except (ConfigError, JobRunning, ValueError) as e:
-            return f"**Not started:** {e}"
+            return (f"{note + '  ' + chr(10) if note else ''}Started run `{cfg.name}` → `{cfg.run_dir()}`",
+                    cfg.name)
+        except JobRunning:
+            return _busy_message("started"), gr.skip()
+        except (ConfigError, ValueError) as e:
+            return f"**Not started:** {e}", gr.skip()
 
-    def on_resume(run_name, *values):
+    def on_resume(run_name, checkpoint, *values):
+        if studio.engine.busy:
+            return _busy_message("resumed")
         try:
-            cfg = _config(run_name, values)
-            ckpt = latest_checkpoint(cfg.run_dir())
-            if ckpt is None:
+            changes = _changes(run_name, values)
+            form = studio.config.updated(changes)
+            saved = form.run_dir() / CONFIG_FILE
+            # the saved run decides model, data and the adapter's shape; the form may change how training goes on
+            base = RunConfig.load(saved) if saved.is_file() else form
+            kept = [f"{k.removeprefix('lora.')}={getattr(base.lora, k.removeprefix('lora.'))}"
+                    for k, v in changes.items() if k.startswith("lora.") and
+                    getattr(base.lora, k.removeprefix("lora.")) != v]
+            cfg = base.updated({k: v for k, v in changes.items() if not k.startswith("lora.")})
+            ckpts = checkpoints_on_disk(cfg.run_dir())
+            if not ckpts:
                 return f"**Nothing to resume:** run `{cfg.name}` has no saved checkpoint yet."
-            studio.engine.start(cfg, resume_from=ckpt)
-            return f"Resuming `{cfg.name}` from `{ckpt}`"
-        except (ConfigError, JobRunning, ValueError) as e:
+            job = studio.engine.start(cfg, resume_from=checkpoint or LATEST)
+            with studio.lock:
+                studio.config = cfg
+            note = (f"  \nLoRA settings stay as saved ({', '.join(kept)}): an adapter's shape cannot change "
+                    "mid-run." if kept else "")
+            return f"Resuming `{cfg.name}` from `{Path(job.resume_from).name}`" + note
+        except JobRunning:
+            return _busy_message("resumed")
+        except (ConfigError, ValueError) as e:
             return f"**Not resumed:** {e}"
 
     def on_stop():
-        return "Stopping after this step; a checkpoint and the adapter are saved." if studio.engine.stop() \
-            else "No training is running."
+        return ("Stopping after this step; a checkpoint and the adapter are saved." if studio.engine.stop()
+                else "No training is running.")
 
-    start.click(on_start, [name, *comps], message, concurrency_limit=1)
-    resume.click(on_resume, [name, *comps], message, concurrency_limit=1)
+    def on_open(run_id):
+        cfg = studio.history.config(run_id) if run_id else None
+        if cfg is None:
+            return ["Pick a run first."] + [gr.skip()] * (len(FIELDS) + 4)
+        with studio.lock:
+            studio.config = cfg
+        return ([f"Opened `{cfg.name}`: its settings are in the form. **Resume** continues it; **Start** makes "
+                 "a new run with these settings."] + _form_values(cfg)
+                + [gr.update(choices=checkpoint_choices(cfg.run_dir()), value=LATEST),
+                   run_detail_md(studio.history, run_id), run_id])
+
+    def on_delete(run_id, yes):
+        if not run_id:
+            return "Pick a run first.", gr.skip(), False
+        if not yes:
+            return "Tick **yes, delete this run's files** first: deleting cannot be undone.", gr.skip(), False
+        run = studio.history.get(run_id)
+        job = studio.engine.job
+        if run and job is not None and studio.engine.busy and Path(job.run_dir).resolve() == Path(run["run_dir"]):
+            return "**Not deleted:** this run is training; stop it first.", gr.skip(), False
+        try:
+            removed = studio.history.delete_files(run_id)
+        except HistoryError as e:
+            return f"**Not deleted:** {e}", gr.skip(), False
+        return (f"Deleted {len(removed)} files/folders of `{run['name']}`; its record stays in the history.",
+                run_detail_md(studio.history, run_id), False)
+
+    def on_compare(a, b, key):
+        return compare_frame(studio.history, a, b, key or "loss")
+
+    def on_page_load():
+        """A new or refreshed page shows the running job's settings, else the studio's current config."""
+        job = studio.engine.job
+        cfg = job.config if job is not None and not job.done else studio.config
+        return _form_values(cfg)
+
+    def on_tick(state, run_name, checkpoint):
+        state = dict(state or {})
+        job = studio.engine.job
+        hist = studio.history
+        key = [job.id if job else None, len(job.events) if job else 0, job.state if job else None, hist.version]
+        out: list = []
+        if key != state.get("key"):
+            metrics = job_metrics(studio)
+            out += [status_md(job), progress_html(job), memory_html(job), *plot_updates(metrics),
+                    health_md(metrics, job.config if job else None), history_frame(hist)]
+            state["key"] = key
+        else:
+            out += [gr.skip()] * (5 + len(PLOTS))
+        choices = run_choices(hist)
+        if choices != state.get("runs"):
+            state["runs"] = choices
+            out += [gr.update(choices=choices)] * 3
+        else:
+            out += [gr.skip()] * 3
+        ckpts = checkpoint_choices(_run_dir(run_name))
+        if ckpts != state.get("ckpts"):
+            state["ckpts"] = ckpts
+            keep = checkpoint in [v for _, v in ckpts]
+            out.append(gr.update(choices=ckpts, value=checkpoint if keep else LATEST))
+        else:
+            out.append(gr.skip())
+        return out + [state]
+
+    start.click(on_start, [name, *comps], [message, name], concurrency_limit=1)
+    resume.click(on_resume, [name, ckpt, *comps], message, concurrency_limit=1)
     stop.click(on_stop, None, message)
-    timer.tick(lambda: snapshot(studio), None, [status, progress, *plots], show_progress="hidden")
+    open_btn.click(on_open, run_dd, [message, name, *comps, ckpt, detail, cmp_a])
+    delete_btn.click(on_delete, [run_dd, confirm], [message, detail, confirm])
+    for c in (cmp_a, cmp_b, cmp_key):
+        c.change(on_compare, [cmp_a, cmp_b, cmp_key], cmp_plot)
+    timer.tick(on_tick, [seen, name, ckpt],
+               [status, progress, memory, *plots, health_box, table, run_dd, cmp_a, cmp_b, ckpt, seen],
+               show_progress="hidden")
+    app = app or gr.context.Context.root_block
+    if app is not None:
+        app.load(on_page_load, None, [name, *comps])

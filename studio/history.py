@@ -1,0 +1,347 @@
+"""Run history: every training run's config, status, timestamps, curves, checkpoints and adapter, in SQLite.
+
+The file is ``<studio home>/history.sqlite``. ``History.record`` is the engine's ``on_event`` hook, so it is called
+from the training thread while the UI reads from request threads: one connection guarded by a lock.
+
+A *run* is one run folder. Starting a job creates a run; resuming continues the run whose folder holds the
+checkpoint (status, curves and adapter are updated in place), and each start or resume is also kept as an
+*attempt*. Resuming from an earlier checkpoint forks the curve: the logged steps after that checkpoint are dropped
+and re-logged by the resumed job. Runs whose process died while training are shown as 'interrupted'.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from contextlib import contextmanager
+from typing import Any
+
+import yaml
+
+from studio import paths
+from studio.config import RunConfig
+
+ACTIVE = ("starting", "running", "stopping")
+FINAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "learning_rate", "grad_norm",
+              "epoch", "tokens_per_s", "elapsed_s", "gpu_mem_gib")
+# What the studio writes into a run folder; deleting a run removes these and nothing else, so a user's own
+# files in a custom output folder survive.
+RUN_FILES = ("adapter", "metrics.jsonl", "run.yaml", "error.log", "README.md")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    run_dir TEXT NOT NULL,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    ended_at REAL,
+    step INTEGER,
+    max_steps INTEGER,
+    final_metrics TEXT,
+    checkpoints TEXT NOT NULL DEFAULT '[]',
+    adapter_path TEXT,
+    error TEXT,
+    backend TEXT,
+    pid INTEGER,
+    files_deleted_at REAL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    resume_from TEXT,
+    config TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    status TEXT NOT NULL,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    job_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_run_step ON metrics(run_id, step);
+CREATE INDEX IF NOT EXISTS runs_dir ON runs(run_dir);
+"""
+
+
+class HistoryError(RuntimeError):
+    pass
+
+
+def default_path() -> Path:
+    return paths.home() / "history.sqlite"
+
+
+def checkpoint_step(path: str | Path | None) -> int | None:
+    m = CHECKPOINT_RE.match(Path(path).name) if path else None
+    return int(m.group(1)) if m else None
+
+
+def checkpoints_on_disk(run_dir: str | Path) -> list[tuple[int, str]]:
+    """(step, path) of the resumable checkpoints in a run folder, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(checkpoint_step(p), str(p)) for p in run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found)
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        import psutil
+
+        return psutil.pid_exists(pid)
+    except ImportError:
+        if os.name != "posix":
+            return True  # can't tell without psutil; never guess a live run dead
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+class History:
+    """The run history. Safe to share between threads; every public method is one short transaction."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.executescript(SCHEMA)
+        self._job_runs: dict[str, str] = {}
+        self.version = 0  # bumped on every write, so a UI can tell cheaply whether to redraw
+        self.mark_interrupted()
+
+    # ---- plumbing ----------------------------------------------------------------------------------------------
+    def _write(self, sql: str, args: tuple = ()) -> None:
+        with self._lock:
+            self._db.execute(sql, args)
+            self.version += 1
+
+    @contextmanager
+    def _transaction(self):
+        """One commit for the several writes an event makes (one disk sync per event, all or nothing)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- recording (the engine's on_event hook) ----------------------------------------------------------------
+    def record(self, job, event: dict[str, Any]) -> None:
+        """Store one engine event of ``job``. Called from the training thread."""
+        with self._lock:
+            known = job.id in self._job_runs
+            try:
+                with self._transaction():
+                    self._record(job, event)
+            except BaseException:
+                if not known:  # the run row was rolled back with the rest
+                    self._job_runs.pop(job.id, None)
+                raise
+
+    def _record(self, job, event: dict[str, Any]) -> None:
+        run_id = self._job_runs.get(job.id) or self._begin(job)
+        now = event.get("time", time.time())
+        kind = event["type"]
+        if kind == "metrics":
+            self._metrics(run_id, job, event, now)
+        elif kind == "checkpoint":
+            self._checkpoint(run_id, event, now)
+        elif kind == "error":
+            self._write("UPDATE runs SET error=?, updated_at=? WHERE id=?", (event.get("message"), now, run_id))
+            self._write("UPDATE attempts SET error=? WHERE job_id=?", (event.get("message"), job.id))
+        elif kind == "done":
+            self._done(run_id, job, event, now)
+        elif kind == "status":
+            self._write("UPDATE runs SET status=?, backend=COALESCE(?, backend), updated_at=? WHERE id=?",
+                        (job.state, job.backend, now, run_id))
+            self._write("UPDATE attempts SET status=? WHERE job_id=?", (job.state, job.id))
+
+    def _begin(self, job) -> str:
+        """The run this job belongs to: the run that owns its checkpoint when resuming, else a new one."""
+        cfg: RunConfig = job.config
+        run_dir = str(Path(cfg.run_dir()).resolve())
+        now = job.started_at
+        config = cfg.to_yaml()
+        run_id = None
+        if job.resume_from:
+            owner = self._rows("SELECT id FROM runs WHERE run_dir=? AND files_deleted_at IS NULL "
+                               "ORDER BY created_at DESC LIMIT 1", (run_dir,))
+            run_id = owner[0]["id"] if owner else None
+        if run_id is None:
+            run_id = job.id
+            self._write("INSERT INTO runs (id, name, run_dir, config, status, created_at, updated_at, pid) "
+                        "VALUES (?, ?, ?, ?, 'starting', ?, ?, ?)",
+                        (run_id, cfg.name, run_dir, config, now, now, os.getpid()))
+        else:
+            # the curve continues from the checkpoint: steps logged after it are replaced by the resumed job
+            step = checkpoint_step(job.resume_from)
+            if step is not None:
+                self._write("DELETE FROM metrics WHERE run_id=? AND step>?", (run_id, step))
+            self._write("UPDATE runs SET name=?, config=?, status='starting', updated_at=?, ended_at=NULL, "
+                        "error=NULL, pid=?, step=COALESCE(?, step) WHERE id=?",
+                        (cfg.name, config, now, os.getpid(), step, run_id))
+        self._write("INSERT OR REPLACE INTO attempts (job_id, run_id, resume_from, config, started_at, status) "
+                    "VALUES (?, ?, ?, ?, ?, 'starting')", (job.id, run_id, job.resume_from, config, now))
+        self._job_runs[job.id] = run_id
+        return run_id
+
+    def _metrics(self, run_id: str, job, event: dict, now: float) -> None:
+        data = {k: v for k, v in event.items() if k != "type"}
+        step = int(event.get("step", 0))
+        self._write("INSERT INTO metrics (run_id, job_id, step, data) VALUES (?, ?, ?, ?)",
+                    (run_id, job.id, step, json.dumps(data, allow_nan=True)))
+        if "loss" in event:  # a training step (eval entries carry eval_loss only)
+            final = {k: event[k] for k in FINAL_KEYS if event.get(k) is not None}
+            self._write("UPDATE runs SET step=?, max_steps=?, final_metrics=?, updated_at=? WHERE id=?",
+                        (step, event.get("max_steps"), json.dumps(final, allow_nan=True), now, run_id))
+
+    def _checkpoint(self, run_id: str, event: dict, now: float) -> None:
+        row = self._rows("SELECT checkpoints FROM runs WHERE id=?", (run_id,))
+        ckpts = json.loads(row[0]["checkpoints"]) if row else []
+        ckpts = [c for c in ckpts if c["path"] != event["path"]] + [{"step": event["step"], "path": event["path"]}]
+        self._write("UPDATE runs SET checkpoints=?, updated_at=? WHERE id=?", (json.dumps(ckpts), now, run_id))
+
+    def _done(self, run_id: str, job, event: dict, now: float) -> None:
+        state = event.get("state", job.state)
+        self._write("UPDATE runs SET status=?, ended_at=?, updated_at=?, adapter_path=COALESCE(?, adapter_path), "
+                    "step=COALESCE(?, step), error=CASE WHEN ?='failed' THEN ? ELSE error END WHERE id=?",
+                    (state, now, now, event.get("adapter"), event.get("step"), state, job.error, run_id))
+        self._write("UPDATE attempts SET status=?, ended_at=? WHERE job_id=?", (state, now, job.id))
+
+    def mark_interrupted(self) -> int:
+        """Runs left 'running' by a process that no longer exists (the studio was closed or crashed mid-run)."""
+        stale = [r for r in self._rows(f"SELECT id, pid FROM runs WHERE status IN {ACTIVE}")
+                 if not _pid_alive(r["pid"])]
+        for r in stale:
+            self._write("UPDATE runs SET status='interrupted', error=COALESCE(error, ?) WHERE id=?",
+                        ("The studio stopped while this run was training. Resume it from its latest checkpoint.",
+                         r["id"]))
+            self._write("UPDATE attempts SET status='interrupted' WHERE run_id=? AND status IN "
+                        f"{ACTIVE}", (r["id"],))
+        return len(stale)
+
+    # ---- reading -----------------------------------------------------------------------------------------------
+    def runs(self) -> list[dict[str, Any]]:
+        """All runs, newest first."""
+        return [self._decode(r) for r in self._rows("SELECT * FROM runs ORDER BY created_at DESC")]
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM runs WHERE id=?", (run_id,))
+        return self._decode(rows[0]) if rows else None
+
+    def run_for_job(self, job_id: str) -> str | None:
+        rows = self._rows("SELECT run_id FROM attempts WHERE job_id=?", (job_id,))
+        return rows[0]["run_id"] if rows else None
+
+    def attempts(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT job_id, resume_from, started_at, ended_at, status, error FROM attempts "
+                          "WHERE run_id=? ORDER BY started_at", (run_id,))
+
+    def metrics(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's logged entries in step order (training steps and eval entries)."""
+        rows = self._rows("SELECT data FROM metrics WHERE run_id=? ORDER BY step, rowid", (run_id,))
+        return [json.loads(r["data"]) for r in rows]
+
+    def config(self, run_id: str) -> RunConfig | None:
+        run = self.get(run_id)
+        return RunConfig.from_dict(yaml.safe_load(run["config"])) if run else None
+
+    @staticmethod
+    def _decode(row: dict[str, Any]) -> dict[str, Any]:
+        row = dict(row)
+        row["final_metrics"] = json.loads(row["final_metrics"]) if row.get("final_metrics") else {}
+        row["checkpoints"] = json.loads(row["checkpoints"] or "[]")
+        return row
+
+    def checkpoints(self, run_id: str) -> list[tuple[int, str]]:
+        """The run's checkpoints that are still on disk (old ones are rotated away by save_total_limit)."""
+        run = self.get(run_id)
+        return checkpoints_on_disk(run["run_dir"]) if run else []
+
+    # ---- deleting ----------------------------------------------------------------------------------------------
+    def delete_files(self, run_id: str) -> list[str]:
+        """Delete what the studio wrote for this run (checkpoints, adapter, logs); keep the record, marked.
+
+        Only the studio's own files are removed, so a custom output folder keeps anything else the user put
+        there. Refused while the run is training."""
+        run = self.get(run_id)
+        if run is None:
+            raise HistoryError(f"no run with id {run_id}")
+        if run["status"] in ACTIVE and _pid_alive(run["pid"]):
+            raise HistoryError(f"run '{run['name']}' is training: stop it before deleting its files")
+        run_dir = Path(run["run_dir"])
+        removed: list[str] = []
+        if run_dir.is_dir():
+            for p in sorted(run_dir.iterdir()):
+                if p.name in RUN_FILES or (p.is_dir() and checkpoint_step(p) is not None):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    removed.append(str(p))
+            try:
+                run_dir.rmdir()  # only when nothing of the user's is left in it
+                removed.append(str(run_dir))
+            except OSError:
+                pass
+        # every run recorded in this folder has lost its files
+        self._write("UPDATE runs SET files_deleted_at=?, updated_at=? WHERE run_dir=?",
+                    (time.time(), time.time(), run["run_dir"]))
+        return removed
+
+    def forget(self, run_id: str) -> None:
+        """Remove the run's record (its files stay unless deleted first)."""
+        self._write("DELETE FROM runs WHERE id=?", (run_id,))
+
+
+def unused_run_config(cfg: RunConfig) -> tuple[RunConfig, str | None]:
+    """``cfg`` for a fresh start that overwrites nothing: if its run folder already holds a run, the next free
+    name ``<name>-2``, ``-3`` ... A custom output folder is never renamed; a ``ValueError`` says to pick another.
+    Returns the config and a note saying what changed (None when nothing did)."""
+
+    def taken(c: RunConfig) -> bool:
+        d = c.run_dir()
+        return d.is_dir() and any(d.iterdir())
+
+    if not taken(cfg):
+        return cfg, None
+    if cfg.output_dir:
+        raise ValueError(f"the output folder {cfg.output_dir} already holds a run: resume it, delete its files in "
+                         "the run history, or choose another output_dir")
+    base = re.sub(r"-\d+$", "", cfg.name)
+    n = 2
+    while True:
+        candidate = cfg.updated({"name": f"{base}-{n}"})
+        if not taken(candidate):
+            return candidate, (f"A run named `{cfg.name}` already exists (resume it with **Resume**); "
+                               f"this new run is named `{candidate.name}`.")
+        n += 1
