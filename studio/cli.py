@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=None, help="fix the sequence length instead of searching")
     p.add_argument("--backend", choices=["unsloth", "bnb", "full"], default=None)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--seq-ceiling", type=int, default=None, help="longest max_length auto-fit may pick (default 4096)")
+    p.add_argument("--effective-batch", type=int, default=16, help="rows per optimizer step, kept via gradient accumulation")
     p.set_defaults(func=_lazy("studio.memory", "cli"))
 
     p = sub.add_parser("eval", help="held-out evaluation of a run (base vs tuned) as JSON")

@@ -47,6 +47,15 @@ class ModelSettings(_Section):
         "float32 on CPU.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub. Only for models you trust.")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0,
+        description="GPU memory this run may use, GiB (a GPU preset sets it: 7.5 for an 8 GB card). Empty: the free "
+        "memory of this machine's GPU. A run predicted to need more is refused.",
+    )
+    memory_check: bool = Field(
+        True, description="Refuse to start a run the memory estimate predicts will not fit (good to about 15%). "
+        "Turn off to try anyway."
+    )
 
 
 class LoraSettings(_Section):

@@ -218,6 +218,19 @@ class Engine:
         job.backend = backend
         self._emit(job, "status", message=f"Device: {device.name} ({device.kind}); path: {models.BACKEND_LABELS[backend]}",
                    backend=backend, device=device.as_dict())
+        if device.kind == "cuda" and cfg.model.memory_check:
+            from studio import memory
+
+            budget = cfg.model.gpu_memory_gib or device.free_gib
+            try:
+                est = memory.check_run(cfg, backend, budget)  # raises RunWontFit (a ConfigError) with the reason
+            except memory.EstimateError as e:
+                self._emit(job, "status", message=f"No memory estimate: {e}")
+            else:
+                self._emit(job, "status", message=f"Predicted peak GPU memory {est.total_gib:.2f} GiB of "
+                                                  f"{budget:g} GiB ({backend} path)", memory=est.as_dict())
+                for note in est.notes:
+                    self._emit(job, "status", message=note)
         self._emit(job, "status", message="Preparing data…")
         td = data_mod.prepare_training(cfg)
         self._emit(job, "status", message=f"{len(td.train)} training rows ({td.n_desirable} desirable, "

@@ -99,7 +99,8 @@ def choose_backend(cfg: RunConfig, device: DeviceInfo) -> str:
         raise ModelLoadError("model.backend 'bnb' needs bitsandbytes: `pip install bitsandbytes`, or use 'auto'.")
     if want != "auto":
         return want
-    if not cfg.model.load_in_4bit:
+    if not cfg.model.load_in_4bit or cfg.model.name_or_path == BUNDLED_MODEL:
+        # a 135M model fits any card in 16-bit; quantizing it would only cost quality and speed
         return "full"
     if device.unsloth and os.environ.get("KTO_STUDIO_NO_UNSLOTH") != "1" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return "unsloth"
@@ -160,31 +161,17 @@ def resolve_source(name_or_path: str, progress: Progress = None, token: str | No
 
 
 def download(repo_id: str, progress: Progress = None, token: str | None = None) -> str:
-    """Download (or find in the HF cache) a hub model; interrupted downloads resume from where they stopped."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    """Download (or find in the HF cache) a hub model with byte progress; interrupted downloads resume."""
+    from studio import hub
 
-    allow = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+    def bytes_progress(done, total, msg):
+        if progress:
+            progress(f"{msg}: {done / 1e9:.2f} / {total / 1e9:.2f} GB")
+
     try:
-        return snapshot_download(repo_id, local_files_only=True, allow_patterns=allow)
-    except Exception:
-        pass
-    if progress:
-        progress(f"Downloading {repo_id} from the Hugging Face hub (resumes if interrupted)…")
-    try:
-        return snapshot_download(repo_id, allow_patterns=allow, token=token)
-    except GatedRepoError:
-        raise ModelLoadError(
-            f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id} while logged in, then give "
-            "the studio a Hugging Face token (Model tab, or `huggingface-cli login`)."
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelLoadError(f"no model '{repo_id}' on the hub (or it is private): check the id") from None
-    except LocalEntryNotFoundError:
-        raise ModelLoadError(
-            f"{repo_id} is not in the local cache and the hub cannot be reached: connect to the internet, or "
-            "point at a local folder / .gguf file"
-        ) from None
+        return hub.download(repo_id, token=token, poll_s=5, progress=bytes_progress if progress else None)
+    except hub.HubError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------
