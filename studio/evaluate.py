@@ -1,0 +1,406 @@
+"""Held-out evaluation of a run: how the tuned model scores desirable vs undesirable completions, against the base.
+
+For every held-out KTO row the completion's log-probability given the prompt is computed twice, with the adapter
+off (the base model, which is TRL's reference model for a LoRA run) and on (the tuned model). The rows are tokenized
+the way TRL's ``KTOTrainer`` tokenizes them (chat template for conversational rows, EOS appended to plain-text
+completions, the completion starting where the tokenized prompt and prompt+completion diverge, ``max_length``
+truncation), and the log-prob is the sum over completion tokens computed in float32, so the implicit rewards
+``beta * (log pi_tuned - log pi_base)`` are the ones the training curves show.
+
+Reported, for base and tuned: mean log-prob of desirable and undesirable completions and their gap (unpaired data
+works); the fraction of paired prompts (a prompt with a desirable and an undesirable completion, as TRL's
+``unpair_preference_dataset`` produces) where the desirable completion has the higher log-prob. For the tuned model:
+mean implicit rewards, the margin, and the implicit-reward accuracy over pairs. A prompt with several completions of
+each label counts once, averaged over its desirable x undesirable combinations.
+
+``python -m studio eval RUN_DIR`` prints the result as JSON; every evaluation is stored as ``eval.json`` in the run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+EVAL_FILE = "eval.json"
+Progress = Callable[[str, float], None] | None  # (message, fraction done)
+
+
+class EvalError(ValueError):
+    """Evaluation input that cannot be used; the message says what to do."""
+
+
+# ---- tokenization (as TRL's KTOTrainer) ------------------------------------------------------------------------
+
+@dataclass
+class Tokenized:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def tokenize_row(tokenizer, prompt: Any, completion: Any, max_length: int | None) -> Tokenized | None:
+    """Prompt and completion token ids the way TRL's KTO trainer builds them; None when the prompt alone fills
+    ``max_length`` (TRL drops such rows)."""
+    from trl.data_utils import common_prefix_length
+
+    if _is_conversation(prompt):
+        if not _is_conversation(completion):
+            completion = [{"role": "assistant", "content": str(completion)}]
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]
+        full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
+    else:
+        prompt, completion = str(prompt), str(completion)
+        eos = tokenizer.eos_token or ""
+        if not completion.endswith(eos):
+            completion += eos
+        prompt_ids = tokenizer(text=prompt)["input_ids"]
+        full_ids = tokenizer(text=prompt + completion)["input_ids"]
+    prompt_ids, full_ids = list(prompt_ids), list(full_ids)
+    # the completion starts where the two tokenizations diverge (chat templates, merges across the boundary)
+    n = common_prefix_length(prompt_ids, full_ids)
+    if max_length is not None:
+        if n >= max_length:
+            return None
+        full_ids = full_ids[:max_length]
+    return Tokenized(full_ids[:n], full_ids[n:])
+
+
+# ---- log-probs -------------------------------------------------------------------------------------------------
+
+def _batches(items: list[Tokenized], max_tokens: int) -> Iterable[list[int]]:
+    """Indices grouped longest first, each batch padded to at most ``max_tokens`` tokens."""
+    order = sorted(range(len(items)), key=lambda i: -items[i].length)
+    batch: list[int] = []
+    for i in order:
+        width = items[batch[0]].length if batch else items[i].length
+        if batch and (len(batch) + 1) * width > max_tokens:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def completion_logps(model, items: list[Tokenized], *, pad_token_id: int, max_tokens: int = 2048,
+                     on_batch: Callable[[int], None] | None = None) -> list[float]:
+    """Sum of the completion's token log-probs for each item, in float32 as TRL's fused LM head computes them."""
+    import torch
+
+    out = [math.nan] * len(items)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = inner.get_decoder()
+    head = inner.get_output_embeddings()
+    cfg = inner.config
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None) or 1.0
+    plain_head = type(head) is torch.nn.Linear  # a LoRA-wrapped or quantized head is called as a module
+    device = inner.get_input_embeddings().weight.device
+    with torch.inference_mode():
+        for idx in _batches(items, max_tokens):
+            width = max(items[i].length for i in idx)
+            ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                seq = items[i].prompt_ids + items[i].completion_ids
+                ids[r, : len(seq)] = torch.tensor(seq)
+                mask[r, : len(seq)] = 1
+            hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            for r, i in enumerate(idx):
+                p, c = len(items[i].prompt_ids), len(items[i].completion_ids)
+                if c == 0:
+                    out[i] = 0.0
+                    continue
+                # position t predicts token t+1: the completion tokens are predicted from positions p-1 .. p+c-2
+                h = hidden[r, p - 1 : p + c - 1]
+                if plain_head:
+                    z = h.float() @ head.weight.float().t()
+                    if head.bias is not None:
+                        z = z + head.bias.float()
+                else:
+                    z = head(h).float()
+                z = z * scale
+                if softcap:
+                    z = softcap * torch.tanh(z / softcap)
+                target = ids[r, p : p + c].to(z.device)
+                lp = z.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+                out[i] = float(lp.sum())
+            if on_batch:
+                on_batch(len(idx))
+    return out
+
+
+# ---- the evaluation --------------------------------------------------------------------------------------------
+
+def _prompt_key(prompt: Any) -> str:
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def limit_rows(rows: list[dict], limit: int | None) -> list[dict]:
+    """At most ``limit`` rows, taking whole prompts in order so that pairs stay together."""
+    if not limit or limit >= len(rows):
+        return list(rows)
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_prompt_key(r["prompt"]), []).append(r)
+    out: list[dict] = []
+    for g in groups.values():
+        if out and len(out) + len(g) > limit:
+            break
+        out.extend(g[: max(limit - len(out), 1)])
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _side_stats(rows: list[dict], key: str) -> dict[str, Any]:
+    good = [r[key] for r in rows if r["label"]]
+    bad = [r[key] for r in rows if not r["label"]]
+    good_tok = [r[key] / r["n_tokens"] for r in rows if r["label"] and r["n_tokens"]]
+    bad_tok = [r[key] / r["n_tokens"] for r in rows if not r["label"] and r["n_tokens"]]
+    mg, mb = _mean(good), _mean(bad)
+    return {
+        "logp_desirable": mg,
+        "logp_undesirable": mb,
+        "logp_gap": mg - mb if mg is not None and mb is not None else None,
+        "logp_per_token_desirable": _mean(good_tok),
+        "logp_per_token_undesirable": _mean(bad_tok),
+    }
+
+
+def _pairs(rows: list[dict]) -> list[tuple[list[dict], list[dict]]]:
+    groups: dict[str, tuple[list[dict], list[dict]]] = {}
+    for r in rows:
+        g = groups.setdefault(r["_prompt"], ([], []))
+        g[0 if r["label"] else 1].append(r)
+    return [g for g in groups.values() if g[0] and g[1]]
+
+
+def _pair_score(pairs, key: str) -> tuple[float | None, float | None]:
+    """(fraction of prompts where desirable beats undesirable on ``key``, mean margin), per prompt averaged over
+    its desirable x undesirable combinations."""
+    if not pairs:
+        return None, None
+    wins, margins = [], []
+    for good, bad in pairs:
+        combos = [(g[key], b[key]) for g in good for b in bad]
+        wins.append(sum(1.0 for g, b in combos if g > b) / len(combos))
+        margins.append(sum(g - b for g, b in combos) / len(combos))
+    return _mean(wins), _mean(margins)
+
+
+def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length: int | None,
+                  max_tokens: int = 2048, progress: Progress = None) -> dict[str, Any]:
+    """Evaluate KTO rows (prompt, completion, label) on a PEFT model whose tuned adapter is active."""
+    if not rows:
+        raise EvalError("no held-out rows to evaluate")
+    items, kept, skipped = [], [], 0
+    for i, r in enumerate(rows):
+        t = tokenize_row(tokenizer, r["prompt"], r["completion"], max_length)
+        if t is None:
+            skipped += 1
+            continue
+        items.append(t)
+        kept.append(i)
+    if not items:
+        raise EvalError(f"every prompt is at least max_length ({max_length}) tokens long: nothing to score")
+    total, done = 2 * len(items), [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(f"scored {done[0]} / {total} completions", done[0] / total)
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with model.disable_adapter():
+        base = completion_logps(model, items, pad_token_id=pad, max_tokens=max_tokens, on_batch=step)
+    tuned = completion_logps(model, items, pad_token_id=pad, max_tokens=max_tokens, on_batch=step)
+    scored = []
+    for j, i in enumerate(kept):
+        r = rows[i]
+        scored.append({
+            "index": i, "label": bool(r["label"]), "n_tokens": len(items[j].completion_ids),
+            "base_logp": base[j], "tuned_logp": tuned[j], "reward": beta * (tuned[j] - base[j]),
+            "_prompt": _prompt_key(r["prompt"]),
+        })
+    pairs = _pairs(scored)
+    base_acc, _ = _pair_score(pairs, "base_logp")
+    tuned_acc, _ = _pair_score(pairs, "tuned_logp")
+    reward_acc, pair_margin = _pair_score(pairs, "reward")
+    good_r = [s["reward"] for s in scored if s["label"]]
+    bad_r = [s["reward"] for s in scored if not s["label"]]
+    result: dict[str, Any] = {
+        "beta": beta,
+        "max_length": max_length,
+        "n_rows": len(scored),
+        "n_desirable": len(good_r),
+        "n_undesirable": len(bad_r),
+        "n_pairs": len(pairs),
+        "n_skipped": skipped,
+        "base": {**_side_stats(scored, "base_logp"), "pair_accuracy": base_acc},
+        "tuned": {**_side_stats(scored, "tuned_logp"), "pair_accuracy": tuned_acc},
+        "rewards": {
+            "desirable": _mean(good_r),
+            "undesirable": _mean(bad_r),
+            # TRL's rewards/margins: mean desirable reward minus mean undesirable reward
+            "margin": _mean(good_r) - _mean(bad_r) if good_r and bad_r else None,
+            "pair_margin": pair_margin,
+            "pair_accuracy": reward_acc,
+        },
+        "rows": [{k: v for k, v in s.items() if k != "_prompt"} for s in scored],
+    }
+    if not pairs:
+        result["note"] = ("no prompt has both a desirable and an undesirable completion, so the pair metrics are "
+                          "empty; the log-prob gap compares all desirable with all undesirable completions")
+    return result
+
+
+def held_out_rows(run_dir: str | Path, data: str | None = None) -> tuple[list[dict], str]:
+    """The held-out rows of a run (``data`` if given, else the run's eval file or eval split) and where they came
+    from."""
+    from studio import chat
+    from studio import data as data_mod
+
+    if data:
+        return data_mod.load_kto(data).rows, str(data)
+    cfg = chat.run_config(run_dir)
+    if cfg.data.eval_file:
+        return data_mod.load_kto(cfg.data.eval_file).rows, cfg.data.eval_file
+    if cfg.data.eval_fraction > 0:
+        td = data_mod.prepare_training(cfg)  # the same seeded split the run trained without
+        return td.eval.to_list(), f"{cfg.data.train_file} (held-out {cfg.data.eval_fraction:.0%} split)"
+    raise EvalError(f"run '{Path(run_dir).name}' has no held-out data (no eval file and eval fraction 0): give a "
+                    "held-out file (`--data FILE` on the command line, or the file box in the Chat tab)")
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None = None, *,
+                 adapter: str | Path | None = None, chat_model=None, save: bool = True,
+                 progress: Progress = None) -> dict[str, Any]:
+    """Evaluate a run's adapter (default: its final adapter, else its newest checkpoint) on held-out data and store
+    the result as ``eval.json`` in the run folder. ``chat_model`` reuses an already loaded ``ChatModel``."""
+    from studio import chat
+
+    t0 = time.time()
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not (run_dir / chat.CONFIG_FILE).is_file():
+        raise EvalError(f"{run_dir} is not a run folder (it has no {chat.CONFIG_FILE})")
+    choice = chat.resolve_adapter(adapter or run_dir)
+    rows, source = held_out_rows(run_dir, data)
+    rows = limit_rows(rows, limit)
+    cfg = chat.run_config(run_dir)
+    cm = chat_model or chat.ChatModel()
+    cm.use(choice, progress=(lambda m: progress(m, 0.0)) if progress else None)
+    with cm.lock:
+        max_tokens = 4096 if cm.device.kind == "cuda" else 2048
+        result = evaluate_rows(cm.model, cm.tokenizer, rows, beta=cfg.kto.beta, max_length=cfg.kto.max_length,
+                               max_tokens=max_tokens, progress=progress)
+    result = {
+        "run": run_dir.name, "run_dir": str(run_dir), "adapter": str(choice.path), "adapter_label": choice.label,
+        "base_model": cfg.model.name_or_path, "data": source, "limit": limit, **result,
+        "seconds": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if save:
+        (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+def load_result(run_dir: str | Path) -> dict[str, Any] | None:
+    f = Path(run_dir) / EVAL_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# ---- presentation (plain data; the Chat tab turns it into a table and a chart) ---------------------------------
+
+TABLE_COLUMNS = ["metric", "base", "tuned", "change"]
+
+
+def summary_table(result: dict[str, Any]) -> list[list[Any]]:
+    """Rows of [metric, base, tuned, change] with numbers rounded for reading."""
+    def num(v, pct=False):
+        if v is None:
+            return None
+        return round(100 * v, 1) if pct else round(v, 3)
+
+    b, t, rw = result["base"], result["tuned"], result["rewards"]
+    rows = []
+    for label, key, pct in [("mean log-prob, desirable", "logp_desirable", False),
+                            ("mean log-prob, undesirable", "logp_undesirable", False),
+                            ("log-prob gap (desirable − undesirable)", "logp_gap", False),
+                            ("pairs where desirable outranks undesirable, %", "pair_accuracy", True)]:
+        bv, tv = num(b.get(key), pct), num(t.get(key), pct)
+        rows.append([label, bv, tv, None if bv is None or tv is None else round(tv - bv, 3)])
+    for label, key, pct in [("implicit reward, desirable (β·Δ log-prob)", "desirable", False),
+                            ("implicit reward, undesirable", "undesirable", False),
+                            ("implicit reward margin (pairs)", "pair_margin", False),
+                            ("implicit reward accuracy (pairs), %", "pair_accuracy", True)]:
+        rows.append([label, None, num(rw.get(key), pct), None])
+    return rows
+
+
+def chart_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Long-format rows (completions, model, log-prob) for a grouped bar chart of the desirable/undesirable means."""
+    out = []
+    for side in ("base", "tuned"):
+        for label, key in (("desirable", "logp_desirable"), ("undesirable", "logp_undesirable")):
+            v = result[side].get(key)
+            if v is not None:
+                out.append({"completions": label, "model": side, "mean log-prob": round(v, 3)})
+    return out
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+
+def cli(args) -> int:
+    """``python -m studio eval RUN_DIR [--data FILE] [--limit N]``: the evaluation as JSON on stdout."""
+    import logging
+
+    from studio.chat import ChatError
+    from studio.config import ConfigError
+    from studio.data.normalize import DataError
+    from studio.models import ModelLoadError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet()
+
+    def show(msg: str, frac: float) -> None:
+        print(f"[{frac:4.0%}] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        result = evaluate_run(args.run_dir, data=args.data, limit=args.limit, progress=show)
+    except (EvalError, ChatError, ConfigError, DataError, ModelLoadError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2, ensure_ascii=False))
+    print(f"per-row scores stored in {Path(result['run_dir']) / EVAL_FILE}", file=sys.stderr)
+    return 0
+
+
+def _quiet() -> None:
+    try:
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
