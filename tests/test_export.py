@@ -1,0 +1,176 @@
+"""A user exports a trained run: the adapter folder, a merged model, and a GGUF file for llama.cpp / Ollama.
+
+Every export is loaded back here independently of the export's own checks.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from studio import export
+from tests.test_chat import trained_run_dir
+
+PROBE = [{"role": "user", "content": "Name a planet close to the Sun."}]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, bundled_model_dir):
+    return trained_run_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def adapter_model(run_dir, bundled_model_dir):
+    """The run's adapter on the base model, loaded the plain PEFT way."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(bundled_model_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bundled_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundled_model_dir)
+
+
+@pytest.fixture(scope="module")
+def probe_ids(tokenizer):
+    return torch.tensor([tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"]])
+
+
+@pytest.fixture(scope="module")
+def gguf_export(run_dir, tmp_path_factory):
+    """``python -m studio export RUN --format gguf --out DIR``, run once for the GGUF tests."""
+    from studio.cli import main
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny-gguf"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["export", str(run_dir), "--format", "gguf", "--out", str(out)]) == 0
+    return out, json.loads(buf.getvalue())
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.float()
+
+
+def test_adapter_export_is_the_runs_adapter_without_training_files(run_dir, tmp_path):
+    out = tmp_path / "adapter-out"
+    result = export.export_adapter(run_dir, out)
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "export.json"} <= names
+    assert not names & {"ref", "training_args.bin", "optimizer.pt"}, "training-only files must stay behind"
+    assert (out / "adapter_model.safetensors").read_bytes() == (run_dir / "adapter" / "adapter_model.safetensors"
+                                                                ).read_bytes()
+    assert result.checks["loads_with_peft"] and result.checks["max_logit_diff_vs_run_adapter"] == 0.0
+    assert result.checks["max_logit_change_vs_base"] > 0.05
+
+
+def test_merged_export_gives_the_adapter_models_logits(run_dir, tmp_path, adapter_model, probe_ids):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    result = export.export_merged(run_dir, out)
+    assert result.checks["vs_adapter_model"]["ok"]
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.dtype == torch.float32  # the bundled base is stored in float32: merged in float32, not 4-bit
+    assert getattr(merged.config, "quantization_config", None) is None
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k], "the adapter must be merged in, not carried along"
+    diff = (_logits(merged, probe_ids) - _logits(adapter_model, probe_ids)).abs().max().item()
+    assert diff < 1e-3
+
+
+def test_headless_gguf_export_loads_with_transformers_gguf_reader(gguf_export, adapter_model, tokenizer,
+                                                                  probe_ids):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, printed = gguf_export
+    gguf_file = out / "tiny.gguf"
+    assert printed["path"] == str(gguf_file) and gguf_file.is_file()
+    assert printed["checks"]["vs_merged_model"]["ok"] and printed["checks"]["tokenizer_same_ids_on_chat_prompt"]
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+    want, got = _logits(adapter_model, probe_ids), _logits(loaded, probe_ids)
+    assert (got - want).abs().max().item() < 0.25  # f16 weights
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+    gguf_tok = AutoTokenizer.from_pretrained(out, gguf_file=gguf_file.name)
+    text = tokenizer.apply_chat_template(PROBE + [{"role": "assistant", "content": "Mercury, 58 million km."}],
+                                         tokenize=False)
+    assert gguf_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+    modelfile = (out / "Modelfile").read_text(encoding="utf-8")
+    assert "FROM ./tiny.gguf" in modelfile
+    assert "<|im_start|>{{ .Role }}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_gguf_layout_and_tokenizer_match_llama_cpps_own_conversion_of_the_model(gguf_export):
+    """The bundled SmolLM2 GGUF was written by llama.cpp's converter: ours must use the same tensor names and
+    shapes, hyperparameters and tokenizer metadata."""
+    from gguf import GGUFReader
+
+    from studio import bundled
+
+    ours = GGUFReader(str(gguf_export[0] / "tiny.gguf"))
+    theirs = GGUFReader(str(bundled.gguf_path()))
+    assert {t.name: t.shape.tolist() for t in ours.tensors} == {t.name: t.shape.tolist() for t in theirs.tensors}
+    assert {t.tensor_type.name for t in ours.tensors} == {"F16", "F32"}
+    assert {t.tensor_type.name for t in ours.tensors if t.name.endswith("norm.weight")} == {"F32"}
+
+    keys = [k for k in theirs.fields if k.startswith(("llama.", "tokenizer."))]
+    assert "tokenizer.ggml.merges" in keys and "tokenizer.ggml.token_type" in keys
+    for key in keys:
+        assert key in ours.fields, f"{key} is missing"
+        a, b = ours.fields[key].contents(), theirs.fields[key].contents()
+        assert (a == pytest.approx(b)) if isinstance(b, float) else (a == b), key
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_each_supported_family_round_trips_through_gguf_exactly_in_f32(family, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    config = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family](**common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if family == "qwen2":  # Qwen2 has q/k/v biases: make them matter
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.bias.data.normal_(0, 0.5)
+    export.write_gguf(model, tokenizer, tmp_path / "m.gguf", ftype="f32")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    assert (_logits(loaded, ids) - _logits(model, ids)).abs().max().item() < 1e-4
+
+
+def test_other_architectures_get_a_clear_message(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer)))
+    with pytest.raises(export.ExportError, match="Llama, Mistral and Qwen2 families.*'gpt2'.*merged"):
+        export.write_gguf(model, tokenizer, tmp_path / "m.gguf")
+
+
+def test_export_never_overwrites_a_folder_it_did_not_write(run_dir, tmp_path):
+    mine = tmp_path / "my-folder"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(export.ExportError, match="did not write"):
+        export.export_adapter(run_dir, mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    # an earlier studio export in the same place is replaced
+    export.export_adapter(run_dir, tmp_path / "again")
+    export.export_adapter(run_dir, tmp_path / "again")
