@@ -118,8 +118,12 @@ class BaseKey:
 def base_key(cfg: RunConfig, device) -> BaseKey:
     from studio import models
 
-    quantized = (device.kind == "cuda" and cfg.model.load_in_4bit and cfg.model.backend != "full"
-                 and device.bitsandbytes)
+    # the training path decides: Unsloth and bitsandbytes runs trained against an NF4 base, 'full' runs a 16/32-bit one
+    try:
+        backend = models.choose_backend(cfg, device)
+    except models.ModelLoadError:  # e.g. a run forced to Unsloth, opened on a machine without it
+        backend = "bnb" if device.kind == "cuda" and cfg.model.load_in_4bit else "full"
+    quantized = backend in ("unsloth", "bnb") and device.kind == "cuda" and device.bitsandbytes
     return BaseKey(cfg.model.name_or_path, quantized, str(models.compute_dtype(cfg, device)).removeprefix("torch."),
                    cfg.model.trust_remote_code)
 
