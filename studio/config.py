@@ -97,11 +97,12 @@ class TrainSettings(_Section):
     """Fields named as in ``transformers.TrainingArguments`` (through ``KTOConfig``)."""
 
     learning_rate: float = Field(
-        2e-4,
+        1e-3,
         gt=0.0,
         lt=1.0,
         description="Peak learning rate. LoRA needs far more than full fine-tuning: 5e-7 (the full fine-tuning "
-        "advice) teaches a LoRA adapter nothing.",
+        "advice) teaches a LoRA adapter nothing. 1e-3 (the default) was best for the bundled 135M model on real "
+        "data (docs/RECIPES.md); for 3B-8B QLoRA models start at 2e-4 (the Standard recipe picks by model size).",
     )
     num_train_epochs: float = Field(1.0, gt=0.0, description="Passes over the training data.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
@@ -111,7 +112,7 @@ class TrainSettings(_Section):
         "another row's completion inside the batch.",
     )
     gradient_accumulation_steps: int = Field(
-        2, ge=1, description="Forward passes per optimizer step. Effective batch = per-device batch x this x devices."
+        4, ge=1, description="Forward passes per optimizer step. Effective batch = per-device batch x this x devices."
     )
     warmup_steps: float = Field(
         0.1, ge=0.0, description="Warm-up: a fraction of the run when below 1 (0.1 = first 10%), else a step count."
