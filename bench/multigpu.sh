@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7 check on a 2-GPU machine: `accelerate launch -m studio train` data-parallel on the bitsandbytes path,
 # against one GPU with the same global batch (per-device 2 x 2 GPUs  vs  per-device 2 x grad-accum 2).
+# MODEL=/path or bundled:smollm2-135m and DATA=file.jsonl use a real model on real data (losses that move).
 # Run from the repo root on the device machine after `source .whl/device_setup.sh`.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,10 +15,10 @@ d = make_model_dir(os.environ.get("ARCH", "qwen2.5-3b"))
 write_dataset("/tmp/mg_data.jsonl", 64, 100, 100, seed=1)
 open("/tmp/mg_model", "w").write(d)
 PY
-MODEL=$(cat /tmp/mg_model)
-common=(--set model.name_or_path=$MODEL --set model.backend=bnb --set data.train_file=/tmp/mg_data.jsonl
-        --set train.max_steps=6 --set train.learning_rate=0.001 --set train.warmup_steps=0 --set train.save_steps=1000
-        --set train.lr_scheduler_type=constant --set kto.max_length=256 --set train.per_device_train_batch_size=2
+MODEL=${MODEL:-$(cat /tmp/mg_model)}; DATA=${DATA:-/tmp/mg_data.jsonl}; LR=${LR:-0.001}
+common=(--set model.name_or_path=$MODEL --set model.backend=bnb --set data.train_file=$DATA
+        --set train.max_steps=6 --set train.learning_rate=$LR --set train.warmup_steps=0 --set train.save_steps=1000
+        --set train.lr_scheduler_type=constant --set kto.max_length=${SEQ:-256} --set train.per_device_train_batch_size=2
         --set lora.r=16)
 cat > /tmp/mg.yaml <<'Y'
 name: multigpu
