@@ -15,6 +15,7 @@ d = make_model_dir(os.environ.get("ARCH", "qwen2.5-3b"))
 write_dataset("/tmp/mg_data.jsonl", 64, 100, 100, seed=1)
 open("/tmp/mg_model", "w").write(d)
 PY
+rm -rf /tmp/mg_single /tmp/mg_ddp
 MODEL=${MODEL:-$(cat /tmp/mg_model)}; DATA=${DATA:-/tmp/mg_data.jsonl}; LR=${LR:-0.001}
 common=(--set model.name_or_path=$MODEL --set model.backend=bnb --set data.train_file=$DATA
         --set train.max_steps=6 --set train.learning_rate=$LR --set train.warmup_steps=0 --set train.save_steps=1000

@@ -127,6 +127,7 @@ def cmd_train(args) -> int:
             bar.show(ev)
     bar.close()
     engine.wait()  # let the training thread finish cleaning up before the interpreter exits
+    _close_distributed()
     if job.state == "failed":
         print(f"error: {job.error}", file=sys.stderr)
         return 1
@@ -134,6 +135,17 @@ def cmd_train(args) -> int:
         print(f"adapter: {job.adapter_path}")
         print(f"run folder: {job.run_dir} (run.yaml, metrics.jsonl, checkpoints)")
     return 0
+
+
+def _close_distributed() -> None:
+    """Under `accelerate launch`, leave the process group cleanly (NCCL warns about leaks otherwise)."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
 
 
 class _Progress:

@@ -262,6 +262,7 @@ class RunConfig(_Section):
             gradient_checkpointing_kwargs={"use_reentrant": False} if self.train.gradient_checkpointing else None,
             remove_unused_columns=False,
             disable_tqdm=True,  # front ends draw their own progress from the engine's events
+            ddp_find_unused_parameters=False,  # every LoRA weight is used each step; the search costs a graph walk
         )
         kw.update(overrides)
         if kw["precompute_ref_log_probs"] == "auto":  # the engine resolves 'auto' from the data (studio/speed.py)
