@@ -267,6 +267,9 @@ class Engine:
         if backend == "unsloth":
             # Unsloth's own checkpointing is already on; TRL must not wrap the model a second time
             kto_args.gradient_checkpointing = False
+        self._emit(job, "status", message="Tokenizing" + (
+            f" and computing the reference model's log-probs for {len(td.train)} rows once" if precompute else "")
+            + "…")
         trainer = KTOTrainer(model=loaded.model, args=kto_args, train_dataset=td.train, eval_dataset=td.eval,
                              processing_class=loaded.tokenizer, callbacks=[_make_callback(self, job)])
         return trainer
