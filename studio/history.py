@@ -223,7 +223,10 @@ class History:
         self._write("INSERT INTO metrics (run_id, job_id, step, data) VALUES (?, ?, ?, ?)",
                     (run_id, job.id, step, json.dumps(data, allow_nan=True)))
         if "loss" in event:  # a training step (eval entries carry eval_loss only)
-            final = {k: event[k] for k in FINAL_KEYS if event.get(k) is not None}
+            # keep each metric's last logged value: a step whose batches held one label logs no margin
+            row = self._rows("SELECT final_metrics FROM runs WHERE id=?", (run_id,))
+            final = json.loads(row[0]["final_metrics"]) if row and row[0]["final_metrics"] else {}
+            final.update({k: event[k] for k in FINAL_KEYS if event.get(k) is not None})
             self._write("UPDATE runs SET step=?, max_steps=?, final_metrics=?, updated_at=? WHERE id=?",
                         (step, event.get("max_steps"), json.dumps(final, allow_nan=True), now, run_id))
 

@@ -227,6 +227,15 @@ def test_a_fresh_start_never_writes_into_an_existing_run(tmp_path, studio_home):
         unused_run_config(custom)
 
 
+def test_final_metrics_keep_the_last_value_of_each_curve(tmp_path):
+    history = History()
+    job = _fake_job(tiny_run_config(tmp_path))
+    _emit(history, job, "metrics", step=1, max_steps=2, loss=0.5, kl=0.1, **{"rewards/margins": 0.3})
+    _emit(history, job, "metrics", step=2, max_steps=2, loss=0.4, kl=0.2)  # one-label batch: no margin
+    final = history.get(job.id)["final_metrics"]
+    assert (final["loss"], final["kl"], final["rewards/margins"]) == (0.4, 0.2, 0.3)
+
+
 def test_two_runs_curves_can_be_compared_step_by_step(tmp_path):
     from studio.ui.train_tab import compare_frame
 

@@ -59,9 +59,12 @@ def _num(v, fmt=".4f") -> str:
 
 
 def _long(metrics: list[dict], keys: list[str], label=None) -> pd.DataFrame:
-    rows = [{"step": m["step"], "value": float(m[k]), "series": label or k}
-            for m in metrics for k in keys if isinstance(m.get(k), (int, float))]
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    pts = [(int(m["step"]), float(m[k]), label or k) for m in metrics for k in keys
+           if isinstance(m.get(k), (int, float))]
+    # typed columns even when empty: an untyped frame would make the chart's step axis categorical
+    return pd.DataFrame({"step": pd.Series([p[0] for p in pts], dtype="int64"),
+                         "value": pd.Series([p[1] for p in pts], dtype="float64"),
+                         "series": pd.Series([p[2] for p in pts], dtype="str")})
 
 
 def _bar(fraction: float | None, text: str, elem_class: str) -> str:
@@ -143,18 +146,11 @@ def health_md(metrics: list[dict], cfg: RunConfig | None) -> str:
     return "\n".join(out)
 
 
-def plot_updates(metrics: list[dict]) -> list:
-    out = []
-    for _, keys in PLOTS.values():
-        frame = _long(metrics, keys)
-        if frame.empty:
-            caption = "no points yet"
-        else:
-            last = frame[frame.step == frame.step.max()]
-            caption = f"{len(frame)} points · step {int(last.step.iloc[0])}: " + ", ".join(
-                f"{s} {v:.4g}" for s, v in zip(last.series, last.value))
-        out.append(gr.update(value=frame, caption=caption))
-    return out
+def plot_updates(metrics: list[dict]) -> list[pd.DataFrame | None]:
+    """One frame per plot; None (an empty chart) where nothing is logged yet: the browser sizes a chart's axes
+    from the first frame it gets, so it must never get an empty one."""
+    frames = [_long(metrics, keys) for _, keys in PLOTS.values()]
+    return [None if f.empty else f for f in frames]
 
 
 # ---- history views -------------------------------------------------------------------------------------------------
@@ -250,7 +246,8 @@ def build(studio, app: gr.Blocks | None = None):
         with gr.Row():
             for title in row:
                 plots.append(gr.LinePlot(x="step", y="value", color="series", title=title, height=230,
-                                         elem_id=f"plot-{PLOTS[title][0]}", caption="no points yet"))
+                                         y_title=PLOTS[title][1][0] if len(PLOTS[title][1]) == 1 else "reward",
+                                         y_axis_format=".3~g", color_title="", elem_id=f"plot-{PLOTS[title][0]}"))
     health_box = gr.Markdown(elem_id="train-health")
 
     with gr.Accordion("Run history", open=True):
@@ -268,7 +265,7 @@ def build(studio, app: gr.Blocks | None = None):
             cmp_b = gr.Dropdown(label="Run B", choices=[], elem_id="history-compare-b")
             cmp_key = gr.Dropdown(label="Curve", choices=COMPARABLE, value="loss", elem_id="history-compare-metric")
         cmp_plot = gr.LinePlot(x="step", y="value", color="series", title="compare", height=260,
-                               elem_id="plot-compare")
+                               y_axis_format=".3~g", color_title="", elem_id="plot-compare")
     seen = gr.State(None)  # what this browser tab last drew, so the timer only sends changes
     timer = gr.Timer(1.0)
 
@@ -364,7 +361,8 @@ def build(studio, app: gr.Blocks | None = None):
                 run_detail_md(studio.history, run_id), False)
 
     def on_compare(a, b, key):
-        return compare_frame(studio.history, a, b, key or "loss")
+        frame = compare_frame(studio.history, a, b, key or "loss")
+        return None if frame.empty else frame
 
     def on_page_load():
         """A new or refreshed page shows the running job's settings, else the studio's current config."""
@@ -380,7 +378,11 @@ def build(studio, app: gr.Blocks | None = None):
         out: list = []
         if key != state.get("key"):
             metrics = job_metrics(studio)
-            out += [status_md(job), progress_html(job), memory_html(job), *plot_updates(metrics),
+            # plots are redrawn only when the curves changed (a redraw resets the chart's zoom and tooltips)
+            curve_key = [job.id if job else None, [(m["step"], m.get("loss")) for m in metrics]]
+            plots_out = plot_updates(metrics) if curve_key != state.get("curves") else [gr.skip()] * len(PLOTS)
+            state["curves"] = curve_key
+            out += [status_md(job), progress_html(job), memory_html(job), *plots_out,
                     health_md(metrics, job.config if job else None), history_frame(hist)]
             state["key"] = key
         else:
