@@ -1,8 +1,257 @@
-"""Chat tab: base vs tuned, side by side."""
+"""Chat tab: base vs tuned side by side, 👍/👎 into a feedback data set, held-out evaluation, export.
+
+Thin: the work is done by studio.chat (one model in memory, adapter toggled), studio.feedback, studio.evaluate and
+studio.export.
+"""
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
+import pandas as pd
+
+from studio import evaluate, export, feedback
+from studio.chat import (ChatModel, GenerationSettings, Turn, build_messages, content_text, list_adapters,
+                         newest)
+
+NO_ADAPTER = ("No trained adapter yet: train a run in the **Train** tab (or let it reach its first checkpoint), "
+              "then press **↻**.")
+
+
+def _chat(studio) -> ChatModel:
+    if getattr(studio, "chat", None) is None:
+        studio.chat = ChatModel()  # one model per studio, shared by every browser tab
+    return studio.chat
+
+
+def adapter_choices() -> tuple[list[tuple[str, str]], str | None]:
+    """Dropdown choices (label, adapter path) and the one to preselect: the newest run's adapter."""
+    adapters = list_adapters()
+    pick = newest(adapters)
+    return [(a.label, str(a.path)) for a in adapters], (str(pick.path) if pick else None)
+
+
+def _plain(history) -> list[dict]:
+    return [{"role": m["role"], "content": content_text(m.get("content"))} for m in (history or [])
+            if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+
+
+def feedback_md() -> str:
+    c = feedback.counts()
+    return (f"Rate any reply with 👍 / 👎: it becomes a KTO row in `{feedback.feedback_path()}` "
+            f"(**{c['rows']}** rows so far: {c['desirable']} 👍, {c['undesirable']} 👎). Load that file in the "
+            "**Data** tab for the next run.")
+
+
+def eval_views(result):
+    if not result:
+        return "No evaluation stored for this run yet.", pd.DataFrame(columns=evaluate.TABLE_COLUMNS), \
+            pd.DataFrame(columns=["completions", "model", "mean log-prob"])
+    head = (f"**{result['adapter_label']}** on {result['n_rows']} held-out rows from `{result['data']}` "
+            f"({result['n_desirable']} desirable, {result['n_undesirable']} undesirable, {result['n_pairs']} paired "
+            f"prompts; β = {result['beta']}) · {result['created']} · stored in `{result['run_dir']}/eval.json`")
+    if result.get("note"):
+        head += f"  \n{result['note']}"
+    table = pd.DataFrame(evaluate.summary_table(result), columns=evaluate.TABLE_COLUMNS)
+    chart = pd.DataFrame(evaluate.chart_rows(result))
+    if not chart.empty:
+        chart["completions"] = chart["completions"] + " · " + chart["model"]
+    return head, table, chart
+
+
+def _y_lim(chart: pd.DataFrame) -> list[float]:
+    # log-probs are negative: bars hang down from 0, so the axis must reach 0
+    low = float(chart["mean log-prob"].min()) if not chart.empty else -1.0
+    return [min(low * 1.15, -1.0), 0.0]
+
+
+def eval_outputs(result):
+    head, table, chart = eval_views(result)
+    return head, table, gr.update(value=chart, y_lim=_y_lim(chart))
 
 
 def build(studio):
-    gr.Markdown("Train a run first; then chat with the base model and the tuned adapter side by side here.")
+    chat = _chat(studio)
+    choices, first = adapter_choices()
+    turns = gr.State({"base": {}, "tuned": {}})
+
+    with gr.Row(equal_height=True):
+        adapter = gr.Dropdown(choices=choices, value=first, scale=4,
+                              label="Tuned side: adapter", elem_id="chat-adapter",
+                              info="Any run's final adapter or checkpoint. The base side is the same model with "
+                                   "the adapter switched off.")
+        refresh = gr.Button("↻", scale=0, min_width=60, elem_id="chat-refresh")
+    status = gr.Markdown(chat.describe() if chat.loaded else ("" if choices else NO_ADAPTER), elem_id="chat-status")
+    with gr.Accordion("Prompt and sampling (the same for both sides)", open=False):
+        system = gr.Textbox(label="System prompt (optional)", lines=2, elem_id="chat-system")
+        with gr.Row():
+            max_new = gr.Slider(16, 1024, value=200, step=8, label="max new tokens", elem_id="chat-max-new")
+            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature (0 = greedy)",
+                                    elem_id="chat-temperature")
+            top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p", elem_id="chat-top-p")
+            seed = gr.Number(0, precision=0, label="seed (both sides)", elem_id="chat-seed")
+    with gr.Row():
+        base_box = gr.Chatbot(label="Base model (adapter off)", elem_id="chat-base", height=380)
+        tuned_box = gr.Chatbot(label="Tuned (adapter on)", elem_id="chat-tuned", height=380)
+    with gr.Row(equal_height=True):
+        msg = gr.Textbox(placeholder="Ask both models…", show_label=False, scale=5, elem_id="chat-input")
+        send = gr.Button("Send", variant="primary", scale=0, min_width=90, elem_id="chat-send")
+        clear = gr.Button("Clear", scale=0, min_width=90, elem_id="chat-clear")
+    fb = gr.Markdown(feedback_md(), elem_id="chat-feedback")
+
+    with gr.Accordion("Held-out evaluation: base vs tuned", open=False):
+        gr.Markdown("Scores the held-out rows with the adapter off and on: mean log-prob of desirable and "
+                    "undesirable completions, how often the desirable completion of a paired prompt outranks the "
+                    "undesirable one, and the implicit rewards β·(log π_tuned − log π_base) as in training. "
+                    "Headless: `python -m studio eval RUN_DIR`.")
+        with gr.Row():
+            eval_data = gr.Textbox(label="Held-out file", scale=3, elem_id="chat-eval-data",
+                                   placeholder="empty: the run's eval file or held-out split")
+            eval_limit = gr.Number(200, precision=0, minimum=2, label="at most N rows", elem_id="chat-eval-limit")
+            eval_btn = gr.Button("Evaluate", scale=0, min_width=110, elem_id="chat-eval-run")
+        head0, table0, chart0 = eval_views(_stored_eval(first) if first else None)
+        eval_status = gr.Markdown(head0, elem_id="chat-eval-status")
+        with gr.Row():
+            eval_table = gr.Dataframe(table0, interactive=False, elem_id="chat-eval-table", scale=3)
+            eval_plot = gr.BarPlot(chart0, x="completions", y="mean log-prob", color="model", height=260,
+                                   y_lim=_y_lim(chart0), title="mean log-prob per completion (higher = more likely)",
+                                   elem_id="chat-eval-plot", scale=2)
+
+    with gr.Accordion("Export", open=False):
+        gr.Markdown("**adapter**: the LoRA folder · **merged**: full model in safetensors (the base reloaded in "
+                    "16/32-bit, never merged into 4-bit weights) · **gguf**: one file for llama.cpp / Ollama "
+                    "(Llama, Mistral, Qwen2 families) with a Modelfile. Each export is loaded back and checked. "
+                    "Headless: `python -m studio export RUN_DIR --format gguf --out PATH`.")
+        with gr.Row():
+            fmt = gr.Radio(list(export.FORMATS), value="adapter", label="Format", elem_id="chat-export-format")
+            out = gr.Textbox(label="Export to", scale=3, elem_id="chat-export-out",
+                             placeholder="empty: <run folder>/export/<format>")
+            export_btn = gr.Button("Export", scale=0, min_width=110, elem_id="chat-export-run")
+        export_md = gr.Markdown(elem_id="chat-export-result")
+
+    # ---- handlers ----------------------------------------------------------------------------------------------
+    def on_refresh(current):
+        ch, pick = adapter_choices()
+        value = current if current in [v for _, v in ch] else pick
+        return gr.update(choices=ch, value=value), (chat.describe() if chat.loaded else ("" if ch else NO_ADAPTER))
+
+    def on_adapter(path):
+        return eval_outputs(_stored_eval(path) if path else None)
+
+    def on_send(text, base_hist, tuned_hist, state, path, sys_prompt, n_new, temp, p, sd):
+        text = (text or "").strip()
+        base_hist, tuned_hist = _plain(base_hist), _plain(tuned_hist)
+        if not text:
+            yield gr.update(), base_hist, tuned_hist, state, gr.update()
+            return
+        if not path:
+            yield gr.update(), base_hist, tuned_hist, state, NO_ADAPTER
+            return
+        try:
+            if chat.active is None or str(chat.active.path) != path:
+                yield gr.update(), base_hist, tuned_hist, state, "⏳ Loading the model and the adapter…"
+            chat.use(path)
+        except Exception as e:  # noqa: BLE001 - shown to the user (ChatError says what to do)
+            yield gr.update(), base_hist, tuned_hist, state, f"❌ {e}"
+            return
+        note = chat.describe()
+        if studio.engine.busy:
+            note += "  \n⚠️ A training run is going on: chat shares the machine with it and is slower."
+        settings = GenerationSettings(max_new_tokens=int(n_new), temperature=float(temp), top_p=float(p),
+                                      seed=int(sd or 0))
+        prompt = {"base": build_messages(base_hist, text, sys_prompt),
+                  "tuned": build_messages(tuned_hist, text, sys_prompt)}
+        hist = {"base": base_hist + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}],
+                "tuned": tuned_hist + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}
+        state = {k: dict(v) for k, v in (state or {"base": {}, "tuned": {}}).items()}
+        yield "", hist["base"], hist["tuned"], state, note
+        for side in ("base", "tuned"):
+            reply = ""
+            try:
+                chat.use(path)  # another browser tab may have switched the adapter meanwhile
+                for reply in chat.stream(prompt[side], tuned=side == "tuned", settings=settings):
+                    hist[side][-1]["content"] = reply
+                    yield "", hist["base"], hist["tuned"], state, note
+            except Exception as e:  # noqa: BLE001
+                hist[side][-1]["content"] = f"(generation failed: {e})"
+                yield "", hist["base"], hist["tuned"], state, f"❌ {e}"
+                return
+            state[side][len(hist[side]) - 1] = Turn(
+                side=side, messages=prompt[side], reply=reply, adapter=chat.active.label,
+                base_model=chat.key.name_or_path, settings=vars(settings).copy(),
+                prompt=chat.feedback_prompt(prompt[side]))
+        yield "", hist["base"], hist["tuned"], state, note
+
+    def rate(side):
+        def handler(state, data: gr.LikeData):
+            index = data.index if isinstance(data.index, int) else data.index[0]
+            turn = (state or {}).get(side, {}).get(index)
+            if turn is None:
+                return "This reply was not generated in this session, so its prompt is unknown; it was not saved."
+            if data.liked is True or data.liked is False:
+                feedback.record(turn.prompt, turn.reply, bool(data.liked), side=side, adapter=turn.adapter,
+                                base_model=turn.base_model)
+            else:  # the rating was taken back
+                completion = ([{"role": "assistant", "content": turn.reply}] if isinstance(turn.prompt, list)
+                              else turn.reply)
+                feedback.remove(feedback.reply_id(turn.prompt, completion, side))
+            return feedback_md()
+        return handler
+
+    def on_clear():
+        return [], [], {"base": {}, "tuned": {}}, ""
+
+    def on_eval(path, data_file, limit, progress=gr.Progress()):
+        if not path:
+            return NO_ADAPTER, gr.update(), gr.update()
+        run_dir = _run_dir(path)
+        try:
+            result = evaluate.evaluate_run(run_dir, data=(data_file or "").strip() or None,
+                                           limit=int(limit) if limit else None, adapter=path, chat_model=chat,
+                                           progress=lambda m, f: progress(f, desc=m))
+        except Exception as e:  # noqa: BLE001
+            return f"❌ {e}", gr.update(), gr.update()
+        return eval_outputs(result)
+
+    def on_export(path, fmt_value, out_value, progress=gr.Progress()):
+        if not path:
+            return NO_ADAPTER
+        target = (out_value or "").strip() or str(export.default_out(_run_dir(path), fmt_value))
+        try:
+            r = export.export(path, fmt_value, target, progress=lambda m: progress(None, desc=m))
+        except Exception as e:  # noqa: BLE001
+            return f"❌ Export failed: {e}"
+        return _export_md(r)
+
+    refresh.click(on_refresh, [adapter], [adapter, status])
+    adapter.focus(on_refresh, [adapter], [adapter, status])
+    adapter.change(on_adapter, [adapter], [eval_status, eval_table, eval_plot])
+    send_inputs = [msg, base_box, tuned_box, turns, adapter, system, max_new, temperature, top_p, seed]
+    send_outputs = [msg, base_box, tuned_box, turns, status]
+    send.click(on_send, send_inputs, send_outputs)
+    msg.submit(on_send, send_inputs, send_outputs)
+    clear.click(on_clear, None, [base_box, tuned_box, turns, msg])
+    base_box.like(rate("base"), [turns], [fb])
+    tuned_box.like(rate("tuned"), [turns], [fb])
+    eval_btn.click(on_eval, [adapter, eval_data, eval_limit], [eval_status, eval_table, eval_plot])
+    export_btn.click(on_export, [adapter, fmt, out], [export_md])
+
+
+def _run_dir(adapter_path: str) -> Path:
+    return Path(adapter_path).parent
+
+
+def _stored_eval(adapter_path: str):
+    return evaluate.load_result(_run_dir(adapter_path))
+
+
+def _export_md(r) -> str:
+    lines = [f"✅ **{r.format}** export written to `{r.path}` in {r.seconds:.0f} s and loaded back:"]
+    for k, v in r.checks.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{kk} {vv:.4g}" if isinstance(vv, float) else f"{kk} {vv}" for kk, vv in v.items())
+        lines.append(f"- {k}: {v}")
+    if r.format == "gguf":
+        folder = Path(r.path).parent
+        lines.append(f"- Ollama: `cd {folder} && ollama create my-model -f {r.checks.get('modelfile', 'Modelfile')}`")
+    return "\n".join(lines)

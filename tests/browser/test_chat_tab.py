@@ -1,0 +1,114 @@
+"""After training, a user asks the base and the tuned model the same question side by side, rates the replies
+(which land in the feedback data set), and evaluates the run on its held-out rows."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.browser.conftest import ROOT, _free_port, shot
+from tests.test_chat import trained_run_dir
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture()
+def studio_server(tmp_path, tmp_path_factory, bundled_model_dir):
+    """The studio with one trained run ('tiny') already in its home, as after a training session."""
+    home = tmp_path / "home"
+    shutil.copytree(trained_run_dir(tmp_path_factory), home / "runs" / "tiny",
+                    ignore=shutil.ignore_patterns("eval.json", "export"))
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    env = dict(os.environ, KTO_STUDIO_HOME=str(home), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("studio exited early:\n" + (tmp_path / "server.log").read_text())
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("studio did not start in 120 s:\n" + (tmp_path / "server.log").read_text())
+            time.sleep(0.5)
+    yield {"url": url, "home": home, "log": tmp_path / "server.log"}
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture()
+def expected_replies(studio_server):
+    """The greedy replies of each side, computed here with the chat core, to recognise them on the page."""
+    from studio.chat import ChatModel, GenerationSettings, build_messages
+
+    chat = ChatModel()
+    chat.use(studio_server["home"] / "runs" / "tiny")
+    settings = GenerationSettings(max_new_tokens=16, temperature=0.0)
+    msgs = build_messages([], QUESTION)
+    replies = {"base": chat.reply(msgs, False, settings), "tuned": chat.reply(msgs, True, settings)}
+    chat.unload()
+    return replies
+
+
+def test_side_by_side_chat_rate_replies_and_evaluate(page, studio_server, expected_replies):
+    page.get_by_role("tab", name="Chat").click()
+    expect(page.locator("#chat-adapter input")).to_have_value("tiny · final adapter")
+
+    page.get_by_text("Prompt and sampling").click()
+    for elem, value in (("#chat-max-new", "16"), ("#chat-temperature", "0")):
+        box = page.locator(f"{elem} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+    page.locator("#chat-input textarea").fill(QUESTION)
+    page.locator("#chat-send").click()
+
+    # the same question on both sides; each side answers with its own model (greedy, so the text is known)
+    base_reply = page.locator("#chat-base [data-testid=bot]").last
+    tuned_reply = page.locator("#chat-tuned [data-testid=bot]").last
+    expect(tuned_reply).to_have_text(expected_replies["tuned"].strip(), timeout=180_000)
+    expect(base_reply).to_have_text(expected_replies["base"].strip())
+    expect(page.locator("#chat-base [data-testid=user]")).to_have_text(QUESTION)
+    expect(page.locator("#chat-tuned [data-testid=user]")).to_have_text(QUESTION)
+    expect(page.locator("#chat-status")).to_contain_text("tuned side: tiny · final adapter")
+    shot(page, "chat-side-by-side")
+
+    # 👍 the tuned reply, 👎 the base one: two KTO rows in the studio's feedback file
+    page.locator("#chat-tuned").get_by_role("button", name="Like").last.click()
+    expect(page.locator("#chat-feedback")).to_contain_text("1 rows so far", timeout=30_000)
+    page.locator("#chat-base").get_by_role("button", name="Dislike").last.click()
+    expect(page.locator("#chat-feedback")).to_contain_text("2 rows so far", timeout=30_000)
+    rows = [json.loads(line) for line in
+            (studio_server["home"] / "data" / "feedback.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["side"], r["label"]) for r in rows] == [("tuned", True), ("base", False)]
+    assert rows[0]["prompt"] == [{"role": "user", "content": QUESTION}]
+    assert rows[0]["completion"][0]["content"] == expected_replies["tuned"]
+    assert rows[1]["completion"][0]["content"] == expected_replies["base"]
+    shot(page, "chat-rated")
+
+    # held-out evaluation of the run: a table and a chart, stored with the run
+    page.get_by_text("Held-out evaluation: base vs tuned").click()
+    expect(page.locator("#chat-eval-status")).to_contain_text("No evaluation stored")
+    page.locator("#chat-eval-limit input").fill("4")
+    page.locator("#chat-eval-run").click()
+    expect(page.locator("#chat-eval-status")).to_contain_text("held-out rows from", timeout=180_000)
+    expect(page.locator("#chat-eval-table")).to_contain_text("implicit reward accuracy (pairs), %")
+    expect(page.locator("#chat-eval-plot canvas, #chat-eval-plot svg").first).to_be_visible()
+    stored = json.loads((studio_server["home"] / "runs" / "tiny" / "eval.json").read_text(encoding="utf-8"))
+    assert stored["n_rows"] <= 4
+    expect(page.locator("#chat-eval-table")).to_contain_text(str(round(stored["base"]["logp_desirable"], 3)))
+    shot(page, "chat-evaluated")
