@@ -68,15 +68,24 @@ def run_adapters(run_dir: str | Path) -> list[AdapterChoice]:
 
 
 def list_adapters(root: str | Path | None = None) -> list[AdapterChoice]:
-    """Every adapter of every run under the studio's runs folder, most recently changed run first."""
+    """Every adapter of every run under the studio's runs folder, the oldest run first (a new run is added at the
+    end, so a list on screen keeps its order when it is refreshed)."""
     from studio import paths
 
     root = Path(root) if root else paths.runs_dir()
     if not root.is_dir():
         return []
     runs = [p for p in root.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()]
-    runs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    runs.sort(key=lambda p: (p / CONFIG_FILE).stat().st_mtime)
     return [a for r in runs for a in run_adapters(r)]
+
+
+def newest(adapters: list[AdapterChoice]) -> AdapterChoice | None:
+    """The adapter to offer first: the final adapter (else newest checkpoint) of the most recent run."""
+    if not adapters:
+        return None
+    last_run = adapters[-1].run_dir
+    return next(a for a in adapters if a.run_dir == last_run)
 
 
 def resolve_adapter(spec: str | Path | AdapterChoice) -> AdapterChoice:

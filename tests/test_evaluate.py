@@ -167,9 +167,12 @@ def test_limit_takes_whole_prompts_so_pairs_stay_together():
     assert evaluate.limit_rows(rows, None) == rows
 
 
-def test_headless_eval_prints_json_and_stores_it_with_the_run(run_dir, capsys):
+def test_headless_eval_prints_json_and_stores_it_with_the_run(run_dir, tmp_path, capsys):
+    import shutil
+
     from studio.cli import main
 
+    run_dir = shutil.copytree(run_dir, tmp_path / "tiny")  # the shared run stays untouched
     assert main(["eval", str(run_dir), "--limit", "4"]) == 0
     printed = json.loads(capsys.readouterr().out)
     stored = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))

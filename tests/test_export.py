@@ -98,7 +98,7 @@ def test_headless_gguf_export_loads_with_transformers_gguf_reader(gguf_export, a
     out, printed = gguf_export
     gguf_file = out / "tiny.gguf"
     assert printed["path"] == str(gguf_file) and gguf_file.is_file()
-    assert printed["checks"]["vs_merged_model"]["ok"] and printed["checks"]["tokenizer_same_ids_on_chat_prompt"]
+    assert printed["checks"]["vs_merged_model"]["ok"] and printed["checks"]["tokenizer_same_ids"]
 
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     want, got = _logits(adapter_model, probe_ids), _logits(loaded, probe_ids)
@@ -153,6 +153,70 @@ def test_each_supported_family_round_trips_through_gguf_exactly_in_f32(family, t
     export.write_gguf(model, tokenizer, tmp_path / "m.gguf", ftype="f32")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    assert (_logits(loaded, ids) - _logits(model, ids)).abs().max().item() < 1e-4
+
+
+def _llama2_style_tokenizer():
+    """A small tokenizer laid out like Llama 2 / Mistral v0.x ones: SentencePiece-style BPE with '▁' for spaces,
+    byte fallback tokens <0x00>..<0xFF>, <unk> <s> </s> first, pieces in merge order, BOS added."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from studio.data import SAMPLE_PATH
+
+    texts = [v if isinstance(v, str) else " ".join(m["content"] for m in v)
+             for r in map(json.loads, SAMPLE_PATH.read_text(encoding="utf-8").splitlines())
+             for v in (r["prompt"], r["completion"])]
+    spm_normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.normalizer = spm_normalizer
+    learner.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    learner.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=500, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    for ch in sorted({c for piece in learned["vocab"] for c in piece}):
+        vocab.setdefault(ch, len(vocab))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = spm_normalizer
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+                         " [/INST]{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}")
+    return tok
+
+
+def test_sentencepiece_style_tokenizers_round_trip_through_gguf(tmp_path):
+    """Llama 2 and Mistral v0.x use SentencePiece-style tokenizers: llama.cpp's 'llama' vocabulary with scores."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig
+
+    tok = _llama2_style_tokenizer()
+    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    export.write_gguf(model, tok, tmp_path / "m.gguf", ftype="f32")
+
+    meta = GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert meta["tokenizer.ggml.model"].contents() == "llama"
+    assert meta["tokenizer.ggml.add_bos_token"].contents() is True
+    assert meta["tokenizer.ggml.token_type"].contents()[3:259] == [6] * 256  # byte tokens are BYTE
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")  # rebuilds merges from the scores
+    for text in ["What is the capital of France?", "  two  spaces", "Ünïcödé ☃ 12×8 = 96.",
+                 tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+                                         tokenize=False)]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert back(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert back.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([tok("The capital of France is Paris.")["input_ids"]])
     assert (_logits(loaded, ids) - _logits(model, ids)).abs().max().item() < 1e-4
 
 
