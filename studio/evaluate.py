@@ -55,6 +55,9 @@ def tokenize_row(tokenizer, prompt: Any, completion: Any, max_length: int | None
     from trl.data_utils import common_prefix_length
 
     if _is_conversation(prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            raise EvalError("these held-out rows are conversations, but the model's tokenizer has no chat template "
+                            "to render them: use plain-text rows (prompt/completion strings) for this model")
         if not _is_conversation(completion):
             completion = [{"role": "assistant", "content": str(completion)}]
         prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,

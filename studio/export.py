@@ -626,8 +626,9 @@ def cli(args) -> int:
     except Exception:
         pass
     try:
+        extra = {"ftype": args.gguf_type} if args.format == "gguf" and getattr(args, "gguf_type", None) else {}
         result = export(args.run_dir, args.format, args.out,
-                        progress=lambda m: print(m, file=sys.stderr, flush=True))
+                        progress=lambda m: print(m, file=sys.stderr, flush=True), **extra)
     except (ExportError, ChatError, ConfigError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -203,3 +203,14 @@ def test_held_out_file_loads_with_the_data_tabs_loader(tmp_path):
     f.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}) + "\n", encoding="utf-8")
     rows, source = evaluate.held_out_rows(tmp_path, str(f))
     assert source == str(f) and rows == load_kto(str(f)).rows and len(rows) == 2
+
+
+def test_conversation_rows_need_a_chat_template(bundled_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bundled_model_dir)
+    tok.chat_template = None
+    with pytest.raises(evaluate.EvalError, match="no chat template"):
+        evaluate.tokenize_row(tok, [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}], 64)
+    plain = evaluate.tokenize_row(tok, "Hi", " Yo", 64)
+    assert plain.completion_ids[-1] == tok.eos_token_id  # plain-text completions end with EOS, as in TRL
