@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="export a run's adapter, a merged model, or a GGUF file")
     p.add_argument("run_dir")
     p.add_argument("--format", choices=["adapter", "merged", "gguf"], required=True)
+    p.add_argument("--gguf-type", choices=["f16", "f32"], default="f16",
+                   help="GGUF tensor type: f16 (half the size) or f32 (exact)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_lazy("studio.export", "cli"))
 

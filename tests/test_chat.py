@@ -12,26 +12,7 @@ import torch
 
 from studio.chat import (AdapterChoice, ChatError, ChatModel, GenerationSettings, build_messages, list_adapters,
                          resolve_adapter)
-from tests.conftest import tiny_run_config
-
-_TRAINED: dict[str, Path] = {}
-
-
-def trained_run_dir(tmp_path_factory) -> Path:
-    """A 3-step CPU training run of the bundled model with a quarter of the sample data held out. Trained once per
-    test session and shared by the chat, evaluation, export and browser tests (treat it as read-only)."""
-    if "run" not in _TRAINED:
-        from studio.engine import Engine
-
-        root = tmp_path_factory.mktemp("trained")
-        cfg = tiny_run_config(root, name="tiny", **{"data.eval_fraction": 0.25})
-        engine = Engine()
-        job = engine.start(cfg)
-        engine.wait(900)
-        assert job.state == "finished", job.error
-        _TRAINED["run"] = cfg.run_dir()
-    return _TRAINED["run"]
-
+from tests.conftest import tiny_run_config, trained_run_dir
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, bundled_model_dir):

@@ -13,7 +13,7 @@ from studio import evaluate
 from studio.chat import ChatModel
 from studio.data import load_kto
 from studio.data.normalize import is_conversation
-from tests.test_chat import trained_run_dir
+from tests.conftest import trained_run_dir
 
 BETA, MAX_LEN = 0.1, 128
 

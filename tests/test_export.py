@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from studio import export
-from tests.test_chat import trained_run_dir
+from tests.conftest import trained_run_dir
 
 PROBE = [{"role": "user", "content": "Name a planet close to the Sun."}]
 

@@ -187,7 +187,8 @@ def build(studio):
             index = data.index if isinstance(data.index, int) else data.index[0]
             turn = (state or {}).get(side, {}).get(index)
             if turn is None:
-                return "This reply was not generated in this session, so its prompt is unknown; it was not saved."
+                return ("Not saved: this reply is still being written (rate it once both sides have finished), or "
+                        "it was not generated in this browser session, so its prompt is unknown.")
             if data.liked is True or data.liked is False:
                 feedback.record(turn.prompt, turn.reply, bool(data.liked), side=side, adapter=turn.adapter,
                                 base_model=turn.base_model)

@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.conftest import ROOT, _free_port, shot
-from tests.test_chat import trained_run_dir
+from tests.conftest import trained_run_dir
 
 QUESTION = "What is the capital of France?"
 
