@@ -245,14 +245,15 @@ class History:
 
     def mark_interrupted(self) -> int:
         """Runs left 'running' by a process that no longer exists (the studio was closed or crashed mid-run)."""
-        stale = [r for r in self._rows(f"SELECT id, pid FROM runs WHERE status IN {ACTIVE}")
+        active = ",".join("?" * len(ACTIVE))
+        stale = [r for r in self._rows(f"SELECT id, pid FROM runs WHERE status IN ({active})", ACTIVE)
                  if not _pid_alive(r["pid"])]
         for r in stale:
             self._write("UPDATE runs SET status='interrupted', error=COALESCE(error, ?) WHERE id=?",
                         ("The studio stopped while this run was training. Resume it from its latest checkpoint.",
                          r["id"]))
-            self._write("UPDATE attempts SET status='interrupted' WHERE run_id=? AND status IN "
-                        f"{ACTIVE}", (r["id"],))
+            self._write(f"UPDATE attempts SET status='interrupted' WHERE run_id=? AND status IN ({active})",
+                        (r["id"], *ACTIVE))
         return len(stale)
 
     # ---- reading -----------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ timer, so a refreshed page or a second browser tab shows the running job, not a 
 """
 from __future__ import annotations
 
-import html
 import time
 from pathlib import Path
 

@@ -8,8 +8,9 @@ from playwright.sync_api import expect
 
 from tests.browser.conftest import shot
 
+MAX_STEPS = 20  # few enough that the studio skips the up-front reference pass ('auto'): the test stays short
 TINY = {  # a run that takes seconds a step on a 2-core CPU
-    "cfg-train-max_steps": "30", "cfg-train-save_steps": "1000", "cfg-train-per_device_train_batch_size": "2",
+    "cfg-train-max_steps": str(MAX_STEPS), "cfg-train-save_steps": "1000", "cfg-train-per_device_train_batch_size": "2",
     "cfg-train-gradient_accumulation_steps": "1", "cfg-kto-max_length": "128", "cfg-lora-r": "4",
     "cfg-lora-lora_alpha": "8", "cfg-train-learning_rate": "0.001",
 }
@@ -81,9 +82,9 @@ def test_start_watch_stop_then_resume_to_the_end(page, studio_server, bundled_mo
     second.goto(studio_server["url"])
     second.get_by_role("tab", name="Train").click()
     expect(second.locator("#run-name textarea, #run-name input").first).to_have_value("browser-run")
-    expect(second.locator("#cfg-train-max_steps input")).to_have_value("30")
+    expect(second.locator("#cfg-train-max_steps input")).to_have_value(str(MAX_STEPS))
     expect(second.locator("#train-status")).to_contain_text("run browser-run")
-    expect(second.locator("#train-progress")).to_contain_text("/ 30")
+    expect(second.locator("#train-progress")).to_contain_text(f"/ {MAX_STEPS}")
     _wait_plotted(second, "plot-loss", 1, 2)
     # and a second start is refused while this one runs
     second.locator("#train-start").click()
@@ -93,13 +94,13 @@ def test_start_watch_stop_then_resume_to_the_end(page, studio_server, bundled_mo
     page.locator("#train-stop").click()
     expect(page.locator("#train-status")).to_contain_text("stopped", timeout=TRAINING_TIMEOUT)
     stopped_at = _logged_step(page)
-    assert 2 <= stopped_at < 30
+    assert 2 <= stopped_at < MAX_STEPS
     adapter = studio_server["home"] / "runs" / "browser-run" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     history = page.locator("#history-table")
     expect(history).to_contain_text("stopped")
     expect(history).to_contain_text(str(adapter))
-    expect(history).to_contain_text(f"{stopped_at} / 30")
+    expect(history).to_contain_text(f"{stopped_at} / {MAX_STEPS}")
     expect(page.locator("#train-checkpoint input")).to_have_value(f"latest (checkpoint-{stopped_at})")
     shot(page, "train-stopped")
 
