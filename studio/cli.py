@@ -104,7 +104,10 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = Engine()
+    from studio.history import History
+
+    # headless runs join the studio's run history (rank 0 only under accelerate launch)
+    engine = Engine(on_event=History().record if rank == 0 else None)
     try:
         job = engine.start(cfg, resume_from=args.resume)
     except ConfigError as e:
