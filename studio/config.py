@@ -156,6 +156,11 @@ class DataSettings(_Section):
         0.0, ge=0.0, lt=0.9, description="Without an eval file, hold out this fraction of the training rows."
     )
     shuffle: bool = Field(True, description="Shuffle rows before training (TRL's KTO trainer never does).")
+    evaluate_after: bool = Field(
+        True,
+        description="When the run has held-out data, score base vs tuned on it (up to 200 rows) after training and "
+        "warn when the adapter shows no learning. The result is stored with the run (eval.json).",
+    )
     length_grouping: bool = Field(
         True,
         description="Batch rows of similar length together (less padding, faster), in random batch order. "

@@ -55,6 +55,7 @@ class Job:
     started_at: float = field(default_factory=time.time)
     ended_at: float | None = None
     thread: threading.Thread | None = None
+    eval_rows: list[dict[str, Any]] | None = None  # held-out rows, scored after training
 
     @property
     def run_dir(self) -> Path:
@@ -188,11 +189,14 @@ class Engine:
             adapter = job.run_dir / ADAPTER_DIR
             trainer.save_model(str(adapter))
             job.adapter_path = str(adapter)
+            verdict = ""
+            if not job.stop_requested and cfg.data.evaluate_after and job.eval_rows and _is_main_process():
+                verdict = self._evaluate(job, trainer)
             job.state = "stopped" if job.stop_requested else "finished"
             step = trainer.state.global_step
             self._emit(job, "done", state=job.state, adapter=str(adapter), step=step,
                        message=f"{'Stopped' if job.stop_requested else 'Finished'} at step {step}. "
-                               f"Adapter saved to {adapter}")
+                               f"Adapter saved to {adapter}" + verdict)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an event; the process stays up
             job.state = "failed"
             job.error = explain_error(exc, cfg)
@@ -206,6 +210,37 @@ class Engine:
         finally:
             job.ended_at = time.time()
             _free_memory()
+
+    def _evaluate(self, job: Job, trainer) -> str:
+        """Held-out base-vs-tuned scores with the model still in memory; a warning when nothing was learned."""
+        from studio import evaluate, health
+
+        cfg = job.config
+        rows = evaluate.limit_rows(job.eval_rows, 200)
+        self._emit(job, "status", message=f"Scoring {len(rows)} held-out rows, base vs tuned…")
+        try:
+            model = trainer.model
+            model.eval()
+            result = evaluate.evaluate_rows(model, trainer.processing_class, rows, beta=cfg.kto.beta,
+                                            max_length=cfg.kto.max_length)
+        except Exception as e:  # the adapter is saved; a failed score must not fail the run
+            self._emit(job, "status", message=f"Held-out evaluation skipped: {e}")
+            return ""
+        result.update(run=job.run_dir.name, run_dir=str(job.run_dir), adapter=job.adapter_path,
+                      base_model=cfg.model.name_or_path, data="held-out split of the run", limit=200,
+                      created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        (job.run_dir / evaluate.EVAL_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        r = result["rewards"]
+        summary = (f" Held-out: implicit-reward accuracy "
+                   f"{'–' if r.get('pair_accuracy') is None else format(r['pair_accuracy'], '.0%')}, "
+                   f"margin {'–' if r.get('margin') is None else format(r['margin'], '+.3f')}.")
+        finding = health.held_out_learning(result, cfg.train.learning_rate)
+        self._emit(job, "evaluation", summary=summary.strip(), rewards=r,
+                   finding=finding.as_dict() if finding else None)
+        if finding:
+            self._emit(job, "status", message=f"⚠️ {finding.title}. {finding.fix}")
+            return summary + f" ⚠️ {finding.title}. {finding.fix}"
+        return summary
 
     def _build(self, job: Job):
         from studio import data as data_mod
@@ -238,6 +273,7 @@ class Engine:
                    n_train=len(td.train), n_desirable=td.n_desirable, n_undesirable=td.n_undesirable)
         for note in td.notes:
             self._emit(job, "status", message=note)
+        job.eval_rows = td.eval.to_list() if td.eval is not None else None
         if cfg.data.length_grouping:
             td.train = speed.group_by_length(td.train, cfg.train.per_device_train_batch_size, cfg.train.seed)
         world = int(os.environ.get("WORLD_SIZE", "1"))

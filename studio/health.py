@@ -272,3 +272,33 @@ def loss_flat(steps, learning_rate=None, **_) -> Finding | None:
         f"Raise train.learning_rate{_lr(learning_rate)}: LoRA usually needs 1e-4 to 5e-4. Check the learning-rate "
         "plot: if it is tiny, shorten warm-up.",
         step=int(window[0]["step"]))
+
+
+# ---- after training: did the adapter learn? ----------------------------------------------------------------------
+NO_LEARNING_ACCURACY = 0.52  # held-out implicit-reward accuracy at or under this is chance level
+# β-scaled margin under which the adapter has not moved (the seed's 5e-7 gives ~0.0004; learned runs give 1-2.5)
+NO_LEARNING_MARGIN = 0.01
+
+
+def held_out_learning(result: dict[str, Any], learning_rate: float | None = None) -> Finding | None:
+    """A finding when a finished run's held-out evaluation (studio.evaluate) shows no learning: implicit-reward
+    accuracy at chance, or a margin too small to be movement (docs/RECIPES.md)."""
+    rewards = result.get("rewards") or {}
+    acc, margin = rewards.get("pair_accuracy"), rewards.get("margin")
+    bad_acc = acc is not None and acc <= NO_LEARNING_ACCURACY
+    bad_margin = margin is not None and margin < NO_LEARNING_MARGIN
+    if not (bad_acc or bad_margin):
+        return None
+    seen = []
+    if acc is not None:
+        seen.append(f"implicit-reward accuracy {acc:.0%} on held-out pairs (chance is 50%)")
+    if margin is not None:
+        seen.append(f"mean reward margin {margin:+.4f}")
+    return Finding(
+        "held_out_no_learning", WARNING, "The adapter shows no learning on held-out data: " + ", ".join(seen),
+        "The tuned model ranks held-out good and bad answers no better than the base model. Most often the "
+        "learning rate is far too low for LoRA (5e-7 is a full fine-tuning value and teaches an adapter nothing), "
+        "the run was too short, or the labels are noisy or flipped.",
+        f"Raise train.learning_rate{_lr(learning_rate)}: 1e-3 for models under 1B parameters, 2e-4 for 3B-8B "
+        "(the Standard recipe, measured in docs/RECIPES.md); train a full epoch or more; check a few labels in the "
+        "Data tab.")

@@ -116,3 +116,20 @@ def test_cli_bad_config_exits_with_the_field_name(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "train.per_device_train_batch_size" in proc.stderr
+
+
+def test_a_run_that_learned_nothing_says_so_after_scoring_its_held_out_rows(tmp_path, bundled_model_dir):
+    """The seed's full fine-tuning learning rate on a LoRA adapter: the run finishes, its held-out evaluation is
+    stored with it, and the final message warns that nothing was learned and what to change."""
+    cfg = tiny_run_config(tmp_path, **{"train.learning_rate": 5e-7, "data.eval_fraction": 0.25})
+    engine = Engine()
+    job = engine.start(cfg)
+    engine.wait(600)
+    assert job.state == "finished", job.error
+    evaluation = [e for e in job.events if e["type"] == "evaluation"]
+    assert len(evaluation) == 1
+    stored = json.loads((cfg.run_dir() / "eval.json").read_text())
+    assert stored["n_rows"] == 12 and stored["rewards"] == evaluation[0]["rewards"]
+    assert evaluation[0]["finding"] is not None
+    done = job.events[-1]
+    assert "shows no learning on held-out data" in done["message"] and "train.learning_rate" in done["message"]

@@ -188,3 +188,15 @@ def test_eval_entries_are_ignored_and_a_resumed_step_replaces_the_old_one():
     assert [m["step"] for m in merged] == [1, 2, 3, 4, 5]
     assert merged[3]["loss"] == pytest.approx(0.123)
     assert health.check(steps + evals) == []
+
+
+def test_held_out_evaluation_without_learning_is_flagged_with_what_to_change():
+    seed_like = {"rewards": {"pair_accuracy": 0.493, "margin": 0.0004}}
+    f = health.held_out_learning(seed_like, learning_rate=5e-7)
+    assert f is not None and f.severity == health.WARNING
+    assert "49%" in f.title and "learning_rate" in f.fix and "1e-3" in f.fix
+    assert health.held_out_learning({"rewards": {"pair_accuracy": 0.66, "margin": 2.1}}) is None
+    assert health.held_out_learning({"rewards": {"pair_accuracy": 0.60, "margin": -0.2}}) is not None
+    assert health.held_out_learning({"rewards": {"pair_accuracy": None, "margin": 0.3}}) is None
+    # a margin of a few ten-thousandths is no movement at all, whatever the accuracy of a handful of pairs
+    assert health.held_out_learning({"rewards": {"pair_accuracy": 0.67, "margin": 0.0004}}) is not None
