@@ -38,35 +38,12 @@ TIERS = ("3B", "7B", "8B")
 def make_model_dir(model: str, root: str) -> str:
     """A checkpoint of the preset's architecture with random bf16 weights and a word-level tokenizer (w0..w3999)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    from bench.random_models import make_model_dir as build
     from studio import presets
 
-    d = os.path.join(root, model)
-    if os.path.exists(os.path.join(d, "done")):
-        return d
-    os.makedirs(d, exist_ok=True)
-    spec = dict(presets.get("models", model).get("config"))
-    spec.pop("original_max_position_embeddings", None)
-    cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 0
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    m.save_pretrained(d, max_shard_size="4GB")
-    del m
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": i + 4 for i in range(4000)})
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(d)
-    Path(d, "done").write_text("ok")
-    return d
+    return build(model, root=root, device="cuda" if torch.cuda.is_available() else "cpu",
+                 spec=presets.get("models", model).get("config"))
 
 
 def write_rows(path: str, n: int, seq: int, seed: int = 0) -> str:

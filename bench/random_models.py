@@ -31,7 +31,9 @@ ARCHS = {
 }
 
 
-def make_model_dir(arch: str, root: str = "/tmp/models", device: str = "cuda") -> str:
+def make_model_dir(arch: str, root: str = "/tmp/models", device: str = "cuda", spec: dict | None = None) -> str:
+    """A checkpoint of ``arch`` (a key of ARCHS, or any name with a config ``spec``) with random bf16 weights and
+    the word-level tokenizer, built once under ``root``."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -40,7 +42,8 @@ def make_model_dir(arch: str, root: str = "/tmp/models", device: str = "cuda") -
     if os.path.exists(os.path.join(d, "done")):
         return d
     os.makedirs(d, exist_ok=True)
-    spec = dict(ARCHS[arch])
+    spec = dict(spec if spec is not None else ARCHS[arch])
+    spec.pop("original_max_position_embeddings", None)
     cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 0
     torch.manual_seed(0)

@@ -278,19 +278,12 @@ class ChatModel:
             self._unload()
 
     def _unload(self) -> None:
-        import gc
-
         self.model = self.tokenizer = self.key = self.cfg = self.active = None
         self._pending_base = None
         self._adapters.clear()
-        gc.collect()
-        try:
-            import torch
+        from studio.models import free_memory
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except Exception:
-            pass
+        free_memory()
 
     @property
     def loaded(self) -> bool:

@@ -209,7 +209,9 @@ class Engine:
             self._emit(job, "done", state="failed", adapter=None, message=job.error)
         finally:
             job.ended_at = time.time()
-            _free_memory()
+            from studio.models import free_memory
+
+            free_memory()
 
     def _evaluate(self, job: Job, trainer) -> str:
         """Held-out base-vs-tuned scores with the model still in memory; a warning when nothing was learned."""
@@ -397,19 +399,6 @@ def memory_use() -> dict[str, float | None]:
     except Exception:  # psutil is optional here; the plots simply lack RAM
         pass
     return out
-
-
-def _free_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        pass
 
 
 def latest_checkpoint(run_dir: str | Path) -> str | None:

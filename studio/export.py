@@ -514,7 +514,7 @@ def ollama_template(chat_template: str | None) -> tuple[str | None, list[str]]:
 
 def modelfile(gguf_name: str, chat_template: str | None, system: str | None = None) -> str:
     template, stops = ollama_template(chat_template)
-    lines = [f"# Ollama: ollama create my-model -f Modelfile && ollama run my-model", f"FROM ./{gguf_name}", ""]
+    lines = ["# Ollama: ollama create my-model -f Modelfile && ollama run my-model", f"FROM ./{gguf_name}", ""]
     if template:
         lines += [f'TEMPLATE """{template}"""', ""]
     else:

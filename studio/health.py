@@ -191,7 +191,6 @@ def rewards_diverging(steps, beta=None, learning_rate=None, **_) -> Finding | No
     window = steps[-DIVERGE_WINDOW:]
     if len(window) < DIVERGE_WINDOW:
         return None
-    third = DIVERGE_WINDOW // 3
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         vals = [abs(m[key]) for m in window if m.get(key) is not None and math.isfinite(m[key])]
         if len(vals) < DIVERGE_WINDOW * 2 // 3:

@@ -281,3 +281,17 @@ def _load_transformers(cfg: RunConfig, source: ModelSource, dtype, backend: str,
     model = get_peft_model(model, lora)
     del torch
     return model, tok
+
+
+def free_memory() -> None:
+    """Give freed tensors back: Python's garbage, then CUDA's cached blocks (after a run or an unload)."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass

@@ -5,14 +5,13 @@ One model is in memory; the tuned side is the adapter switched on, the base side
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from studio.chat import (AdapterChoice, ChatError, ChatModel, GenerationSettings, build_messages, list_adapters,
                          resolve_adapter)
-from tests.conftest import tiny_run_config, trained_run_dir
+from tests.conftest import trained_run_dir
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, bundled_model_dir):

@@ -24,8 +24,7 @@ def test_grouped_batches_keep_trl_kl_pairs_inside_each_batch(tmp_path, bundled_m
     """TRL builds KL completions by rotating inside consecutive blocks; after grouping, every KL completion of a
     batch is still a completion of that same batch (paired with another prompt)."""
     from datasets import Dataset
-    from transformers import AutoTokenizer
-    from trl import KTOConfig, KTOTrainer
+    from trl import KTOTrainer
 
     from studio import data as data_mod, logprob, models
 

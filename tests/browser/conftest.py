@@ -5,6 +5,7 @@ used (it downloads a browser). Screenshots go to test-artifacts/.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -26,36 +27,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
-def studio_server(tmp_path):
-    """Start `python app.py` in a subprocess with its own studio home; yield its URL and home."""
+@contextlib.contextmanager
+def serve_studio(home: Path, log_path: Path):
+    """`python app.py` on a free port with ``home`` as its studio home; yields {url, home, log}."""
+    import urllib.request
+
     port = _free_port()
-    home = tmp_path / "home"
     env = dict(os.environ, KTO_STUDIO_HOME=str(home), PYTHONUNBUFFERED="1")
-    log = open(tmp_path / "server.log", "w")
+    log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    import urllib.request
-
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("studio exited early:\n" + (tmp_path / "server.log").read_text())
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("studio did not start in 120 s:\n" + (tmp_path / "server.log").read_text())
-    yield {"url": url, "home": home, "log": tmp_path / "server.log"}
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("studio exited early:\n" + log_path.read_text())
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError("studio did not start in 120 s:\n" + log_path.read_text()) from None
+                time.sleep(0.5)
+        yield {"url": url, "home": home, "log": log_path}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture()
+def studio_server(tmp_path):
+    """The studio with an empty home of its own."""
+    with serve_studio(tmp_path / "home", tmp_path / "server.log") as server:
+        yield server
 
 
 @pytest.fixture()

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import ROOT, _free_port, shot
+from tests.browser.conftest import serve_studio, shot
 from tests.conftest import trained_run_dir
 
 QUESTION = "What is the capital of France?"
@@ -25,30 +20,8 @@ def studio_server(tmp_path, tmp_path_factory, bundled_model_dir):
     home = tmp_path / "home"
     shutil.copytree(trained_run_dir(tmp_path_factory), home / "runs" / "tiny",
                     ignore=shutil.ignore_patterns("eval.json", "export"))
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    env = dict(os.environ, KTO_STUDIO_HOME=str(home), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("studio exited early:\n" + (tmp_path / "server.log").read_text())
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("studio did not start in 120 s:\n" + (tmp_path / "server.log").read_text())
-            time.sleep(0.5)
-    yield {"url": url, "home": home, "log": tmp_path / "server.log"}
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with serve_studio(home, tmp_path / "server.log") as server:
+        yield server
 
 
 @pytest.fixture()
