@@ -63,3 +63,31 @@ def trained_run_dir(tmp_path_factory) -> Path:
         assert job.state == "finished", job.error
         _TRAINED["run"] = cfg.run_dir()
     return _TRAINED["run"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, bundled_model_dir):
+    """The shared trained run's folder (read-only)."""
+    return trained_run_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def chat(run_dir):
+    """A ChatModel with the shared run's adapter attached."""
+    from studio.chat import ChatModel
+
+    c = ChatModel()
+    c.use(run_dir)
+    return c
+
+
+def wait_for(pred, timeout: float = 300, every: float = 0.1) -> bool:
+    """Poll ``pred`` until it is true or ``timeout`` seconds pass."""
+    import time
+
+    t = time.time()
+    while time.time() - t < timeout:
+        if pred():
+            return True
+        time.sleep(every)
+    return False

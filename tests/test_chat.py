@@ -9,21 +9,8 @@ import shutil
 import pytest
 import torch
 
-from studio.chat import (AdapterChoice, ChatError, ChatModel, GenerationSettings, build_messages, list_adapters,
+from studio.chat import (AdapterChoice, ChatError, GenerationSettings, build_messages, list_adapters,
                          resolve_adapter)
-from tests.conftest import trained_run_dir
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, bundled_model_dir):
-    return trained_run_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def chat(run_dir):
-    c = ChatModel()
-    c.use(run_dir)
-    return c
-
 
 @pytest.fixture(scope="module")
 def plain_base(bundled_model_dir):

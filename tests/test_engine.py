@@ -3,14 +3,13 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from studio.engine import Engine, JobRunning, latest_checkpoint, read_metrics
-from tests.conftest import ROOT, tiny_run_config
+from tests.conftest import ROOT, tiny_run_config, wait_for
 
 
 def _lora_b_norm(adapter_dir: Path) -> float:
@@ -18,15 +17,6 @@ def _lora_b_norm(adapter_dir: Path) -> float:
     bs = [t for k, t in tensors.items() if "lora_B" in k]
     assert bs, "adapter has no LoRA B matrices"
     return float(sum(t.float().norm() ** 2 for t in bs) ** 0.5)
-
-
-def _wait_for(pred, timeout=300):
-    t = time.time()
-    while time.time() - t < timeout:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_a_short_run_trains_the_adapter_and_logs_finite_metrics(tmp_path, bundled_model_dir):
@@ -56,7 +46,7 @@ def test_stop_mid_run_saves_an_adapter_and_resume_continues_from_that_step(tmp_p
     cfg = tiny_run_config(tmp_path, **{"train.max_steps": 40, "train.save_steps": 1000})
     engine = Engine()
     job = engine.start(cfg)
-    assert _wait_for(lambda: any(m.get("step", 0) >= 1 for m in job.metrics()) or job.done)
+    assert wait_for(lambda: any(m.get("step", 0) >= 1 for m in job.metrics()) or job.done)
     with pytest.raises(JobRunning):
         engine.start(cfg)
     engine.stop()

@@ -10,24 +10,10 @@ import pytest
 import torch
 
 from studio import evaluate
-from studio.chat import ChatModel
 from studio.data import load_kto
 from studio.data.normalize import is_conversation
-from tests.conftest import trained_run_dir
 
 BETA, MAX_LEN = 0.1, 128
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, bundled_model_dir):
-    return trained_run_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def chat(run_dir):
-    c = ChatModel()
-    c.use(run_dir)
-    return c
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,8 @@ import pytest
 import torch
 
 from studio import export
-from tests.conftest import trained_run_dir
 
 PROBE = [{"role": "user", "content": "Name a planet close to the Sun."}]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, bundled_model_dir):
-    return trained_run_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,7 @@ import pytest
 from studio.config import ConfigError
 from studio.engine import Engine, Job, explain_error, memory_use, read_metrics
 from studio.history import History, HistoryError, unused_run_config
-from tests.conftest import tiny_run_config
-
-
-def _wait_for(pred, timeout=600):
-    t = time.time()
-    while time.time() - t < timeout:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
+from tests.conftest import tiny_run_config, wait_for
 
 
 def _fake_job(cfg, job_id="job1", resume_from=None) -> Job:
@@ -44,7 +35,7 @@ def test_stop_then_resume_from_an_earlier_checkpoint_is_one_run_whose_curve_fork
     run = history.get(job.id)
     assert run["status"] == "starting" and run["name"] == "t"  # recorded before the thread does anything
 
-    assert _wait_for(lambda: any(m.get("step", 0) >= 3 for m in job.metrics()) or job.done)
+    assert wait_for(lambda: any(m.get("step", 0) >= 3 for m in job.metrics()) or job.done)
     engine.stop()
     engine.wait(600)
     assert job.state == "stopped", job.error

@@ -6,17 +6,7 @@ import json
 from playwright.sync_api import expect
 
 from tests.browser.conftest import shot
-
-
-def messy_pairs():
-    """8 pairs: pair 8 repeats pair 1, pairs 5-7 have blank rejected answers, pair 4's answers are equal."""
-    pairs = [{"prompt": f"Question {i}?", "chosen": f"A careful answer to {i}.", "rejected": f"Wrong answer {i}."}
-             for i in range(1, 8)]
-    for p in pairs[4:7]:
-        p["rejected"] = "   "
-    pairs[3]["rejected"] = pairs[3]["chosen"]
-    pairs.append(dict(pairs[0]))
-    return pairs
+from tests.test_data_clean import messy_pairs
 
 
 def test_upload_pairs_see_them_converted_and_balanced_then_save(page, studio_server, tmp_path, bundled_model_dir):
