@@ -124,7 +124,9 @@ def build(studio):
             path = gr.Textbox(label="…or a path / hub dataset id", value=lambda: studio.config.data.train_file,
                               info=f"'{SAMPLE_DATA}' is the small example set that ships with the studio.",
                               elem_id="data-path")
-            load_btn = gr.Button("Load", variant="primary", elem_id="data-load")
+            with gr.Row():
+                load_btn = gr.Button("Load", variant="primary", elem_id="data-load")
+                ratings_btn = gr.Button("Use my chat ratings (👍/👎)", elem_id="data-use-ratings")
     with gr.Accordion("Column mapping", open=False, elem_id="data-mapping") as map_box:
         gr.Markdown("When the columns can't be told apart, say which of your columns holds what. Leave a field "
                     "empty when your file has no such column.")
@@ -247,6 +249,17 @@ def build(studio):
     load_in = [upload, path, model_box, max_len, *map_dd, *view_in[1:]]
 
     load_btn.click(load, load_in, load_out)
+
+    def use_ratings():
+        from studio import feedback
+
+        f = feedback.feedback_path()
+        if not f.is_file():
+            raise gr.Error("No ratings yet: rate replies with 👍/👎 in the Chat tab first; they are collected in "
+                           f"{f}.")
+        return None, str(f)
+
+    ratings_btn.click(use_ratings, None, [upload, path]).success(load, load_in, load_out)
     map_btn.click(load, load_in, load_out)
     upload.upload(load, load_in, load_out)
 

@@ -103,3 +103,18 @@ def test_odd_columns_are_mapped_and_labels_fixed_in_the_table(page, studio_serve
     assert [(r["prompt"], r["label"]) for r in rows] == [("Hi?", False), ("Hi?", False), ("2+2?", True),
                                                          ("Capital of Peru?", True), ("Capital of Peru?", False),
                                                          ("Say thanks", True)]
+
+
+def test_chat_ratings_load_as_the_next_runs_data(page, studio_server):
+    data = studio_server["home"] / "data"
+    page.get_by_role("tab", name="Data").click()
+    page.locator("#data-use-ratings").click()
+    expect(page.get_by_text("No ratings yet")).to_be_visible(timeout=30_000)
+
+    data.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": [{"role": "user", "content": "Hi?"}], "completion": [{"role": "assistant", "content": c}],
+             "label": label, "side": side} for c, label, side in (("Hello!", True, "tuned"), ("Go away.", False, "base"))]
+    (data / "feedback.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    page.locator("#data-use-ratings").click()
+    expect(page.locator("#data-summary")).to_contain_text("2 KTO rows: 1 desirable, 1 undesirable", timeout=60_000)
+    expect(page.locator("#data-path textarea, #data-path input").first).to_have_value(str(data / "feedback.jsonl"))
