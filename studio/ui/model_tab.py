@@ -282,6 +282,11 @@ def build(studio):
     token_btn.click(on_token, token, [dl_md, token])
     del_btn.click(on_delete, to_delete, [dl_md, cache_md, cache_table, to_delete])
 
+    # a refreshed page (or a run opened from the history) shows the studio's current config, not the one at start
+    app = gr.context.Context.root_block
+    if app is not None:
+        app.load(lambda: [getattr(getattr(studio.config, s), n) for s, n in FIELDS], None, comps)
+
 
 def _is_hub_id(name: str) -> bool:
     from pathlib import Path

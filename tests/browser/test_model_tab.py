@@ -46,3 +46,16 @@ def test_a_7b_model_that_cannot_fit_the_bitsandbytes_path_says_why(page):
     row = [ln for ln in settings.inner_text().splitlines() if "bitsandbytes" in ln]
     assert row and "no" in row[0], settings.inner_text()
     assert "Applied for the Unsloth 4-bit path" in settings.inner_text()
+
+
+def test_a_refreshed_page_shows_the_model_chosen_before(page):
+    page.get_by_role("tab", name="Model & preset").click()
+    pick(page, "model-preset", "Qwen2.5-3B-Instruct · 3B")
+    from playwright.sync_api import expect
+
+    box = page.locator("#cfg-model-name_or_path textarea, #cfg-model-name_or_path input").first
+    expect(box).to_have_value(re.compile("qwen2.5-3b", re.IGNORECASE))
+    chosen = box.input_value()
+    page.reload()
+    page.get_by_role("tab", name="Model & preset").click()
+    expect(page.locator("#cfg-model-name_or_path textarea, #cfg-model-name_or_path input").first).to_have_value(chosen)
