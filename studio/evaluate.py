@@ -54,22 +54,18 @@ def tokenize_row(tokenizer, prompt: Any, completion: Any, max_length: int | None
     ``max_length`` (TRL drops such rows)."""
     from trl.data_utils import common_prefix_length
 
+    from studio.data.inspect import kto_token_ids
+
     if _is_conversation(prompt):
         if not getattr(tokenizer, "chat_template", None):
             raise EvalError("these held-out rows are conversations, but the model's tokenizer has no chat template "
                             "to render them: use plain-text rows (prompt/completion strings) for this model")
         if not _is_conversation(completion):
             completion = [{"role": "assistant", "content": str(completion)}]
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
-        full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
+        row = {"prompt": prompt, "completion": completion}
     else:
-        prompt, completion = str(prompt), str(completion)
-        eos = tokenizer.eos_token or ""
-        if not completion.endswith(eos):
-            completion += eos
-        prompt_ids = tokenizer(text=prompt)["input_ids"]
-        full_ids = tokenizer(text=prompt + completion)["input_ids"]
+        row = {"prompt": str(prompt), "completion": str(completion)}
+    (prompt_ids,), (full_ids,) = kto_token_ids(tokenizer, [row], _is_conversation(prompt))
     prompt_ids, full_ids = list(prompt_ids), list(full_ids)
     # the completion starts where the two tokenizations diverge (chat templates, merges across the boundary)
     n = common_prefix_length(prompt_ids, full_ids)

@@ -71,6 +71,25 @@ class TokenLengths:
         return out
 
 
+def kto_token_ids(tokenizer: Any, rows: list[dict[str, Any]], conversational: bool
+                  ) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each row's prompt and of prompt+completion, rendered as TRL's KTO trainer renders them
+    (conversations through the chat template with the generation prompt; text with EOS appended to the
+    completion). The completion starts where the two diverge (``trl.data_utils.common_prefix_length``).
+    Shared by the Data tab's length report and the held-out evaluation."""
+    if conversational:
+        prompt_text = tokenizer.apply_chat_template([r["prompt"] for r in rows], tokenize=False,
+                                                    add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template([r["prompt"] + r["completion"] for r in rows], tokenize=False)
+        # apply_chat_template(tokenize=True) adds no special tokens: the template already has them
+        return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
+                tokenizer(full_text, add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token or ""
+    completions = [c if c.endswith(eos) else c + eos for c in (r["completion"] for r in rows)]
+    return (tokenizer([r["prompt"] for r in rows])["input_ids"],
+            tokenizer([r["prompt"] + c for r, c in zip(rows, completions)])["input_ids"])
+
+
 def token_lengths(rows: list[dict[str, Any]], tokenizer: Any, progress: Progress = None,
                   chunk: int = 256) -> TokenLengths:
     """Token lengths the way TRL's KTOTrainer tokenizes: conversations through the chat template (prompt with the
@@ -85,21 +104,9 @@ def token_lengths(rows: list[dict[str, Any]], tokenizer: Any, progress: Progress
     if conv and not getattr(tokenizer, "chat_template", None):
         raise DataError("the rows are conversations but this model's tokenizer has no chat template: pick an "
                         "instruct/chat model, or use text prompts")
-    eos = tokenizer.eos_token or ""
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
-        if conv:
-            prompt_text = tokenizer.apply_chat_template([r["prompt"] for r in part], tokenize=False,
-                                                        add_generation_prompt=True)
-            full_text = tokenizer.apply_chat_template([r["prompt"] + r["completion"] for r in part],
-                                                      tokenize=False)
-            # apply_chat_template(tokenize=True) adds no special tokens: the template already has them
-            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-            full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-        else:
-            completions = [c if c.endswith(eos) else c + eos for c in (r["completion"] for r in part)]
-            prompt_ids = tokenizer([r["prompt"] for r in part])["input_ids"]
-            full_ids = tokenizer([r["prompt"] + c for r, c in zip(part, completions)])["input_ids"]
+        prompt_ids, full_ids = kto_token_ids(tokenizer, part, conv)
         for i, (p, f) in enumerate(zip(prompt_ids, full_ids), start=start):
             k = common_prefix_length(p, f)
             out.prompt.append(k)
