@@ -168,6 +168,24 @@ class DataSettings(_Section):
     )
 
 
+class MemorySettings(_Section):
+    """Ways to trade a little speed for GPU memory. Studio settings (TRL has no such fields); the engine applies them."""
+
+    micro_batch_size: int | None = Field(
+        None, ge=1,
+        description="Rows per forward/backward pass of the policy. KTO's KL reference point still pairs the whole "
+        "per-device batch (TRL needs at least 2 rows), but gradients are taken one micro-batch at a time and summed: "
+        "the same update, with the activation memory of micro_batch_size rows. Empty: the whole batch at once "
+        "(fastest). 1 lets an 8 GB card train rows twice as long.",
+    )
+    tiled_mlp: bool = Field(
+        False,
+        description="Unsloth path only: compute the MLP of long rows in tiles (Unsloth's tiled MLP), so its "
+        "intermediate activations never exist for the whole sequence at once. Less memory at long sequence "
+        "lengths, a little slower. Auto-fit turns it on when a run would not fit otherwise.",
+    )
+
+
 class RunConfig(_Section):
     name: str = Field("run", min_length=1, max_length=80, description="Run name; the run folder is named after it.")
     output_dir: str | None = Field(
@@ -178,6 +196,7 @@ class RunConfig(_Section):
     kto: KTOSettings = Field(default_factory=KTOSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
 
     @field_validator("name")
     @classmethod
@@ -209,7 +228,7 @@ class RunConfig(_Section):
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (model, lora, kto, train, data)")
+            raise ConfigError(f"{path} must hold a mapping of sections (model, lora, kto, train, data, memory)")
         return cls.from_dict(data or {})
 
     def to_yaml(self) -> str:
