@@ -95,26 +95,33 @@ def plan_markdown(plan: memory.CardPlan, applied: bool) -> str:
     if plan.budget_gib is None:
         return plan.message
     head = f"**Budget: {plan.budget_gib:g} GiB** for {plan.arch.label()}"
-    lines = [head, "", "| path | fits | max_length | batch | accumulation | effective batch | predicted peak |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [head, "", "| path | fits | max_length | batch | accumulation | effective batch | memory savers | "
+             "predicted peak |", "|---|---|---|---|---|---|---|---|"]
     for path, f in plan.fits.items():
         e = f.estimate
         peak = f"{e.total_gib:.2f} GiB" if e is not None else "–"
         if f.ok:
             lines.append(f"| {PATH_LABELS[path]} | yes | {f.seq} | {f.batch} | {f.grad_accum} | {f.effective_batch} | "
-                         f"{peak} |")
+                         f"{savers_label(f)} | {peak} |")
         else:
-            lines.append(f"| {PATH_LABELS[path]} | **no** | – | – | – | – | {peak} |")
+            lines.append(f"| {PATH_LABELS[path]} | **no** | – | – | – | – | – | {peak} |")
     lines.append("")
     if plan.path is None:
         lines.append(f"**Does not fit:** {plan.message}")
     elif applied:
         f = plan.fits[plan.path]
         lines.append(f"Applied for the {PATH_LABELS[plan.path]} path: max_length **{f.seq}**, per-device batch "
-                     f"**{f.batch}**, gradient accumulation **{f.grad_accum}** (effective batch {f.effective_batch}).")
+                     f"**{f.batch}**, gradient accumulation **{f.grad_accum}** (effective batch {f.effective_batch})"
+                     + (f", memory savers: {savers_label(f)}" if f.micro_batch or f.tiled_mlp else "") + ".")
     for e in plan.estimates.values():
         lines += [f"> {n}" for n in e.notes]
     return "\n".join(lines)
+
+
+def savers_label(f: memory.Fit) -> str:
+    parts = ([f"gradients {f.micro_batch} row{'s' if f.micro_batch > 1 else ''} at a time"] if f.micro_batch else []) + (
+        ["tiled MLP"] if f.tiled_mlp else [])
+    return ", ".join(parts) or "–"
 
 
 def preferred_path(cfg, device) -> str | None:
