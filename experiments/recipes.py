@@ -51,6 +51,13 @@ def prepare(a) -> None:
     with open(work / "train_10pct_desirable.jsonl", "w", encoding="utf-8") as f:
         for r in imbalanced:
             f.write(json.dumps({k: r[k] for k in ("prompt", "completion", "label")}, ensure_ascii=False) + "\n")
+    # the same rows with the desirable ones repeated instead of weighted (balancing by resampling, for comparison)
+    copies = max(1, round(len(bad) / len(keep)))
+    oversampled = keep * copies + bad
+    rnd.shuffle(oversampled)
+    with open(work / "train_10pct_oversampled.jsonl", "w", encoding="utf-8") as f:
+        for r in oversampled:
+            f.write(json.dumps({k: r[k] for k in ("prompt", "completion", "label")}, ensure_ascii=False) + "\n")
     w = suggest_weights(len(keep), len(bad))
     meta = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "train_rows": len(rows),
             "imbalanced": {"desirable": len(keep), "undesirable": len(bad), "desirable_weight": w.desirable_weight,
@@ -74,10 +81,17 @@ def run(a) -> None:
         "data.train_file": str(work / "train_pairs.jsonl"), "data.eval_file": None, "data.eval_fraction": 0.0,
         "train.save_steps": 100_000, "train.logging_steps": 5,
     }
-    if a.imbalanced:
+    if a.imbalanced and a.oversample:
+        changes["data.train_file"] = str(work / "train_10pct_oversampled.jsonl")
+    elif a.imbalanced:
+        imb = meta["imbalanced"]
+        wd, wu = imb["desirable_weight"], imb["undesirable_weight"]
+        if a.weights == "normalized":  # same ratio, mean row weight 1: the loss keeps the balanced run's scale
+            scale = (imb["desirable"] + imb["undesirable"]) / (wd * imb["desirable"] + wu * imb["undesirable"])
+            wd, wu = round(wd * scale, 4), round(wu * scale, 4)
         changes["data.train_file"] = str(work / "train_10pct_desirable.jsonl")
-        changes["kto.desirable_weight"] = meta["imbalanced"]["desirable_weight"]
-        changes["kto.undesirable_weight"] = meta["imbalanced"]["undesirable_weight"]
+        changes["kto.desirable_weight"] = wd
+        changes["kto.undesirable_weight"] = wu
     for s in a.set:
         k, v = s.split("=", 1)
         changes[k] = yaml.safe_load(v)
@@ -87,7 +101,8 @@ def run(a) -> None:
     job = engine.start(cfg)
     engine.wait()
     train_s = time.time() - t0
-    out = {"name": a.name, "recipe": a.recipe, "imbalanced": a.imbalanced, "sets": a.set, "state": job.state,
+    out = {"name": a.name, "recipe": a.recipe, "imbalanced": a.imbalanced, "weights_mode": a.weights,
+           "oversample": a.oversample, "sets": a.set, "state": job.state,
            "error": job.error, "backend": job.backend, "train_s": round(train_s, 1),
            "config": {"lr": cfg.train.learning_rate, "beta": cfg.kto.beta, "r": cfg.lora.r,
                       "alpha": cfg.lora.lora_alpha, "epochs": cfg.train.num_train_epochs,
@@ -139,6 +154,10 @@ def main() -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--recipe", default="standard")
     p.add_argument("--imbalanced", action="store_true")
+    p.add_argument("--weights", choices=["auto", "normalized"], default="auto",
+                   help="imbalanced runs: the studio's suggested weights, or the same ratio scaled to mean weight 1")
+    p.add_argument("--oversample", action="store_true",
+                   help="imbalanced runs: repeat the desirable rows instead of weighting them")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many held-out rows")
     p.add_argument("--set", action="append", default=[])
     p.set_defaults(func=run)
