@@ -83,6 +83,8 @@ def explain_error(exc: BaseException, cfg: RunConfig | None = None) -> str:
             if cfg.train.per_device_train_batch_size > 2:
                 hint.append(f"lower train.per_device_train_batch_size (now {cfg.train.per_device_train_batch_size}, "
                             "minimum 2) and raise gradient_accumulation_steps")
+            if (cfg.memory.micro_batch_size or cfg.train.per_device_train_batch_size) > 1:
+                hint.append("set memory.micro_batch_size to 1 (gradients one row at a time, the same update)")
             if not cfg.train.gradient_checkpointing:
                 hint.append("turn on train.gradient_checkpointing")
             if not cfg.model.load_in_4bit:
@@ -246,7 +248,7 @@ class Engine:
 
     def _build(self, job: Job):
         from studio import data as data_mod
-        from studio import logprob, models, speed
+        from studio import logprob, microbatch, models, speed
 
         cfg = job.config
         _quiet_libraries()
@@ -286,6 +288,10 @@ class Engine:
         self._emit(job, "status", message="Speed-ups: " + ", ".join(
             (["length-grouped batches"] if cfg.data.length_grouping else [])
             + (["reference log-probs computed once before training"] if precompute else [])) or "Speed-ups: none")
+        micro = cfg.memory.micro_batch_size
+        if microbatch.is_active(micro, cfg.train.per_device_train_batch_size):
+            self._emit(job, "status", message=microbatch.describe(micro, cfg.train.per_device_train_batch_size),
+                       micro_batch_size=micro)
         if job.stop_requested:
             return None
         loaded = models.load_for_training(cfg, device, progress=lambda m: self._emit(job, "status", message=m))
@@ -293,7 +299,9 @@ class Engine:
             return None
         if logprob.needs_fallback(device.kind):
             logprob.install_fallback(force=True)
-        from trl import KTOTrainer
+        # TRL's KTOTrainer, or its subclass taking gradients micro_batch_size rows at a time (imported only now:
+        # Unsloth must come before TRL)
+        trainer_cls = microbatch.trainer_class(micro, cfg.train.per_device_train_batch_size)
 
         bf16 = device.kind == "cuda" and loaded.dtype is not None and str(loaded.dtype) == "torch.bfloat16"
         fp16 = device.kind == "cuda" and str(loaded.dtype) == "torch.float16"
@@ -308,8 +316,8 @@ class Engine:
         self._emit(job, "status", message="Tokenizing" + (
             f" and computing the reference model's log-probs for {len(td.train)} rows once" if precompute else "")
             + "…")
-        trainer = KTOTrainer(model=loaded.model, args=kto_args, train_dataset=td.train, eval_dataset=td.eval,
-                             processing_class=loaded.tokenizer, callbacks=[_make_callback(self, job)])
+        trainer = trainer_cls(model=loaded.model, args=kto_args, train_dataset=td.train, eval_dataset=td.eval,
+                              processing_class=loaded.tokenizer, callbacks=[_make_callback(self, job)])
         return trainer
 
 
