@@ -15,12 +15,15 @@ if [ "${1:-}" = start ]; then
     [ -e /tmp/models/${pair#*:}/done ] && [ ! -e /tmp/models/${pair%%:*} ] && mv /tmp/models/${pair#*:} /tmp/models/${pair%%:*}
   done
   i=0
-  for models in qwen2.5-3b-instruct llama-3.2-3b-instruct phi-3.5-mini-instruct mistral-7b-instruct-v0.3,qwen2.5-7b-instruct \
-                llama-3.1-8b-instruct,gemma-7b-it; do
+  # STREAMS: space-separated "models:paths" (default: every tiered preset on both paths, five at once)
+  for stream in ${STREAMS:-qwen2.5-3b-instruct:unsloth,bnb llama-3.2-3b-instruct:unsloth,bnb phi-3.5-mini-instruct:unsloth,bnb \
+                mistral-7b-instruct-v0.3,qwen2.5-7b-instruct:unsloth,bnb llama-3.1-8b-instruct,gemma-7b-it:unsloth,bnb}; do
     i=$((i+1))
-    setsid nohup bash -c "python3 bench/memory_bench.py sweep --plan autofit --models $models --grad-accum 1 --cleanup \
-      --timeout 900 --out $J/autofit_$i.jsonl > $J/autofit_$i.log 2>&1; touch $J/autofit_$i.done" > /dev/null 2>&1 &
+    setsid nohup bash -c "python3 bench/memory_bench.py sweep --plan autofit --models ${stream%%:*} --paths ${stream#*:} \
+      --grad-accum 1 --cleanup --timeout 900 --out $J/autofit_$i.jsonl > $J/autofit_$i.log 2>&1; touch $J/autofit_$i.done" \
+      > /dev/null 2>&1 &
   done
+  [ -z "${2:-}" ] && { sleep 2; ls $J; exit 0; }
   setsid nohup bash -c "DATA=$2 W=/tmp/rx OUT=$J/imb bash experiments/imbalance_gpu.sh > $J/imb.log 2>&1; touch $J/imb.done" \
     > /dev/null 2>&1 &
   sleep 2; ls $J

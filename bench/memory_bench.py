@@ -183,6 +183,8 @@ def plan(name: str, models: list[str] | None) -> list[list[str]]:
 def cmd_sweep(a) -> int:
     models = a.models.split(",") if a.models else None
     todo = plan(a.plan, models)
+    if a.paths:
+        todo = [args for args in todo if args[args.index("--path") + 1] in a.paths.split(",")]
     out = open(a.out, "a") if a.out else None
     last_model = None
     for i, args in enumerate(todo, 1):
@@ -359,6 +361,7 @@ def main(argv=None) -> int:
     s.add_argument("--plan", choices=["autofit", "anchors", "calibrate", "all"], default="autofit")
     s.add_argument("--models", default=None, help="comma-separated preset keys to keep")
     s.add_argument("--out", default=None, help="append result lines (JSON) here")
+    s.add_argument("--paths", default=None, help="comma-separated loading paths to keep (unsloth,bnb)")
     s.add_argument("--cap-gib", type=float, default=7.5)
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--timeout", type=int, default=420)
