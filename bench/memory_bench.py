@@ -76,7 +76,7 @@ def cmd_run(a) -> int:
     if cuda:
         result["card"] = torch.cuda.get_device_name(0)
     settings = memory.Settings(seq=a.seq, batch=a.batch, rank=a.rank, precompute_ref=a.precompute_ref,
-                               micro_batch=a.micro_batch, tiled_mlp=a.tiled_mlp)
+                               micro_batch=a.micro_batch)
     accum = a.grad_accum
     if a.autofit:
         fit = memory.auto_fit(arch, a.path, a.cap_gib, seq_ceiling=a.seq_ceiling, effective_batch=a.effective_batch,
@@ -87,10 +87,10 @@ def cmd_run(a) -> int:
             print("RESULT " + json.dumps(result), flush=True)
             return 0
         settings.seq, settings.batch = fit.seq, fit.batch
-        settings.micro_batch, settings.tiled_mlp = fit.micro_batch, fit.tiled_mlp
+        settings.micro_batch = fit.micro_batch
         accum = fit.grad_accum if a.grad_accum is None else a.grad_accum
         result.update(seq=fit.seq, batch=fit.batch)
-    result.update(micro_batch=settings.micro_batch, tiled_mlp=settings.tiled_mlp)
+    result.update(micro_batch=settings.micro_batch)
     accum = accum or 1
     result["grad_accum"] = accum
     est = memory.estimate(arch, a.path, settings, budget_gib=a.cap_gib if a.cap_gib > 0 else None)
@@ -114,7 +114,7 @@ def cmd_run(a) -> int:
         "train.max_steps": a.steps, "train.save_steps": 100_000, "train.learning_rate": 2e-4,
         "train.warmup_steps": 0.0, "train.gradient_checkpointing": True,
         "data.train_file": data, "data.shuffle": False,
-        "memory.micro_batch_size": settings.micro_batch, "memory.tiled_mlp": settings.tiled_mlp,
+        "memory.micro_batch_size": settings.micro_batch,
     })
     phases: dict = {}
 
@@ -229,7 +229,7 @@ def _read_results(path: str) -> list[dict]:
 
 def _key(p: dict) -> tuple:
     return (p["model"], p["path"], p["seq"], p["batch"], p.get("rank", 16), bool(p.get("precompute_ref")),
-            p.get("cap_gib", 7.5), p.get("micro_batch"), bool(p.get("tiled_mlp")))
+            p.get("cap_gib", 7.5), p.get("micro_batch"))
 
 
 def cmd_merge(a) -> int:
@@ -246,7 +246,7 @@ def cmd_merge(a) -> int:
         p = {"model": r["model"], "path": r["path"], "seq": r["seq"], "batch": r["batch"], "rank": r["rank"],
              "targets": "all-linear", "optim": "adamw_8bit", "gradient_checkpointing": True,
              "cap_gib": r["cap_gib"], "precompute_ref": r.get("precompute_ref", False), "lora_dropout": 0.0,
-             "micro_batch": r.get("micro_batch"), "tiled_mlp": bool(r.get("tiled_mlp")),
+             "micro_batch": r.get("micro_batch"),
              "peak_alloc_gib": r["peak_alloc_gib"], "kind": "measured" if r.get("ok") else "lower_bound",
              "source": f"bench/memory_bench.py ({r.get('runner')}, {r.get('card', 'GPU')})"}
         for k in ("setup_peak_gib", "train_peak_gib", "peak_reserved_gib"):
@@ -272,7 +272,7 @@ def _settings(p: dict):
     return memory.Settings(seq=p["seq"], batch=p["batch"], rank=p.get("rank", 16),
                            targets=targets if isinstance(targets, str) else tuple(targets),
                            optim=p.get("optim", "adamw_8bit"), precompute_ref=bool(p.get("precompute_ref")),
-                           micro_batch=p.get("micro_batch"), tiled_mlp=bool(p.get("tiled_mlp")))
+                           micro_batch=p.get("micro_batch"))
 
 
 def cmd_fit(a) -> int:
@@ -351,7 +351,6 @@ def main(argv=None) -> int:
     r.add_argument("--cap-gib", type=float, default=7.5)
     r.add_argument("--precompute-ref", action="store_true")
     r.add_argument("--micro-batch", type=int, default=None, help="memory.micro_batch_size (rows per policy pass)")
-    r.add_argument("--tiled-mlp", action="store_true", help="memory.tiled_mlp (Unsloth path)")
     r.add_argument("--autofit", action="store_true", help="let studio.memory.auto_fit choose seq and batch")
     r.add_argument("--seq-ceiling", type=int, default=4096)
     r.add_argument("--effective-batch", type=int, default=16)

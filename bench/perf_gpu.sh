@@ -2,7 +2,7 @@
 # Issue 8 on the device machine: the studio engine beside the seed's Unsloth+TRL recipe (.whl/anchor_kto.py, a copy
 # of ../shared/bench/anchor_kto.py), same card, same call, one configuration per process, 7.5 GiB allocator cap.
 #   bash bench/perf_gpu.sh same       # Qwen2.5-3B seq 2048, Mistral-7B seq 1024 and 2048, batch 2: tok/s and peak
-#   bash bench/perf_gpu.sh capacity   # Mistral-7B seq 8192 and Llama-3.1-8B seq 4096, batch 2, with memory savers
+#   bash bench/perf_gpu.sh capacity   # Mistral-7B seq 8192 and Llama-3.1-8B seq 4096, batch 2, gradients one row at a time
 # Run from the repo root after `source .whl/device_setup.sh`. Results: $OUT/perf_<mode>.jsonl (RESULT lines).
 set -u
 MODE=${1:-same}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,9 +24,7 @@ if [ "$MODE" = same ]; then
 elif [ "$MODE" = capacity ]; then
   build mistral-7b & build llama3.1-8b & wait
   anchor --arch mistral-7b --seq 8192 --bs 2 --steps 4 --warmup 2
-  studio --arch mistral-7b --seq 8192 --bs 2 --steps 4 --warmup 2 --set memory.tiled_mlp=true
   studio --arch mistral-7b --seq 8192 --bs 2 --steps 4 --warmup 2 --set memory.micro_batch_size=1
-  studio --arch mistral-7b --seq 8192 --bs 2 --steps 4 --warmup 2 --set memory.micro_batch_size=1 --set memory.tiled_mlp=true
   anchor --arch llama3.1-8b --seq 4096 --bs 2 --steps 4 --warmup 2
   studio --arch llama3.1-8b --seq 4096 --bs 2 --steps 4 --warmup 2 --set memory.micro_batch_size=1
 fi

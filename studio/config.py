@@ -169,7 +169,9 @@ class DataSettings(_Section):
 
 
 class MemorySettings(_Section):
-    """Ways to trade a little speed for GPU memory. Studio settings (TRL has no such fields); the engine applies them."""
+    """Ways to trade a little speed for GPU memory. Studio settings (TRL has no such fields); the engine applies them.
+
+    (Unsloth's tiled MLP was tried as a second saver and fails inside TRL's KTO step: docs/GPU_RESULTS.md.)"""
 
     micro_batch_size: int | None = Field(
         None, ge=1,
@@ -177,12 +179,6 @@ class MemorySettings(_Section):
         "per-device batch (TRL needs at least 2 rows), but gradients are taken one micro-batch at a time and summed: "
         "the same update, with the activation memory of micro_batch_size rows. Empty: the whole batch at once "
         "(fastest). 1 lets an 8 GB card train rows twice as long.",
-    )
-    tiled_mlp: bool = Field(
-        False,
-        description="Unsloth path only: compute the MLP of long rows in tiles (Unsloth's tiled MLP), so its "
-        "intermediate activations never exist for the whole sequence at once. Less memory at long sequence "
-        "lengths, a little slower. Auto-fit turns it on when a run would not fit otherwise.",
     )
 
 

@@ -175,9 +175,6 @@ class PathModel:
 # hidden unit; the same on every path. Calibrated with the overheads below by `python bench/memory_bench.py fit`
 # (minimax relative error over tests/fixtures/memory_points.json): 47.6, rounded. Unsloth's own figure is 42-48.
 WORKING_SET_BYTES = 48.0
-# Of that working set, per intermediate unit of the MLP: gate, up and their product in 16 bit (3 x 2 bytes). Unsloth's
-# tiled MLP computes the MLP in tiles of `hidden` tokens, so this part is then counted for one tile only.
-MLP_WORKING_BYTES = 6.0
 PATHS = {
     "unsloth": PathModel("unsloth", True, 2, checkpoint_bytes=0, overhead_gib=0.14, offloads_embedding=True),
     "bnb": PathModel("bnb", True, 4, checkpoint_bytes=4, overhead_gib=0.0),
@@ -201,7 +198,6 @@ class Settings:
     precompute_ref: bool = False
     compute_bytes: int = 2  # bf16/fp16 on CUDA; 4 for float32 (CPU, MPS)
     micro_batch: int | None = None  # rows per policy pass (studio/microbatch.py); None = the whole batch
-    tiled_mlp: bool = False  # Unsloth's tiled MLP (unsloth path only)
 
     @property
     def tokens(self) -> int:
@@ -300,13 +296,7 @@ def estimate(arch: Arch, path: str, settings: Settings | None = None, budget_gib
 
     # activations: the checkpointed layer inputs (unless offloaded) and one layer's working set
     ckpt_bytes = s.compute_bytes if pm.checkpoint_bytes is None else pm.checkpoint_bytes
-    working = WORKING_SET_BYTES
-    if s.tiled_mlp and path == "unsloth":
-        mlp = MLP_WORKING_BYTES * arch.intermediate / h
-        working = max(WORKING_SET_BYTES - mlp, 0.0) + mlp * min(1.0, h / max(n_tok, 1))
-    elif s.tiled_mlp:
-        notes.append("Tiled MLP is an Unsloth feature: it has no effect on this path.")
-    acts = n_tok * h * (arch.layers * ckpt_bytes + working)
+    acts = n_tok * h * (arch.layers * ckpt_bytes + WORKING_SET_BYTES)
     if not s.gradient_checkpointing:
         # every layer keeps its intermediate tensors: norm outputs, q/k/v, attention output, MLP (gate, up, act, product)
         per_layer = s.compute_bytes * (6 * h + 2 * arch.kv_heads * arch.head_dim + 4 * arch.intermediate)
@@ -346,7 +336,6 @@ class Fit:
     estimate: Estimate | None = None
     reason: str = ""
     micro_batch: int | None = None
-    tiled_mlp: bool = False
 
     def run_changes(self) -> dict[str, Any]:
         """Dotted run-config fields for the chosen settings."""
@@ -354,14 +343,14 @@ class Fit:
             return {}
         return {"kto.max_length": self.seq, "train.per_device_train_batch_size": self.batch,
                 "train.gradient_accumulation_steps": self.grad_accum,
-                "memory.micro_batch_size": self.micro_batch, "memory.tiled_mlp": self.tiled_mlp}
+                "memory.micro_batch_size": self.micro_batch}
 
     def as_dict(self) -> dict[str, Any]:
         d = {"ok": self.ok, "path": self.path, "budget_gib": self.budget_gib, "reason": self.reason}
         if self.ok:
             d["chosen"] = {"max_length": self.seq, "per_device_train_batch_size": self.batch,
                            "gradient_accumulation_steps": self.grad_accum, "effective_batch": self.effective_batch,
-                           "micro_batch_size": self.micro_batch, "tiled_mlp": self.tiled_mlp}
+                           "micro_batch_size": self.micro_batch}
         if self.estimate is not None:
             d["estimate"] = self.estimate.as_dict()
         return d
@@ -385,33 +374,29 @@ def auto_fit(arch: Arch, path: str, budget_gib: float, *, seq: int | None = None
     accumulation makes up the effective batch, with as few steps as that batch allows (the batch is then trimmed to
     the smallest that reaches the effective batch in those steps). Fits: ``safe_total`` <= budget x (1 - headroom).
 
-    With ``savers``, a length that does not fit as it is may still be reached with the memory savers, tried from the
-    cheapest: Unsloth's tiled MLP (unsloth path), then gradients one row at a time (``memory.micro_batch_size`` 1),
-    then both. A micro-batched step's activation memory does not grow with the batch, so the batch then goes
-    straight to the effective batch (KTO's KL estimate gets more rows, no accumulation needed)."""
+    With ``savers``, a length that does not fit as it is may still be reached by taking gradients one row at a time
+    (``memory.micro_batch_size`` 1; KTO's KL still pairs the whole batch). A micro-batched step's activation memory
+    does not grow with the batch, so the batch then goes straight to the effective batch (KTO's KL estimate gets
+    more rows, no accumulation needed)."""
     base = settings or Settings()
     limit = usable(budget_gib, headroom)
-    options: list[tuple[int | None, bool]] = [(base.micro_batch, base.tiled_mlp)]
-    if savers:
-        for opt in ([(None, True)] if path == "unsloth" else []) + [(1, False)] + (
-                [(1, True)] if path == "unsloth" else []):
-            if opt not in options and (opt[1] or not base.tiled_mlp):
-                options.append(opt)
+    options: list[int | None] = [base.micro_batch]  # rows per gradient pass; None = the whole batch
+    if savers and 1 not in options:
+        options.append(1)
 
-    def est(q: int, b: int, opt: tuple[int | None, bool] = options[0]) -> Estimate:
-        return estimate(arch, path, base, budget_gib=budget_gib, seq=q, batch=b, micro_batch=opt[0],
-                        tiled_mlp=opt[1])
+    def est(q: int, b: int, opt: int | None = options[0]) -> Estimate:
+        return estimate(arch, path, base, budget_gib=budget_gib, seq=q, batch=b, micro_batch=opt)
 
-    def fits(q: int, b: int, opt: tuple[int | None, bool]) -> bool:
+    def fits(q: int, b: int, opt: int | None) -> bool:
         return safe_total(est(q, b, opt)) <= limit
 
     ceiling = min(seq_ceiling, arch.max_positions)
     candidates = [seq] if seq else list(range(ceiling - ceiling % SEQ_STEP or MIN_SEQ, MIN_SEQ - 1, -SEQ_STEP))
     chosen_seq, opt = None, options[0]
     for q in candidates:
-        opt = next((o for o in options if fits(q, 2, o)), None)
-        if opt is not None:
-            chosen_seq = q
+        fitting = [o for o in options if fits(q, 2, o)]
+        if fitting:
+            chosen_seq, opt = q, fitting[0]
             break
     if chosen_seq is None:
         q = candidates[-1]
@@ -436,15 +421,13 @@ def auto_fit(arch: Arch, path: str, budget_gib: float, *, seq: int | None = None
     # batch in that many steps (batch 15 x 2 would overshoot an effective batch of 16; 8 x 2 hits it)
     accum = max(1, math.ceil(effective_batch / widest))
     chosen_batch = max(2, math.ceil(effective_batch / accum))
-    micro = opt[0] if opt[0] and opt[0] < chosen_batch else None
-    e = est(chosen_seq, chosen_batch, (micro, opt[1]))
-    used = ([f"gradients {micro} row at a time" if micro == 1 else f"gradients {micro} rows at a time"] if micro
-            else []) + (["Unsloth's tiled MLP"] if opt[1] and path == "unsloth" else [])
+    micro = opt if opt and opt < chosen_batch else None
+    e = est(chosen_seq, chosen_batch, micro)
     reason = (f"{chosen_seq} tokens x batch {chosen_batch} (x{accum} accumulation = effective batch "
               f"{chosen_batch * accum}): {e.total_gib:.2f} GiB predicted of {budget_gib:g} GiB"
-              + (f", with {' and '.join(used)}" if used else ""))
+              + (f", with gradients {micro} row{'s' if micro > 1 else ''} at a time" if micro else ""))
     return Fit(True, path, budget_gib, chosen_seq, chosen_batch, accum, chosen_batch * accum, e, reason,
-               micro_batch=micro, tiled_mlp=bool(opt[1] and path == "unsloth"))
+               micro_batch=micro)
 
 
 def check(arch: Arch, path: str, settings: Settings, budget_gib: float) -> Estimate:
@@ -534,7 +517,7 @@ def settings_from_run(cfg) -> Settings:
                     targets=targets, gradient_checkpointing=cfg.train.gradient_checkpointing, optim=optim,
                     precompute_ref=cfg.kto.precompute_ref_log_probs,
                     compute_bytes=4 if cfg.model.dtype == "float32" else 2,
-                    micro_batch=cfg.memory.micro_batch_size, tiled_mlp=cfg.memory.tiled_mlp)
+                    micro_batch=cfg.memory.micro_batch_size)
 
 
 def gpu_paths(backend: str | None) -> list[str]:
@@ -563,7 +546,7 @@ def plan_for_card(cfg, budget_gib: float | None, device_kind: str = "cuda", pref
     estimate is returned for information (the limit there is system memory and time)."""
     arch = arch_for(cfg.model.name_or_path, fetch)
     # auto-fit decides the memory savers afresh: the config's current ones may come from another model's fit
-    base = replace(settings_from_run(cfg), micro_batch=None, tiled_mlp=False)
+    base = replace(settings_from_run(cfg), micro_batch=None)
     eff = effective_batch or cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
     if device_kind != "cuda" or budget_gib is None:
         base.compute_bytes = 4  # float32 on CPU and MPS

@@ -241,9 +241,6 @@ def _load_unsloth(cfg: RunConfig, source: ModelSource, dtype):
     model, tok = FastLanguageModel.from_pretrained(
         model_name=source.path, max_seq_length=cfg.kto.max_length, dtype=dtype, load_in_4bit=cfg.model.load_in_4bit,
         trust_remote_code=cfg.model.trust_remote_code,
-        # Unsloth's tiled MLP: the MLP of long rows in tiles (memory.tiled_mlp); only passed when asked, so an older
-        # Unsloth without the option still loads
-        **({"unsloth_tiled_mlp": True} if cfg.memory.tiled_mlp else {}),
     )
     targets = lora_targets(model, cfg.lora.target_modules)
     model = FastLanguageModel.get_peft_model(

@@ -19,7 +19,7 @@ def _settings(p: dict) -> memory.Settings:
     return memory.Settings(seq=p["seq"], batch=p["batch"], rank=p.get("rank", 16),
                            targets=targets if isinstance(targets, str) else tuple(targets),
                            optim=p.get("optim", "adamw_8bit"), precompute_ref=bool(p.get("precompute_ref")),
-                           micro_batch=p.get("micro_batch"), tiled_mlp=bool(p.get("tiled_mlp")))
+                           micro_batch=p.get("micro_batch"))
 
 
 def _estimate(p: dict) -> memory.Estimate:
@@ -29,7 +29,7 @@ def _estimate(p: dict) -> memory.Estimate:
 def _point_id(p: dict) -> str:
     return f"{p['model']}-{p['path']}-seq{p['seq']}-b{p['batch']}-r{p.get('rank', 16)}" + (
         "-precompute" if p.get("precompute_ref") else "") + (f"-micro{p['micro_batch']}" if p.get("micro_batch") else "") + (
-        "-tiled" if p.get("tiled_mlp") else "")
+        "")
 
 
 def _params(points, disputed_xfail: bool = True):
@@ -153,7 +153,7 @@ def test_auto_fit_under_an_8gb_cap_picks_the_longest_rows_then_the_largest_batch
     arch = memory.arch_for(key)
     fit = memory.auto_fit(arch, path, 7.5, effective_batch=32)
     limit = memory.usable(7.5)
-    most_saving = dict(micro_batch=1, tiled_mlp=path == "unsloth")
+    most_saving = dict(micro_batch=1)
     if not fit.ok:
         # only when even the shortest rows cannot fit with every memory saver, and the reason says so
         assert memory.safe_total(memory.estimate(arch, path, seq=memory.MIN_SEQ, batch=2, budget_gib=7.5,
@@ -165,10 +165,9 @@ def test_auto_fit_under_an_8gb_cap_picks_the_longest_rows_then_the_largest_batch
     if fit.seq + memory.SEQ_STEP <= memory.DEFAULT_SEQ_CEILING:  # one step longer would not fit, savers or not
         longer = memory.estimate(arch, path, seq=fit.seq + memory.SEQ_STEP, batch=2, budget_gib=7.5, **most_saving)
         assert memory.safe_total(longer) > limit
-    chosen = dict(micro_batch=fit.micro_batch, tiled_mlp=fit.tiled_mlp)
     # the fewest accumulation steps any fitting batch allows, with no more rows per step than needed
     widest = max(b for b in range(2, 17) if memory.safe_total(memory.estimate(
-        arch, path, seq=fit.seq, batch=b, budget_gib=7.5, **{**chosen, "micro_batch": fit.micro_batch and 1})) <= limit)
+        arch, path, seq=fit.seq, batch=b, budget_gib=7.5, micro_batch=fit.micro_batch and 1)) <= limit)
     assert fit.grad_accum == -(-32 // widest)
     assert fit.batch <= widest and (fit.batch - 1) * fit.grad_accum < 32
 
@@ -178,17 +177,14 @@ def test_auto_fit_under_an_8gb_cap_picks_the_longest_rows_then_the_largest_batch
 def test_auto_fit_uses_a_memory_saver_only_when_the_rows_would_not_fit_without_it(key, path):
     arch = memory.arch_for(key)
     fit = memory.auto_fit(arch, path, 7.5)
-    if not fit.ok or not (fit.micro_batch or fit.tiled_mlp):
+    if not fit.ok or not fit.micro_batch:
         return
     limit = memory.usable(7.5)
     plain = memory.estimate(arch, path, seq=fit.seq, batch=2, budget_gib=7.5)
     assert memory.safe_total(plain) > limit
-    if fit.micro_batch and path == "unsloth":  # the tiled MLP alone (cheaper) was tried first and did not do
-        tiled = memory.estimate(arch, path, seq=fit.seq, batch=2, budget_gib=7.5, tiled_mlp=True)
-        assert memory.safe_total(tiled) > limit
     assert "with " in fit.reason
     changes = fit.run_changes()
-    assert changes["memory.micro_batch_size"] == fit.micro_batch and changes["memory.tiled_mlp"] == fit.tiled_mlp
+    assert changes["memory.micro_batch_size"] == fit.micro_batch
     RunConfig().updated(changes)  # the changes are valid run-config fields
 
 
@@ -197,24 +193,19 @@ def test_without_savers_auto_fit_settles_for_shorter_rows():
     with_savers = memory.auto_fit(arch, "bnb", 7.5)
     without = memory.auto_fit(arch, "bnb", 7.5, savers=False)
     assert with_savers.ok and without.ok
-    assert without.micro_batch is None and not without.tiled_mlp
+    assert without.micro_batch is None
     assert with_savers.seq > without.seq
 
 
-def test_micro_batching_shrinks_activations_to_one_rows_worth_and_tiling_only_the_mlp_part():
+def test_micro_batching_shrinks_activations_to_one_rows_worth():
     arch = memory.arch_for("mistral-7b-instruct-v0.3")
     whole = memory.estimate(arch, "unsloth", seq=8192, batch=2, budget_gib=7.5)
     micro = memory.estimate(arch, "unsloth", seq=8192, batch=2, budget_gib=7.5, micro_batch=1)
     wide = memory.estimate(arch, "unsloth", seq=8192, batch=8, budget_gib=7.5, micro_batch=1)
-    tiled = memory.estimate(arch, "unsloth", seq=8192, batch=2, budget_gib=7.5, tiled_mlp=True)
     assert micro.components["activations"] == pytest.approx(whole.components["activations"] / 2)
     assert wide.components["activations"] == micro.components["activations"]
     assert micro.components["weights"] == whole.components["weights"]
-    mlp_share = memory.MLP_WORKING_BYTES * arch.intermediate / arch.hidden / memory.WORKING_SET_BYTES
-    assert 0 < 1 - tiled.components["activations"] / whole.components["activations"] < mlp_share
-    bnb_tiled = memory.estimate(arch, "bnb", seq=2048, batch=2, budget_gib=7.5, tiled_mlp=True)
-    assert bnb_tiled.total_gib == memory.estimate(arch, "bnb", seq=2048, batch=2, budget_gib=7.5).total_gib
-    assert any("Unsloth feature" in n for n in bnb_tiled.notes)
+    assert any("KL still pairs all 2 rows" in n for n in micro.notes)
 
 
 def test_every_3b_model_fits_an_8gb_card_on_both_paths_and_every_7b_8b_on_unsloth():

@@ -112,16 +112,16 @@ def plan_markdown(plan: memory.CardPlan, applied: bool) -> str:
         f = plan.fits[plan.path]
         lines.append(f"Applied for the {PATH_LABELS[plan.path]} path: max_length **{f.seq}**, per-device batch "
                      f"**{f.batch}**, gradient accumulation **{f.grad_accum}** (effective batch {f.effective_batch})"
-                     + (f", memory savers: {savers_label(f)}" if f.micro_batch or f.tiled_mlp else "") + ".")
+                     + (f", memory savers: {savers_label(f)}" if f.micro_batch else "") + ".")
     for e in plan.estimates.values():
         lines += [f"> {n}" for n in e.notes]
     return "\n".join(lines)
 
 
 def savers_label(f: memory.Fit) -> str:
-    parts = ([f"gradients {f.micro_batch} row{'s' if f.micro_batch > 1 else ''} at a time"] if f.micro_batch else []) + (
-        ["tiled MLP"] if f.tiled_mlp else [])
-    return ", ".join(parts) or "–"
+    if not f.micro_batch:
+        return "–"
+    return f"gradients {f.micro_batch} row{'s' if f.micro_batch > 1 else ''} at a time"
 
 
 def preferred_path(cfg, device) -> str | None:
