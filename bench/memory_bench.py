@@ -48,12 +48,14 @@ def make_model_dir(model: str, root: str) -> str:
 
 def write_rows(path: str, n: int, seq: int, seed: int = 0) -> str:
     """KTO rows of seq tokens: half prompt, half completion (TRL adds one EOS), 60% desirable."""
+    from bench.random_models import WORDS
+
     rnd = random.Random(seed)
     half = seq // 2 - 2
     with open(path, "w") as f:
         for _ in range(n):
-            p = " ".join(f"w{rnd.randrange(4000)}" for _ in range(half))
-            c = " " + " ".join(f"w{rnd.randrange(4000)}" for _ in range(half))
+            p = "".join(" " + rnd.choice(WORDS) for _ in range(half))
+            c = "".join(" " + rnd.choice(WORDS) for _ in range(half))
             f.write(json.dumps({"prompt": p, "completion": c, "label": rnd.random() < 0.6}) + "\n")
     return path
 

@@ -1,7 +1,10 @@
 """Real architectures with random weights, for GPU speed/memory measurements where no hub is reachable.
 
-Speed and memory depend on shapes, not weight values. Each model gets a word-level tokenizer ("w0".."w3999") and
-data of exact token lengths, so a row of seq tokens is exactly seq tokens.
+Speed and memory depend on shapes, not weight values. Each model gets a byte-level BPE tokenizer in which each of
+2,704 two-letter words (" xy") is one token, and data of exact token lengths, so a row of seq tokens is exactly seq
+tokens. (An earlier word-level tokenizer was silently emptied for qwen2 models: transformers 5 rebuilds a qwen2
+checkpoint's tokenizer as Qwen2Tokenizer from vocab + merges only, so every "w123" word vanished and each row was a
+single EOS token. tests/test_random_models.py checks every architecture keeps its lengths.)
 """
 from __future__ import annotations
 
@@ -31,6 +34,10 @@ ARCHS = {
 }
 
 
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+WORDS = [a + b for a in LETTERS for b in LETTERS]  # 2704 words, each " xy" one token
+
+
 def make_model_dir(arch: str, root: str = "/tmp/models", device: str = "cuda", spec: dict | None = None) -> str:
     """A checkpoint of ``arch`` (a key of ARCHS, or any name with a config ``spec``) with random bf16 weights and
     the word-level tokenizer, built once under ``root``."""
@@ -53,11 +60,22 @@ def make_model_dir(arch: str, root: str = "/tmp/models", device: str = "cuda", s
     del m
     if device == "cuda":
         torch.cuda.empty_cache()
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for i in range(4000):
-        vocab[f"w{i}"] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # byte-level BPE, one token per " xy" word: survives AutoTokenizer rebuilding it as the model type's own class
+    # (transformers 5 forces Qwen2Tokenizer for qwen2, which keeps only vocab+merges and would drop WordLevel words)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "\u0120": 4}
+    merges = []
+    for a in LETTERS:
+        vocab.setdefault(a, len(vocab))
+    for a in LETTERS:
+        vocab["\u0120" + a] = len(vocab)
+        merges.append(("\u0120", a))
+    for w in WORDS:
+        vocab["\u0120" + w] = len(vocab)
+        merges.append(("\u0120" + w[0], w[1]))
+    tk = Tokenizer(models.BPE(vocab, merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+    tk.decoder = decoders.ByteLevel()
     hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                  unk_token="<unk>")
     hf.save_pretrained(d)
@@ -71,7 +89,7 @@ def write_dataset(path: str, n: int, prompt_len: int, completion_len: int, seed:
     rnd = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
-            p = " ".join(f"w{rnd.randrange(4000)}" for _ in range(prompt_len))
-            c = " " + " ".join(f"w{rnd.randrange(4000)}" for _ in range(completion_len))
+            p = "".join(" " + rnd.choice(WORDS) for _ in range(prompt_len))
+            c = "".join(" " + rnd.choice(WORDS) for _ in range(completion_len))
             f.write(json.dumps({"prompt": p, "completion": c, "label": rnd.random() < desirable}) + "\n")
     return path

@@ -1,6 +1,6 @@
 """Whole-run wall clock: start to saved adapter, 2 epochs over 512 rows of realistic (varied) lengths.
 
-    python bench/whole_run.py --recipe anchor --arch qwen2.5-3b     # the seed's Unsloth+TRL recipe, its defaults
+    python bench/whole_run.py --recipe anchor --arch llama3.2-3b     # the seed's Unsloth+TRL recipe, its defaults
     python bench/whole_run.py --recipe studio --arch qwen2.5-3b     # the studio engine, its own choices
 
 The anchor recipe is the seed's (as in shared/bench/anchor_kto.py): Unsloth 4-bit, LoRA r16 on all projections,
@@ -20,6 +20,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.random_models import WORDS  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -31,8 +33,8 @@ def write_varied_dataset(path: str, n: int, seq: int, seed: int = 0) -> dict:
             p = int(min(max(16, rnd.lognormvariate(math.log(150), 0.8)), seq * 0.7))
             c = int(min(max(8, rnd.lognormvariate(math.log(90), 0.7)), seq - p - 4))
             lengths.append(p + c)
-            row = {"prompt": " ".join(f"w{rnd.randrange(4000)}" for _ in range(p)),
-                   "completion": " " + " ".join(f"w{rnd.randrange(4000)}" for _ in range(c)),
+            row = {"prompt": "".join(" " + rnd.choice(WORDS) for _ in range(p)),
+                   "completion": "".join(" " + rnd.choice(WORDS) for _ in range(c)),
                    "label": rnd.random() < 0.5}
             f.write(json.dumps(row) + "\n")
     return {"rows": n, "mean_tokens": round(sum(lengths) / n, 1), "max_tokens": max(lengths)}
