@@ -437,8 +437,10 @@ def check(arch: Arch, path: str, settings: Settings, budget_gib: float) -> Estim
     if e.total_gib > budget_gib:
         fit = auto_fit(arch, path, budget_gib, seq_ceiling=settings.seq, settings=settings,
                        effective_batch=settings.batch)
-        advice = (f"To fit: max_length {fit.seq} with per-device batch {fit.batch} (raise gradient accumulation to "
-                  "keep the effective batch), or press Auto-fit in the Model & preset tab." if fit.ok else fit.reason)
+        advice = (f"To fit: max_length {fit.seq} with per-device batch {fit.batch}"
+                  + (f" and memory.micro_batch_size {fit.micro_batch}" if fit.micro_batch else "")
+                  + " (raise gradient accumulation to keep the effective batch), or press Auto-fit in the Model & "
+                  "preset tab." if fit.ok else fit.reason)
         top = max(COMPONENTS, key=lambda k: e.components[k])
         raise RunWontFit(
             f"This run is predicted not to fit: {e.total_gib:.2f} GiB peak > {budget_gib:g} GiB available for "
