@@ -296,7 +296,7 @@ def cmd_fit(a) -> int:
         for p in _fixture_points():
             arch, s = memory.arch_for(p["model"]), _settings(p)
             base = memory.estimate(arch, p["path"], s, budget_gib=p.get("cap_gib")).total_gib
-            slope = s.tokens * arch.hidden / memory.GIB
+            slope = s.seq * s.active_rows * arch.hidden / memory.GIB  # one micro-batch's activations
             onehot = [1.0 if p["path"] == k else 0.0 for k in paths]
             m = p["peak_alloc_gib"]
             if p["kind"] == "measured":  # |base + slope*w + c - m| <= t*m

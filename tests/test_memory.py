@@ -43,12 +43,14 @@ def _params(points, disputed_xfail: bool = True):
 
 # ---- against measurements ----------------------------------------------------------------------------------------
 
-def test_the_fixture_table_holds_the_gpu_md_anchors_on_both_paths():
+def test_the_fixture_table_holds_measured_7b_8b_and_3b_points_on_both_paths():
+    # (GPU.md's Qwen2.5-3B anchors are kept aside as invalid: their random checkpoint tokenized every row to one token)
     paths = {p["path"] for p in POINTS}
     models = {p["model"] for p in POINTS}
     assert {"unsloth", "bnb"} <= paths
-    assert {"qwen2.5-3b-instruct", "mistral-7b-instruct-v0.3", "llama-3.1-8b-instruct"} <= models
+    assert {"llama-3.2-3b-instruct", "mistral-7b-instruct-v0.3", "llama-3.1-8b-instruct"} <= models
     assert all(p["kind"] in ("measured", "lower_bound") and p["peak_alloc_gib"] > 0 for p in POINTS)
+    assert sum(p["kind"] == "measured" for p in POINTS) >= 15
 
 
 @pytest.mark.parametrize("point", _params(POINTS))
