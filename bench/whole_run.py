@@ -1,6 +1,6 @@
 """Whole-run wall clock: start to saved adapter, 2 epochs over 512 rows of realistic (varied) lengths.
 
-    python bench/whole_run.py --recipe anchor --arch llama3.2-3b     # the seed's Unsloth+TRL recipe, its defaults
+    python bench/whole_run.py --recipe anchor --arch qwen2.5-3b     # the seed's Unsloth+TRL recipe, its defaults
     python bench/whole_run.py --recipe studio --arch qwen2.5-3b     # the studio engine, its own choices
 
 The anchor recipe is the seed's (as in shared/bench/anchor_kto.py): Unsloth 4-bit, LoRA r16 on all projections,
