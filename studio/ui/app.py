@@ -49,8 +49,8 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
                 data_tab.build(studio)
             with gr.Tab("Model & preset", id="model"):
                 model_tab.build(studio)
-            with gr.Tab("Train", id="train"):
-                train_tab.build(studio)
+            with gr.Tab("Train", id="train") as train:
+                train_tab.build(studio, tab=train)
             with gr.Tab("Chat", id="chat"):
                 chat_tab.build(studio)
     app.studio = studio

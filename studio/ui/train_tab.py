@@ -22,6 +22,7 @@ FIELDS = [
     ("train", "per_device_train_batch_size"), ("train", "gradient_accumulation_steps"),
     ("kto", "beta"), ("kto", "max_length"), ("kto", "desirable_weight"), ("kto", "undesirable_weight"),
     ("lora", "r"), ("lora", "lora_alpha"), ("train", "save_steps"), ("train", "gradient_checkpointing"),
+    ("memory", "micro_batch_size"),
 ]
 # title -> (elem_id suffix, logged keys drawn as series)
 PLOTS = {
@@ -219,7 +220,9 @@ def checkpoint_choices(run_dir: Path | None) -> list[tuple[str, str]]:
 
 
 # ---- the tab -------------------------------------------------------------------------------------------------------
-def build(studio, app: gr.Blocks | None = None):
+def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
+    """The Train tab. ``tab`` (its gr.Tab) refreshes the form from the shared config whenever the tab is shown, so
+    settings applied elsewhere (the Model tab's auto-fit, a preset, the Data tab) are what Start uses."""
     with gr.Row():
         name = gr.Textbox(label="Run name", value=studio.config.name, elem_id="run-name",
                           info="Names the run folder. Start makes a new run (a used name gets -2, -3 …); "
@@ -411,6 +414,19 @@ def build(studio, app: gr.Blocks | None = None):
     timer.tick(on_tick, [seen, name, ckpt],
                [status, progress, memory, *plots, health_box, table, run_dd, cmp_a, cmp_b, ckpt, seen],
                show_progress="hidden")
+    def on_field_edit(*values):
+        """A value typed in the form goes into the shared config at once (an invalid one waits for Start, which
+        reports it), so switching tabs and back keeps it."""
+        for (section, field_name), change in zip(FIELDS, collect(FIELDS, values).items()):
+            try:
+                studio.update(dict([change]))
+            except (ConfigError, ValueError):
+                pass
+
+    for c in comps:
+        c.input(on_field_edit, comps, None, show_progress="hidden")
+    if tab is not None:
+        tab.select(on_page_load, None, [name, *comps], show_progress="hidden")
     app = app or gr.context.Context.root_block
     if app is not None:
         app.load(on_page_load, None, [name, *comps])

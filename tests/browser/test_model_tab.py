@@ -36,6 +36,16 @@ def test_8gb_card_and_a_7b_model_show_the_chosen_settings_and_the_memory_chart(p
     assert chart.get_by_text("Predicted peak GPU memory (budget 7.5 GiB)").is_visible()
     shot(page, "model-tab-8gb-mistral7b")
 
+    # the Train tab's form shows what auto-fit applied, memory saver included, so Start trains with it
+    savers = re.search(r"memory savers: gradients (\d+) row", text)
+    page.get_by_role("tab", name="Train").click()
+    box = page.locator("#cfg-kto-max_length input")
+    from playwright.sync_api import expect
+    expect(box).to_have_value(str(seq))
+    assert page.locator("#cfg-train-per_device_train_batch_size input").input_value() == str(batch)
+    micro = page.locator("#cfg-memory-micro_batch_size textarea, #cfg-memory-micro_batch_size input").first
+    assert micro.input_value() == (savers.group(1) if savers else "")
+
 
 def test_a_7b_model_that_cannot_fit_the_bitsandbytes_path_says_why(page):
     page.get_by_role("tab", name="Model & preset").click()

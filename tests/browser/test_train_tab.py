@@ -127,3 +127,14 @@ def test_start_watch_stop_then_resume_to_the_end(page, studio_server, bundled_mo
     expect(detail).to_contain_text(f"checkpoint-{stopped_at + 2}")
     expect(detail).to_contain_text("KTO health")
     shot(page, "train-finished")
+
+
+def test_settings_typed_in_the_train_form_survive_a_visit_to_another_tab(page):
+    """The form is refreshed from the shared config when the tab is shown; what the user typed is in that config."""
+    page.get_by_role("tab", name="Train").click()
+    _set(page, "cfg-train-learning_rate", "0.00042")
+    _set(page, "cfg-train-num_train_epochs", "3")
+    page.get_by_role("tab", name="Model & preset").click()
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#cfg-train-num_train_epochs input")).to_have_value("3")
+    assert float(page.locator("#cfg-train-learning_rate input").input_value()) == 0.00042
