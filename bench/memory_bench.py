@@ -278,7 +278,7 @@ def _settings(p: dict):
 
 
 def cmd_fit(a) -> int:
-    """Minimax relative error over the fixture (disputed points left out) for WORKING_SET_BYTES and the paths'
+    """Minimax relative error over the fixture (disputed points left out) for the two working-set terms and the paths'
     overheads; lower bounds only ask estimate >= 85% of the bound. Prints the constants to put in studio/memory.py."""
     import dataclasses
 
@@ -288,34 +288,36 @@ def cmd_fit(a) -> int:
 
     paths = sorted({p["path"] for p in _fixture_points()})
     rows_a, rows_b = [], []
-    saved = dict(memory.PATHS), memory.WORKING_SET_BYTES
+    saved = dict(memory.PATHS), memory.WORKING_SET_BYTES, memory.WORKING_SET_INTERMEDIATE_BYTES
     try:
-        memory.WORKING_SET_BYTES = 0.0
+        memory.WORKING_SET_BYTES = memory.WORKING_SET_INTERMEDIATE_BYTES = 0.0
         for k in paths:
             memory.PATHS[k] = dataclasses.replace(memory.PATHS[k], overhead_gib=0.0)
         for p in _fixture_points():
             arch, s = memory.arch_for(p["model"]), _settings(p)
             base = memory.estimate(arch, p["path"], s, budget_gib=p.get("cap_gib")).total_gib
-            slope = s.seq * s.active_rows * arch.hidden / memory.GIB  # one micro-batch's activations
+            n_tok = s.seq * s.active_rows  # one micro-batch's activations
+            slopes = [n_tok * arch.hidden / memory.GIB, n_tok * arch.intermediate / memory.GIB]
             onehot = [1.0 if p["path"] == k else 0.0 for k in paths]
             m = p["peak_alloc_gib"]
-            if p["kind"] == "measured":  # |base + slope*w + c - m| <= t*m
-                rows_a += [[slope, *onehot, -m], [-slope, *[-x for x in onehot], -m]]
+            if p["kind"] == "measured":  # |base + slopes.w + c - m| <= t*m
+                rows_a += [[*slopes, *onehot, -m], [*[-x for x in slopes], *[-x for x in onehot], -m]]
                 rows_b += [m - base, base - m]
             else:
-                rows_a.append([-slope, *[-x for x in onehot], 0.0])
+                rows_a.append([*[-x for x in slopes], *[-x for x in onehot], 0.0])
                 rows_b.append(base - 0.85 * m)
     finally:
         memory.PATHS.clear()
         memory.PATHS.update(saved[0])
-        memory.WORKING_SET_BYTES = saved[1]
-    n = len(paths) + 2
+        memory.WORKING_SET_BYTES, memory.WORKING_SET_INTERMEDIATE_BYTES = saved[1], saved[2]
+    n = len(paths) + 3
     res = linprog([0.0] * (n - 1) + [1.0], A_ub=rows_a, b_ub=rows_b, bounds=[(0, None)] * n)
     if not res.success:
         print(f"no fit: {res.message}")
         return 1
     print(f"WORKING_SET_BYTES = {res.x[0]:.1f}")
-    for k, c in zip(paths, res.x[1:-1]):
+    print(f"WORKING_SET_INTERMEDIATE_BYTES = {res.x[1]:.1f}")
+    for k, c in zip(paths, res.x[2:-1]):
         print(f"PATHS['{k}'].overhead_gib = {c:.3f}")
     print(f"max relative error {res.x[-1]:.3f} over {len(_fixture_points())} points")
     return 0

@@ -12,14 +12,17 @@ or a GGUF header - and adds up what the training step keeps on the GPU:
   state, plus the frozen "ref" copy of the adapter TRL's KTOTrainer keeps for the reference pass.
 - ``activations``: per token, per hidden unit: the checkpointed input of every layer when it stays on the GPU
   (bitsandbytes path: float32, 4 bytes x layers; Unsloth offloads these to CPU RAM) plus one layer's working set
-  during the backward recompute, ``WORKING_SET_BYTES`` (48, calibrated; Unsloth's own figure is 42-48). KTO's KL and
+  during the backward recompute: ``WORKING_SET_BYTES`` per hidden unit and ``WORKING_SET_INTERMEDIATE_BYTES`` per MLP
+  intermediate unit (24.7 and 7.8, calibrated; a wide MLP such as Qwen2.5's needs more than the hidden size says).
+  With ``memory.micro_batch_size`` only one micro-batch's tokens count. KTO's KL and
   reference passes run without gradients, so they add a transient working set, not stored activations.
 - ``logits``: TRL 1.15 scores tokens with a chunked fused LM-head kernel, so the [batch, seq, vocab] logits never
   exist: one [<=4096 tokens, <=32768 vocab] tile at a time, the completion hidden states it saves and their float32
   gradient (and, with a float32 head, a bf16 copy of one vocabulary tile of it).
 - ``overhead``: CUDA workspaces, Unsloth's staging buffers, allocator slack: a calibrated constant per path.
 
-Three numbers are calibrated (``WORKING_SET_BYTES`` and the two paths' ``overhead_gib``); everything else is counted
+Four numbers are calibrated (the two working-set terms and the two paths' ``overhead_gib``, by ``python
+bench/memory_bench.py fit``: minimax relative error over the fixture); everything else is counted
 from the architecture. ``tests/test_memory.py`` holds the estimate to 15% of every measured point in
 ``tests/fixtures/memory_points.json`` (a point whose measurement contradicts the others is kept there, marked
 ``disputed`` with the reason and the command that re-measures it).
@@ -174,10 +177,13 @@ class PathModel:
 # One layer's working set during the backward recompute (plus the no-grad KL/reference passes), bytes per token per
 # hidden unit; the same on every path. Calibrated with the overheads below by `python bench/memory_bench.py fit`
 # (minimax relative error over tests/fixtures/memory_points.json): 47.6, rounded. Unsloth's own figure is 42-48.
-WORKING_SET_BYTES = 48.0
+WORKING_SET_BYTES = 24.7  # per token and hidden unit
+# per token and MLP intermediate unit: gate, up, their product and two gradients in 16 bit live during a layer's
+# backward, so models with a wide MLP (Qwen2.5: 5.4x hidden, Llama/Mistral: 2.7-3.5x) need more than hidden alone says
+WORKING_SET_INTERMEDIATE_BYTES = 7.8
 PATHS = {
-    "unsloth": PathModel("unsloth", True, 2, checkpoint_bytes=0, overhead_gib=0.14, offloads_embedding=True),
-    "bnb": PathModel("bnb", True, 4, checkpoint_bytes=4, overhead_gib=0.0),
+    "unsloth": PathModel("unsloth", True, 2, checkpoint_bytes=0, overhead_gib=0.448, offloads_embedding=True),
+    "bnb": PathModel("bnb", True, 4, checkpoint_bytes=4, overhead_gib=0.183),
     # No measurements yet: same physics, the base in the compute dtype, layer inputs in the compute dtype.
     "full": PathModel("full", False, None, checkpoint_bytes=None, overhead_gib=0.0, calibrated=False),
 }
@@ -296,7 +302,7 @@ def estimate(arch: Arch, path: str, settings: Settings | None = None, budget_gib
 
     # activations: the checkpointed layer inputs (unless offloaded) and one layer's working set
     ckpt_bytes = s.compute_bytes if pm.checkpoint_bytes is None else pm.checkpoint_bytes
-    acts = n_tok * h * (arch.layers * ckpt_bytes + WORKING_SET_BYTES)
+    acts = n_tok * (h * (arch.layers * ckpt_bytes + WORKING_SET_BYTES) + arch.intermediate * WORKING_SET_INTERMEDIATE_BYTES)
     if not s.gradient_checkpointing:
         # every layer keeps its intermediate tensors: norm outputs, q/k/v, attention output, MLP (gate, up, act, product)
         per_layer = s.compute_bytes * (6 * h + 2 * arch.kv_heads * arch.head_dim + 4 * arch.intermediate)
