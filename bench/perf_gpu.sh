@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 8 on the device machine: the studio engine beside the seed's Unsloth+TRL recipe (.whl/anchor_kto.py, a copy
 # of ../shared/bench/anchor_kto.py), same card, same call, one configuration per process, 7.5 GiB allocator cap.
-#   bash bench/perf_gpu.sh same       # Qwen2.5-3B seq 2048, Mistral-7B seq 1024 and 2048, batch 2: tok/s and peak
+#   bash bench/perf_gpu.sh same       # Qwen2.5-3B and Mistral-7B, seq 1024 and 2048, batch 2: tok/s and peak
 #   bash bench/perf_gpu.sh capacity   # Mistral-7B seq 8192 and Llama-3.1-8B seq 4096, batch 2, gradients one row at a time
 # Run from the repo root after `source .whl/device_setup.sh`. Results: $OUT/perf_<mode>.jsonl (RESULT lines).
 set -u
@@ -16,7 +16,9 @@ studio() { timeout 420 python3 bench/engine_gpu.py --backend unsloth --cap-gib 7
              | sed 's/^RESULT {/RESULT {"recipe": "studio-unsloth", /' | tee -a "$LOG"; }
 if [ "$MODE" = same ]; then
   build qwen2.5-3b & build mistral-7b & wait
-  for cfg in "qwen2.5-3b 2048" "mistral-7b 1024" "mistral-7b 2048"; do
+  # the checkpoints are built by bench/random_models.py first, so the anchor reuses them with the fixed tokenizer
+  # (its own builder's word-level tokenizer turns every qwen2 row into one token under transformers 5)
+  for cfg in "qwen2.5-3b 1024" "qwen2.5-3b 2048" "mistral-7b 1024" "mistral-7b 2048"; do
     set -- $cfg
     anchor --arch "$1" --seq "$2" --bs 2
     studio --arch "$1" --seq "$2" --bs 2
