@@ -414,17 +414,19 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
     timer.tick(on_tick, [seen, name, ckpt],
                [status, progress, memory, *plots, health_box, table, run_dd, cmp_a, cmp_b, ckpt, seen],
                show_progress="hidden")
-    def on_field_edit(*values):
-        """A value typed in the form goes into the shared config at once (an invalid one waits for Start, which
-        reports it), so switching tabs and back keeps it."""
-        for (section, field_name), change in zip(FIELDS, collect(FIELDS, values).items()):
+
+    def field_editor(section: str, field_name: str):
+        def on_edit(value):
+            """A value typed in the form goes into the shared config at once, this field only (an invalid one waits
+            for Start, which reports it), so switching tabs and back keeps it."""
             try:
-                studio.update(dict([change]))
+                studio.update(collect([(section, field_name)], [value]))
             except (ConfigError, ValueError):
                 pass
+        return on_edit
 
-    for c in comps:
-        c.input(on_field_edit, comps, None, show_progress="hidden")
+    for (section, field_name), c in zip(FIELDS, comps):
+        c.input(field_editor(section, field_name), c, None, show_progress="hidden")
     if tab is not None:
         tab.select(on_page_load, None, [name, *comps], show_progress="hidden")
     app = app or gr.context.Context.root_block

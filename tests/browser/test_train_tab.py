@@ -134,6 +134,7 @@ def test_settings_typed_in_the_train_form_survive_a_visit_to_another_tab(page):
     page.get_by_role("tab", name="Train").click()
     _set(page, "cfg-train-learning_rate", "0.00042")
     _set(page, "cfg-train-num_train_epochs", "3")
+    page.wait_for_timeout(300)  # a person's pause before switching tabs: the edits' events reach the server first
     page.get_by_role("tab", name="Model & preset").click()
     page.get_by_role("tab", name="Train").click()
     expect(page.locator("#cfg-train-num_train_epochs input")).to_have_value("3")
