@@ -24,10 +24,15 @@ class Studio:
         if self.engine.on_event is None:
             self.engine.on_event = self.history.record
         self.lock = threading.Lock()
+        # counts changes made outside the Train tab's form (Model tab auto-fit, presets, Data tab): the form reloads
+        # from the config when it is shown after such a change, and only then (a reload would race with typing)
+        self.outside_changes = 0
 
-    def update(self, changes: dict) -> RunConfig:
+    def update(self, changes: dict, source: str | None = None) -> RunConfig:
         with self.lock:
             self.config = self.config.updated(changes)
+            if source != "train-form":
+                self.outside_changes += 1
             return self.config
 
 

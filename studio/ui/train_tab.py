@@ -295,7 +295,7 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
         try:
             changes = _changes(run_name, values)
             cfg, note = unused_run_config(studio.config.updated(changes))
-            cfg = studio.update({**changes, "name": cfg.name})
+            cfg = studio.update({**changes, "name": cfg.name}, source="train-form")
             studio.engine.start(cfg)
             return (f"{note + '  ' + chr(10) if note else ''}Started run `{cfg.name}` → `{cfg.run_dir()}`",
                     cfg.name)
@@ -420,15 +420,26 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
             """A value typed in the form goes into the shared config at once, this field only (an invalid one waits
             for Start, which reports it), so switching tabs and back keeps it."""
             try:
-                studio.update(collect([(section, field_name)], [value]))
+                studio.update(collect([(section, field_name)], [value]), source="train-form")
             except (ConfigError, ValueError):
                 pass
         return on_edit
 
     for (section, field_name), c in zip(FIELDS, comps):
         c.input(field_editor(section, field_name), c, None, show_progress="hidden")
+    seen_changes = gr.State(-1)  # per browser tab: the studio's outside-change count the form last showed
+
+    def on_load():
+        return [*on_page_load(), studio.outside_changes]
+
+    def on_show(seen):
+        """Shown again: reload the form only if another tab changed the config since it was last loaded."""
+        if seen == studio.outside_changes:
+            return [gr.skip()] * (len(FIELDS) + 2)
+        return on_load()
+
     if tab is not None:
-        tab.select(on_page_load, None, [name, *comps], show_progress="hidden")
+        tab.select(on_show, seen_changes, [name, *comps, seen_changes], show_progress="hidden")
     app = app or gr.context.Context.root_block
     if app is not None:
-        app.load(on_page_load, None, [name, *comps])
+        app.load(on_load, None, [name, *comps, seen_changes])
