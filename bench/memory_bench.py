@@ -267,7 +267,7 @@ def _fixture_points(include_disputed: bool = False) -> list[dict]:
     return [p for p in pts if include_disputed or not p.get("disputed")]
 
 
-def _settings(p: dict):
+def settings_of_point(p: dict):
     from studio import memory
 
     targets = p.get("targets", "all-linear")
@@ -294,7 +294,7 @@ def cmd_fit(a) -> int:
         for k in paths:
             memory.PATHS[k] = dataclasses.replace(memory.PATHS[k], overhead_gib=0.0)
         for p in _fixture_points():
-            arch, s = memory.arch_for(p["model"]), _settings(p)
+            arch, s = memory.arch_for(p["model"]), settings_of_point(p)
             base = memory.estimate(arch, p["path"], s, budget_gib=p.get("cap_gib")).total_gib
             n_tok = s.seq * s.active_rows  # one micro-batch's activations
             slopes = [n_tok * arch.hidden / memory.GIB, n_tok * arch.intermediate / memory.GIB]
@@ -332,7 +332,7 @@ def cmd_table(a) -> int:
     print("| model | path | seq | batch | rank | measured GiB | estimate GiB | error |")
     print("|---|---|---|---|---|---|---|---|")
     for p in pts:
-        e = memory.estimate(memory.arch_for(p["model"]), p["path"], _settings(p), budget_gib=p.get("cap_gib"))
+        e = memory.estimate(memory.arch_for(p["model"]), p["path"], settings_of_point(p), budget_gib=p.get("cap_gib"))
         m = p["peak_alloc_gib"]
         mark = ">= " if p["kind"] == "lower_bound" else ""
         flag = " (disputed)" if p.get("disputed") else ""

@@ -206,10 +206,6 @@ class Settings:
     micro_batch: int | None = None  # rows per policy pass (studio/microbatch.py); None = the whole batch
 
     @property
-    def tokens(self) -> int:
-        return self.seq * self.batch
-
-    @property
     def active_rows(self) -> int:
         """Rows whose activations exist at once: the micro-batch when one is set, else the whole batch."""
         return min(self.batch, self.micro_batch) if self.micro_batch else self.batch

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.memory_bench import settings_of_point
 from studio import memory, presets
 from studio.config import RunConfig
 
@@ -14,22 +15,13 @@ POINTS = json.loads(FIXTURE.read_text())["points"]
 TOLERANCE = 0.15
 
 
-def _settings(p: dict) -> memory.Settings:
-    targets = p.get("targets", "all-linear")
-    return memory.Settings(seq=p["seq"], batch=p["batch"], rank=p.get("rank", 16),
-                           targets=targets if isinstance(targets, str) else tuple(targets),
-                           optim=p.get("optim", "adamw_8bit"), precompute_ref=bool(p.get("precompute_ref")),
-                           micro_batch=p.get("micro_batch"))
-
-
 def _estimate(p: dict) -> memory.Estimate:
-    return memory.estimate(memory.arch_for(p["model"]), p["path"], _settings(p), budget_gib=p.get("cap_gib"))
+    return memory.estimate(memory.arch_for(p["model"]), p["path"], settings_of_point(p), budget_gib=p.get("cap_gib"))
 
 
 def _point_id(p: dict) -> str:
     return f"{p['model']}-{p['path']}-seq{p['seq']}-b{p['batch']}-r{p.get('rank', 16)}" + (
-        "-precompute" if p.get("precompute_ref") else "") + (f"-micro{p['micro_batch']}" if p.get("micro_batch") else "") + (
-        "")
+        "-precompute" if p.get("precompute_ref") else "") + (f"-micro{p['micro_batch']}" if p.get("micro_batch") else "")
 
 
 def _params(points, disputed_xfail: bool = True):
