@@ -24,6 +24,8 @@ def test_shipped_presets_load():
     ("train:\n  per_device_train_batch_size: 1\n", "train.per_device_train_batch_size"),
     ("model:\n  backend: turbo\n", "model.backend"),
     ("lora:\n  r: zero\n", "lora.r"),
+    ("memory:\n  micro_batch_size: 0\n", "memory.micro_batch_size"),
+    ("memory:\n  tiled_mlp: true\n", "memory.tiled_mlp"),
 ])
 def test_bad_field_gets_a_message_naming_it(tmp_path, yaml_text, field):
     p = tmp_path / "bad.yaml"
