@@ -4,6 +4,15 @@
 
 Random weights of the real architecture (bench/random_models.py), the allocator capped to stand in for a desktop
 card. Prints RESULT {...}: ok, losses finite, step time median, train tokens/s (prompt+completion tokens), peak GiB.
+
+Steps are timed exactly as ../shared/bench/anchor_kto.py times them (a callback synchronizing the GPU at each step's
+begin and end; the median after the warm-up steps): ``step_s_median`` and ``train_tok_per_s``. ``step_s_logged`` is
+the older, stricter clock (between consecutive logs: it also counts logging and loading the next batch). With
+``--one-epoch`` the data is exactly the rows the run trains on, so ``kto.precompute_ref_log_probs: auto`` turns on as
+it would for a real run; the time of that pass before training (``precompute_s``) is then charged to the steps in
+``tok_per_s_with_precompute`` (tokens / (median step + precompute_s / steps)), the figure to compare.
+``peak_before_train_gib`` is the peak up to the first step (loading and the precompute pass), ``peak_train_gib`` the
+peak of the steps alone.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--cap-gib", type=float, default=7.5)
+    ap.add_argument("--one-epoch", action="store_true", help="data = exactly the rows trained (no spare batches)")
     ap.add_argument("--set", action="append", default=[], help="extra run-config overrides FIELD=VALUE")
     a = ap.parse_args()
 
@@ -50,7 +60,7 @@ def main() -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     half = a.seq // 2 - 2
-    n = a.bs * a.grad_accum * (a.steps + a.warmup + 2)
+    n = a.bs * a.grad_accum * (a.steps + a.warmup + (0 if a.one_epoch else 2))
     data = write_dataset(f"/tmp/bench_{a.seq}.jsonl", n, half, half)
     changes = {
         "name": f"bench-{a.arch}-{a.backend}", "output_dir": f"/tmp/bench_runs/{a.arch}-{a.backend}-{a.seq}",
@@ -66,7 +76,11 @@ def main() -> None:
         k, v = s.split("=", 1)
         changes[k] = yaml.safe_load(v)
     cfg = RunConfig().updated(changes)
-    engine = Engine()
+    messages: list[str] = []
+    engine = Engine(on_event=lambda _job, ev: messages.append(str(ev.get("message", ""))))
+    clock = _StepClock(cuda)
+    engine.extra_callbacks.append(clock)
+    ref_pass_s = _time_reference_passes(cuda)
     t0 = time.time()
     job = engine.start(cfg)
     engine.wait()
@@ -79,18 +93,121 @@ def main() -> None:
     # per-step wall times from the elapsed clock of consecutive logs
     el = [m["elapsed_s"] for m in metrics]
     steps = [b - a_ for a_, b in zip(el, el[1:])][a.warmup - 1:]
+    tokens_per_step = a.bs * a.grad_accum * 2 * half
     if steps:
-        med = statistics.median(steps)
+        result["step_s_logged"] = round(statistics.median(steps), 3)
+    timed = clock.step_s[a.warmup:]
+    if timed:
+        med = statistics.median(timed)
         result["step_s_median"] = round(med, 3)
-        result["train_tok_per_s"] = round(a.bs * a.grad_accum * 2 * half / med, 1)
+        result["train_tok_per_s"] = round(tokens_per_step / med, 1)
+        if clock.precompute_s is not None and any("computed once" in m for m in messages):
+            result["precompute_s"] = round(clock.precompute_s, 2)
+            per_step = clock.precompute_s / max(1, len(clock.step_s))
+            result["tok_per_s_with_precompute"] = round(tokens_per_step / (med + per_step), 1)
+            if len(ref_pass_s) > 1:  # a long epoch's rate: the steady per-row cost of the pass, 2 rows' worth a step
+                rows_per_pass = cfg.kto.precompute_ref_batch_size
+                rows_per_pass = rows_per_pass if isinstance(rows_per_pass, int) else _logged_rows(messages)
+                result["precompute_rows_per_pass"] = rows_per_pass
+                result["precompute_pass_s_median"] = round(statistics.median(ref_pass_s[1:]), 4)
+                if rows_per_pass:
+                    steady = statistics.median(ref_pass_s[1:]) * a.bs * a.grad_accum / rows_per_pass
+                    result["tok_per_s_with_precompute_steady"] = round(tokens_per_step / (med + steady), 1)
     losses = [m["loss"] for m in metrics]
     result["losses_finite"] = bool(losses) and all(math.isfinite(x) for x in losses)
     result["loss_first_last"] = [losses[0], losses[-1]] if losses else None
+    result["precomputed_ref"] = any("computed once" in m for m in messages)
     if cuda:
-        result["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        result["peak_before_train_gib"] = clock.peak_before_train_gib
+        result["peak_train_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["peak_alloc_gib"] = max(result["peak_train_gib"], clock.peak_before_train_gib or 0)
+        result["peak_reserved_gib"] = max(round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                                          clock.reserved_before_train_gib or 0)
     result["ok"] = job.state == "finished" and result["losses_finite"]
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _time_reference_passes(cuda: bool) -> list[float]:
+    """Times each call of TRL's KTOTrainer.compute_ref_log_probs (one precompute batch) into the returned list."""
+    from trl import KTOTrainer
+
+    times: list[float] = []
+    original = KTOTrainer.compute_ref_log_probs
+
+    def timed(self, model, inputs):
+        if cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = original(self, model, inputs)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        return out
+
+    KTOTrainer.compute_ref_log_probs = timed
+    return times
+
+
+def _logged_rows(messages: list[str]) -> int | None:
+    import re
+
+    for m in messages:
+        hit = re.search(r"\((\d+) rows per pass\)", m)
+        if hit:
+            return int(hit.group(1))
+    return None
+
+
+def _make_clock_class():
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        """The anchor's step timer, plus the precompute pass (between the trainer's init and the first step) and the
+        peak memory before the steps (then reset, so that the steps' own peak is read at the end)."""
+
+        def __init__(self, cuda: bool):
+            self.cuda = cuda
+            self.step_s: list[float] = []
+            self.precompute_s = None
+            self.peak_before_train_gib = self.reserved_before_train_gib = None
+            self.t_init = None
+
+        def _sync(self):
+            if self.cuda:
+                import torch
+
+                torch.cuda.synchronize()
+
+        def on_init_end(self, args, state, control, **kw):
+            self._sync()
+            self.t_init = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kw):
+            self._sync()
+            if self.t_init is not None:
+                self.precompute_s = time.perf_counter() - self.t_init
+            if self.cuda:
+                import torch
+
+                self.peak_before_train_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                self.reserved_before_train_gib = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._sync()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self._sync()
+            self.step_s.append(time.perf_counter() - self.t)
+
+    return StepClock
+
+
+def _StepClock(cuda: bool):
+    return _make_clock_class()(cuda)
 
 
 if __name__ == "__main__":

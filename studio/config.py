@@ -91,6 +91,20 @@ class KTOSettings(_Section):
         description="Compute the frozen reference model's log-probs once before training instead of two extra "
         "forward passes per row per step. 'auto': on when the run visits (nearly) every row.",
     )
+    precompute_ref_batch_size: int | Literal["auto"] = Field(
+        "auto",
+        description="Rows per forward pass when the reference log-probs are precomputed. These passes keep no "
+        "activations for a backward pass, so more rows fit than in a training step, and bigger passes run faster. "
+        "'auto': on a GPU, as many rows (up to 32) as the memory estimate says fit beside the step's own peak; "
+        "elsewhere the per-device batch.",
+    )
+
+    @field_validator("precompute_ref_batch_size")
+    @classmethod
+    def _positive_rows(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"is {v}; use a number of rows (1 or more) or 'auto'")
+        return v
 
 
 class TrainSettings(_Section):
@@ -287,6 +301,8 @@ class RunConfig(_Section):
         kw.update(overrides)
         if kw["precompute_ref_log_probs"] == "auto":  # the engine resolves 'auto' from the data (studio/speed.py)
             kw["precompute_ref_log_probs"] = False
+        if kw["precompute_ref_batch_size"] == "auto":  # the engine sizes it from the memory estimate
+            kw["precompute_ref_batch_size"] = None
         return KTOConfig(**kw)
 
 

@@ -110,6 +110,7 @@ class Engine:
         self._lock = threading.Lock()
         self.job: Job | None = None
         self.on_event = on_event  # e.g. the run history; called from the training thread
+        self.extra_callbacks: list = []  # more transformers TrainerCallbacks for every run (benchmarks, tests)
 
     # ---- control -------------------------------------------------------------------------------------------------
     def start(self, cfg: RunConfig, resume_from: str | None = None) -> Job:
@@ -257,6 +258,7 @@ class Engine:
         job.backend = backend
         self._emit(job, "status", message=f"Device: {device.name} ({device.kind}); path: {models.BACKEND_LABELS[backend]}",
                    backend=backend, device=device.as_dict())
+        ref_rows = None  # rows per precompute pass when 'auto': sized from the estimate on a GPU
         if device.kind == "cuda" and cfg.model.memory_check:
             from studio import memory
 
@@ -270,6 +272,9 @@ class Engine:
                                                   f"{budget:g} GiB ({backend} path)", memory=est.as_dict())
                 for note in est.notes:
                     self._emit(job, "status", message=note)
+                if cfg.kto.precompute_ref_batch_size == "auto":
+                    ref_rows = memory.forward_rows(memory.arch_for(cfg.model.name_or_path), backend,
+                                                   memory.settings_from_run(cfg))
         self._emit(job, "status", message="Preparing data…")
         td = data_mod.prepare_training(cfg)
         self._emit(job, "status", message=f"{len(td.train)} training rows ({td.n_desirable} desirable, "
@@ -310,14 +315,17 @@ class Engine:
                                      eval_strategy="steps" if td.eval is not None else "no",
                                      eval_steps=cfg.train.save_steps if td.eval is not None else None,
                                      precompute_ref_log_probs=precompute)
+        if precompute and kto_args.precompute_ref_batch_size is None:
+            kto_args.precompute_ref_batch_size = ref_rows or cfg.train.per_device_train_batch_size
         if backend == "unsloth":
             # Unsloth's own checkpointing is already on; TRL must not wrap the model a second time
             kto_args.gradient_checkpointing = False
         self._emit(job, "status", message="Tokenizing" + (
-            f" and computing the reference model's log-probs for {len(td.train)} rows once" if precompute else "")
+            f" and computing the reference model's log-probs for {len(td.train)} rows once "
+            f"({kto_args.precompute_ref_batch_size} rows per pass)" if precompute else "")
             + "…")
         trainer = trainer_cls(model=loaded.model, args=kto_args, train_dataset=td.train, eval_dataset=td.eval,
-                              processing_class=loaded.tokenizer, callbacks=[_make_callback(self, job)])
+                              processing_class=loaded.tokenizer, callbacks=[_make_callback(self, job), *self.extra_callbacks])
         return trainer
 
 

@@ -181,6 +181,11 @@ WORKING_SET_BYTES = 24.7  # per token and hidden unit
 # per token and MLP intermediate unit: gate, up, their product and two gradients in 16 bit live during a layer's
 # backward, so models with a wide MLP (Qwen2.5: 5.4x hidden, Llama/Mistral: 2.7-3.5x) need more than hidden alone says
 WORKING_SET_INTERMEDIATE_BYTES = 7.8
+# A forward pass without gradients (the precompute pass) holds one layer's tensors at a time, bytes per token per
+# hidden / intermediate unit; measured with `python3 bench/forward_mem.py` (docs/GPU_RESULTS.md).
+FORWARD_BYTES = 8.0
+FORWARD_INTERMEDIATE_BYTES = 12.0
+MAX_FORWARD_ROWS = 32
 PATHS = {
     "unsloth": PathModel("unsloth", True, 2, checkpoint_bytes=0, overhead_gib=0.448, offloads_embedding=True),
     "bnb": PathModel("bnb", True, 4, checkpoint_bytes=4, overhead_gib=0.183),
@@ -430,6 +435,28 @@ def auto_fit(arch: Arch, path: str, budget_gib: float, *, seq: int | None = None
               + (f", with gradients {micro} row{'s' if micro > 1 else ''} at a time" if micro else ""))
     return Fit(True, path, budget_gib, chosen_seq, chosen_batch, accum, chosen_batch * accum, e, reason,
                micro_batch=micro)
+
+
+def forward_bytes(arch: Arch, rows: int, seq: int, compute_bytes: int = 2) -> float:
+    """Transient memory of one forward pass without gradients over ``rows`` x ``seq`` tokens (KTO's reference and
+    KL passes): one layer's tensors at a time and the fused LM head's tile; nothing is kept for a backward pass."""
+    n_tok = rows * seq
+    scale = compute_bytes / 2
+    per_token = scale * (FORWARD_BYTES * arch.hidden + FORWARD_INTERMEDIATE_BYTES * arch.intermediate)
+    tile = min(math.ceil(n_tok * COMPLETION_SHARE), LOGPROB_TOKEN_TILE) * min(arch.vocab, LOGPROB_VOCAB_TILE) * 4
+    return n_tok * per_token + tile
+
+
+def forward_rows(arch: Arch, path: str, settings: Settings, max_rows: int = MAX_FORWARD_ROWS) -> int:
+    """Rows per pass for precomputing the reference log-probs: the most (up to ``max_rows``) whose no-gradient
+    forward needs no more memory than the training step's own activations and LM-head tiles, so the precompute pass
+    never raises the run's peak; at least the rows a training step passes at once (TRL's default)."""
+    e = estimate(arch, path, settings)
+    room = (e.components["activations"] + e.components["logits"]) * GIB
+    rows = settings.active_rows
+    while rows < max_rows and forward_bytes(arch, rows + 1, settings.seq, settings.compute_bytes) <= room:
+        rows += 1
+    return rows
 
 
 def check(arch: Arch, path: str, settings: Settings, budget_gib: float) -> Estimate:
