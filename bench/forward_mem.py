@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--cap-gib", type=float, default=7.5)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--autocast", action="store_true", help="under torch.autocast(bf16), as TRL's precompute runs")
     a = ap.parse_args()
     if a.backend == "unsloth":
         import unsloth  # noqa: F401  (before transformers)
@@ -55,7 +56,7 @@ def main() -> None:
             mask = torch.ones_like(ids)
             labels = ids.clone()
             labels[:, : seq // 2] = -100
-            point = dict(arch=a.arch, backend=a.backend, seq=seq, rows=rows, tokens=rows * seq, cap_gib=a.cap_gib)
+            point = dict(arch=a.arch, backend=a.backend, autocast=a.autocast, seq=seq, rows=rows, tokens=rows * seq, cap_gib=a.cap_gib)
             times = []
             try:
                 for _ in range(a.repeats + 1):
@@ -63,7 +64,8 @@ def main() -> None:
                     base = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
                     t = time.perf_counter()
-                    with torch.no_grad():
+                    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.autocast)
+                    with torch.no_grad(), amp:
                         out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
                         out.log_probs.sum().item()
                     torch.cuda.synchronize()

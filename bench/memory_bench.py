@@ -158,7 +158,9 @@ def plan(name: str, models: list[str] | None) -> list[list[str]]:
     tiered = [p.key for p in presets.list_presets("models") if p.get("tier") in TIERS]
     runs: list[tuple[str, list[str]]] = []
     if name in ("autofit", "all"):  # the acceptance check: auto-fit under 7.5 GiB, then 10 steps
-        runs += [(m, ["--model", m, "--path", p, "--autofit"]) for m in tiered for p in ("unsloth", "bnb")]
+        # with the reference log-probs precomputed, as a real one-epoch run does (kto.precompute_ref_log_probs 'auto')
+        runs += [(m, ["--model", m, "--path", p, "--autofit", "--precompute-ref"]) for m in tiered
+                 for p in ("unsloth", "bnb")]
     if name in ("anchors", "all"):  # GPU.md's anchor settings through the studio's own engine
         for m, p, seq, bs in [("qwen2.5-3b-instruct", "bnb", 1024, 2), ("qwen2.5-3b-instruct", "bnb", 2048, 2),
                               ("qwen2.5-3b-instruct", "unsloth", 1024, 2), ("qwen2.5-3b-instruct", "unsloth", 2048, 2),

@@ -181,10 +181,14 @@ WORKING_SET_BYTES = 24.7  # per token and hidden unit
 # per token and MLP intermediate unit: gate, up, their product and two gradients in 16 bit live during a layer's
 # backward, so models with a wide MLP (Qwen2.5: 5.4x hidden, Llama/Mistral: 2.7-3.5x) need more than hidden alone says
 WORKING_SET_INTERMEDIATE_BYTES = 7.8
-# A forward pass without gradients (the precompute pass) holds one layer's tensors at a time, bytes per token per
-# hidden / intermediate unit; measured with `python3 bench/forward_mem.py` (docs/GPU_RESULTS.md).
-FORWARD_BYTES = 8.0
-FORWARD_INTERMEDIATE_BYTES = 12.0
+# KTO's reference pass without gradients (TRL's compute_ref_log_probs: the completion and the KL forward) holds one
+# layer's tensors at a time: bytes per token per hidden / intermediate unit, fitted to the engine's precompute pass on
+# Qwen2.5-3B (103 kB a token) and Mistral-7B (172 kB) with Unsloth (`bash bench/perf_gpu.sh same`, 4 rows per pass:
+# tests/fixtures/forward_points.json). A bare forward of the same model needs less (87 and 127 kB,
+# `python3 bench/forward_mem.py`); its floor of about one byte per LM-head weight (Qwen2.5-3B: 0.30 GiB up to 2048
+# tokens) is kept.
+FORWARD_BYTES = 26.0
+FORWARD_INTERMEDIATE_BYTES = 4.5
 MAX_FORWARD_ROWS = 32
 PATHS = {
     "unsloth": PathModel("unsloth", True, 2, checkpoint_bytes=0, overhead_gib=0.448, offloads_embedding=True),
@@ -439,20 +443,25 @@ def auto_fit(arch: Arch, path: str, budget_gib: float, *, seq: int | None = None
 
 def forward_bytes(arch: Arch, rows: int, seq: int, compute_bytes: int = 2) -> float:
     """Transient memory of one forward pass without gradients over ``rows`` x ``seq`` tokens (KTO's reference and
-    KL passes): one layer's tensors at a time and the fused LM head's tile; nothing is kept for a backward pass."""
+    KL passes): one layer's tensors at a time (the LM head's work has a floor); nothing is kept for a backward."""
     n_tok = rows * seq
     scale = compute_bytes / 2
     per_token = scale * (FORWARD_BYTES * arch.hidden + FORWARD_INTERMEDIATE_BYTES * arch.intermediate)
-    tile = min(math.ceil(n_tok * COMPLETION_SHARE), LOGPROB_TOKEN_TILE) * min(arch.vocab, LOGPROB_VOCAB_TILE) * 4
-    return n_tok * per_token + tile
+    return max(n_tok * per_token, scale * arch.vocab * arch.hidden)
 
 
 def forward_rows(arch: Arch, path: str, settings: Settings, max_rows: int = MAX_FORWARD_ROWS) -> int:
     """Rows per pass for precomputing the reference log-probs: the most (up to ``max_rows``) whose no-gradient
-    forward needs no more memory than the training step's own activations and LM-head tiles, so the precompute pass
-    never raises the run's peak; at least the rows a training step passes at once (TRL's default)."""
+    passes need no more memory than the training step's own activations and LM-head tiles (plus the adapter's
+    gradient and optimizer state, which do not exist yet), so the precompute pass does not raise the run's peak; at
+    least the rows a training step passes at once (TRL's default)."""
     e = estimate(arch, path, settings)
-    room = (e.components["activations"] + e.components["logits"]) * GIB
+    pm = PATHS[path]
+    lora_bytes = 2 if pm.quantized else 4
+    # before training the adapter has no gradient and no optimizer state yet: that room is free too
+    not_yet = arch.lora_params(settings.rank, settings.targets) * (lora_bytes + _optimizer_bytes(settings.optim,
+                                                                                                 lora_bytes))
+    room = (e.components["activations"] + e.components["logits"]) * GIB + not_yet
     rows = settings.active_rows
     while rows < max_rows and forward_bytes(arch, rows + 1, settings.seq, settings.compute_bytes) <= room:
         rows += 1

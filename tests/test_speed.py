@@ -47,10 +47,11 @@ def test_grouped_batches_keep_trl_kl_pairs_inside_each_batch(tmp_path, bundled_m
             len(set(map(tuple, block["completion_ids"]))) < 4
 
 
-def _run(tmp_path, name, **changes):
+def _run(tmp_path, name, messages: list | None = None, **changes):
     cfg = tiny_run_config(tmp_path, **{"output_dir": str(tmp_path / name), "train.max_steps": 2,
                                        "data.length_grouping": False, **changes})
-    engine = Engine()
+    engine = Engine(on_event=(lambda _job, ev: messages.append(str(ev.get("message", "")))) if messages is not None
+                    else None)
     job = engine.start(cfg)
     engine.wait(600)
     assert job.state == "finished", job.error
@@ -67,6 +68,24 @@ def test_precomputed_reference_log_probs_give_the_same_losses_and_rewards(tmp_pa
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (a["step"], key, a[key], b[key])
     # step 2 runs after an optimizer update: the policy moved, so rewards are no longer all zero
     assert any(abs(pre[1].get(k, 0.0)) > 0 for k in ("rewards/chosen", "rewards/rejected"))
+
+
+def test_more_rows_per_precompute_pass_give_the_same_losses(tmp_path, bundled_model_dir):
+    """Bigger precompute passes (kto.precompute_ref_batch_size; 'auto' sizes them on a GPU) pad rows to a longer
+    batch: the reference log-probs, and so the run, must not change."""
+    plain = _run(tmp_path, "plain", **{"kto.precompute_ref_log_probs": False})
+    messages: list[str] = []
+    wide = _run(tmp_path, "wide", messages, **{"kto.precompute_ref_log_probs": True,
+                                               "kto.precompute_ref_batch_size": 7})
+    assert any("(7 rows per pass)" in m for m in messages), messages
+    for a, b in zip(plain, wide):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "kl"):
+            if key in a or key in b:
+                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (a["step"], key, a[key], b[key])
+    auto: list[str] = []
+    _run(tmp_path, "auto", auto, **{"kto.precompute_ref_log_probs": True})
+    batch = tiny_run_config(tmp_path).train.per_device_train_batch_size
+    assert any(f"({batch} rows per pass)" in m for m in auto), auto  # off a GPU 'auto' is TRL's default
 
 
 def test_auto_precompute_only_when_the_run_visits_the_data():
