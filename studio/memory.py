@@ -172,6 +172,8 @@ class PathModel:
     overhead_gib: float
     offloads_embedding: bool = False  # Unsloth's offload_embedding="auto"
     calibrated: bool = True
+    # the no-gradient reference pass, bytes per token per hidden unit (FORWARD_BYTES on the Unsloth path)
+    forward_hidden_bytes: float | None = None
 
 
 # One layer's working set during the backward recompute (plus the no-grad KL/reference passes), bytes per token per
@@ -192,7 +194,9 @@ FORWARD_INTERMEDIATE_BYTES = 4.5
 MAX_FORWARD_ROWS = 32
 PATHS = {
     "unsloth": PathModel("unsloth", True, 2, checkpoint_bytes=0, overhead_gib=0.448, offloads_embedding=True),
-    "bnb": PathModel("bnb", True, 4, checkpoint_bytes=4, overhead_gib=0.183),
+    # PEFT upcasts the residual stream to float32: the reference pass of Qwen2.5-3B at 5 rows x 4096 tokens needed
+    # 165 kB a token (setup peak 6.33 GiB vs 3.08 without it; docs/results/autofit_gpu.jsonl): one point, 56 B/hidden
+    "bnb": PathModel("bnb", True, 4, checkpoint_bytes=4, overhead_gib=0.183, forward_hidden_bytes=56.0),
     # No measurements yet: same physics, the base in the compute dtype, layer inputs in the compute dtype.
     "full": PathModel("full", False, None, checkpoint_bytes=None, overhead_gib=0.0, calibrated=False),
 }
@@ -441,12 +445,13 @@ def auto_fit(arch: Arch, path: str, budget_gib: float, *, seq: int | None = None
                micro_batch=micro)
 
 
-def forward_bytes(arch: Arch, rows: int, seq: int, compute_bytes: int = 2) -> float:
+def forward_bytes(arch: Arch, rows: int, seq: int, compute_bytes: int = 2, path: str = "unsloth") -> float:
     """Transient memory of one forward pass without gradients over ``rows`` x ``seq`` tokens (KTO's reference and
     KL passes): one layer's tensors at a time (the LM head's work has a floor); nothing is kept for a backward."""
     n_tok = rows * seq
     scale = compute_bytes / 2
-    per_token = scale * (FORWARD_BYTES * arch.hidden + FORWARD_INTERMEDIATE_BYTES * arch.intermediate)
+    hidden_bytes = PATHS[path].forward_hidden_bytes if path in PATHS else None
+    per_token = scale * ((hidden_bytes or FORWARD_BYTES) * arch.hidden + FORWARD_INTERMEDIATE_BYTES * arch.intermediate)
     return max(n_tok * per_token, scale * arch.vocab * arch.hidden)
 
 
@@ -463,7 +468,7 @@ def forward_rows(arch: Arch, path: str, settings: Settings, max_rows: int = MAX_
                                                                                                  lora_bytes))
     room = (e.components["activations"] + e.components["logits"]) * GIB + not_yet
     rows = settings.active_rows
-    while rows < max_rows and forward_bytes(arch, rows + 1, settings.seq, settings.compute_bytes) <= room:
+    while rows < max_rows and forward_bytes(arch, rows + 1, settings.seq, settings.compute_bytes, path) <= room:
         rows += 1
     return rows
 
