@@ -100,7 +100,28 @@ def explain_error(exc: BaseException, cfg: RunConfig | None = None) -> str:
     if any(s in text for s in ("No space left on device", "StorageFull", "file write failed")):
         return ("The disk filled up while saving: free some space (or delete old runs' files in the run history), "
                 "then resume the run from its latest checkpoint.")
+    if _is_compiler_error(exc):
+        model = cfg.model.name_or_path if cfg is not None else "this model"
+        first = (text.strip().splitlines() or [""])[0][:160]
+        return (f"PyTorch's compiler (torch Inductor) failed to build the fused kernels Unsloth uses for {model} "
+                f"({type(exc).__name__}{': ' + first if first else ''}): a known incompatibility of some Unsloth model "
+                "paths with some torch versions, not a problem with your data or settings. Train on the PEFT + "
+                "bitsandbytes path instead (model.backend: bnb; the Model & preset tab's auto-fit says whether it "
+                "fits your card) or pick another model. The full traceback is in the run folder's error.log.")
     return f"{type(exc).__name__}: {exc}. The full traceback is in the run folder's error.log."
+
+
+def _is_compiler_error(exc: BaseException) -> bool:
+    """torch.compile / Inductor failures (InductorError, BackendCompilerFailed), also when wrapped by another error."""
+    seen = 0
+    while exc is not None and seen < 5:
+        kind = type(exc)
+        if kind.__name__ in ("InductorError", "BackendCompilerFailed") or kind.__module__.startswith(
+                ("torch._inductor", "torch._dynamo")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 class Engine:

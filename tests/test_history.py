@@ -242,3 +242,25 @@ def test_two_runs_curves_can_be_compared_step_by_step(tmp_path):
     assert sorted(set(frame.series)) == ["A: a (ja)", "B: b (jb)"]
     assert frame[frame.series == "B: b (jb)"].value.tolist() == pytest.approx([0.48, 0.46, 0.44])
     assert compare_frame(history, "ja", None, "loss").series.unique().tolist() == ["A: a (ja)"]
+
+
+def test_a_torch_compiler_failure_says_it_is_unsloths_kernels_and_to_use_the_bnb_path():
+    """Gemma-7B on Unsloth failed at its first step with torch Inductor's bare 'InductorError: AssertionError:' on the
+    GPU (docs/GPU_RESULTS.md); the message must name the cause and the way around it."""
+    from torch._inductor.exc import InductorError
+
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(Path("/tmp/unused")).updated({"model.name_or_path": "google/gemma-7b-it"})
+    try:
+        try:
+            raise AssertionError("")
+        except AssertionError as inner:
+            raise InductorError(inner, "") from inner
+    except InductorError as e:
+        text = explain_error(e, cfg)
+    assert "Inductor" in text and "google/gemma-7b-it" in text and "model.backend: bnb" in text
+    wrapped = RuntimeError("step failed")
+    wrapped.__cause__ = InductorError(AssertionError(""), "")
+    assert "model.backend: bnb" in explain_error(wrapped)
+    assert "model.backend" not in explain_error(RuntimeError("something else"))
