@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--cap-gib", type=float, default=7.5)
     ap.add_argument("--one-epoch", action="store_true", help="data = exactly the rows trained (no spare batches)")
+    ap.add_argument("--epochs", type=int, default=1,
+                    help="with --one-epoch: the same steps over 1/EPOCHS of the rows, EPOCHS times (the precompute "
+                         "pass then serves EPOCHS steps per row)")
     ap.add_argument("--set", action="append", default=[], help="extra run-config overrides FIELD=VALUE")
     a = ap.parse_args()
 
@@ -51,7 +54,8 @@ def main() -> None:
     from studio.config import RunConfig
     from studio.engine import Engine
 
-    result = dict(arch=a.arch, backend=a.backend, seq=a.seq, bs=a.bs, rank=a.rank, cap_gib=a.cap_gib, sets=a.set)
+    result = dict(arch=a.arch, backend=a.backend, seq=a.seq, bs=a.bs, rank=a.rank, cap_gib=a.cap_gib, sets=a.set,
+                  epochs=a.epochs)
     cuda = torch.cuda.is_available()  # a CPU dry run (tiny-llama, --backend full) checks the script itself
     model_dir = make_model_dir(a.arch, device="cuda" if cuda else "cpu")
     if cuda and a.cap_gib > 0:
@@ -61,6 +65,10 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     half = a.seq // 2 - 2
     n = a.bs * a.grad_accum * (a.steps + a.warmup + (0 if a.one_epoch else 2))
+    if a.one_epoch and a.epochs > 1:
+        if (a.steps + a.warmup) % a.epochs:
+            raise SystemExit("--epochs must divide --steps + --warmup")
+        n //= a.epochs
     data = write_dataset(f"/tmp/bench_{a.seq}.jsonl", n, half, half)
     changes = {
         "name": f"bench-{a.arch}-{a.backend}", "output_dir": f"/tmp/bench_runs/{a.arch}-{a.backend}-{a.seq}",
@@ -70,7 +78,7 @@ def main() -> None:
         "kto.max_length": a.seq, "train.per_device_train_batch_size": a.bs,
         "train.gradient_accumulation_steps": a.grad_accum, "train.max_steps": a.steps + a.warmup,
         "train.save_steps": 10_000, "train.learning_rate": 2e-4, "train.gradient_checkpointing": True,
-        "data.train_file": data, "data.shuffle": False,
+        "data.train_file": data, "data.shuffle": False, "train.num_train_epochs": float(a.epochs),
     }
     for s in a.set:
         k, v = s.split("=", 1)
@@ -103,7 +111,7 @@ def main() -> None:
         result["train_tok_per_s"] = round(tokens_per_step / med, 1)
         if clock.precompute_s is not None and any("computed once" in m for m in messages):
             result["precompute_s"] = round(clock.precompute_s, 2)
-            per_step = clock.precompute_s / max(1, len(clock.step_s))
+            per_step = clock.precompute_s / max(1, len(clock.step_s))  # (its rows serve --epochs steps each)
             result["tok_per_s_with_precompute"] = round(tokens_per_step / (med + per_step), 1)
             if len(ref_pass_s) > 1:  # a long epoch's rate: the steady per-row cost of the pass, 2 rows' worth a step
                 rows_per_pass = cfg.kto.precompute_ref_batch_size
@@ -111,7 +119,7 @@ def main() -> None:
                 result["precompute_rows_per_pass"] = rows_per_pass
                 result["precompute_pass_s_median"] = round(statistics.median(ref_pass_s[1:]), 4)
                 if rows_per_pass:
-                    steady = statistics.median(ref_pass_s[1:]) * a.bs * a.grad_accum / rows_per_pass
+                    steady = statistics.median(ref_pass_s[1:]) * a.bs * a.grad_accum / rows_per_pass / a.epochs
                     result["tok_per_s_with_precompute_steady"] = round(tokens_per_step / (med + steady), 1)
     losses = [m["loss"] for m in metrics]
     result["losses_finite"] = bool(losses) and all(math.isfinite(x) for x in losses)
