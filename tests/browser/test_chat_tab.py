@@ -76,7 +76,10 @@ def test_side_by_side_chat_rate_replies_and_evaluate(page, studio_server, expect
     # held-out evaluation of the run: a table and a chart, stored with the run
     page.get_by_text("Held-out evaluation: base vs tuned").click()
     expect(page.locator("#chat-eval-status")).to_contain_text("No evaluation stored")
-    page.locator("#chat-eval-limit input").fill("4")
+    limit = page.locator("#chat-eval-limit input")
+    limit.fill("4")
+    limit.press("Tab")  # commit the number before the click reads it (a click racing the edit sent the old 200)
+    expect(limit).to_have_value("4")
     page.locator("#chat-eval-run").click()
     expect(page.locator("#chat-eval-status")).to_contain_text("held-out rows from", timeout=180_000)
     expect(page.locator("#chat-eval-table")).to_contain_text("implicit reward accuracy (pairs), %")
