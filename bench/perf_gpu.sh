@@ -4,6 +4,7 @@
 #   bash bench/perf_gpu.sh same       # Qwen2.5-3B and Mistral-7B, seq 1024 and 2048, batch 2: tok/s and peak
 #   ROWS="4 8" bash bench/perf_gpu.sh same   # also with those rows per precompute pass
 #   CONFIGS="mistral-7b:1024" bash bench/perf_gpu.sh same   # only these (arch:seq), e.g. to repeat one for noise
+#   PARITY=0 ...                      # skip the run of TRL's plain step (reference passes inside each step)
 #   bash bench/perf_gpu.sh probe      # no-gradient passes: extra memory and tok/s by rows per pass (forward_mem.py)
 #   bash bench/perf_gpu.sh capacity   # Mistral-7B seq 8192 and Llama-3.1-8B seq 4096, batch 2, gradients one row at a time
 # Run from the repo root after `source .whl/device_setup.sh`. Results: $OUT/perf_<mode>.jsonl (RESULT lines).
@@ -25,7 +26,7 @@ if [ "$MODE" = same ]; then
     set -- ${cfg/:/ }
     anchor --arch "$1" --seq "$2" --bs 2
     # TRL's own step on the same batches (reference passes inside every step): the parity check
-    studio --arch "$1" --seq "$2" --bs 2 --set kto.precompute_ref_log_probs=false
+    [ "${PARITY:-1}" = 1 ] && studio --arch "$1" --seq "$2" --bs 2 --set kto.precompute_ref_log_probs=false
     # the engine's defaults over one epoch: reference log-probs precomputed, rows per pass from the estimate
     studio --arch "$1" --seq "$2" --bs 2 --one-epoch
     for r in ${ROWS:-}; do  # explicit rows per precompute pass, to calibrate 'auto'
