@@ -294,8 +294,11 @@ class Engine:
                 for note in est.notes:
                     self._emit(job, "status", message=note)
                 if cfg.kto.precompute_ref_batch_size == "auto":
-                    ref_rows = memory.forward_rows(memory.arch_for(cfg.model.name_or_path), backend,
-                                                   memory.settings_from_run(cfg))
+                    try:
+                        ref_rows = memory.forward_rows(memory.arch_for(cfg.model.name_or_path), backend,
+                                                       memory.settings_from_run(cfg))
+                    except memory.EstimateError:  # then TRL's default: the per-device batch
+                        ref_rows = None
         self._emit(job, "status", message="Preparing data…")
         td = data_mod.prepare_training(cfg)
         self._emit(job, "status", message=f"{len(td.train)} training rows ({td.n_desirable} desirable, "
