@@ -122,3 +122,13 @@ def test_standard_recipe_picks_the_learning_rate_measured_for_the_model_size():
     assert small.train.learning_rate == 1e-3
     assert large.train.learning_rate == 2e-4
     assert small.train.per_device_train_batch_size * small.train.gradient_accumulation_steps == 16
+
+
+def test_a_model_presets_measured_caveat_is_shown_with_it():
+    """Gemma-7B failed on both GPU paths of an 8 GB card (docs/GPU_RESULTS.md): its preset says so where it is picked."""
+    from studio.ui.model_tab import preset_info
+
+    gemma = presets.get("models", "gemma-7b-it")
+    assert "compiler" in gemma.description and "8 GB" in gemma.description
+    assert gemma.description in preset_info("gemma-7b-it", "")
+    assert "compiler" not in preset_info("mistral-7b-instruct-v0.3", "")

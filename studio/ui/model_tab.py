@@ -73,6 +73,8 @@ def preset_info(model_key: str, recipe_key: str) -> str:
         lines.append(f"**{p.title}** — hub `{p.get('hub_id')}`"
                      + (f", 4-bit `{p.get('unsloth_id')}`" if p.get("unsloth_id") else "")
                      + f"; licence: {p.get('licence')}{size}.{gate}")
+        if p.description:  # what was measured with this model (e.g. a path that fails)
+            lines.append(p.description)
     if recipe_key:
         r = presets.get("recipes", recipe_key)
         lines.append(f"**Recipe {r.title}** (effective batch {r.get('effective_batch')}): {r.description}")
