@@ -23,7 +23,8 @@ or a GGUF header - and adds up what the training step keeps on the GPU:
 
 Four numbers are calibrated (the two working-set terms and the two paths' ``overhead_gib``, by ``python
 bench/memory_bench.py fit``: minimax relative error over the fixture); everything else is counted
-from the architecture. ``tests/test_memory.py`` holds the estimate to 15% of every measured point in
+from the architecture. Sizing the precompute pass (``forward_rows``) adds three more, fitted to measured passes
+(``FORWARD_*`` and the bitsandbytes path's ``forward_hidden_bytes``; tests/fixtures/forward_points.json). ``tests/test_memory.py`` holds the estimate to 15% of every measured point in
 ``tests/fixtures/memory_points.json`` (a point whose measurement contradicts the others is kept there, marked
 ``disputed`` with the reason and the command that re-measures it).
 
@@ -459,7 +460,7 @@ def forward_rows(arch: Arch, path: str, settings: Settings, max_rows: int = MAX_
     """Rows per pass for precomputing the reference log-probs: the most (up to ``max_rows``) whose no-gradient
     passes need no more memory than the training step's own activations and LM-head tiles (plus the adapter's
     gradient and optimizer state, which do not exist yet), so the precompute pass does not raise the run's peak; at
-    least the rows a training step passes at once (TRL's default)."""
+    least the rows one training pass takes (the micro-batch when there is one, else the per-device batch)."""
     e = estimate(arch, path, settings)
     pm = PATHS[path]
     lora_bytes = 2 if pm.quantized else 4
