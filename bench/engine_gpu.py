@@ -84,9 +84,8 @@ def main() -> None:
         k, v = s.split("=", 1)
         changes[k] = yaml.safe_load(v)
     cfg = RunConfig().updated(changes)
-    messages: list[str] = []
-    engine = Engine(on_event=lambda _job, ev: messages.append(str(ev.get("message", ""))))
-    clock = _StepClock(cuda)
+    engine = Engine()
+    clock = _step_clock(cuda)
     engine.extra_callbacks.append(clock)
     ref_pass_s = _time_reference_passes(cuda)
     t0 = time.time()
@@ -109,22 +108,20 @@ def main() -> None:
         med = statistics.median(timed)
         result["step_s_median"] = round(med, 3)
         result["train_tok_per_s"] = round(tokens_per_step / med, 1)
-        if clock.precompute_s is not None and any("computed once" in m for m in messages):
+        if clock.precompute_s is not None and clock.precomputed:
             result["precompute_s"] = round(clock.precompute_s, 2)
             per_step = clock.precompute_s / max(1, len(clock.step_s))  # (its rows serve --epochs steps each)
             result["tok_per_s_with_precompute"] = round(tokens_per_step / (med + per_step), 1)
             if len(ref_pass_s) > 1:  # a long epoch's rate: the steady per-row cost of the pass, 2 rows' worth a step
-                rows_per_pass = cfg.kto.precompute_ref_batch_size
-                rows_per_pass = rows_per_pass if isinstance(rows_per_pass, int) else _logged_rows(messages)
+                rows_per_pass = clock.ref_rows  # what the engine passed to TRL ('auto' resolved)
                 result["precompute_rows_per_pass"] = rows_per_pass
                 result["precompute_pass_s_median"] = round(statistics.median(ref_pass_s[1:]), 4)
-                if rows_per_pass:
-                    steady = statistics.median(ref_pass_s[1:]) * a.bs * a.grad_accum / rows_per_pass / a.epochs
-                    result["tok_per_s_with_precompute_steady"] = round(tokens_per_step / (med + steady), 1)
+                steady = statistics.median(ref_pass_s[1:]) * a.bs * a.grad_accum / rows_per_pass / a.epochs
+                result["tok_per_s_with_precompute_steady"] = round(tokens_per_step / (med + steady), 1)
     losses = [m["loss"] for m in metrics]
     result["losses_finite"] = bool(losses) and all(math.isfinite(x) for x in losses)
     result["loss_first_last"] = [losses[0], losses[-1]] if losses else None
-    result["precomputed_ref"] = any("computed once" in m for m in messages)
+    result["precomputed_ref"] = bool(clock.precomputed)
     if cuda:
         result["peak_before_train_gib"] = clock.peak_before_train_gib
         result["peak_train_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -143,14 +140,10 @@ def _time_reference_passes(cuda: bool) -> list[float]:
     original = KTOTrainer.compute_ref_log_probs
 
     def timed(self, model, inputs):
-        if cuda:
-            import torch
-
-            torch.cuda.synchronize()
+        _sync(cuda)
         t = time.perf_counter()
         out = original(self, model, inputs)
-        if cuda:
-            torch.cuda.synchronize()
+        _sync(cuda)
         times.append(time.perf_counter() - t)
         return out
 
@@ -158,45 +151,37 @@ def _time_reference_passes(cuda: bool) -> list[float]:
     return times
 
 
-def _logged_rows(messages: list[str]) -> int | None:
-    import re
+def _sync(cuda: bool) -> None:
+    """Wait for the GPU, so that a host clock read next sees the work queued before it done."""
+    if cuda:
+        import torch
 
-    for m in messages:
-        hit = re.search(r"\((\d+) rows per pass\)", m)
-        if hit:
-            return int(hit.group(1))
-    return None
+        torch.cuda.synchronize()
 
 
-def _make_clock_class():
+def _step_clock(cuda: bool):
+    """A TrainerCallback: the anchor's step timer, plus the precompute pass (between the trainer's init and the first
+    step, with the rows per pass TRL was given) and the peak memory before the steps (then reset, so that the steps'
+    own peak is read at the end)."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
-        """The anchor's step timer, plus the precompute pass (between the trainer's init and the first step) and the
-        peak memory before the steps (then reset, so that the steps' own peak is read at the end)."""
-
-        def __init__(self, cuda: bool):
-            self.cuda = cuda
+        def __init__(self):
             self.step_s: list[float] = []
-            self.precompute_s = None
+            self.precompute_s = self.t_init = self.t = None
+            self.precomputed, self.ref_rows = False, None
             self.peak_before_train_gib = self.reserved_before_train_gib = None
-            self.t_init = None
-
-        def _sync(self):
-            if self.cuda:
-                import torch
-
-                torch.cuda.synchronize()
 
         def on_init_end(self, args, state, control, **kw):
-            self._sync()
+            _sync(cuda)
             self.t_init = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kw):
-            self._sync()
+            _sync(cuda)
             if self.t_init is not None:
                 self.precompute_s = time.perf_counter() - self.t_init
-            if self.cuda:
+            self.precomputed, self.ref_rows = args.precompute_ref_log_probs, args.precompute_ref_batch_size
+            if cuda:
                 import torch
 
                 self.peak_before_train_gib = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -204,18 +189,14 @@ def _make_clock_class():
                 torch.cuda.reset_peak_memory_stats()
 
         def on_step_begin(self, args, state, control, **kw):
-            self._sync()
+            _sync(cuda)
             self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            self._sync()
+            _sync(cuda)
             self.step_s.append(time.perf_counter() - self.t)
 
-    return StepClock
-
-
-def _StepClock(cuda: bool):
-    return _make_clock_class()(cuda)
+    return StepClock()
 
 
 if __name__ == "__main__":

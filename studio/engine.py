@@ -285,7 +285,8 @@ class Engine:
 
             budget = cfg.model.gpu_memory_gib or device.free_gib
             try:
-                est = memory.check_run(cfg, backend, budget)  # raises RunWontFit (a ConfigError) with the reason
+                arch, settings = memory.arch_for(cfg.model.name_or_path), memory.settings_from_run(cfg)
+                est = memory.check(arch, backend, settings, budget)  # raises RunWontFit (a ConfigError) with the reason
             except memory.EstimateError as e:
                 self._emit(job, "status", message=f"No memory estimate: {e}")
             else:
@@ -294,11 +295,7 @@ class Engine:
                 for note in est.notes:
                     self._emit(job, "status", message=note)
                 if cfg.kto.precompute_ref_batch_size == "auto":
-                    try:
-                        ref_rows = memory.forward_rows(memory.arch_for(cfg.model.name_or_path), backend,
-                                                       memory.settings_from_run(cfg))
-                    except memory.EstimateError:  # then TRL's default: the per-device batch
-                        ref_rows = None
+                    ref_rows = memory.forward_rows(arch, backend, settings)
         self._emit(job, "status", message="Preparing data…")
         td = data_mod.prepare_training(cfg)
         self._emit(job, "status", message=f"{len(td.train)} training rows ({td.n_desirable} desirable, "

@@ -248,6 +248,13 @@ class Estimate:
         return d
 
 
+def _lora_training_state_bytes(pm: PathModel, optim: str) -> tuple[int, float]:
+    """Per LoRA parameter: the adapter's own bytes, and its gradient + optimizer state (which exist only once
+    training starts). TRL casts the adapter to bf16 on quantized bases only."""
+    lora_bytes = 2 if pm.quantized else 4
+    return lora_bytes, lora_bytes + _optimizer_bytes(optim, lora_bytes)
+
+
 def _optimizer_bytes(optim: str, param_bytes: int) -> float:
     if "8bit" in optim:
         return 2.0  # two 8-bit moments
@@ -307,8 +314,8 @@ def estimate(arch: Arch, path: str, settings: Settings | None = None, budget_gib
     weights += arch.unquantized_params(on_gpu_embedding) * frozen_bytes
 
     # LoRA: trainable copy + gradient + optimizer, and TRL's frozen fp32 "ref" copy
-    lora_bytes = 2 if pm.quantized else 4  # TRL casts the adapter to bf16 on quantized bases only
-    lora = lora_n * (2 * lora_bytes + _optimizer_bytes(s.optim, lora_bytes) + 4)
+    lora_bytes, training_state = _lora_training_state_bytes(pm, s.optim)
+    lora = lora_n * (lora_bytes + training_state + 4)
 
     # activations: the checkpointed layer inputs (unless offloaded) and one layer's working set
     ckpt_bytes = s.compute_bytes if pm.checkpoint_bytes is None else pm.checkpoint_bytes
@@ -451,8 +458,8 @@ def forward_bytes(arch: Arch, rows: int, seq: int, compute_bytes: int = 2, path:
     KL passes): one layer's tensors at a time (the LM head's work has a floor); nothing is kept for a backward."""
     n_tok = rows * seq
     scale = compute_bytes / 2
-    hidden_bytes = PATHS[path].forward_hidden_bytes if path in PATHS else None
-    per_token = scale * ((hidden_bytes or FORWARD_BYTES) * arch.hidden + FORWARD_INTERMEDIATE_BYTES * arch.intermediate)
+    hidden_bytes = PATHS[path].forward_hidden_bytes or FORWARD_BYTES
+    per_token = scale * (hidden_bytes * arch.hidden + FORWARD_INTERMEDIATE_BYTES * arch.intermediate)
     return max(n_tok * per_token, scale * arch.vocab * arch.hidden)
 
 
@@ -462,11 +469,9 @@ def forward_rows(arch: Arch, path: str, settings: Settings, max_rows: int = MAX_
     gradient and optimizer state, which do not exist yet), so the precompute pass does not raise the run's peak; at
     least the rows one training pass takes (the micro-batch when there is one, else the per-device batch)."""
     e = estimate(arch, path, settings)
-    pm = PATHS[path]
-    lora_bytes = 2 if pm.quantized else 4
     # before training the adapter has no gradient and no optimizer state yet: that room is free too
-    not_yet = arch.lora_params(settings.rank, settings.targets) * (lora_bytes + _optimizer_bytes(settings.optim,
-                                                                                                 lora_bytes))
+    _, training_state = _lora_training_state_bytes(PATHS[path], settings.optim)
+    not_yet = arch.lora_params(settings.rank, settings.targets) * training_state
     room = (e.components["activations"] + e.components["logits"]) * GIB + not_yet
     rows = settings.active_rows
     while rows < max_rows and forward_bytes(arch, rows + 1, settings.seq, settings.compute_bytes, path) <= room:
