@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,8 @@ TIERS = ("3B", "7B", "8B")
 # ---- models and data ---------------------------------------------------------------------------------------------
 
 def make_model_dir(model: str, root: str) -> str:
-    """A checkpoint of the preset's architecture with random bf16 weights and a word-level tokenizer (w0..w3999)."""
+    """A checkpoint of the preset's architecture with random bf16 weights and the bench tokenizer
+    (bench/random_models.py)."""
     import torch
 
     from bench.random_models import make_model_dir as build
@@ -48,16 +48,10 @@ def make_model_dir(model: str, root: str) -> str:
 
 def write_rows(path: str, n: int, seq: int, seed: int = 0) -> str:
     """KTO rows of seq tokens: half prompt, half completion (TRL adds one EOS), 60% desirable."""
-    from bench.random_models import WORDS
+    from bench.random_models import write_dataset
 
-    rnd = random.Random(seed)
     half = seq // 2 - 2
-    with open(path, "w") as f:
-        for _ in range(n):
-            p = "".join(" " + rnd.choice(WORDS) for _ in range(half))
-            c = "".join(" " + rnd.choice(WORDS) for _ in range(half))
-            f.write(json.dumps({"prompt": p, "completion": c, "label": rnd.random() < 0.6}) + "\n")
-    return path
+    return write_dataset(path, n, half, half, seed=seed, desirable=0.6)
 
 
 # ---- one configuration -------------------------------------------------------------------------------------------

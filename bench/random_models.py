@@ -40,7 +40,7 @@ WORDS = [a + b for a in LETTERS for b in LETTERS]  # 2704 words, each " xy" one 
 
 def make_model_dir(arch: str, root: str = "/tmp/models", device: str = "cuda", spec: dict | None = None) -> str:
     """A checkpoint of ``arch`` (a key of ARCHS, or any name with a config ``spec``) with random bf16 weights and
-    the word-level tokenizer, built once under ``root``."""
+    the bench's two-letter-word BPE tokenizer, built once under ``root``."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
