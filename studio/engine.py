@@ -346,7 +346,8 @@ class Engine:
             f"({kto_args.precompute_ref_batch_size} rows per pass)" if precompute else "")
             + "…")
         trainer = trainer_cls(model=loaded.model, args=kto_args, train_dataset=td.train, eval_dataset=td.eval,
-                              processing_class=loaded.tokenizer, callbacks=[_make_callback(self, job), *self.extra_callbacks])
+                              processing_class=loaded.tokenizer,
+                              callbacks=[_make_callback(self, job), *self.extra_callbacks])
         return trainer
 
 

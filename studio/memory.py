@@ -24,9 +24,10 @@ or a GGUF header - and adds up what the training step keeps on the GPU:
 Four numbers are calibrated (the two working-set terms and the two paths' ``overhead_gib``, by ``python
 bench/memory_bench.py fit``: minimax relative error over the fixture); everything else is counted
 from the architecture. Sizing the precompute pass (``forward_rows``) adds three more, fitted to measured passes
-(``FORWARD_*`` and the bitsandbytes path's ``forward_hidden_bytes``; tests/fixtures/forward_points.json). ``tests/test_memory.py`` holds the estimate to 15% of every measured point in
-``tests/fixtures/memory_points.json`` (a point whose measurement contradicts the others is kept there, marked
-``disputed`` with the reason and the command that re-measures it).
+(``FORWARD_*`` and the bitsandbytes path's ``forward_hidden_bytes``; tests/fixtures/forward_points.json).
+``tests/test_memory.py`` holds the estimate to 15% of every measured point in ``tests/fixtures/memory_points.json``
+(a point whose measurement contradicts the others is kept there, marked ``disputed`` with the reason and the command
+that re-measures it).
 
 Figures are PyTorch's peak *allocated* memory (``torch.cuda.max_memory_allocated``); the card also needs room for the
 CUDA context and the desktop, which the GPU presets' budgets (``gpu_gib``: 7.5 for an 8 GB card) leave out.
