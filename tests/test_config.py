@@ -26,6 +26,8 @@ def test_shipped_presets_load():
     ("lora:\n  r: zero\n", "lora.r"),
     ("memory:\n  micro_batch_size: 0\n", "memory.micro_batch_size"),
     ("memory:\n  tiled_mlp: true\n", "memory.tiled_mlp"),
+    ("kto:\n  precompute_ref_batch_size: 0\n", "kto.precompute_ref_batch_size"),
+    ("kto:\n  precompute_ref_batch_size: many\n", "kto.precompute_ref_batch_size"),
 ])
 def test_bad_field_gets_a_message_naming_it(tmp_path, yaml_text, field):
     p = tmp_path / "bad.yaml"
