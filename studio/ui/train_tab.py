@@ -24,6 +24,7 @@ FIELDS = [
     ("lora", "r"), ("lora", "lora_alpha"), ("train", "save_steps"), ("train", "gradient_checkpointing"),
     ("memory", "micro_batch_size"),
 ]
+RELOADED_NOTICE = "Settings updated from the other tabs (Model & preset, Data) since this form was last shown."
 # title -> (elem_id suffix, logged keys drawn as series)
 PLOTS = {
     "loss": ("loss", ["loss"]),
@@ -433,13 +434,14 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
         return [*on_page_load(), studio.outside_changes]
 
     def on_show(seen):
-        """Shown again: reload the form only if another tab changed the config since it was last loaded."""
+        """Shown again: reload the settings only if another tab changed the config since they were last loaded, and
+        say so. The run name is left as it is: no other tab sets it, and a reload could overwrite a name being typed."""
         if seen == studio.outside_changes:
-            return [gr.skip()] * (len(FIELDS) + 2)
-        return on_load()
+            return [gr.skip()] * (len(FIELDS) + 3)
+        return [gr.skip(), *on_page_load()[1:], studio.outside_changes, RELOADED_NOTICE]
 
     if tab is not None:
-        tab.select(on_show, seen_changes, [name, *comps, seen_changes], show_progress="hidden")
+        tab.select(on_show, seen_changes, [name, *comps, seen_changes, message], show_progress="hidden")
     app = app or gr.context.Context.root_block
     if app is not None:
         app.load(on_load, None, [name, *comps, seen_changes])

@@ -78,6 +78,8 @@ def test_upload_to_export_on_the_bundled_model(page, studio_server, tmp_path, bu
 
     # 3. Train: a few steps, curves drawn, stop (adapter saved), resume to the end
     page.get_by_role("tab", name="Train").click()
+    # the form takes in what the Model tab changed before it is typed in (a late reload would overwrite typing)
+    expect(page.locator("#train-message")).to_contain_text("Settings updated from the other tabs")
     page.locator("#run-name textarea, #run-name input").first.fill("e2e")
     for elem_id, value in {"cfg-train-max_steps": "20", "cfg-train-save_steps": "1000",
                            "cfg-train-per_device_train_batch_size": "2", "cfg-train-gradient_accumulation_steps": "1",

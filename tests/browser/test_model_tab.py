@@ -41,6 +41,7 @@ def test_8gb_card_and_a_7b_model_show_the_chosen_settings_and_the_memory_chart(p
     page.get_by_role("tab", name="Train").click()
     box = page.locator("#cfg-kto-max_length input")
     from playwright.sync_api import expect
+    expect(page.locator("#train-message")).to_contain_text("Settings updated from the other tabs")
     expect(box).to_have_value(str(seq))
     assert page.locator("#cfg-train-per_device_train_batch_size input").input_value() == str(batch)
     micro = page.locator("#cfg-memory-micro_batch_size textarea, #cfg-memory-micro_batch_size input").first
@@ -69,3 +70,18 @@ def test_a_refreshed_page_shows_the_model_chosen_before(page):
     page.reload()
     page.get_by_role("tab", name="Model & preset").click()
     expect(page.locator("#cfg-model-name_or_path textarea, #cfg-model-name_or_path input").first).to_have_value(chosen)
+
+
+def test_a_run_name_typed_before_visiting_the_model_tab_survives_the_trip(page):
+    """The Train form reloads what other tabs changed when it is shown again; the run name is not one of them (it
+    lives in the form until Start), so it must stay as typed."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Train").click()
+    name = page.locator("#run-name textarea, #run-name input").first
+    name.fill("my-first-run")
+    page.get_by_role("tab", name="Model & preset").click()
+    pick(page, "gpu-preset", "12 GB card (RTX 3060 12 GB / 4070)")
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#train-message")).to_contain_text("Settings updated from the other tabs")
+    expect(name).to_have_value("my-first-run")
