@@ -67,7 +67,8 @@ def cmd_run(a) -> int:
 
     arch = memory.arch_for(a.model)
     result = dict(model=a.model, path=a.path, seq=a.seq, batch=a.batch, rank=a.rank, cap_gib=a.cap_gib,
-                  precompute_ref=a.precompute_ref, steps=a.steps, runner="studio-engine")
+                  precompute_ref=a.precompute_ref, steps=a.steps, runner="studio-engine",
+                  reference_copy=False)  # the engine drops TRL's copy of a fresh adapter
     cuda = torch.cuda.is_available()
     if cuda:
         result["card"] = torch.cuda.get_device_name(0)
@@ -244,7 +245,7 @@ def cmd_merge(a) -> int:
         p = {"model": r["model"], "path": r["path"], "seq": r["seq"], "batch": r["batch"], "rank": r["rank"],
              "targets": "all-linear", "optim": "adamw_8bit", "gradient_checkpointing": True,
              "cap_gib": r["cap_gib"], "precompute_ref": r.get("precompute_ref", False), "lora_dropout": 0.0,
-             "micro_batch": r.get("micro_batch"),
+             "micro_batch": r.get("micro_batch"), "reference_copy": r.get("reference_copy", False),
              "peak_alloc_gib": r["peak_alloc_gib"], "kind": "measured" if r.get("ok") else "lower_bound",
              "source": f"bench/memory_bench.py ({r.get('runner')}, {r.get('card', 'GPU')})"}
         for k in ("setup_peak_gib", "train_peak_gib", "peak_reserved_gib"):
@@ -270,7 +271,7 @@ def settings_of_point(p: dict):
     return memory.Settings(seq=p["seq"], batch=p["batch"], rank=p.get("rank", 16),
                            targets=targets if isinstance(targets, str) else tuple(targets),
                            optim=p.get("optim", "adamw_8bit"), precompute_ref=bool(p.get("precompute_ref")),
-                           micro_batch=p.get("micro_batch"))
+                           micro_batch=p.get("micro_batch"), reference_copy=bool(p.get("reference_copy")))
 
 
 def cmd_fit(a) -> int:

@@ -335,19 +335,24 @@ class Engine:
                                      do_eval=td.eval is not None,
                                      eval_strategy="steps" if td.eval is not None else "no",
                                      eval_steps=cfg.train.save_steps if td.eval is not None else None,
-                                     precompute_ref_log_probs=precompute)
-        if precompute and kto_args.precompute_ref_batch_size is None:
-            kto_args.precompute_ref_batch_size = ref_rows or cfg.train.per_device_train_batch_size
+                                     # computed below, once TRL's reference copy of the adapter is gone
+                                     precompute_ref_log_probs=False)
+        ref_pass_rows = kto_args.precompute_ref_batch_size or ref_rows or cfg.train.per_device_train_batch_size
         if backend == "unsloth":
             # Unsloth's own checkpointing is already on; TRL must not wrap the model a second time
             kto_args.gradient_checkpointing = False
-        self._emit(job, "status", message="Tokenizing" + (
-            f" and computing the reference model's log-probs for {len(td.train)} rows once "
-            f"({kto_args.precompute_ref_batch_size} rows per pass)" if precompute else "")
-            + "…")
+        self._emit(job, "status", message="Tokenizing…")
         trainer = trainer_cls(model=loaded.model, args=kto_args, train_dataset=td.train, eval_dataset=td.eval,
                               processing_class=loaded.tokenizer,
                               callbacks=[_make_callback(self, job), *self.extra_callbacks])
+        dropped = speed.drop_reference_copy(trainer.model)
+        if precompute and not job.stop_requested:
+            self._emit(job, "status", message=f"Computing the reference model's log-probs for {len(td.train)} rows "
+                                              f"once ({ref_pass_rows} rows per pass)…")
+            fingerprint = speed.reference_fingerprint(
+                loaded.source.path, backend=backend, dtype=str(loaded.dtype), device=device.kind,
+                load_in_4bit=cfg.model.load_in_4bit, trust_remote_code=cfg.model.trust_remote_code) if dropped else None
+            speed.precompute_reference(trainer, ref_pass_rows, fingerprint)
         return trainer
 
 

@@ -9,7 +9,8 @@ or a GGUF header - and adds up what the training step keeps on the GPU:
   (Unsloth) or are upcast to float32 by PEFT's ``prepare_model_for_kbit_training`` (bitsandbytes path). Under memory
   pressure Unsloth moves an untied input embedding to CPU RAM; the estimate applies Unsloth's own rule for that.
 - ``lora_optimizer``: the trainable adapter (bf16 on quantized bases, TRL casts it), its gradient and optimizer
-  state, plus the frozen "ref" copy of the adapter TRL's KTOTrainer keeps for the reference pass.
+  state; with ``reference_copy`` also the frozen fp32 "ref" copy of the adapter that TRL's KTOTrainer keeps for the
+  reference pass (the seed's recipes keep it; the engine drops a fresh adapter's copy, studio/speed.py).
 - ``activations``: per token, per hidden unit: the checkpointed input of every layer when it stays on the GPU
   (bitsandbytes path: float32, 4 bytes x layers; Unsloth offloads these to CPU RAM) plus one layer's working set
   during the backward recompute: ``WORKING_SET_BYTES`` per hidden unit and ``WORKING_SET_INTERMEDIATE_BYTES`` per MLP
@@ -219,6 +220,7 @@ class Settings:
     precompute_ref: bool = False
     compute_bytes: int = 2  # bf16/fp16 on CUDA; 4 for float32 (CPU, MPS)
     micro_batch: int | None = None  # rows per policy pass (studio/microbatch.py); None = the whole batch
+    reference_copy: bool = False  # TRL's frozen fp32 copy of the adapter (studio.speed.drop_reference_copy)
 
     @property
     def active_rows(self) -> int:
@@ -314,9 +316,9 @@ def estimate(arch: Arch, path: str, settings: Settings | None = None, budget_gib
                          "in CPU RAM at this budget (its offload_embedding='auto').")
     weights += arch.unquantized_params(on_gpu_embedding) * frozen_bytes
 
-    # LoRA: trainable copy + gradient + optimizer, and TRL's frozen fp32 "ref" copy
+    # LoRA: trainable copy + gradient + optimizer (+ TRL's frozen fp32 "ref" copy where it is kept)
     lora_bytes, training_state = _lora_training_state_bytes(pm, s.optim)
-    lora = lora_n * (lora_bytes + training_state + 4)
+    lora = lora_n * (lora_bytes + training_state + (4 if s.reference_copy else 0))
 
     # activations: the checkpointed layer inputs (unless offloaded) and one layer's working set
     ckpt_bytes = s.compute_bytes if pm.checkpoint_bytes is None else pm.checkpoint_bytes

@@ -8,11 +8,20 @@
   during training, so computing them once in a no-grad pass replaces two extra forward passes per row per epoch.
   It pays when the run visits (nearly) every row; a short run over a few rows of a large set would pay for rows it
   never trains on.
+- No second copy of the adapter: given a PEFT model, TRL's KTOTrainer adds a frozen copy of the adapter ("ref") and
+  scores the reference with it. A fresh LoRA adapter adds nothing (its B matrices are zero), so that copy is the
+  base model, which TRL also scores when there is no "ref" adapter (adapters disabled). Dropping it frees an adapter's
+  worth of GPU memory, skips its LoRA products in every reference pass and keeps it out of every saved checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+from pathlib import Path
 from typing import Any
+
+REFERENCE_ADAPTER = "ref"  # the name TRL's KTOTrainer gives its frozen copy
 
 
 def row_length(row: dict[str, Any]) -> int:
@@ -67,3 +76,53 @@ def should_precompute_ref(setting, n_rows: int, max_steps: int, rows_per_step: i
         return setting
     rows_visited = rows_per_step * max_steps if max_steps and max_steps > 0 else n_rows * epochs
     return rows_visited >= 0.9 * n_rows
+
+
+def drop_reference_copy(model) -> bool:
+    """Delete TRL's frozen "ref" adapter from ``model`` when it equals the base model (a plain LoRA adapter whose B
+    matrices are all zero, as every fresh adapter is); TRL then scores the reference with adapters disabled, the
+    same numbers. Keeps it (returns False) for anything else: a trained starting adapter, DoRA, another PEFT type."""
+    configs = getattr(model, "peft_config", None) or {}
+    ref = configs.get(REFERENCE_ADAPTER)
+    if ref is None or str(getattr(ref, "peft_type", "")).split(".")[-1] != "LORA" or getattr(ref, "use_dora", False):
+        return False
+    tag = f".{REFERENCE_ADAPTER}."
+    for name, p in model.named_parameters():
+        if tag in name and ("lora_B" in name or "lora_embedding_B" in name) and bool(p.detach().any()):
+            return False
+    model.delete_adapter(REFERENCE_ADAPTER)
+    return True
+
+
+def reference_fingerprint(source_path: str, **settings: Any) -> str | None:
+    """Key of TRL's cache of precomputed reference log-probs (with the data's fingerprint). TRL's own key hashes
+    every weight of the model, copied to CPU RAM (seconds to tens of seconds on a 7B model, before each run); with
+    the reference being the base model as loaded, the checkpoint's files (names, sizes, modification times) and the
+    loading settings that change its numbers identify it as well. None when there are no local files to read."""
+    h = hashlib.sha256()
+    root = Path(source_path)
+    if not root.exists():
+        return None
+    files = sorted(root.rglob("*")) if root.is_dir() else [root]
+    for f in files:
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def precompute_reference(trainer, rows_per_pass: int, fingerprint: str | None = None) -> None:
+    """Compute the reference log-probs of the trainer's train (and eval) rows once, as TRL's KTOTrainer does in its
+    constructor when built with ``precompute_ref_log_probs`` - here after the constructor, so that the pass runs
+    without the reference copy (``drop_reference_copy``). ``fingerprint`` replaces TRL's hash of every weight as the
+    cache key (None: TRL's hash, needed when the reference is an adapter rather than the base model)."""
+    from trl.trainer.utils import hash_module
+
+    trainer.precompute_ref_logps = True
+    trainer.args.precompute_ref_log_probs = True
+    trainer.args.precompute_ref_batch_size = rows_per_pass
+    trainer._precompute_model_hash = fingerprint or hash_module(trainer.ref_model or trainer.model)
+    trainer.train_dataset = trainer._precompute_ref_logps(trainer.train_dataset, "train", rows_per_pass)
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset = trainer._precompute_ref_logps(trainer.eval_dataset, "eval", rows_per_pass)

@@ -57,6 +57,8 @@ def test_stop_mid_run_saves_an_adapter_and_resume_continues_from_that_step(tmp_p
     assert (Path(job.adapter_path) / "adapter_model.safetensors").is_file()
     ckpt = latest_checkpoint(cfg.run_dir())
     assert ckpt is not None and ckpt.endswith(f"checkpoint-{stopped_at}")
+    # no second copy of the adapter (TRL's frozen reference) in what was saved (studio/speed.py)
+    assert not (Path(job.adapter_path) / "ref").exists() and not (Path(ckpt) / "ref").exists()
 
     short = cfg.updated({"train.max_steps": stopped_at + 2})
     job2 = engine.start(short, resume_from="latest")

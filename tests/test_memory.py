@@ -129,6 +129,17 @@ def test_longer_rows_bigger_batches_and_higher_ranks_cost_more_and_checkpointing
     assert e(optim="adamw_8bit") < e(optim="adamw_torch")
 
 
+def test_trls_reference_copy_of_the_adapter_costs_four_bytes_a_lora_weight():
+    """The seed's recipes keep TRL's frozen fp32 'ref' adapter; the engine drops it (studio.speed)."""
+    arch = memory.arch_for("mistral-7b-instruct-v0.3")
+    for path in ("unsloth", "bnb"):
+        without = memory.estimate(arch, path, memory.Settings(seq=2048))
+        kept = memory.estimate(arch, path, memory.Settings(seq=2048, reference_copy=True))
+        extra = (kept.total_gib - without.total_gib) * 2**30
+        assert extra == pytest.approx(arch.lora_params(16, "all-linear") * 4, rel=1e-9)
+        assert extra / 2**20 == pytest.approx(160, abs=1)  # 42 M LoRA weights at rank 16
+
+
 def test_logits_never_grow_past_one_tile_of_the_fused_lm_head():
     arch = memory.arch_for("qwen2.5-7b-instruct")
     big = memory.estimate(arch, "unsloth", seq=8192, batch=8).components["logits"]
