@@ -5,6 +5,7 @@
 #   ROWS="4 8" bash bench/perf_gpu.sh same   # also with those rows per precompute pass
 #   CONFIGS="mistral-7b:1024" bash bench/perf_gpu.sh same   # only these (arch:seq), e.g. to repeat one for noise
 #   PARITY=0 ...                      # skip the run of TRL's plain step (reference passes inside each step)
+#   STEPS=20 ...                      # timed steps per run (default 8, after 3 warm-up steps), for a steadier median
 #   bash bench/perf_gpu.sh probe      # no-gradient passes: extra memory and tok/s by rows per pass (forward_mem.py)
 #   bash bench/perf_gpu.sh capacity   # Mistral-7B seq 8192 and Llama-3.1-8B seq 4096, batch 2, gradients one row at a time
 # Run from the repo root after `source .whl/device_setup.sh`. Results: $OUT/perf_<mode>.jsonl (RESULT lines).
@@ -14,9 +15,9 @@ ANCHOR=${ANCHOR:-.whl/anchor_kto.py}
 LOG="$OUT/perf_$MODE.jsonl"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/card.txt"
 build() { python3 -c "import sys; sys.path.insert(0, '.'); from bench.random_models import make_model_dir as m; [m(a) for a in sys.argv[1:]]" "$@"; }
-anchor() { timeout 420 python3 "$ANCHOR" --path unsloth --cap-gib 7.5 "$@" 2>>"$OUT/perf_stderr.log" | grep RESULT \
+anchor() { timeout 420 python3 "$ANCHOR" --path unsloth --cap-gib 7.5 ${STEPS:+--steps $STEPS} "$@" 2>>"$OUT/perf_stderr.log" | grep RESULT \
              | sed 's/^RESULT {/RESULT {"recipe": "anchor-unsloth", /' | tee -a "$LOG"; }
-studio() { timeout 420 python3 bench/engine_gpu.py --backend unsloth --cap-gib 7.5 "$@" 2>>"$OUT/perf_stderr.log" | grep RESULT \
+studio() { timeout 420 python3 bench/engine_gpu.py --backend unsloth --cap-gib 7.5 ${STEPS:+--steps $STEPS} "$@" 2>>"$OUT/perf_stderr.log" | grep RESULT \
              | sed 's/^RESULT {/RESULT {"recipe": "studio-unsloth", /' | tee -a "$LOG"; }
 if [ "$MODE" = same ]; then
   build qwen2.5-3b & build mistral-7b & wait
