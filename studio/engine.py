@@ -107,7 +107,8 @@ def explain_error(exc: BaseException, cfg: RunConfig | None = None) -> str:
                 f"({type(exc).__name__}{': ' + first if first else ''}): a known incompatibility of some Unsloth model "
                 "paths with some torch versions, not a problem with your data or settings. Train on the PEFT + "
                 "bitsandbytes path instead (model.backend: bnb; the Model & preset tab's auto-fit says whether it "
-                "fits your card) or pick another model. The full traceback is in the run folder's error.log.")
+                "fits your card), start the studio with Unsloth's compiler off (UNSLOTH_COMPILE_DISABLE=1 python "
+                "app.py), or pick another model. The full traceback is in the run folder's error.log.")
     return f"{type(exc).__name__}: {exc}. The full traceback is in the run folder's error.log."
 
 

@@ -10,8 +10,10 @@ Three loading paths, chosen automatically (``RunConfig.model.backend == 'auto'``
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -225,7 +227,7 @@ def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress
         progress(f"Loading {cfg.model.name_or_path} with {BACKEND_LABELS[backend]} on {device.name}…")
     try:
         if backend == "unsloth":
-            model, tok = _load_unsloth(cfg, source, dtype)
+            model, tok = _load_unsloth(cfg, source, dtype, progress)
         else:
             model, tok = _load_transformers(cfg, source, dtype, backend, device)
     except torch.OutOfMemoryError:
@@ -235,7 +237,41 @@ def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress
     return LoadedModel(model, prepare_tokenizer(tok), backend, device, source, dtype)
 
 
-def _load_unsloth(cfg: RunConfig, source: ModelSource, dtype):
+# Model types whose Unsloth kernels torch's compiler fails to build (Gemma: InductorError at the first training step,
+# torch 2.11 + Unsloth 2026.10.9). With Unsloth's compiler switched off they train (docs/GPU_RESULTS.md).
+UNSLOTH_EAGER_MODEL_TYPES = frozenset({"gemma"})
+COMPILE_SWITCH = "UNSLOTH_COMPILE_DISABLE"
+
+
+def unsloth_compile_switch(model_type: str | None, unsloth_loaded: bool, env: dict | None = None) -> str | None:
+    """Before Unsloth's first import: switch its compiler off for a model type that needs it (Unsloth reads the
+    switch when it is imported, for the whole process). Returns a message for the user, or None when nothing needs
+    saying. Raises ModelLoadError when Unsloth is already loaded with its compiler on and the model needs it off."""
+    env = os.environ if env is None else env
+    if model_type not in UNSLOTH_EAGER_MODEL_TYPES or env.get(COMPILE_SWITCH) in ("1", "partial"):
+        return None
+    if unsloth_loaded:
+        raise ModelLoadError(
+            f"{model_type} models need Unsloth's compiler off (torch's compiler fails to build their Unsloth kernels), "
+            f"and this studio session already loaded Unsloth with it on. Restart the studio and train this model "
+            f"first, or start it as `{COMPILE_SWITCH}=1 python app.py`, or use the bitsandbytes path (model.backend: "
+            "bnb) where the card can hold it.")
+    env[COMPILE_SWITCH] = "1"
+    return (f"Unsloth's compiler switched off for this session ({model_type}: torch's compiler fails to build its "
+            "Unsloth kernels); other models trained in this session run a little slower until the studio restarts.")
+
+
+def _model_type(path: str) -> str | None:
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load_unsloth(cfg: RunConfig, source: ModelSource, dtype, progress: Progress = None):
+    note = unsloth_compile_switch(_model_type(source.path), "unsloth" in sys.modules)
+    if note and progress:
+        progress(note)
     from unsloth import FastLanguageModel  # noqa: import patches transformers; only on this path
 
     model, tok = FastLanguageModel.from_pretrained(

@@ -82,3 +82,23 @@ def test_two_gpus_are_detected_and_the_model_tab_explains_accelerate(monkeypatch
     assert (d.kind, d.count, d.compute_capability, d.total_gib) == ("cuda", 2, "8.6", 24.0)
     text = device_markdown(d)
     assert "accelerate launch -m studio train" in text and "Unsloth trains on one GPU" in text
+
+
+def test_gemma_switches_unsloths_compiler_off_before_unsloth_loads_and_nothing_else_does(tmp_path):
+    env: dict = {}
+    note = models.unsloth_compile_switch("gemma", unsloth_loaded=False, env=env)
+    assert env == {"UNSLOTH_COMPILE_DISABLE": "1"} and "compiler switched off" in note
+    assert models.unsloth_compile_switch("gemma", unsloth_loaded=True, env=env) is None  # already off: fine
+    other: dict = {}
+    for model_type in ("mistral", "llama", "qwen2", None):
+        assert models.unsloth_compile_switch(model_type, unsloth_loaded=False, env=other) is None
+    assert other == {}
+    (tmp_path / "config.json").write_text('{"model_type": "gemma"}')
+    assert models._model_type(str(tmp_path)) == "gemma"
+    assert models._model_type(str(tmp_path / "absent")) is None
+
+
+def test_gemma_after_unsloth_loaded_with_its_compiler_on_is_refused_with_the_ways_out():
+    with pytest.raises(ModelLoadError, match="Restart the studio") as e:
+        models.unsloth_compile_switch("gemma", unsloth_loaded=True, env={})
+    assert "UNSLOTH_COMPILE_DISABLE=1 python app.py" in str(e.value) and "model.backend: bnb" in str(e.value)
