@@ -46,6 +46,11 @@ def main() -> None:
     a = ap.parse_args()
 
     if a.backend == "unsloth":
+        from bench.random_models import ARCHS
+        from studio import models
+
+        # as the engine does before Unsloth's first import (Gemma needs its compiler off)
+        models.unsloth_compile_switch(ARCHS.get(a.arch, {}).get("model_type"), False)
         import unsloth  # noqa: F401  (must be imported before transformers)
     import torch
     import yaml

@@ -58,6 +58,10 @@ def write_rows(path: str, n: int, seq: int, seed: int = 0) -> str:
 
 def cmd_run(a) -> int:
     if a.path == "unsloth":
+        from studio import models, presets
+
+        # as the engine does before Unsloth's first import (Gemma needs its compiler off)
+        models.unsloth_compile_switch(presets.get("models", a.model).get("config", {}).get("model_type"), False)
         import unsloth  # noqa: F401  (before transformers, as the studio's unsloth path needs)
     import torch
 
