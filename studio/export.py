@@ -204,7 +204,17 @@ def _load_dequantized(path: str, dtype, trust_remote_code: bool, progress: Progr
         quantizer.remove_quantization_config(model)
     elif hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    forget_load_conversions(model)
     return model
+
+
+def forget_load_conversions(model) -> None:
+    """Drop the weight conversions ``from_pretrained`` recorded for loading this model. Loading a 4-bit checkpoint
+    records bitsandbytes' deserialization among them, which has no inverse, so ``save_pretrained`` (which reverts
+    them) fails with a bare NotImplementedError once the weights are plain 16-bit. Without the record transformers
+    reverts its default mapping for the architecture, as for a model built in memory."""
+    if "_weight_conversions" in vars(model):
+        del model._weight_conversions
 
 
 def _probe_ids(tok):

@@ -232,3 +232,26 @@ def test_export_never_overwrites_a_folder_it_did_not_write(run_dir, tmp_path):
     # an earlier studio export in the same place is replaced
     export.export_adapter(run_dir, tmp_path / "again")
     export.export_adapter(run_dir, tmp_path / "again")
+
+
+def test_a_dequantized_base_saves_although_its_4bit_load_recorded_a_conversion_without_an_inverse(tmp_path):
+    """Loading a 4-bit checkpoint records bitsandbytes' deserialization among the model's weight conversions, and
+    save_pretrained reverts them: after dequantizing, the merged export must not inherit that record (measured on the
+    GPU: NotImplementedError from save_pretrained; the 4-bit load itself needs CUDA, so the record is attached here)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers.core_model_loading import WeightConverter
+    from transformers.integrations.bitsandbytes import Bnb4bitDeserialize
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model._weight_conversions = [WeightConverter(source_patterns=["weight.absmax"], target_patterns="weight",
+                                                 operations=[Bnb4bitDeserialize(None)])]
+    with pytest.raises(NotImplementedError):
+        model.save_pretrained(tmp_path / "fails")
+    export.forget_load_conversions(model)
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
