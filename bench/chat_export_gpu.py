@@ -10,7 +10,8 @@ What it does, with the bundled SmolLM2-135M used as a *local* model (the bundled
    each loaded back;
 5. repeats 1 and the merged export from a base checkpoint that is itself stored in 4-bit, which the export must
    dequantize layer by layer.
-Figures are printed, nothing is asserted beyond each step's own checks.
+Figures are printed (a RESULT line after step 4, another at the end), nothing is asserted beyond each step's own
+checks.
 """
 from __future__ import annotations
 
@@ -105,6 +106,8 @@ def main() -> int:
         t = time.time()
         r = export.export(run, fmt, work / "export" / fmt)
         result[f"export_{fmt}"] = {"s": round(time.time() - t, 1), "checks": r.checks}
+
+    print("RESULT " + json.dumps(result, default=str), flush=True)  # a later failure must not hide these figures
 
     # a base checkpoint stored in 4-bit: the merged export has to dequantize it
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
