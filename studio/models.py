@@ -10,7 +10,6 @@ Three loading paths, chosen automatically (``RunConfig.model.backend == 'auto'``
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -262,9 +261,11 @@ def unsloth_compile_switch(model_type: str | None, unsloth_loaded: bool, env: di
 
 
 def _model_type(path: str) -> str | None:
+    from studio import memory
+
     try:
-        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
+        return memory.model_config(path, fetch=False)[0].get("model_type")
+    except (memory.EstimateError, OSError, ValueError):
         return None
 
 

@@ -103,11 +103,11 @@ def reference_fingerprint(source_path: str, **settings: Any) -> str | None:
     root = Path(source_path)
     if not root.exists():
         return None
-    files = sorted(root.rglob("*")) if root.is_dir() else [root]
-    for f in files:
+    base = root if root.is_dir() else root.parent
+    for f in sorted(root.rglob("*")) if root.is_dir() else [root]:
         if f.is_file():
             st = f.stat()
-            h.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            h.update(f"{f.relative_to(base)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
 

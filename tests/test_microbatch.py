@@ -71,7 +71,9 @@ def _move_policy(model):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-def _trainer(cls, model_dir, tmp_path, precompute: bool, seen: list[int] | None = None):
+def _trainer(cls, model_dir, tmp_path, precompute: bool, seen: list[int] | None = None, prepare=None):
+    """A trainer on the tiny model with a fresh adapter whose policy is then moved; ``prepare(trainer)`` runs between
+    the trainer's construction and the move (e.g. changing how the reference is kept)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
 
@@ -86,6 +88,8 @@ def _trainer(cls, model_dir, tmp_path, precompute: bool, seen: list[int] | None 
     model = _lora_model(model_dir, seen if seen is not None else [])
     trainer = cls(model=model, args=args, train_dataset=ds, processing_class=tok)
     assert "ref" in model.peft_config  # the reference is TRL's frozen copy of the initial adapter
+    if prepare is not None:
+        prepare(trainer)
     _move_policy(model)
     # set by Trainer's training loop (the last accumulation window may be shorter); we call training_step directly
     trainer.current_gradient_accumulation_steps = 2

@@ -12,31 +12,20 @@ import torch
 
 from studio import speed
 from tests.test_microbatch import BATCH, METRIC_KEYS, ROWS, _lora_model, _move_policy, _step, tiny_model_dir  # noqa: F401
+from tests.test_microbatch import _trainer as microbatch_trainer
 from tests.conftest import tiny_run_config
 
 
 def _trainer(model_dir, tmp_path, precompute: bool, drop: bool):
-    from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import KTOTrainer
 
-    from studio import logprob
-
-    logprob.install_fallback(force=True)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    cfg = tiny_run_config(tmp_path, **{"train.per_device_train_batch_size": BATCH, "kto.max_length": 64})
-    args = cfg.to_kto_config(device="cpu", precompute_ref_log_probs=precompute and not drop)
-    ds = Dataset.from_list([{"prompt": p, "completion": c, "label": l} for p, c, l in ROWS])
-    model = _lora_model(model_dir, [])
-    trainer = KTOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    assert "ref" in model.peft_config
-    if drop:
-        assert speed.drop_reference_copy(model)
+    def drop_copy(trainer):
+        assert speed.drop_reference_copy(trainer.model)
         if precompute:
             speed.precompute_reference(trainer, rows_per_pass=3, fingerprint="test")
-    _move_policy(model)  # the policy moves after the reference is fixed, as training does
-    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop; _step calls training_step directly
-    return trainer
+
+    return microbatch_trainer(KTOTrainer, model_dir, tmp_path, precompute and not drop,
+                              prepare=drop_copy if drop else None)
 
 
 @pytest.mark.parametrize("precompute", [False, True], ids=["ref-in-step", "ref-precomputed"])
