@@ -116,7 +116,10 @@ def run(a) -> None:
         out.update(eval_s=round(time.time() - t1, 1), n_pairs=ev["n_pairs"],
                    reward_accuracy=ev["rewards"]["pair_accuracy"], margin=ev["rewards"]["margin"],
                    pair_margin=ev["rewards"]["pair_margin"], base_likelihood_accuracy=ev["base"]["pair_accuracy"],
-                   tuned_likelihood_accuracy=ev["tuned"]["pair_accuracy"])
+                   tuned_likelihood_accuracy=ev["tuned"]["pair_accuracy"],
+                   logp_per_token_desirable_base=ev["base"]["logp_per_token_desirable"],
+                   logp_per_token_desirable_tuned=ev["tuned"]["logp_per_token_desirable"])
+        out["drift"] = out["logp_per_token_desirable_tuned"] - out["logp_per_token_desirable_base"]
     out["wall_s"] = round(time.time() - t0, 1)
     (work / "results").mkdir(exist_ok=True)
     (work / "results" / f"{a.name}.json").write_text(json.dumps(out, indent=2))

@@ -194,6 +194,13 @@ class MemorySettings(_Section):
         "the same update, with the activation memory of micro_batch_size rows. Empty: the whole batch at once "
         "(fastest). 1 lets an 8 GB card train rows twice as long.",
     )
+    fill_card: bool = Field(
+        True,
+        description="When the model is small for the GPU, train the effective batch in fewer, larger passes and "
+        "without gradient checkpointing, as far as the memory estimate leaves half the card free: the same rows per "
+        "optimizer step, several times faster (the bundled model on a big card: one pass a step). KTO's KL reference "
+        "point is then averaged over the larger pass. Off: keep the batch split and checkpointing as configured.",
+    )
 
 
 class RunConfig(_Section):

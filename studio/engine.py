@@ -278,6 +278,7 @@ class Engine:
         device = models.detect_device()
         backend = models.choose_backend(cfg, device)
         job.backend = backend
+        speed.fast_attention_kernels()
         self._emit(job, "status", message=f"Device: {device.name} ({device.kind}); path: {models.BACKEND_LABELS[backend]}",
                    backend=backend, device=device.as_dict())
         ref_rows = None  # rows per precompute pass when 'auto': sized from the estimate on a GPU
@@ -291,6 +292,13 @@ class Engine:
             except memory.EstimateError as e:
                 self._emit(job, "status", message=f"No memory estimate: {e}")
             else:
+                fill = speed.fill_card_changes(cfg, lambda ch: memory.estimate(
+                    arch, backend, memory.settings_from_run(cfg.updated(ch)), budget).total_gib, budget)
+                if fill:  # a small model on a big card: one pass per step, same rows per step
+                    cfg = job.config = cfg.updated(fill[0])
+                    settings = memory.settings_from_run(cfg)
+                    est = memory.check(arch, backend, settings, budget)
+                    self._emit(job, "status", message=fill[1], plan=fill[0])
                 self._emit(job, "status", message=f"Predicted peak GPU memory {est.total_gib:.2f} GiB of "
                                                   f"{budget:g} GiB ({backend} path)", memory=est.as_dict())
                 for note in est.notes:

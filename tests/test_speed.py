@@ -93,3 +93,60 @@ def test_auto_precompute_only_when_the_run_visits_the_data():
     assert not speed.should_precompute_ref("auto", n_rows=1000, max_steps=3, rows_per_step=16, epochs=1)
     assert speed.should_precompute_ref(True, n_rows=1000, max_steps=3, rows_per_step=16, epochs=1)
     assert not speed.should_precompute_ref(False, n_rows=10, max_steps=-1, rows_per_step=16, epochs=2)
+
+
+def test_fill_card_trains_the_effective_batch_in_one_pass_when_the_card_has_room():
+    from studio.config import RunConfig
+    from studio.speed import fill_card_changes
+
+    cfg = RunConfig()  # 4 x 4, gradient checkpointing on
+    seen = []
+
+    def estimate(changes):
+        seen.append(changes)
+        return 0.7
+
+    changes, said = fill_card_changes(cfg, estimate, budget_gib=80.0)
+    assert changes == {"train.gradient_checkpointing": False, "memory.micro_batch_size": None,
+                       "train.per_device_train_batch_size": 16, "train.gradient_accumulation_steps": 1}
+    assert seen == [changes]  # the plan asked the estimate about exactly what it applies
+    assert "16 rows per pass x 1" in said and "same 16 rows per step" in said and "no gradient checkpointing" in said
+    after = cfg.updated(changes)
+    assert after.train.per_device_train_batch_size * after.train.gradient_accumulation_steps == 16
+
+
+def test_fill_card_takes_the_fastest_split_that_fits_and_keeps_the_effective_batch():
+    from studio.config import RunConfig
+    from studio.speed import fill_card_changes
+
+    cfg = RunConfig()
+
+    def estimate(ch):  # a card where 16 rows without checkpointing do not fit, 8 rows do
+        per_row = 0.5 if ch["train.gradient_checkpointing"] else 1.0
+        return per_row * ch["train.per_device_train_batch_size"]
+
+    changes, _ = fill_card_changes(cfg, estimate, budget_gib=20.0)  # room: 10 GiB
+    assert (changes["train.per_device_train_batch_size"], changes["train.gradient_accumulation_steps"],
+            changes["train.gradient_checkpointing"]) == (8, 2, False)
+
+
+def test_fill_card_keeps_the_configured_split_when_memory_is_tight_or_it_is_turned_off():
+    from studio.config import RunConfig
+    from studio.speed import fill_card_changes
+
+    cfg = RunConfig()
+    assert fill_card_changes(cfg, lambda ch: 5.0, budget_gib=7.5) is None  # nothing fits in half of an 8 GB card
+    assert fill_card_changes(cfg, lambda ch: 0.5, budget_gib=None) is None  # no GPU budget: CPU / MPS
+
+    def no_estimate(ch):
+        raise ValueError("unknown architecture")
+
+    assert fill_card_changes(cfg, no_estimate, budget_gib=80.0) is None
+    off = cfg.updated({"memory.fill_card": False})
+    assert fill_card_changes(off, lambda ch: 0.5, budget_gib=80.0) is None
+    done = cfg.updated({"train.per_device_train_batch_size": 16, "train.gradient_accumulation_steps": 1,
+                        "train.gradient_checkpointing": False})
+    assert fill_card_changes(done, lambda ch: 0.5, budget_gib=80.0) is None  # nothing left to change
+    no_ckpt = cfg.updated({"train.gradient_checkpointing": False})  # never switches recomputation on
+    changes, _ = fill_card_changes(no_ckpt, lambda ch: 1.0 if not ch["train.gradient_checkpointing"] else 0.1, 80.0)
+    assert changes["train.gradient_checkpointing"] is False
