@@ -254,9 +254,9 @@ class Engine:
             self._emit(job, "status", message=f"Held-out evaluation skipped: {e}")
             return ""
         result.update(run=job.run_dir.name, run_dir=str(job.run_dir), adapter=job.adapter_path,
-                      base_model=cfg.model.name_or_path, data="held-out split of the run", limit=200,
-                      created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        (job.run_dir / evaluate.EVAL_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+                      adapter_label=f"{job.run_dir.name} · final adapter", base_model=cfg.model.name_or_path,
+                      data="held-out split of the run", limit=200, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        evaluate.write_eval(job.run_dir, result)
         r = result["rewards"]
         summary = (f" Held-out: implicit-reward accuracy "
                    f"{'–' if r.get('pair_accuracy') is None else format(r['pair_accuracy'], '.0%')}, "
