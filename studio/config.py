@@ -167,7 +167,15 @@ class DataSettings(_Section):
     )
     eval_file: str | None = Field(None, description="Optional held-out data in the same formats.")
     eval_fraction: float = Field(
-        0.0, ge=0.0, lt=0.9, description="Without an eval file, hold out this fraction of the training rows."
+        0.05, ge=0.0, lt=0.9,
+        description="Without an eval file, hold out this fraction of the training rows (at most data.eval_max_rows) "
+        "to watch during training and score after it. Whole prompts are held out, so a preference pair stays "
+        "together. 0 turns it off.",
+    )
+    eval_max_rows: int | None = Field(
+        200, ge=2,
+        description="At most this many held-out rows are split off the training file and scored during and after "
+        "training (more rows: a steadier score, slower checks). Empty: no cap.",
     )
     shuffle: bool = Field(True, description="Shuffle rows before training (TRL's KTO trainer never does).")
     evaluate_after: bool = Field(
