@@ -215,14 +215,14 @@ def _pair_score(pairs, key: str) -> tuple[float | None, float | None]:
     wins, margins = [], []
     for good, bad in pairs:
         combos = [(g[key], b[key]) for g in good for b in bad]
-        wins.append(sum(1.0 for g, b in combos if g > b) / len(combos))
+        # a tie (an unchanged model gives every reward 0) is half a win, not a loss
+        wins.append(sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in combos) / len(combos))
         margins.append(sum(g - b for g, b in combos) / len(combos))
     return _mean(wins), _mean(margins)
 
 
-def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length: int | None,
-                  max_tokens: int = 2048, progress: Progress = None) -> dict[str, Any]:
-    """Evaluate KTO rows (prompt, completion, label) on a PEFT model whose tuned adapter is active."""
+def tokenize_rows(tokenizer, rows: list[dict], max_length: int | None) -> tuple[list[Tokenized], list[int], int]:
+    """(tokenized rows, their indices in ``rows``, how many were skipped because the prompt fills max_length)."""
     if not rows:
         raise EvalError("no held-out rows to evaluate")
     items, kept, skipped = [], [], 0
@@ -235,6 +235,17 @@ def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length
         kept.append(i)
     if not items:
         raise EvalError(f"every prompt is at least max_length ({max_length}) tokens long: nothing to score")
+    return items, kept, skipped
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length: int | None,
+                  max_tokens: int = 2048, progress: Progress = None) -> dict[str, Any]:
+    """Evaluate KTO rows (prompt, completion, label) on a PEFT model whose tuned adapter is active."""
+    items, kept, skipped = tokenize_rows(tokenizer, rows, max_length)
     total, done = 2 * len(items), [0]
 
     def step(n: int) -> None:
@@ -242,10 +253,16 @@ def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length
         if progress:
             progress(f"scored {done[0]} / {total} completions", done[0] / total)
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     with model.disable_adapter():
         base = completion_logps(model, items, pad_token_id=pad, max_tokens=max_tokens, on_batch=step)
     tuned = completion_logps(model, items, pad_token_id=pad, max_tokens=max_tokens, on_batch=step)
+    return score_result(rows, items, kept, skipped, base, tuned, beta=beta, max_length=max_length)
+
+
+def score_result(rows: list[dict], items: list[Tokenized], kept: list[int], skipped: int, base: list[float],
+                 tuned: list[float], *, beta: float, max_length: int | None) -> dict[str, Any]:
+    """The evaluation from the base and tuned log-probs of the tokenized rows (``kept`` indexes ``rows``)."""
     scored = []
     for j, i in enumerate(kept):
         r = rows[i]
@@ -331,6 +348,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
         max_tokens = 4096 if cm.device.kind == "cuda" else 2048
         result = evaluate_rows(cm.model, cm.tokenizer, rows, beta=cfg.kto.beta, max_length=cfg.kto.max_length,
                                max_tokens=max_tokens, progress=progress)
+    result["verdict"] = verdict(result, cfg.watch.max_drift)  # the run's own collapse bound
     result = {
         "run": run_dir.name, "run_dir": str(run_dir), "adapter": str(choice.path), "adapter_label": choice.label,
         "base_model": cfg.model.name_or_path, "data": source, "limit": limit, **result,

@@ -87,3 +87,21 @@ def test_the_app_starts_with_any_stored_eval_file(studio_home, kind):
         assert f"run-{kind} · final adapter" in head and not table.empty
     else:
         assert head.startswith("No evaluation stored")
+
+
+def test_the_chat_tab_shows_a_collapsed_adapter_as_degenerated_with_its_drift(tmp_path):
+    """The issue's seed-42 run: 58% held-out reward accuracy and margin +19 while the good answers' log-prob per
+    token fell from -2.56 to -16.72. Shown as degenerated, never as learned."""
+    from studio.ui import chat_tab
+
+    collapsed = json.loads(json.dumps(OLD_ENGINE_FILE))
+    collapsed.update(n_pairs=256, n_rows=512)
+    collapsed["base"]["logp_per_token_desirable"] = -2.56
+    collapsed["tuned"]["logp_per_token_desirable"] = -16.72
+    collapsed["rewards"].update(pair_accuracy=0.58, margin=19.36)
+    evaluate.write_eval(tmp_path, collapsed)
+    head, table, _ = chat_tab.eval_views(evaluate.read_eval(tmp_path))
+    assert "**degenerated**" in head and "learned" not in head
+    assert "likelihood drift -14.16 nats/token" in head and "58% ± 3.1 (256 pairs)" in head
+    drift_row = next(r for r in table.values.tolist() if r[0].startswith("log-prob per token, desirable"))
+    assert drift_row[1:] == [-2.56, -16.72, -14.16]

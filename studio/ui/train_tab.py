@@ -33,6 +33,8 @@ PLOTS = {
     "KL (reference point)": ("kl", ["kl"]),
     "learning rate": ("lr", ["learning_rate"]),
     "tokens/s": ("tokens", ["tokens_per_s"]),
+    "held-out reward accuracy": ("heldout-accuracy", ["heldout/accuracy"]),
+    "held-out likelihood drift (nats/token)": ("heldout-drift", ["heldout/drift"]),
 }
 COMPARABLE = ["loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl", "learning_rate", "tokens_per_s"]
 HISTORY_COLUMNS = ["run", "name", "status", "started", "took", "steps", "loss", "margin", "adapter"]
