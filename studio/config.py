@@ -167,7 +167,15 @@ class DataSettings(_Section):
     )
     eval_file: str | None = Field(None, description="Optional held-out data in the same formats.")
     eval_fraction: float = Field(
-        0.0, ge=0.0, lt=0.9, description="Without an eval file, hold out this fraction of the training rows."
+        0.05, ge=0.0, lt=0.9,
+        description="Without an eval file, hold out this fraction of the training rows (at most data.eval_max_rows) "
+        "to watch during training and score after it. Whole prompts are held out, so a preference pair stays "
+        "together. 0 turns it off.",
+    )
+    eval_max_rows: int | None = Field(
+        200, ge=2,
+        description="At most this many held-out rows are split off the training file and scored during and after "
+        "training (more rows: a steadier score, slower checks). Empty: no cap.",
     )
     shuffle: bool = Field(True, description="Shuffle rows before training (TRL's KTO trainer never does).")
     evaluate_after: bool = Field(
@@ -203,6 +211,43 @@ class MemorySettings(_Section):
     )
 
 
+class WatchSettings(_Section):
+    """The held-out watch (studio/watch.py): while training, the held-out rows (data.eval_file, or the
+    data.eval_fraction split) are scored every few steps against the base model, whose log-probs are computed once.
+    Studio settings (TRL has no such fields)."""
+
+    every_steps: int | Literal["auto"] = Field(
+        "auto",
+        description="Score the held-out rows every N optimizer steps (implicit-reward accuracy, margin, likelihood "
+        "drift; plotted live). 'auto': as often as keeps the checks under about 6% of the training time. 0: only "
+        "once, after training (no best step, and the collapse guard sees only the training curves).",
+    )
+    keep_best: bool = Field(
+        True,
+        description="Save the best held-out step's adapter as the run's adapter (highest implicit-reward accuracy "
+        "with the drift inside watch.max_drift), not the last step's. Off: the last step's adapter is saved (a "
+        "collapse still rolls back while watch.stop_on_collapse is on).",
+    )
+    max_drift: float = Field(
+        1.0, gt=0.0,
+        description="Likelihood drift that counts as collapse, in nats per token: when the desirable held-out "
+        "completions become more than this much less likely per token under the tuned model than under the base, "
+        "the model no longer writes text like them. Such a step is never the best one.",
+    )
+    stop_on_collapse: bool = Field(
+        True,
+        description="Collapse guard: stop early when the held-out drift passes watch.max_drift, or KTO's KL stays 0 "
+        "while the rewards run away, and roll back to the best held-out step (else to the untrained adapter).",
+    )
+
+    @field_validator("every_steps")
+    @classmethod
+    def _not_negative(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"is {v}; use a number of steps (0 = only after training) or 'auto'")
+        return v
+
+
 class RunConfig(_Section):
     name: str = Field("run", min_length=1, max_length=80, description="Run name; the run folder is named after it.")
     output_dir: str | None = Field(
@@ -214,6 +259,7 @@ class RunConfig(_Section):
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
 
     @field_validator("name")
     @classmethod

@@ -56,6 +56,7 @@ class Job:
     ended_at: float | None = None
     thread: threading.Thread | None = None
     eval_rows: list[dict[str, Any]] | None = None  # held-out rows, scored after training
+    watch: Any = None  # studio.watch.Watch: the held-out rows scored during training
 
     @property
     def run_dir(self) -> Path:
@@ -211,12 +212,19 @@ class Engine:
             job.state = "stopping" if job.stop_requested else "running"
             self._emit(job, "status", message="Resuming training…" if job.resume_from else "Training…")
             trainer.train(resume_from_checkpoint=job.resume_from)
+            # the held-out watch scores the last step and loads the adapter to keep (best step, or rolled back)
+            watched = job.watch.finish(trainer.model, trainer.state.global_step, job.stop_requested) \
+                if job.watch is not None else None
             adapter = job.run_dir / ADAPTER_DIR
             trainer.save_model(str(adapter))
             job.adapter_path = str(adapter)
             verdict = ""
-            if not job.stop_requested and cfg.data.evaluate_after and job.eval_rows and _is_main_process():
+            if watched is not None:
+                verdict = self._report_watch(job, watched)
+            elif not job.stop_requested and cfg.data.evaluate_after and job.eval_rows and _is_main_process():
                 verdict = self._evaluate(job, trainer)
+            if _is_main_process():
+                self._report_health(job, collapsed=bool(watched and watched["collapsed"]))
             job.state = "stopped" if job.stop_requested else "finished"
             step = trainer.state.global_step
             self._emit(job, "done", state=job.state, adapter=str(adapter), step=step,
@@ -238,12 +246,52 @@ class Engine:
 
             free_memory()
 
+    def _report_watch(self, job: Job, watched: dict[str, Any]) -> str:
+        """Store the kept adapter's held-out evaluation (eval.json) and say in words what the watch saw."""
+        from studio import evaluate, health
+
+        cfg = job.config
+        result = dict(watched["result"])
+        which = "final adapter" + (f" (step {watched['kept_step']})" if watched["rolled_back"] else "")
+        result.update(run=job.run_dir.name, run_dir=str(job.run_dir), adapter=job.adapter_path,
+                      adapter_label=f"{job.run_dir.name} · {which}", base_model=cfg.model.name_or_path,
+                      data="held-out rows of the run" if not cfg.data.eval_file else cfg.data.eval_file,
+                      limit=cfg.data.eval_max_rows, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      watch={k: v for k, v in watched.items() if k not in ("result", "message")})
+        if cfg.data.evaluate_after:
+            evaluate.write_eval(job.run_dir, result)
+        line = evaluate.verdict_line(result)
+        finding = health.held_out_learning(result, cfg.train.learning_rate, collapsed_run=watched["collapsed"])
+        self._emit(job, "evaluation", summary=f"Held-out: {line}", rewards=result["rewards"],
+                   drift=result.get("drift"), verdict=result.get("verdict"), watch=result["watch"],
+                   finding=finding.as_dict() if finding else None)
+        if watched["message"]:
+            self._emit(job, "status", message=watched["message"])
+        text = (" " + watched["message"] if watched["message"] else "") + f" Held-out ({which}): {line}."
+        if finding and not watched["collapsed"]:
+            text += f" ⚠️ {finding.title}. {finding.fix}"
+        return text
+
+    def _report_health(self, job: Job, collapsed: bool = False) -> None:
+        """The run's health findings (studio.health), for every run: the CLI prints them, the history keeps them."""
+        from studio import health
+
+        findings = health.check_config(job.metrics(), job.config)
+        icons = {health.ERROR: "🛑", health.WARNING: "⚠️", health.INFO: "ℹ️"}
+        self._emit(job, "health", findings=[f.as_dict() for f in findings])
+        for f in findings:
+            where = f" (from step {f.step})" if f.step is not None else ""
+            self._emit(job, "status", message=f"{icons[f.severity]} Health: {f.title}{where}. {f.meaning} "
+                                              f"What to change: {f.fix}")
+        if not findings:
+            self._emit(job, "status", message="Health: no problems spotted in the training curves.")
+
     def _evaluate(self, job: Job, trainer) -> str:
         """Held-out base-vs-tuned scores with the model still in memory; a warning when nothing was learned."""
         from studio import evaluate, health
 
         cfg = job.config
-        rows = evaluate.limit_rows(job.eval_rows, 200)
+        rows = evaluate.limit_rows(job.eval_rows, cfg.data.eval_max_rows)
         self._emit(job, "status", message=f"Scoring {len(rows)} held-out rows, base vs tuned…")
         try:
             model = trainer.model
@@ -254,9 +302,9 @@ class Engine:
             self._emit(job, "status", message=f"Held-out evaluation skipped: {e}")
             return ""
         result.update(run=job.run_dir.name, run_dir=str(job.run_dir), adapter=job.adapter_path,
-                      base_model=cfg.model.name_or_path, data="held-out split of the run", limit=200,
-                      created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        (job.run_dir / evaluate.EVAL_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+                      adapter_label=f"{job.run_dir.name} · final adapter", base_model=cfg.model.name_or_path,
+                      data="held-out split of the run", limit=200, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        evaluate.write_eval(job.run_dir, result)
         r = result["rewards"]
         summary = (f" Held-out: implicit-reward accuracy "
                    f"{'–' if r.get('pair_accuracy') is None else format(r['pair_accuracy'], '.0%')}, "
@@ -340,10 +388,13 @@ class Engine:
 
         bf16 = device.kind == "cuda" and loaded.dtype is not None and str(loaded.dtype) == "torch.bfloat16"
         fp16 = device.kind == "cuda" and str(loaded.dtype) == "torch.float16"
+        # one process: the held-out watch scores the eval rows (TRL's own eval loop would score them a second time)
+        watching = td.eval is not None and world == 1 and _is_main_process()
+        trl_eval = td.eval is not None and not watching
         kto_args = cfg.to_kto_config(device=device.kind, bf16=bf16, fp16=fp16, bnb=device.bitsandbytes,
-                                     do_eval=td.eval is not None,
-                                     eval_strategy="steps" if td.eval is not None else "no",
-                                     eval_steps=cfg.train.save_steps if td.eval is not None else None,
+                                     do_eval=trl_eval,
+                                     eval_strategy="steps" if trl_eval else "no",
+                                     eval_steps=cfg.train.save_steps if trl_eval else None,
                                      # computed below, once TRL's reference copy of the adapter is gone
                                      precompute_ref_log_probs=False)
         ref_pass_rows = kto_args.precompute_ref_batch_size or ref_rows or cfg.train.per_device_train_batch_size
@@ -354,6 +405,14 @@ class Engine:
         trainer = trainer_cls(model=loaded.model, args=kto_args, train_dataset=td.train, eval_dataset=td.eval,
                               processing_class=loaded.tokenizer,
                               callbacks=[_make_callback(self, job), *self.extra_callbacks])
+        if watching:
+            from studio.watch import Watch
+
+            job.watch = Watch(cfg, job.eval_rows, lambda type_, **d: self._emit(job, type_, **d),
+                              stopping=lambda: job.stop_requested,
+                              max_tokens=4096 if device.kind == "cuda" else 2048)
+            trainer.add_callback(job.watch.callback(
+                cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps))
         dropped = speed.drop_reference_copy(trainer.model)
         if precompute and not job.stop_requested:
             self._emit(job, "status", message=f"Computing the reference model's log-probs for {len(td.train)} rows "
@@ -410,6 +469,8 @@ def _make_callback(engine: Engine, job: Job):
             eta = (state.max_steps - state.global_step) * elapsed / done_steps if done_steps > 0 else None
             event.update(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0,
                          elapsed_s=elapsed, eta_s=eta, **memory_use())
+            if job.watch is not None and "loss" in logs:
+                event.update(job.watch.take_pending())  # the held-out check of this step (studio/watch.py)
             engine._emit(job, "metrics", **event)
 
     return EngineCallback()

@@ -190,6 +190,23 @@ def _pairs(rows: list[dict]) -> list[tuple[list[dict], list[dict]]]:
     return [g for g in groups.values() if g[0] and g[1]]
 
 
+def accuracy_se(accuracy: float | None, n: int) -> float | None:
+    """One standard error of an accuracy over ``n`` prompts: sqrt(p(1-p)/n), with p pulled towards 50% by one win
+    and one loss ((wins+1)/(n+2)) so that 5 of 5 does not read as a certain 100% ± 0."""
+    if accuracy is None or not n:
+        return None
+    p = (accuracy * n + 1) / (n + 2)
+    return math.sqrt(p * (1 - p) / n)
+
+
+def format_accuracy(accuracy: float | None, se: float | None, n: int | None, unit: str = "pairs") -> str:
+    """'62% ± 4.8 (100 pairs)': every accuracy the studio reports comes with its count and one standard error."""
+    if accuracy is None or not n:
+        return f"– (no {unit})"
+    spread = f" ± {100 * se:.1f}" if se is not None else ""
+    return f"{100 * accuracy:.0f}%{spread} ({n} {unit if n != 1 else unit.rstrip('s')})"
+
+
 def _pair_score(pairs, key: str) -> tuple[float | None, float | None]:
     """(fraction of prompts where desirable beats undesirable on ``key``, mean margin), per prompt averaged over
     its desirable x undesirable combinations."""
@@ -198,14 +215,14 @@ def _pair_score(pairs, key: str) -> tuple[float | None, float | None]:
     wins, margins = [], []
     for good, bad in pairs:
         combos = [(g[key], b[key]) for g in good for b in bad]
-        wins.append(sum(1.0 for g, b in combos if g > b) / len(combos))
+        # a tie (an unchanged model gives every reward 0) is half a win, not a loss
+        wins.append(sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in combos) / len(combos))
         margins.append(sum(g - b for g, b in combos) / len(combos))
     return _mean(wins), _mean(margins)
 
 
-def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length: int | None,
-                  max_tokens: int = 2048, progress: Progress = None) -> dict[str, Any]:
-    """Evaluate KTO rows (prompt, completion, label) on a PEFT model whose tuned adapter is active."""
+def tokenize_rows(tokenizer, rows: list[dict], max_length: int | None) -> tuple[list[Tokenized], list[int], int]:
+    """(tokenized rows, their indices in ``rows``, how many were skipped because the prompt fills max_length)."""
     if not rows:
         raise EvalError("no held-out rows to evaluate")
     items, kept, skipped = [], [], 0
@@ -218,6 +235,17 @@ def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length
         kept.append(i)
     if not items:
         raise EvalError(f"every prompt is at least max_length ({max_length}) tokens long: nothing to score")
+    return items, kept, skipped
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length: int | None,
+                  max_tokens: int = 2048, progress: Progress = None) -> dict[str, Any]:
+    """Evaluate KTO rows (prompt, completion, label) on a PEFT model whose tuned adapter is active."""
+    items, kept, skipped = tokenize_rows(tokenizer, rows, max_length)
     total, done = 2 * len(items), [0]
 
     def step(n: int) -> None:
@@ -225,10 +253,16 @@ def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length
         if progress:
             progress(f"scored {done[0]} / {total} completions", done[0] / total)
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     with model.disable_adapter():
         base = completion_logps(model, items, pad_token_id=pad, max_tokens=max_tokens, on_batch=step)
     tuned = completion_logps(model, items, pad_token_id=pad, max_tokens=max_tokens, on_batch=step)
+    return score_result(rows, items, kept, skipped, base, tuned, beta=beta, max_length=max_length)
+
+
+def score_result(rows: list[dict], items: list[Tokenized], kept: list[int], skipped: int, base: list[float],
+                 tuned: list[float], *, beta: float, max_length: int | None) -> dict[str, Any]:
+    """The evaluation from the base and tuned log-probs of the tokenized rows (``kept`` indexes ``rows``)."""
     scored = []
     for j, i in enumerate(kept):
         r = rows[i]
@@ -243,6 +277,7 @@ def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length
     reward_acc, pair_margin = _pair_score(pairs, "reward")
     good_r = [s["reward"] for s in scored if s["label"]]
     bad_r = [s["reward"] for s in scored if not s["label"]]
+    n_pairs = len(pairs)
     result: dict[str, Any] = {
         "beta": beta,
         "max_length": max_length,
@@ -251,8 +286,10 @@ def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length
         "n_undesirable": len(bad_r),
         "n_pairs": len(pairs),
         "n_skipped": skipped,
-        "base": {**_side_stats(scored, "base_logp"), "pair_accuracy": base_acc},
-        "tuned": {**_side_stats(scored, "tuned_logp"), "pair_accuracy": tuned_acc},
+        "base": {**_side_stats(scored, "base_logp"), "pair_accuracy": base_acc,
+                 "pair_accuracy_se": accuracy_se(base_acc, n_pairs)},
+        "tuned": {**_side_stats(scored, "tuned_logp"), "pair_accuracy": tuned_acc,
+                  "pair_accuracy_se": accuracy_se(tuned_acc, n_pairs)},
         "rewards": {
             "desirable": _mean(good_r),
             "undesirable": _mean(bad_r),
@@ -260,9 +297,12 @@ def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length
             "margin": _mean(good_r) - _mean(bad_r) if good_r and bad_r else None,
             "pair_margin": pair_margin,
             "pair_accuracy": reward_acc,
+            "pair_accuracy_se": accuracy_se(reward_acc, n_pairs),
         },
         "rows": [{k: v for k, v in s.items() if k != "_prompt"} for s in scored],
     }
+    result["drift"] = drift_of(result)
+    result["verdict"] = verdict(result)
     if not pairs:
         result["note"] = ("no prompt has both a desirable and an undesirable completion, so the pair metrics are "
                           "empty; the log-prob gap compares all desirable with all undesirable completions")
@@ -308,24 +348,169 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
         max_tokens = 4096 if cm.device.kind == "cuda" else 2048
         result = evaluate_rows(cm.model, cm.tokenizer, rows, beta=cfg.kto.beta, max_length=cfg.kto.max_length,
                                max_tokens=max_tokens, progress=progress)
+    result["verdict"] = verdict(result, cfg.watch.max_drift)  # the run's own collapse bound
     result = {
         "run": run_dir.name, "run_dir": str(run_dir), "adapter": str(choice.path), "adapter_label": choice.label,
         "base_model": cfg.model.name_or_path, "data": source, "limit": limit, **result,
         "seconds": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if save:
-        (run_dir / EVAL_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        write_eval(run_dir, result)
+        result = read_eval(run_dir) or result
     return result
 
 
-def load_result(run_dir: str | Path) -> dict[str, Any] | None:
+# ---- the stored file: one writer, one reader -------------------------------------------------------------------
+
+def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:
+    """Store an evaluation as the run's ``eval.json`` (the one writer: the engine's end-of-run score and
+    ``python -m studio eval`` both come here). Written to a temporary name first, so a crash never leaves half a
+    file. Missing presentation keys are filled in, so every stored file has what the readers show."""
+    run_dir = Path(run_dir)
+    full = _with_defaults(dict(result), run_dir)
+    full.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if full.get("created") is None:
+        full["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    out = run_dir / EVAL_FILE
+    tmp = out.with_name(out.name + ".part")
+    tmp.write_text(json.dumps(full, indent=2), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def read_eval(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's stored evaluation with every key the readers use (defaults for keys an older or partial file
+    lacks), or None when there is none or it cannot be read (truncated, garbage): a stored file never stops the
+    studio from starting."""
     f = Path(run_dir) / EVAL_FILE
-    if not f.is_file():
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict):
         return None
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        data = _with_defaults(data, Path(run_dir))
+        if data.get("created") is None:
+            data["created"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(f.stat().st_mtime))
+        return data
+    except Exception:  # noqa: BLE001 - a file too odd to make sense of is treated as absent
         return None
+
+
+load_result = read_eval  # the earlier name
+
+
+def _count(v: Any) -> int:
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else 0
+
+
+def _with_defaults(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    data.setdefault("run", run_dir.name)
+    data.setdefault("run_dir", str(run_dir))
+    data.setdefault("adapter", str(run_dir / "adapter"))
+    if not data.get("adapter_label"):
+        adapter = Path(str(data.get("adapter") or "adapter"))
+        which = "final adapter" if adapter.name == "adapter" else adapter.name
+        data["adapter_label"] = f"{data['run']} · {which}"
+    for key in ("base_model", "limit", "beta", "max_length", "created", "note"):
+        data.setdefault(key, None)
+    if not data.get("data"):
+        data["data"] = "the run's held-out rows"
+    for key in ("n_rows", "n_desirable", "n_undesirable", "n_pairs", "n_skipped"):
+        data[key] = _count(data.get(key))
+    for key in ("base", "tuned", "rewards"):  # numbers only: a stray string must not break a table
+        side = data.get(key) if isinstance(data.get(key), dict) else {}
+        data[key] = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
+                     for k, v in side.items()}
+        if data[key].get("pair_accuracy") is not None and data[key].get("pair_accuracy_se") is None:
+            data[key]["pair_accuracy_se"] = accuracy_se(data[key]["pair_accuracy"], data["n_pairs"])
+    if not isinstance(data.get("beta"), (int, float)):
+        data["beta"] = None
+    if not isinstance(data.get("rows"), list):
+        data["rows"] = []
+    if not isinstance(data.get("drift"), (int, float)):
+        data["drift"] = drift_of(data)
+    v = data.get("verdict")
+    if not (isinstance(v, dict) and v.get("word") in (LEARNED, NO_CHANGE, DEGENERATED)):
+        data["verdict"] = verdict(data)
+    return data
+
+
+# ---- did it learn? ---------------------------------------------------------------------------------------------
+
+# Likelihood drift (mean log-prob per token of the desirable completions, tuned minus base) below minus this many nats
+# per token: the tuned model no longer writes text like the good answers (a collapsed run: docs/RECIPES.md).
+DEGENERATE_DRIFT = 1.0
+LEARNED, NO_CHANGE, DEGENERATED = "learned", "no measurable change", "degenerated"
+
+
+def drift_of(result: dict[str, Any]) -> float | None:
+    """Likelihood drift in nats per token: the desirable completions' mean log-prob per token, tuned minus base."""
+    b = (result.get("base") or {}).get("logp_per_token_desirable")
+    t = (result.get("tuned") or {}).get("logp_per_token_desirable")
+    if not isinstance(b, (int, float)) or not isinstance(t, (int, float)):
+        return None
+    return float(t) - float(b)
+
+
+def _margin_se(rows: list[dict]) -> float | None:
+    ok = [r for r in rows if isinstance(r, dict) and isinstance(r.get("reward"), (int, float))]
+    good = [r["reward"] for r in ok if r.get("label") is True]
+    bad = [r["reward"] for r in ok if r.get("label") is False]
+    if len(good) < 2 or len(bad) < 2:
+        return None
+
+    def var(xs):
+        m = sum(xs) / len(xs)
+        return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return math.sqrt(var(good) / len(good) + var(bad) / len(bad))
+
+
+def verdict(result: dict[str, Any], max_drift: float = DEGENERATE_DRIFT) -> dict[str, Any]:
+    """'learned', 'no measurable change' or 'degenerated', with the reason in words. A drift beyond ``max_drift``
+    nats per token is 'degenerated' whatever the accuracy and margin say: a collapsed model can rank pairs well
+    (it lowers every completion, the bad ones a little more) while it no longer writes text."""
+    drift = drift_of(result)
+    rewards = result.get("rewards") or {}
+    acc, n = rewards.get("pair_accuracy"), int(result.get("n_pairs") or 0)
+    se = rewards.get("pair_accuracy_se")
+    if se is None and acc is not None:
+        se = accuracy_se(acc, n)
+    margin = rewards.get("margin")
+    acc_text = format_accuracy(acc, se, n)
+    if drift is not None and (not math.isfinite(drift) or drift < -max_drift):
+        return {"word": DEGENERATED, "drift": drift, "reason": (
+            f"the tuned model finds the good answers {abs(drift):.1f} nats per token less likely than the base "
+            f"model (more than {max_drift:g} is collapse): it no longer writes text like them, whatever the "
+            f"held-out accuracy ({acc_text}) says")}
+    if acc is not None and n:
+        if se is not None and acc - 2 * se > 0.5 and (margin is None or margin > 0):
+            return {"word": LEARNED, "drift": drift, "reason": (
+                f"implicit-reward accuracy {acc_text} is more than two standard errors above chance (50%)")}
+        return {"word": NO_CHANGE, "drift": drift, "reason": (
+            f"implicit-reward accuracy {acc_text} is within two standard errors of chance (50%)"
+            + (": more held-out pairs would tell a small gain from noise" if n < 50 else ""))}
+    mse = _margin_se(result.get("rows") or [])
+    if margin is not None and mse is not None and margin - 2 * mse > 0:
+        return {"word": LEARNED, "drift": drift, "reason": (
+            f"the reward margin {margin:+.3f} is more than two standard errors ({mse:.3f}) above 0")}
+    return {"word": NO_CHANGE, "drift": drift, "reason": (
+        "no paired prompts, and the reward margin "
+        + (f"{margin:+.3f} is not clearly above 0" if margin is not None else "is unknown"))}
+
+
+def verdict_line(result: dict[str, Any]) -> str:
+    """One line for people: the verdict word, accuracy with count and spread, margin, drift."""
+    v = result.get("verdict") or verdict(result)
+    r = result.get("rewards") or {}
+    drift = result.get("drift") if result.get("drift") is not None else drift_of(result)
+    margin = r.get("margin")
+    return (f"{v['word']}: implicit-reward accuracy "
+            f"{format_accuracy(r.get('pair_accuracy'), r.get('pair_accuracy_se'), int(result.get('n_pairs') or 0))}"
+            f", margin {'–' if margin is None else format(margin, '+.3f')}, likelihood drift "
+            f"{'–' if drift is None else format(drift, '+.2f')} nats/token ({v['reason']})")
 
 
 # ---- presentation (plain data; the Chat tab turns it into a table and a chart) ---------------------------------
@@ -341,17 +526,23 @@ def summary_table(result: dict[str, Any]) -> list[list[Any]]:
         return round(100 * v, 1) if pct else round(v, 3)
 
     b, t, rw = result["base"], result["tuned"], result["rewards"]
+    n = int(result.get("n_pairs") or 0)
     rows = []
     for label, key, pct in [("mean log-prob, desirable", "logp_desirable", False),
                             ("mean log-prob, undesirable", "logp_undesirable", False),
                             ("log-prob gap (desirable − undesirable)", "logp_gap", False),
-                            ("pairs where desirable outranks undesirable, %", "pair_accuracy", True)]:
+                            ("log-prob per token, desirable (change = likelihood drift)",
+                             "logp_per_token_desirable", False),
+                            (f"pairs where desirable outranks undesirable, % of {n} pairs", "pair_accuracy", True),
+                            ("  ± one standard error, %", "pair_accuracy_se", True)]:
         bv, tv = num(b.get(key), pct), num(t.get(key), pct)
-        rows.append([label, bv, tv, None if bv is None or tv is None else round(tv - bv, 3)])
+        change = None if bv is None or tv is None or key == "pair_accuracy_se" else round(tv - bv, 3)
+        rows.append([label, bv, tv, change])
     for label, key, pct in [("implicit reward, desirable (β·Δ log-prob)", "desirable", False),
                             ("implicit reward, undesirable", "undesirable", False),
                             ("implicit reward margin (pairs)", "pair_margin", False),
-                            ("implicit reward accuracy (pairs), %", "pair_accuracy", True)]:
+                            (f"implicit reward accuracy, % of {n} pairs", "pair_accuracy", True),
+                            ("  ± one standard error, %", "pair_accuracy_se", True)]:
         rows.append([label, None, num(rw.get(key), pct), None])
     return rows
 
@@ -390,6 +581,7 @@ def cli(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2, ensure_ascii=False))
+    print(f"verdict: {verdict_line(result)}", file=sys.stderr)
     print(f"per-row scores stored in {Path(result['run_dir']) / EVAL_FILE}", file=sys.stderr)
     return 0
 

@@ -38,6 +38,8 @@ LABEL_MISSING_SHARE = 0.3
 TREND_WINDOW = 10       # chosen rewards sinking / margins negative, judged over this many steps
 CHOSEN_SINK = -1.0
 MARGIN_NEGATIVE = -0.2
+COLLAPSE_DRIFT = 1.0    # held-out drift, nats/token below the base (studio.evaluate.DEGENERATE_DRIFT)
+RUNAWAY_REWARD = DIVERGE_LIMIT  # |reward| beyond this while the KL is stuck at 0 = collapse
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,25 @@ def check(metrics: Iterable[dict[str, Any]], *, beta: float | None = None, learn
     steps = train_steps(metrics)
     ctx = dict(beta=beta, learning_rate=learning_rate, batch_size=batch_size, grad_accum=grad_accum)
     findings: list[Finding] = []
-    for rule in (non_finite, label_missing, kl_stuck_at_zero, rewards_diverging, chosen_sinking, margins_negative,
-                 loss_flat):
-        if rule is kl_stuck_at_zero and loss_type != "kto":
+    for rule in (non_finite, collapsed, label_missing, kl_stuck_at_zero, rewards_diverging, chosen_sinking,
+                 margins_negative, loss_flat):
+        if rule in (kl_stuck_at_zero, collapsed) and loss_type != "kto":
+            if rule is collapsed:
+                f = collapsed(steps, kl_rule=False, **ctx)
+                if f is not None:
+                    findings.append(f)
             continue  # APO-zero has no KL term; TRL logs 0 on purpose
         f = rule(steps, **ctx)
         if f is not None:
             findings.append(f)
+    if any(f.rule == "collapse" for f in findings):
+        # a run that moved too far must never be told to move faster
+        findings = [f for f in findings if not raises_learning_rate(f.fix)]
     return sorted(findings, key=lambda f: SEVERITY_ORDER[f.severity])
+
+
+def raises_learning_rate(text: str) -> bool:
+    return "raise train.learning_rate" in text.lower()
 
 
 def check_config(metrics: Iterable[dict[str, Any]], cfg) -> list[Finding]:
@@ -129,6 +142,52 @@ def non_finite(steps, learning_rate=None, **_) -> Finding | None:
                 "1.0; on an older card (no bfloat16) try model.dtype float32; check the Data tab for empty rows. "
                 "Then resume from a checkpoint saved before this step, or start again.",
                 step=int(m["step"]))
+    return None
+
+
+def _collapse_fix(learning_rate=None, batch_size=None, grad_accum=None) -> str:
+    eff = f" (now {batch_size} x {grad_accum})" if batch_size and grad_accum else ""
+    lower = f" to about {learning_rate / 3:.2g}" if learning_rate else " about 3x"
+    return (f"Lower train.learning_rate{_lr(learning_rate)}{lower}, and raise the effective batch{eff}, e.g. "
+            "train.gradient_accumulation_steps x2: a bigger batch steadies KTO's in-batch KL estimate. Keep warm-up "
+            "at about 10% of the run. Do not raise the learning rate: the run moved too far, not too little.")
+
+
+def collapsed(steps, learning_rate=None, batch_size=None, grad_accum=None, max_drift=COLLAPSE_DRIFT,
+              kl_rule=True, **_) -> Finding | None:
+    """The model collapsed: the held-out likelihood drift (logged by the held-out watch as ``heldout/drift``) fell
+    more than ``max_drift`` nats per token below the base, or KTO's KL stayed 0 for KL_WINDOW logged steps while
+    the rewards ran beyond RUNAWAY_REWARD (the model lowers the probability of all text; seen on real HH data with
+    the bundled model at lr 1e-3: KL 0 for 140 steps, rewards/chosen -24 to -130, entropy 2.5 -> 0.16)."""
+    fix = _collapse_fix(learning_rate, batch_size, grad_accum)
+    for m in steps:
+        d = m.get("heldout/drift")
+        if isinstance(d, (int, float)) and (not math.isfinite(d) or d < -max_drift):
+            return Finding(
+                "collapse", ERROR, f"The model collapsed by step {m['step']}: good held-out answers are "
+                                   f"{abs(d):.1f} nats per token less likely than under the base model",
+                "The tuned model now finds the desirable held-out completions far less likely than the base "
+                f"model did (more than {max_drift:g} nat per token is collapse): it no longer writes text like "
+                "them, even if it still ranks good above bad. The updates were too large for this data.",
+                fix, step=int(m["step"]))
+    if not kl_rule:
+        return None
+    for i in range(KL_WINDOW - 1, len(steps)):
+        window = steps[i - KL_WINDOW + 1: i + 1]
+        kl = [m.get("kl") for m in window]
+        if any(not isinstance(v, (int, float)) or v > KL_ZERO for v in kl):
+            continue
+        rewards = _finite(window, "rewards/chosen") + _finite(window, "rewards/rejected")
+        if rewards and max(abs(r) for r in rewards) > RUNAWAY_REWARD:
+            step = int(window[0]["step"])
+            return Finding(
+                "collapse", ERROR, f"The model collapsed by step {step}: KL stuck at 0 while the rewards ran away "
+                                   f"(|reward| up to {max(abs(r) for r in rewards):.0f})",
+                "KTO's reference point (the KL estimate) has been 0 for "
+                f"{KL_WINDOW} logged steps while the rewards moved far from 0: the model lowers the probability "
+                "of all text, the KL estimate is clamped at 0, and KTO has lost its anchor to the base model. "
+                "Such a model soon stops writing sensible text.",
+                fix, step=step)
     return None
 
 
@@ -256,6 +315,14 @@ def loss_flat(steps, learning_rate=None, **_) -> Finding | None:
     if max(loss) - min(loss) >= FLAT_RANGE:
         return None
     level = _mean(loss)
+    rewards = _finite(window, "rewards/chosen") + _finite(window, "rewards/rejected")
+    if rewards and max(abs(r) for r in rewards) > 1.0 and level >= SATURATED_LOSS:
+        return Finding(
+            "loss_flat", WARNING, f"Loss stuck at {level:.4f} for {FLAT_WINDOW} steps, rewards far from 0",
+            "The model has moved far from the base (large rewards) and the loss no longer changes: the updates "
+            "have stalled in a bad place, which usually follows a collapse (too large a learning rate).",
+            _collapse_fix(learning_rate),
+            step=int(window[0]["step"]))
     if level < SATURATED_LOSS:
         return Finding(
             "loss_flat", INFO, f"Loss flat near 0 ({level:.4f})",
@@ -279,11 +346,27 @@ NO_LEARNING_ACCURACY = 0.52  # held-out implicit-reward accuracy at or under thi
 NO_LEARNING_MARGIN = 0.01
 
 
-def held_out_learning(result: dict[str, Any], learning_rate: float | None = None) -> Finding | None:
+def held_out_learning(result: dict[str, Any], learning_rate: float | None = None,
+                      collapsed_run: bool = False) -> Finding | None:
     """A finding when a finished run's held-out evaluation (studio.evaluate) shows no learning: implicit-reward
     accuracy at chance, or a margin too small to be movement (docs/RECIPES.md)."""
+    from studio.evaluate import DEGENERATED, NO_CHANGE, verdict
+
+    word = (result.get("verdict") or verdict(result)).get("word")
+    if word == DEGENERATED:
+        v = result.get("verdict") or verdict(result)
+        return Finding(
+            "held_out_degenerated", ERROR, "The adapter degenerated: " + v["reason"],
+            "The updates were too large for this data: the tuned model lowered the probability of all text, good "
+            "answers included. A good-looking accuracy or margin does not make it a learned model.",
+            _collapse_fix(learning_rate))
+    if collapsed_run:
+        return None  # the collapse finding says what happened and what to change
     rewards = result.get("rewards") or {}
     acc, margin = rewards.get("pair_accuracy"), rewards.get("margin")
+    if word == NO_CHANGE and acc is not None and acc > NO_LEARNING_ACCURACY and margin is not None \
+            and margin >= NO_LEARNING_MARGIN:
+        return None  # above chance but within noise: the verdict line says so; no advice to change settings
     bad_acc = acc is not None and acc <= NO_LEARNING_ACCURACY
     bad_margin = margin is not None and margin < NO_LEARNING_MARGIN
     if not (bad_acc or bad_margin):

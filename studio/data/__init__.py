@@ -48,13 +48,17 @@ def prepare_training(cfg: RunConfig) -> TrainingData:
     eval_rows = None
     if cfg.data.eval_file:
         eval_rows = load_kto(cfg.data.eval_file).rows
+    if not eval_rows and cfg.data.eval_fraction > 0:
+        # whole prompt groups, so that held-out pairs stay pairs (studio.data.clean.split_by_prompt)
+        from studio.data.clean import split_by_prompt
+
+        train_idx, eval_idx = split_by_prompt(rows, cfg.data.eval_fraction, cfg.train.seed, cfg.data.eval_max_rows)
+        eval_rows = [rows[i] for i in eval_idx]
+        rows = [rows[i] for i in train_idx]
     ds = Dataset.from_list(rows)
     if cfg.data.shuffle:
         ds = ds.shuffle(seed=cfg.train.seed).flatten_indices()
     eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
-    if eval_ds is None and cfg.data.eval_fraction > 0:
-        split = ds.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.train.seed, shuffle=False)
-        ds, eval_ds = split["train"], split["test"]
     n_pos = sum(ds["label"])
     n_neg = len(ds) - n_pos
     if len(ds) < cfg.train.per_device_train_batch_size:

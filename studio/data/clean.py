@@ -69,6 +69,42 @@ def split(rows: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[
     return [rows[i] for i in sorted(train_idx)], [rows[i] for i in sorted(eval_idx)]
 
 
+def prompt_key(prompt: Any) -> str:
+    """The identity of a prompt (text or conversation), for grouping the rows that share it."""
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def split_by_prompt(rows: list[dict[str, Any]], eval_fraction: float, seed: int,
+                    max_rows: int | None = None) -> tuple[list[int], list[int]]:
+    """Indices (train, held-out) of a seeded split that moves whole prompt groups, so a prompt's desirable and
+    undesirable completions (a preference pair) are never split between training and held-out rows. The held-out
+    side gets about ``eval_fraction`` of the rows, at most ``max_rows``, and at least one group when asked for any
+    (unless that would leave no training rows)."""
+    if eval_fraction <= 0 or len(rows) < 2:
+        return list(range(len(rows))), []
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(prompt_key(r["prompt"]), []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    target = round(len(rows) * eval_fraction)
+    if max_rows is not None:
+        target = min(target, max_rows)
+    held: list[int] = []
+    for g in order[:-1]:  # the last group in the shuffled order always trains
+        if len(held) + len(g) <= target:
+            held.extend(g)
+            if len(held) >= target:
+                break
+    if not held and len(order) > 1:  # every group is bigger than the target: the smallest one
+        held = list(min(order[:-1], key=len))
+    held_set = set(held)
+    train = [i for i in range(len(rows)) if i not in held_set]
+    if not train:
+        raise DataError(f"an eval fraction of {eval_fraction} leaves no training rows: lower it")
+    return train, sorted(held)
+
+
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": row["prompt"], "completion": row["completion"], "label": bool(row["label"])}
 

@@ -44,10 +44,14 @@ def feedback_md() -> str:
 
 
 def eval_views(result):
+    """Heading, table and chart of a stored or fresh evaluation (as ``evaluate.read_eval`` returns it)."""
     if not result:
         return "No evaluation stored for this run yet.", pd.DataFrame(columns=evaluate.TABLE_COLUMNS), \
             pd.DataFrame(columns=["completions", "model", "mean log-prob"])
-    head = (f"**{result['adapter_label']}** on {result['n_rows']} held-out rows from `{result['data']}` "
+    verdict = result.get("verdict") or evaluate.verdict(result)
+    icon = {evaluate.LEARNED: "✅", evaluate.DEGENERATED: "🛑"}.get(verdict.get("word"), "➖")
+    head = (f"{icon} **{verdict.get('word')}** — {evaluate.verdict_line(result)}  \n"
+            f"**{result['adapter_label']}** on {result['n_rows']} held-out rows from `{result['data']}` "
             f"({result['n_desirable']} desirable, {result['n_undesirable']} undesirable, {result['n_pairs']} paired "
             f"prompts; β = {result['beta']}) · {result['created']} · stored in `{result['run_dir']}/eval.json`")
     if result.get("note"):
@@ -243,7 +247,7 @@ def _run_dir(adapter_path: str) -> Path:
 
 
 def _stored_eval(adapter_path: str):
-    return evaluate.load_result(_run_dir(adapter_path))
+    return evaluate.read_eval(_run_dir(adapter_path))
 
 
 def _export_md(r) -> str:

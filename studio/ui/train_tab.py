@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio import health
+from studio import evaluate, health
 from studio.config import ConfigError, RunConfig
 from studio.engine import CONFIG_FILE, JobRunning
 from studio.history import HistoryError, checkpoints_on_disk, unused_run_config
@@ -33,6 +33,8 @@ PLOTS = {
     "KL (reference point)": ("kl", ["kl"]),
     "learning rate": ("lr", ["learning_rate"]),
     "tokens/s": ("tokens", ["tokens_per_s"]),
+    "held-out reward accuracy": ("heldout-accuracy", ["heldout/accuracy"]),
+    "held-out likelihood drift (nats/token)": ("heldout-drift", ["heldout/drift"]),
 }
 COMPARABLE = ["loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl", "learning_rate", "tokens_per_s"]
 HISTORY_COLUMNS = ["run", "name", "status", "started", "took", "steps", "loss", "margin", "adapter"]
@@ -197,6 +199,9 @@ def run_detail_md(history, run_id: str | None) -> str:
             for a in attempts))
     if run["error"]:
         lines.append(f"- **error:** {run['error']}")
+    stored = evaluate.read_eval(run["run_dir"])
+    if stored:
+        lines.append(f"- held-out evaluation ({stored['adapter_label']}): {evaluate.verdict_line(stored)}")
     cfg = history.config(run["id"])
     lines.append("\n" + health_md(history.metrics(run["id"]), cfg))
     lines.append(f"\n<details><summary>run config</summary>\n\n```yaml\n{cfg.to_yaml() if cfg else ''}```\n"

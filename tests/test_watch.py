@@ -1,0 +1,153 @@
+"""Training that cannot silently fail (issue 15): the held-out watch during a run, the best step kept, the collapse
+guard, and verdicts that never call a collapse a success."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from studio import evaluate, health, watch
+from studio.config import RunConfig
+from tests.conftest import tiny_run_config
+
+
+def _steps(n, **cols):
+    out = []
+    for i in range(n):
+        m = {"step": i + 1, "loss": 0.5, "learning_rate": 1e-3, "grad_norm": 0.3, "kl": 0.05,
+             "rewards/chosen": 0.1, "rewards/rejected": -0.1, "rewards/margins": 0.2}
+        for k, v in cols.items():
+            m[k.replace("__", "/")] = v(i) if callable(v) else v
+        out.append(m)
+    return out
+
+
+# ---- rules and verdicts (no model) -----------------------------------------------------------------------------
+
+def test_kl_stuck_at_zero_while_rewards_run_away_is_a_collapse_and_never_gets_raise_the_lr():
+    """The seed-42 default run of the issue: KL 0 for the rest of the run, rewards/chosen -24 to -130, loss 1.0."""
+    steps = _steps(8) + _steps(14, loss=1.0, kl=0.0, rewards__chosen=lambda i: -24 - 8 * i,
+                               rewards__rejected=lambda i: -30 - 5 * i, grad_norm=1e-7)
+    for k, m in enumerate(steps):
+        m["step"] = k + 1
+    cfg = RunConfig().updated({"train.learning_rate": 0.05})
+    findings = health.check_config(steps, cfg)
+    assert findings[0].rule == "collapse" and findings[0].severity == health.ERROR
+    assert findings[0].step == 9
+    text = " ".join(f.title + f.meaning + f.fix for f in findings)
+    assert "Lower train.learning_rate (now 0.05)" in text
+    assert not any(health.raises_learning_rate(f.fix) for f in findings)
+
+
+def test_a_healthy_curve_and_an_unmoved_one_are_not_collapses():
+    assert "collapse" not in [f.rule for f in health.check(_steps(30))]
+    unmoved = _steps(30, kl=0.0, rewards__chosen=0.0, rewards__rejected=0.0, rewards__margins=0.0)
+    findings = health.check(unmoved, learning_rate=5e-7)
+    assert "collapse" not in [f.rule for f in findings]
+    assert any(health.raises_learning_rate(f.fix) for f in findings)  # here raising it is the right advice
+
+
+def test_held_out_drift_beyond_the_bound_is_a_collapse():
+    steps = _steps(12)
+    steps[5]["heldout/drift"] = -0.3
+    assert "collapse" not in [f.rule for f in health.check(steps)]
+    steps[9]["heldout/drift"] = -14.2
+    f = health.check(steps)[0]
+    assert f.rule == "collapse" and f.step == 10 and "14.2 nats per token" in f.title
+
+
+def _result(acc, n, margin, base_tok, tuned_tok):
+    r = {"n_pairs": n, "base": {"logp_per_token_desirable": base_tok},
+         "tuned": {"logp_per_token_desirable": tuned_tok},
+         "rewards": {"pair_accuracy": acc, "pair_accuracy_se": evaluate.accuracy_se(acc, n), "margin": margin}}
+    r["drift"] = evaluate.drift_of(r)
+    return r
+
+
+def test_a_collapsed_adapter_is_degenerated_whatever_its_accuracy_and_margin():
+    """The issue's seed-42 numbers: 58% on 256 pairs, margin +19.36, desirable log-prob per token -2.56 -> -16.72."""
+    collapsed = _result(0.58, 256, 19.36, -2.56, -16.72)
+    v = evaluate.verdict(collapsed)
+    assert v["word"] == evaluate.DEGENERATED and "14.2 nats per token" in v["reason"]
+    f = health.held_out_learning(collapsed, learning_rate=1e-3)
+    assert f.severity == health.ERROR and "Lower train.learning_rate" in f.fix
+    assert not health.raises_learning_rate(f.fix)
+    # seed 7: 64.1% on 256 pairs, drift -0.36: learned
+    assert evaluate.verdict(_result(0.641, 256, 0.97, -2.56, -2.92))["word"] == evaluate.LEARNED
+    # the CPU example: lr 0.05, desirable log-prob 30 nats/token below the base, accuracy at chance
+    cpu = _result(0.5, 6, 0.0, -2.5, -32.5)
+    assert evaluate.verdict(cpu)["word"] == evaluate.DEGENERATED
+    assert not health.raises_learning_rate(health.held_out_learning(cpu, learning_rate=0.05).fix)
+    # at chance, no drift: no measurable change, and the accuracy comes with its count and spread
+    flat = _result(0.53, 40, 0.001, -2.5, -2.5)
+    assert evaluate.verdict(flat)["word"] == evaluate.NO_CHANGE
+    assert "53% ± 7.9 (40 pairs)" in evaluate.verdict_line(flat)
+
+
+def test_auto_spacing_keeps_the_checks_cheap():
+    every = watch.auto_every(150, 16)  # the default run: 150 held-out rows, 4 x 4 rows per step
+    cost = (150 * watch.FORWARD_SHARE / 16) / every  # scoring work per training step, in steps
+    assert cost <= watch.BUDGET and every < 188 / 3  # at least 3 checks in the default 188-step run
+
+
+# ---- real CPU runs -------------------------------------------------------------------------------------------
+
+def _run(tmp_path, **changes):
+    from studio.engine import Engine
+
+    cfg = tiny_run_config(tmp_path, **{"data.eval_fraction": 0.25, "kto.max_length": 64, "train.save_steps": 1000,
+                                       "watch.every_steps": 1, **changes})
+    engine = Engine()
+    job = engine.start(cfg)
+    engine.wait(1200)
+    assert job.state == "finished", job.error
+    return cfg, job
+
+
+def _messages(job) -> str:
+    return "\n".join(e.get("message", "") for e in job.events if e["type"] in ("status", "done", "error"))
+
+
+def test_a_run_made_to_collapse_is_stopped_and_rolled_back(tmp_path, bundled_model_dir):
+    cfg, job = _run(tmp_path, **{"train.learning_rate": 0.05, "train.max_steps": 12})
+    done = job.events[-1]
+    assert done["step"] < 12, "the guard did not stop the run early"
+    text = _messages(job)
+    assert "Collapse guard" in done["message"] and "Lower train.learning_rate (now 0.05)" in done["message"]
+    assert "raise train.learning_rate" not in text.lower()
+    health_events = [e for e in job.events if e["type"] == "health"]
+    assert health_events and health_events[-1]["findings"][0]["rule"] == "collapse"
+    # the held-out numbers went out with the training metrics, step by step
+    checked = [m for m in job.metrics() if "heldout/drift" in m]
+    assert checked and all("loss" in m for m in checked)
+    assert min(m["heldout/drift"] for m in checked) < -cfg.watch.max_drift
+    stored = evaluate.read_eval(cfg.run_dir())
+    assert stored["watch"]["collapsed"] and stored["watch"]["rolled_back"]
+    assert stored["verdict"]["word"] != evaluate.DEGENERATED
+    assert stored["drift"] >= -cfg.watch.max_drift
+    # the saved adapter is the rolled-back one: scoring it again gives the stored drift, not the collapsed one
+    from studio.chat import ChatModel
+
+    again = evaluate.evaluate_run(cfg.run_dir(), chat_model=ChatModel(), save=False)
+    assert again["drift"] == pytest.approx(stored["drift"], abs=1e-3)
+
+
+def test_a_healthy_run_gets_no_false_alarm_and_keeps_the_best_step(tmp_path, bundled_model_dir):
+    cfg, job = _run(tmp_path, **{"train.max_steps": 4})
+    text = _messages(job)
+    assert "Collapse guard" not in text and "collapsed" not in text.lower()
+    assert job.events[-1]["step"] == 4
+    checked = [m for m in job.metrics() if "heldout/accuracy" in m]
+    assert [m["step"] for m in checked] == [1, 2, 3, 4]
+    assert all(abs(m["heldout/drift"]) < cfg.watch.max_drift for m in checked)
+    stored = json.loads((cfg.run_dir() / evaluate.EVAL_FILE).read_text())
+    w = stored["watch"]
+    assert not w["collapsed"] and w["last_step"] == 4 and w["best_step"] == w["kept_step"]
+    best = max(checked, key=lambda m: (m["heldout/accuracy"], m["heldout/margin"], m["step"]))
+    assert w["kept_step"] == best["step"]
+    assert stored["verdict"]["word"] in (evaluate.LEARNED, evaluate.NO_CHANGE)
+    assert f"step {w['kept_step']} was best" in text.lower() or w["kept_step"] == 4
+    assert [e for e in job.events if e["type"] == "phase" and e["phase"] == "scoring"]
+    assert not [f for f in [e for e in job.events if e["type"] == "health"][-1]["findings"] if f["rule"] == "collapse"]
