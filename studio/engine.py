@@ -252,7 +252,7 @@ class Engine:
 
         cfg = job.config
         result = dict(watched["result"])
-        which = "final adapter" + (f" (step {watched['kept_step']})" if watched["rolled_back"] else "")
+        which = "final adapter" + (f", rolled back to step {watched['kept_step']}" if watched["rolled_back"] else "")
         result.update(run=job.run_dir.name, run_dir=str(job.run_dir), adapter=job.adapter_path,
                       adapter_label=f"{job.run_dir.name} · {which}", base_model=cfg.model.name_or_path,
                       data="held-out rows of the run" if not cfg.data.eval_file else cfg.data.eval_file,

@@ -533,7 +533,7 @@ def summary_table(result: dict[str, Any]) -> list[list[Any]]:
                             ("log-prob gap (desirable − undesirable)", "logp_gap", False),
                             ("log-prob per token, desirable (change = likelihood drift)",
                              "logp_per_token_desirable", False),
-                            (f"pairs where desirable outranks undesirable, % of {n} pairs", "pair_accuracy", True),
+                            (f"pairs where desirable outranks undesirable, % (n = {n})", "pair_accuracy", True),
                             ("  ± one standard error, %", "pair_accuracy_se", True)]:
         bv, tv = num(b.get(key), pct), num(t.get(key), pct)
         change = None if bv is None or tv is None or key == "pair_accuracy_se" else round(tv - bv, 3)
@@ -541,7 +541,7 @@ def summary_table(result: dict[str, Any]) -> list[list[Any]]:
     for label, key, pct in [("implicit reward, desirable (β·Δ log-prob)", "desirable", False),
                             ("implicit reward, undesirable", "undesirable", False),
                             ("implicit reward margin (pairs)", "pair_margin", False),
-                            (f"implicit reward accuracy, % of {n} pairs", "pair_accuracy", True),
+                            (f"implicit reward accuracy (pairs), % (n = {n})", "pair_accuracy", True),
                             ("  ± one standard error, %", "pair_accuracy_se", True)]:
         rows.append([label, None, num(rw.get(key), pct), None])
     return rows

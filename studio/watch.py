@@ -196,6 +196,8 @@ class Watch:
         ``model``. Returns what happened: message, the kept point's evaluation, steps, whether it rolled back."""
         if self.items is None:
             return None
+        if user_stopped and self.collapse is None:
+            return None  # stopped by hand: the adapter is the step it stopped at, unscored
         if not user_stopped and (not self.points or self.points[-1].step != step):
             self.check(model, step, guard=self.collapse is None)
         last = self.points[-1] if self.points else None

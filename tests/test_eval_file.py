@@ -105,3 +105,24 @@ def test_the_chat_tab_shows_a_collapsed_adapter_as_degenerated_with_its_drift(tm
     assert "likelihood drift -14.16 nats/token" in head and "58% ± 3.1 (256 pairs)" in head
     drift_row = next(r for r in table.values.tolist() if r[0].startswith("log-prob per token, desirable"))
     assert drift_row[1:] == [-2.56, -16.72, -14.16]
+
+
+@pytest.mark.parametrize("kind", ["old-engine", "garbage"])
+def test_the_run_history_reads_the_stored_evaluation_through_the_reader(tmp_path, kind):
+    from studio.engine import Job
+    from studio.history import History
+    from studio.ui.train_tab import run_detail_md
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path)
+    history = History()
+    job = Job(id="job1", config=cfg)
+    cfg.run_dir().mkdir(parents=True)
+    history.record(job, {"type": "started", "time": 1.0, "run_dir": str(cfg.run_dir())})
+    (cfg.run_dir() / evaluate.EVAL_FILE).write_text(BAD_FILES[kind], encoding="utf-8")
+    detail = run_detail_md(history, history.run_for_job("job1"))
+    if kind == "old-engine":
+        assert "held-out evaluation (old · final adapter): no measurable change" in detail
+        assert "67% ± 19.7 (6 pairs)" in detail
+    else:
+        assert "held-out evaluation" not in detail
