@@ -219,7 +219,11 @@ def build(studio):
         except ColumnError as e:
             choices = [""] + list(e.columns)
             map_updates = [gr.update(choices=choices, value=v if v in choices else "") for v in mapping_values]
-            return [None, f"**Cannot use this data:** {e}", gr.update(open=True), *map_updates,
+            where = ("Pick the column that holds the label in **Column mapping** below (opened for you), then press "
+                     "**Load with this mapping**." if e.missing_label else
+                     "Say which of your columns holds what in **Column mapping** below (opened for you), then press "
+                     "**Load with this mapping**.")
+            return [None, f"**Cannot use this data:** {e}  \n{where}", gr.update(open=True), *map_updates,
                     *_cleared()]
         except DataError as e:
             return [None, f"**Cannot use this data:** {e}", gr.update(), *map_updates, *_cleared()]
