@@ -357,6 +357,25 @@ def build(studio):
         ev = f" and {s['eval_rows']} eval rows to `{s['eval_file']}`" if s["eval_file"] else ""
         return (f"**Saved {s['train_rows']} rows** to `{s['train_file']}`{ev} (your file is unchanged). The run "
                 f"config now trains on it with desirable_weight = {cfg.kto.desirable_weight}, undesirable_weight = "
-                f"{cfg.kto.undesirable_weight}.")
+                f"{cfg.kto.undesirable_weight}." + _replan_cpu())
+
+    def _replan_cpu() -> str:
+        """On the CPU card the plan depends on the data (max_length from its lengths, the step cap): re-plan it."""
+        from studio import models, planner
+
+        device = models.detect_device()
+        card = getattr(studio, "card", None) or ("cpu" if device.kind == "cpu" else None)
+        if card != "cpu":
+            return ""
+        try:
+            p = planner.plan(studio.config, "cpu", device, recipe_key=getattr(studio, "recipe", None))
+        except Exception:  # a plan that cannot be made leaves the settings as they are
+            return ""
+        studio.replace(p.config)
+        c = p.config
+        steps = f"{c.train.max_steps} steps" if c.train.max_steps > 0 else "all rows"
+        when = f", expected {p.duration.describe()}" if p.duration else ""
+        return (f"  \nCPU plan updated for this data: max_length {c.kto.max_length}, batch "
+                f"{c.train.per_device_train_batch_size} x {c.train.gradient_accumulation_steps}, {steps}{when}.")
 
     save_btn.click(save, [wb_state, *filters, eval_frac, seed, wd, wu], saved)

@@ -113,7 +113,7 @@ def plan_markdown(plan: memory.CardPlan, applied: bool, unsloth_installed: bool 
                      + (f", memory savers: {savers_label(f)}" if f.micro_batch else "") + ".")
     other = other_path_line(plan, unsloth_installed)
     if other:
-        lines.append(other)
+        lines += ["", other]
     notes = plan.estimates[plan.path].notes if plan.path in plan.estimates else [
         n for e in plan.estimates.values() for n in e.notes]
     lines += [f"> {n}" for n in dict.fromkeys(notes)]  # each sentence once, even when several paths share it

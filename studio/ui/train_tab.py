@@ -147,12 +147,15 @@ def duration_markdown(cfg) -> str:
     """The Train tab's line: how long the config in the form takes here (CPU only; a GPU run shows its steps)."""
     if models.detect_device().kind != "cpu":
         return ""
-    d = duration.estimate(cfg, duration.data_lengths(cfg))
+    lengths = duration.data_lengths(cfg)
+    d = duration.estimate(cfg, lengths)
     if d is None:
-        return "Expected duration: unknown (the model's size cannot be read before it is downloaded)."
+        why = ("the training data's token lengths could not be measured with this model's tokenizer" if lengths is None
+               else "the model's size cannot be read before it is downloaded")
+        return f"Expected duration on this CPU: unknown ({why})."
     slow = " Over 10 minutes: pick the **CPU only** card in the Model & preset tab for a plan that fits." \
         if d.total_s > 600 else ""
-    return f"⏱ Expected duration: **{d.describe()}**.{slow}"
+    return f"Expected duration: **{d.describe()}**.{slow}"
 
 
 def memory_html(job) -> str:
