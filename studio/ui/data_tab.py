@@ -20,6 +20,13 @@ from studio.data.workbench import Workbench, parse_row_numbers
 
 PAGE_SIZE = 25
 TABLE_COLUMNS = ["#", "source row", "label", "prompt", "completion", "tokens", "issues"]
+# prompt and completion side by side, each cut short (the whole row shows below the table when a row is picked)
+COLUMN_WIDTHS = ["48px", "104px", "112px", "30%", "30%", "84px", "170px"]
+CELL_CHARS = 160
+ISSUE_KINDS = {"duplicate": "duplicate", "conflicting labels": "conflicting_labels",  # table tag -> report kind
+               "empty completion": "empty_completion", "empty prompt": "empty_prompt",
+               "over max_length": "over_length", "prompt fills max_length": "prompt_too_long",
+               "template mismatch": "chat_template_mismatch", "unlabeled": "unlabeled"}
 LABEL_COLUMN = TABLE_COLUMNS.index("label")
 MAX_LISTED = 25
 
@@ -93,11 +100,46 @@ def label_frame(wb: Workbench, options: CleanOptions) -> pd.DataFrame:
                         columns=["label", "rows", "stage"])
 
 
+def _cut(text: str, limit: int = CELL_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit].rstrip() + "…"
+
+
 def table_frame(wb: Workbench, page: int, only_issues: bool) -> tuple[pd.DataFrame, int, str]:
     rows, page, pages = wb.table(page, PAGE_SIZE, only_issues)
+    for r in rows:
+        r["prompt"], r["completion"] = _cut(r["prompt"]), _cut(r["completion"])
     df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     df["tokens"] = df["tokens"].astype("object").where(df["tokens"].notna(), "")
     return df, page, f"page {page} of {pages}"
+
+
+def row_md(wb: Workbench | None, number: int | None) -> str:
+    """One row in full: label, token count, each issue with its reason, the whole prompt and completion."""
+    if wb is None or not number or not 1 <= number <= len(wb.rows):
+        return "_Pick a row in the table to see it in full here._"
+    from studio.data.normalize import completion_text
+
+    i = number - 1
+    row = wb.rows[i]
+    label = {True: "desirable", False: "undesirable", None: "no usable label"}[row["label"]]
+    tokens = f" · {wb.lengths.total[i]} tokens" if wb.lengths else ""
+    reasons = {p["kind"]: p["message"] for p in wb.report.problems()}
+    reasons["unlabeled"] = "the label is not one the studio reads; type one into the table's label column"
+    issues = wb.issues_by_row().get(i, [])
+    lines = [f"#### Row #{number} (row {wb.norm.sources[i] if wb.norm.sources else number} of your file) · "
+             f"**{label}**{tokens}"]
+    for tag in issues:
+        why = reasons.get(ISSUE_KINDS.get(tag, tag), "")
+        lines.append(f"- ⚠️ **{tag}**" + (f": {why}" if why else ""))
+
+    def text(v) -> str:
+        if isinstance(v, list):
+            return "\n\n".join(f"**{m.get('role')}:** {m.get('content')}" for m in v)
+        return completion_text(v)
+
+    lines += ["", "**Prompt**", "", text(row["prompt"]), "", "**Completion**", "", text(row["completion"])]
+    return "\n".join(lines)
 
 
 def balance_md(wb: Workbench, options: CleanOptions, wd: float, wu: float) -> str:
@@ -162,7 +204,8 @@ def build(studio):
         page_info = gr.Markdown(elem_id="data-page-info")
     table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=True, wrap=True, max_height=600,
                          static_columns=[i for i in range(len(TABLE_COLUMNS)) if i != LABEL_COLUMN],
-                         elem_id="data-table")
+                         column_widths=COLUMN_WIDTHS, elem_id="data-table")
+    full_row = gr.Markdown(row_md(None, None), elem_id="data-row-detail")
     with gr.Row():
         flip_rows = gr.Textbox(label="Flip the label of rows (#)", placeholder="3, 7-9", elem_id="data-flip-rows")
         flip_btn = gr.Button("Flip labels", elem_id="data-flip")
@@ -326,6 +369,15 @@ def build(studio):
         return [wb, *view(wb, *args)]
 
     table.input(edit_labels, [wb_state, table, *view_in], [wb_state, *view_out])
+
+    def on_pick(wb, df, evt: gr.SelectData):
+        try:
+            r = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
+            return row_md(wb, int(df.iloc[r]["#"]))
+        except (TypeError, ValueError, IndexError, KeyError):
+            return gr.skip()
+
+    table.select(on_pick, [wb_state, table], full_row, show_progress="hidden")
 
     def flip(wb, text, *args):
         if wb is None:

@@ -76,3 +76,59 @@ def test_cpu_plan_from_the_start_one_plan_for_both_tabs_and_no_leaks(page):
     assert _value(page, "gpu-preset") == "CPU only"
     assert _train_values(page, max_length=cpu["kto-max_length"]) == cpu
     shot(page, "first-hour-after-reload")
+
+
+def test_rows_table_reads_side_by_side_a_missing_label_points_to_the_panel_and_cancelled_flips_are_no_edits(
+        page, tmp_path, bundled_model_dir):
+    import json
+
+    page.get_by_role("tab", name="Data").click()
+    # a file without a label column: the message says so and points to the Column mapping panel, not to CLI flags
+    nolabel = tmp_path / "nolabel.csv"
+    nolabel.write_text("prompt,completion\nHi,Hello\nBye,See you\n")
+    page.locator("#data-upload input[type=file]").set_input_files(str(nolabel))
+    summary = page.locator("#data-summary")
+    expect(summary).to_contain_text("no label column", timeout=60_000)
+    expect(summary).to_contain_text("Column mapping")
+    assert "--map" not in summary.inner_text() and "cannot tell which column" not in summary.inner_text()
+    expect(page.locator("#data-map-label")).to_be_visible()  # the panel is open
+
+    # long prompts and completions: both visible side by side, cut short; the whole row shows when picked
+    tail = "THE-END-OF-THE-PROMPT"
+    rows = [{"prompt": f"Question {i}: " + "please explain this in detail " * 40 + tail,
+             "completion": f"Answer {i}: " + "here is a long and careful answer " * 30, "label": i % 2 == 0}
+            for i in range(6)]
+    rows.append(dict(rows[0]))  # a duplicate: an issue with a reason
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page.locator("#data-upload button[aria-label='Clear']").click()
+    page.locator("#data-upload input[type=file]").set_input_files(str(data))
+    expect(summary).to_contain_text("7 KTO rows", timeout=60_000)
+    table = page.locator("#data-table")
+    expect(table).to_contain_text("Answer 1:")
+    width = page.viewport_size["width"]
+    for header in ("completion", "tokens", "issues"):
+        box = table.get_by_role("columnheader", name=header).first.bounding_box()
+        assert box and box["x"] + box["width"] <= width + 2, (header, box, width)
+    assert tail not in table.inner_text()  # cut short in the table
+    shot(page, "first-hour-rows-table")
+    page.locator("#data-only-issues input").check()
+    expect(page.locator("#data-page-info")).to_contain_text("page 1 of 1")
+    expect(table).to_contain_text("duplicate")
+    page.locator("#data-table [data-testid='cell-0-3']").click()
+    detail = page.locator("#data-row-detail")
+    expect(detail).to_contain_text(tail)
+    expect(detail).to_contain_text("prompt fills max_length: the prompt alone fills max_length")  # the reason
+    shot(page, "first-hour-row-detail")
+
+    # flips that cancel out are no edits
+    page.locator("#data-only-issues input").uncheck()
+    for _ in range(2):
+        page.locator("#data-flip-rows textarea, #data-flip-rows input").first.fill("1-3")
+        page.locator("#data-flip").click()
+        page.wait_for_timeout(1500)
+    expect(summary).to_contain_text("7 KTO rows")
+    assert "labels changed by you" not in summary.inner_text()
+    page.locator("#data-flip-rows textarea, #data-flip-rows input").first.fill("2")
+    page.locator("#data-flip").click()
+    expect(summary).to_contain_text("1 labels changed by you")
