@@ -78,9 +78,15 @@ def _y_lim(chart: pd.DataFrame) -> list[float]:
     return [min(low * 1.15, -1.0), 0.0]
 
 
+def _chart_value(chart: pd.DataFrame):
+    # None, never an empty frame: the browser sizes a chart's axes from the first frame it gets, and a chart that
+    # first got an empty one stayed empty after the evaluation filled the table beside it
+    return None if chart.empty else chart
+
+
 def eval_outputs(result):
     head, table, chart = eval_views(result)
-    return head, table, gr.update(value=chart, y_lim=_y_lim(chart))
+    return head, table, gr.update(value=_chart_value(chart), y_lim=_y_lim(chart))
 
 
 def build(studio):
@@ -128,7 +134,7 @@ def build(studio):
         eval_status = gr.Markdown(head0, elem_id="chat-eval-status")
         with gr.Row():
             eval_table = gr.Dataframe(table0, interactive=False, elem_id="chat-eval-table", scale=3)
-            eval_plot = gr.BarPlot(chart0, x="completions", y="mean log-prob", color="model", height=260,
+            eval_plot = gr.BarPlot(_chart_value(chart0), x="completions", y="mean log-prob", color="model", height=260,
                                    y_lim=_y_lim(chart0), title="mean log-prob per completion (higher = more likely)",
                                    elem_id="chat-eval-plot", scale=2)
 
