@@ -36,6 +36,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not args.config:  # the defaults are a GPU's: on a CPU start from the CPU plan (minutes, not hours)
+        from studio import models, planner
+
+        cfg = planner.initial_config(cfg, models.detect_device())
     app = build_app(Studio(cfg))
     app.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=args.share,
                                                   auth=auth, css=CSS, show_error=True)

@@ -230,6 +230,7 @@ class ChatModel:
         # A plain Lock, not an RLock: Gradio may resume a streaming generator on another worker thread, and only a
         # Lock may be released by a thread other than the one that took it. Nothing below takes it twice.
         self.lock = threading.Lock()
+        self.cut_off = False  # the last streamed reply stopped at max_new_tokens, not at the model's end of turn
 
     # -- adapters --
     def use(self, adapter: str | Path | AdapterChoice, progress: Progress = None) -> AdapterChoice:
@@ -334,9 +335,12 @@ class ChatModel:
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
             cancel = threading.Event()
             failure: list[BaseException] = []
+            seen = {"length": ids.shape[1], "last": None}
+            self.cut_off = False
 
             class _Cancelled(StoppingCriteria):
                 def __call__(self, input_ids, scores, **kw):
+                    seen["length"], seen["last"] = input_ids.shape[1], int(input_ids[0, -1])
                     return cancel.is_set()
 
             sample = settings.temperature > 0
@@ -372,6 +376,11 @@ class ChatModel:
                 worker.join()
             if failure:
                 raise failure[0]
+            # stopped by max_new_tokens rather than by the model's end of turn: front ends mark the reply as cut off
+            eos = self.model.generation_config.eos_token_id
+            eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {self.tokenizer.eos_token_id}
+            self.cut_off = (seen["length"] - ids.shape[1] >= int(settings.max_new_tokens)
+                            and seen["last"] not in eos)
 
     def reply(self, messages: list[dict], tuned: bool, settings: GenerationSettings | None = None) -> str:
         text = ""

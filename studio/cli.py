@@ -123,7 +123,8 @@ def cmd_train(args) -> int:
                 bar.show(ev)
             if job.done and seen >= len(job.events):
                 break
-            time.sleep(0.2)
+            bar.tick()
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping: saving a checkpoint and the adapter (Ctrl-C again to abort)…", file=sys.stderr)
         engine.stop()
@@ -154,9 +155,14 @@ def _close_distributed() -> None:
 
 
 class _Progress:
+    """The engine's events on stderr: one tqdm bar per phase (data, conversion, reference pass, training, scoring,
+    saving) with its own count and ETA, or an elapsed clock where the phase cannot count its work; ``tick`` keeps
+    the clock moving between events."""
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.bar = None
+        self.phase = None
 
     def show(self, ev: dict) -> None:
         if not self.enabled:
@@ -164,24 +170,41 @@ class _Progress:
         t = ev["type"]
         if t in ("status", "error") and ev.get("message"):
             self._write(("error: " if t == "error" else "") + ev["message"])
-        elif t in ("progress", "metrics") and ev.get("max_steps"):
-            from tqdm import tqdm
-
-            if self.bar is None:
-                self.bar = tqdm(total=ev["max_steps"], initial=ev.get("step", 0), unit="step", file=sys.stderr)
-            self.bar.n = ev.get("step", 0)
-            if t == "metrics" and "loss" in ev:
-                post = {"loss": f"{ev['loss']:.4f}"}
-                for k in ("rewards/margins", "kl"):
-                    if k in ev:
-                        post[k.split("/")[-1]] = f"{ev[k]:.3f}"
-                if ev.get("tokens_per_s"):
-                    post["tok/s"] = f"{ev['tokens_per_s']:.0f}"
-                self.bar.set_postfix(post)
-            self.bar.refresh()
+        elif t == "phase":
+            self._phase(ev)
+        elif t == "metrics" and self.bar is not None and self.phase == "training" and "loss" in ev:
+            post = {"loss": f"{ev['loss']:.4f}"}
+            for k in ("rewards/margins", "kl"):
+                if k in ev:
+                    post[k.split("/")[-1]] = f"{ev[k]:.3f}"
+            if ev.get("tokens_per_s"):
+                post["tok/s"] = f"{ev['tokens_per_s']:.0f}"
+            self.bar.set_postfix(post)
         elif t == "done":
             self.close()
             self._write(ev.get("message", ""))
+
+    def _phase(self, ev: dict) -> None:
+        from tqdm import tqdm
+
+        from studio.engine import PHASE_LABELS
+
+        name, total = ev.get("phase"), ev.get("total")
+        if name != self.phase or self.bar is None or (total and self.bar.total != total):
+            self.close()
+            self.phase = name
+            unit = "step" if name == "training" else ("pass" if name == "reference" else "it")
+            desc = PHASE_LABELS.get(name, name) if name == "training" else ev.get("message") or name
+            self.bar = tqdm(total=total or None, initial=ev.get("done") or 0, unit=unit, file=sys.stderr,
+                            desc=desc, bar_format=None if total else "{desc} [{elapsed}]")
+        if ev.get("done") is not None:
+            self.bar.n = ev["done"]
+        self.bar.refresh()
+
+    def tick(self) -> None:
+        """Redraw the current bar: its elapsed clock moves even when no event came."""
+        if self.enabled and self.bar is not None:
+            self.bar.refresh()
 
     def _write(self, msg: str) -> None:
         if self.bar is not None:
@@ -193,6 +216,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.phase = None
 
 
 def print_json(obj) -> None:

@@ -3,7 +3,11 @@
 Any front end (the Gradio Train tab, the CLI's progress bar, tests) starts a job with ``Engine.start`` and polls
 ``Engine.events(since)``. Events are plain dicts with a ``type``:
 
-- ``status``: a phase message ("loading model", "training", ...);
+- ``status``: a message for the log ("Device: ...", "Training…", a data note, ...);
+- ``phase``: what the job is doing now, with progress: ``phase`` (a short name: "data", "convert", "model",
+  "reference", "training", "evaluating", "scoring", "saving"), ``message``, ``done`` and ``total`` (ints, or None
+  when the phase cannot count its work). A phase lasts until the next phase event; front ends show the latest one
+  with a bar, its own ETA (from the phase's first event and ``done / total``) and a clock that keeps moving;
 - ``started``: the job was accepted (emitted by ``start``, before the thread runs), with resume_from;
 - ``metrics``: one logged step: step, max_steps, epoch, loss, rewards/chosen, rewards/rejected, rewards/margins, kl,
   learning_rate, tokens_per_s, elapsed_s, eta_s, and memory: gpu_mem_gib (peak allocated), gpu_reserved_gib
@@ -195,6 +199,9 @@ class Engine:
             except Exception:  # a broken observer must not kill training
                 log.exception("event observer failed")
 
+    def _phase(self, job: Job, phase: str, message: str, done: int | None = None, total: int | None = None) -> None:
+        self._emit(job, "phase", phase=phase, message=message, done=done, total=total)
+
     def _run(self, job: Job) -> None:
         cfg = job.config
         try:
@@ -216,6 +223,7 @@ class Engine:
             watched = job.watch.finish(trainer.model, trainer.state.global_step, job.stop_requested) \
                 if job.watch is not None else None
             adapter = job.run_dir / ADAPTER_DIR
+            self._phase(job, "saving", "Saving the adapter…")
             trainer.save_model(str(adapter))
             job.adapter_path = str(adapter)
             verdict = ""
@@ -293,6 +301,7 @@ class Engine:
         cfg = job.config
         rows = evaluate.limit_rows(job.eval_rows, cfg.data.eval_max_rows)
         self._emit(job, "status", message=f"Scoring {len(rows)} held-out rows, base vs tuned…")
+        self._phase(job, "scoring", f"Scoring {len(rows)} held-out rows, base vs tuned…", 0, len(rows))
         try:
             model = trainer.model
             model.eval()
@@ -354,6 +363,7 @@ class Engine:
                 if cfg.kto.precompute_ref_batch_size == "auto":
                     ref_rows = memory.forward_rows(arch, backend, settings)
         self._emit(job, "status", message="Preparing data…")
+        self._phase(job, "data", f"Reading and preparing {Path(data_mod.resolve(cfg.data.train_file)).name}…")
         td = data_mod.prepare_training(cfg)
         self._emit(job, "status", message=f"{len(td.train)} training rows ({td.n_desirable} desirable, "
                                           f"{td.n_undesirable} undesirable)" + (f"; {len(td.eval)} eval rows" if td.eval is not None else ""),
@@ -377,7 +387,20 @@ class Engine:
                        micro_batch_size=micro)
         if job.stop_requested:
             return None
-        loaded = models.load_for_training(cfg, device, progress=lambda m: self._emit(job, "status", message=m))
+        from studio import bundled
+        from studio.config import BUNDLED_MODEL
+
+        if cfg.model.name_or_path == BUNDLED_MODEL and not bundled.is_converted():
+            self._phase(job, "convert", "Converting the bundled SmolLM2-135M into a trainable checkpoint (once, "
+                                        "about a minute on a CPU)…")
+        else:
+            self._phase(job, "model", f"Loading {cfg.model.name_or_path}…")
+
+        def model_progress(m: str) -> None:
+            self._emit(job, "status", message=m)
+            self._phase(job, "convert" if m.startswith("Converting") else "model", m)
+
+        loaded = models.load_for_training(cfg, device, progress=model_progress)
         if job.stop_requested:
             return None
         if logprob.needs_fallback(device.kind):
@@ -402,6 +425,8 @@ class Engine:
             # Unsloth's own checkpointing is already on; TRL must not wrap the model a second time
             kto_args.gradient_checkpointing = False
         self._emit(job, "status", message="Tokenizing…")
+        n_tok = len(td.train) + (len(td.eval) if td.eval is not None else 0)
+        self._phase(job, "data", f"Tokenizing {n_tok} rows…")
         trainer = trainer_cls(model=loaded.model, args=kto_args, train_dataset=td.train, eval_dataset=td.eval,
                               processing_class=loaded.tokenizer,
                               callbacks=[_make_callback(self, job), *self.extra_callbacks])
@@ -420,8 +445,36 @@ class Engine:
             fingerprint = speed.reference_fingerprint(
                 loaded.source.path, backend=backend, dtype=str(loaded.dtype), device=device.kind,
                 load_in_4bit=cfg.model.load_in_4bit, trust_remote_code=cfg.model.trust_remote_code) if dropped else None
-            speed.precompute_reference(trainer, ref_pass_rows, fingerprint)
+            speed.precompute_reference(trainer, ref_pass_rows, fingerprint, progress=lambda d, t: self._phase(
+                job, "reference", f"Reference model's log-probs, {ref_pass_rows} rows per pass", d, t))
         return trainer
+
+
+PHASE_LABELS = {"data": "Preparing data", "convert": "Converting the model", "model": "Loading the model",
+                "reference": "Reference pass", "training": "Training", "evaluating": "Eval loss",
+                "scoring": "Held-out scoring", "saving": "Saving"}
+
+
+def current_phase(events: list[dict[str, Any]], now: float | None = None) -> dict[str, Any] | None:
+    """The latest ``phase`` event with what front ends show: ``label``, ``elapsed_s`` in this phase (from its first
+    event) and ``eta_s`` (None without counts): the phase's own rate so far (first to latest counted event), counted
+    down from the latest event, so it keeps moving between events. None before the first phase event."""
+    phases = [e for e in events if e.get("type") == "phase"]
+    if not phases:
+        return None
+    last = dict(phases[-1])
+    now = time.time() if now is None else now
+    same = [e for e in phases if e["phase"] == last["phase"]]
+    counted = [e for e in same if e.get("done") is not None]
+    eta = None
+    if counted and last.get("total") and last.get("done") is not None:
+        first, latest = counted[0], counted[-1]
+        if latest["done"] > first["done"] and latest["time"] > first["time"]:
+            per_unit = (latest["time"] - first["time"]) / (latest["done"] - first["done"])
+            eta = max(0.0, per_unit * (last["total"] - latest["done"]) - (now - latest["time"]))
+    last.update(label=PHASE_LABELS.get(last["phase"], last["phase"].capitalize()),
+                elapsed_s=max(0.0, now - same[0]["time"]), eta_s=eta)
+    return last
 
 
 def _make_callback(engine: Engine, job: Job):
@@ -439,6 +492,7 @@ def _make_callback(engine: Engine, job: Job):
             self.start_step = state.global_step
             engine._emit(job, "progress", step=state.global_step, max_steps=state.max_steps,
                          epoch=state.epoch or 0.0, elapsed_s=0.0, eta_s=None)
+            engine._phase(job, "training", "Training", state.global_step, state.max_steps)
 
         def on_save(self, args, state, control, **kw):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -446,10 +500,24 @@ def _make_callback(engine: Engine, job: Job):
                 engine._emit(job, "checkpoint", step=state.global_step, path=str(path))
 
         def on_step_end(self, args, state, control, **kw):
+            engine._phase(job, "training", "Training", state.global_step, state.max_steps)
             if job.stop_requested:
                 control.should_save = True
                 control.should_training_stop = True
             return control
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+            """The periodic evaluation on the eval rows (every save_steps): its own phase, then back to training."""
+            self.eval_batches = getattr(self, "eval_batches", 0) + 1
+            try:
+                total = len(eval_dataloader) if eval_dataloader is not None else None
+            except TypeError:
+                total = None
+            engine._phase(job, "evaluating", "Eval loss on the held-out rows", self.eval_batches, total)
+
+        def on_evaluate(self, args, state, control, **kw):
+            self.eval_batches = 0
+            engine._phase(job, "training", "Training", state.global_step, state.max_steps)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})

@@ -95,10 +95,40 @@ def export_adapter(src: str | Path, out: str | Path, progress: Progress = None) 
         if f.is_file() and f.name not in TRAINING_ONLY:
             shutil.copy2(f, out / f.name)
             files.append(f.name)
+    base_note = portable_base_model(out, chat.run_config(choice.run_dir))
     checks = verify_adapter(choice, out, progress)
+    checks["base_model"] = base_note
     result = ExportResult("adapter", str(out), files, checks, round(time.time() - t0, 2))
     _write_manifest(out, result, {"run": str(choice.run_dir), "adapter": str(choice.path)})
     return result
+
+
+def portable_base_model(folder: Path, cfg) -> str:
+    """Point the exported ``adapter_config.json`` at a base model another machine can load: PEFT records the path the
+    run loaded (a local folder: the bundled model's converted copy, or a download) as ``base_model_name_or_path``.
+    A hub model gets its hub id, the bundled model the hub id of the model it was converted from; a local model
+    keeps its path, and the returned note says where the adapter needs that model."""
+    from studio import presets
+    from studio.config import BUNDLED_MODEL
+
+    f = folder / "adapter_config.json"
+    if not f.is_file():
+        return "no adapter_config.json"
+    data = json.loads(f.read_text(encoding="utf-8"))
+    name = cfg.model.name_or_path if cfg is not None else data.get("base_model_name_or_path", "")
+    local = Path(name).expanduser()
+    if name == BUNDLED_MODEL:
+        hub_id = presets.find_model("smollm2-135m").get("hub_id")
+        note = (f"{hub_id} (hub id): the studio trained on its bundled copy of that model (dequantized from a 4-bit "
+                "GGUF), so the adapter loads anywhere from the hub and behaves near-identically")
+    elif not local.exists() and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        hub_id, note = name, f"{name} (hub id): loads on any machine with access to the hub"
+    else:
+        return (f"{name} (a local model, not from the hub): on another machine, copy that model too and set "
+                "base_model_name_or_path in adapter_config.json to where it is")
+    data["base_model_name_or_path"] = hub_id
+    f.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return note
 
 
 def verify_adapter(choice, out: Path, progress: Progress = None) -> dict[str, Any]:

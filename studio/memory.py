@@ -593,11 +593,12 @@ class CardPlan:
 
 def plan_for_card(cfg, budget_gib: float | None, device_kind: str = "cuda", preferred_path: str | None = None,
                   seq_ceiling: int = DEFAULT_SEQ_CEILING, effective_batch: int | None = None,
-                  fetch: bool = True) -> CardPlan:
+                  fetch: bool = True, installed: Iterable[str] | None = None) -> CardPlan:
     """Fit ``cfg`` (a RunConfig) to a card with ``budget_gib`` for PyTorch. On CUDA every 4-bit path the config
     allows is fitted and the settings of ``preferred_path`` (what backend 'auto' picks there), else of the first
-    path that fits, are returned as run-config changes. On CPU / Apple MPS there is no GPU budget: the full-precision
-    estimate is returned for information (the limit there is system memory and time)."""
+    path that fits, are returned as run-config changes. ``installed``: the paths a run can take on this machine;
+    the others are fitted and shown but never applied. On CPU / Apple MPS there is no GPU budget: the
+    full-precision estimate is returned for information (the limit there is system memory and time)."""
     arch = arch_for(cfg.model.name_or_path, fetch)
     # auto-fit decides the memory savers afresh: the config's current ones may come from another model's fit
     base = replace(settings_from_run(cfg), micro_batch=None)
@@ -618,10 +619,12 @@ def plan_for_card(cfg, budget_gib: float | None, device_kind: str = "cuda", pref
     fits = {p: auto_fit(arch, p, budget_gib, seq_ceiling=seq_ceiling, effective_batch=eff, settings=base)
             for p in paths}
     order = ([preferred_path] if preferred_path in fits else []) + paths
+    if installed is not None:
+        order = [p for p in order if p in set(installed)]
     chosen = next((p for p in order if fits[p].ok), None)
     estimates = {p: f.estimate for p, f in fits.items() if f.estimate is not None}
     if chosen is None:
-        msg = " ".join(f.reason for f in fits.values())
+        msg = " ".join(f.reason for f in fits.values() if not f.ok)
         return CardPlan(arch, budget_gib, fits, estimates, None, {}, msg)
     f = fits[chosen]
     return CardPlan(arch, budget_gib, fits, estimates, chosen, f.run_changes(), f"{chosen}: {f.reason}")

@@ -4,7 +4,7 @@ Three kinds, one folder each:
 
 - ``presets/gpu/*.yaml``: a card (8 / 12 / 16 / 24 GB, CPU only, Apple MPS): how the model is loaded and the memory
   budget (``gpu_gib``) that auto-fit and the run check work against;
-- ``presets/models/*.yaml``: a model of the seed's tiers: hub id, Unsloth's pre-quantized copy, licence/gating, and
+- ``presets/models/*.yaml``: a model from 135M to 8B: hub id, Unsloth's pre-quantized copy, licence/gating, and
   the architecture fields of its ``config.json`` so the memory estimate works before anything is downloaded;
 - ``presets/recipes/*.yaml``: KTO recipes (learning rate, beta, schedule) and the effective batch they aim for.
 

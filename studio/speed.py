@@ -112,20 +112,43 @@ def reference_fingerprint(source_path: str, **settings: Any) -> str | None:
     return h.hexdigest()
 
 
-def precompute_reference(trainer, rows_per_pass: int, fingerprint: str | None = None) -> None:
+def precompute_reference(trainer, rows_per_pass: int, fingerprint: str | None = None, progress=None) -> None:
     """Compute the reference log-probs of the trainer's train (and eval) rows once, as TRL's KTOTrainer does in its
     constructor when built with ``precompute_ref_log_probs`` - here after the constructor, so that the pass runs
     without the reference copy (``drop_reference_copy``). ``fingerprint`` replaces TRL's hash of every weight as the
-    cache key (None: TRL's hash, needed when the reference is an adapter rather than the base model)."""
+    cache key (None: TRL's hash, needed when the reference is an adapter rather than the base model).
+    ``progress(done, total)`` is called after each pass (batches over train and eval rows together)."""
+    import math
+
     from trl.trainer.utils import hash_module
 
     trainer.precompute_ref_logps = True
     trainer.args.precompute_ref_log_probs = True
     trainer.args.precompute_ref_batch_size = rows_per_pass
     trainer._precompute_model_hash = fingerprint or hash_module(trainer.ref_model or trainer.model)
-    trainer.train_dataset = trainer._precompute_ref_logps(trainer.train_dataset, "train", rows_per_pass)
-    if trainer.eval_dataset is not None:
-        trainer.eval_dataset = trainer._precompute_ref_logps(trainer.eval_dataset, "eval", rows_per_pass)
+    datasets = [trainer.train_dataset] + ([trainer.eval_dataset] if trainer.eval_dataset is not None else [])
+    total = sum(math.ceil(len(d) / rows_per_pass) for d in datasets)
+    done = 0
+    compute = trainer.compute_ref_log_probs  # TRL calls it once per pass; count the calls for progress
+
+    def counted(*args, **kwargs):
+        nonlocal done
+        out = compute(*args, **kwargs)
+        done += 1
+        if progress:
+            progress(min(done, total), total)
+        return out
+
+    if progress:
+        progress(0, total)
+        trainer.compute_ref_log_probs = counted
+    try:
+        trainer.train_dataset = trainer._precompute_ref_logps(trainer.train_dataset, "train", rows_per_pass)
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset = trainer._precompute_ref_logps(trainer.eval_dataset, "eval", rows_per_pass)
+    finally:
+        if progress:
+            del trainer.compute_ref_log_probs  # back to the class's method
 
 
 # ---- small models on big cards -------------------------------------------------------------------------------------

@@ -51,6 +51,20 @@ def test_labels_can_be_set_and_flipped_but_not_guessed(labelled):
     assert wb.edits == 5
 
 
+def test_flips_that_cancel_out_are_no_edits(labelled):
+    """Issue 16 point 10: '6 labels changed by you' after flips that cancelled out."""
+    wb = Workbench.load(str(labelled))
+    wb.flip([1, 2, 3])
+    assert wb.edits == 3
+    wb.flip([1, 2, 3])
+    assert wb.edits == 0
+    wb.set_label(1, "yes" if wb.rows[0]["label"] is False else "no")
+    wb.set_label(1, "no" if wb.rows[0]["label"] is True else "yes")
+    assert wb.edits == 0
+    wb.flip([2])
+    assert wb.edits == 1
+
+
 def test_row_number_parsing():
     assert parse_row_numbers("3, 7-9 12 9", 20) == [3, 7, 8, 9, 12]
     with pytest.raises(DataError, match="row 21 does not exist: rows are numbered 1 to 20"):

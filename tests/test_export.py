@@ -66,6 +66,26 @@ def test_adapter_export_is_the_runs_adapter_without_training_files(run_dir, tmp_
                                                                 ).read_bytes()
     assert result.checks["loads_with_peft"] and result.checks["max_logit_diff_vs_run_adapter"] == 0.0
     assert result.checks["max_logit_change_vs_base"] > 0.05
+    # the exported adapter names a base model another machine can load, not this machine's converted copy
+    exported = json.loads((out / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "hub id" in result.checks["base_model"]
+
+
+def test_an_exported_adapter_names_the_hub_id_or_says_its_base_is_local(tmp_path):
+    from studio.config import RunConfig
+
+    for name, expected in (("Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-3B-Instruct"),
+                           (str(tmp_path), str(tmp_path / "snapshot"))):
+        folder = tmp_path / "out"
+        folder.mkdir(exist_ok=True)
+        (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path":
+                                                                str(tmp_path / "snapshot"), "r": 4}))
+        note = export.portable_base_model(folder, RunConfig().updated({"model.name_or_path": name}))
+        data = json.loads((folder / "adapter_config.json").read_text())
+        assert data["base_model_name_or_path"] == expected and data["r"] == 4
+        assert ("hub id" in note) == (name.count("/") == 1 and not name.startswith("/"))
+    assert "a local model, not from the hub" in note and "set base_model_name_or_path" in note
 
 
 def test_merged_export_gives_the_adapter_models_logits(run_dir, tmp_path, adapter_model, probe_ids):

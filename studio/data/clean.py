@@ -13,7 +13,7 @@ from typing import Any
 
 from studio.data.balance import suggest_weights
 from studio.data.inspect import Report, inspect_rows
-from studio.data.normalize import FIELDS, DataError, Normalized
+from studio.data.normalize import FIELDS, ColumnError, DataError, Normalized
 
 # reasons a row is left out, in the order they are checked (a row is counted under its first reason)
 REASONS = ("unlabeled", "empty_completion", "conflicting_labels", "duplicate", "prompt_too_long", "over_length")
@@ -257,7 +257,8 @@ def cli(args) -> int:
         summary = run(args.file, args.out, model=args.model, max_length=args.max_length, mapping=mapping,
                       options=options)
     except DataError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        hint = f" {e.cli_hint()}." if isinstance(e, ColumnError) else ""
+        print("error: " + " ".join(str(e).split()) + hint, file=sys.stderr)
         return 1
     except Exception as e:  # never a traceback for a user's file; the type helps a bug report
         print(f"error: {args.file} could not be processed ({type(e).__name__}: {' '.join(str(e).split())})",

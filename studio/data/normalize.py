@@ -55,9 +55,15 @@ class DataError(ValueError):
 class ColumnError(DataError):
     """The columns don't say which is the prompt, completion, label (or chosen / rejected): the user must map them."""
 
-    def __init__(self, message: str, columns: list[str]):
+    def __init__(self, message: str, columns: list[str], missing_label: bool = False):
         super().__init__(message)
         self.columns = columns
+        self.missing_label = missing_label  # prompt and completion are there; only the label column is not
+
+    def cli_hint(self) -> str:
+        """How to map columns on the command line (the Data tab has its Column mapping panel instead)."""
+        return ("Map them with --map THEIRS=OURS, e.g. --map rating=label" if self.missing_label else
+                "Map them, e.g. --map question=prompt --map answer=completion --map rating=label")
 
 
 @dataclass
@@ -180,14 +186,16 @@ def _missing_columns_message(columns: list[str]) -> str:
     cols = set(columns)
     found = ", ".join(repr(c) for c in columns) or "none"
     if {"prompt", "completion"} <= cols:
-        need = "a label column (true = desirable, false = undesirable) is missing"
-    elif "chosen" in cols or "rejected" in cols:
+        return (f"no label column: the rows have a prompt and a completion, but no column says whether each "
+                f"completion is good or bad (true = desirable, false = undesirable; 👍/👎, yes/no … work too). "
+                f"Columns found: {found}. If one of them holds the label under another name, say which; otherwise "
+                "add a label column to a copy of your file.")
+    if "chosen" in cols or "rejected" in cols:
         need = "paired data needs both 'chosen' and 'rejected'"
     else:
         need = ("KTO needs prompt + completion + label, or prompt + chosen + rejected (or HH chosen/rejected "
                 "transcripts)")
-    return (f"cannot tell which column is which: {need}. Columns found: {found}. Map them, e.g. "
-            "--map question=prompt --map answer=completion --map rating=label (or the Column mapping box).")
+    return f"cannot tell which column is which: {need}. Columns found: {found}. Say which column holds what."
 
 
 # ---- normalize -----------------------------------------------------------------------------------------------------
@@ -219,7 +227,8 @@ def normalize(records: list[dict[str, Any]], mapping: dict[str, str] | None = No
     mapped_cols = {full_map.get(c, c) for c in columns}
     shape = detect_shape(mapped_cols)
     if shape is None:
-        raise ColumnError(_missing_columns_message(columns), columns)
+        raise ColumnError(_missing_columns_message(columns), columns,
+                          missing_label={"prompt", "completion"} <= mapped_cols)
     out = Normalized(rows=[], columns=columns, mapping=full_map, shape=shape, n_records=len(records))
     out.conversions.extend(guessed)
     records = [{k: _clean_value(v) for k, v in r.items()} for r in records]

@@ -43,11 +43,15 @@ class Workbench:
     length_model: str | None = None
     max_length: int | None = None
     tokenizer_note: str | None = None
-    edits: int = 0
+    edits: int = 0  # rows whose label differs from the file's now (flips that cancel out count for nothing)
     report: Report = field(init=False)
 
     def __post_init__(self):
+        self._loaded_labels = [r["label"] for r in self.rows]
         self.refresh()
+
+    def _count_edits(self) -> None:
+        self.edits = sum(1 for r, was in zip(self.rows, self._loaded_labels) if r["label"] is not was)
 
     @classmethod
     def load(cls, source: str, name: str | None = None, mapping: dict[str, str] | None = None,
@@ -87,7 +91,7 @@ class Workbench:
         if row["label"] is label:
             return False
         row["label"] = label
-        self.edits += 1
+        self._count_edits()
         self.refresh()
         return True
 
@@ -99,7 +103,7 @@ class Workbench:
             if row["label"] is not None:
                 row["label"] = not row["label"]
                 n += 1
-        self.edits += n
+        self._count_edits()
         self.refresh()
         return n
 

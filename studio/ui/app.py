@@ -27,6 +27,8 @@ class Studio:
         # counts changes made outside the Train tab's form (Model tab auto-fit, presets, Data tab): the form reloads
         # from the config when it is shown after such a change, and only then (a reload would race with typing)
         self.outside_changes = 0
+        self.card: str | None = None  # the Model tab's card (GPU preset key), shared by every browser tab
+        self.recipe: str = "standard"
 
     def update(self, changes: dict, source: str | None = None) -> RunConfig:
         with self.lock:
@@ -35,10 +37,19 @@ class Studio:
                 self.outside_changes += 1
             return self.config
 
+    def replace(self, cfg: RunConfig) -> RunConfig:
+        """Set a whole planned config (the Model tab's card / model / recipe plan), as an outside change."""
+        with self.lock:
+            self.config = cfg
+            self.outside_changes += 1
+            return cfg
+
 
 CSS = """
 #studio-title h1 {margin-bottom: 0}
 .metric-plot {min-height: 220px}
+@keyframes studio-slide {from {margin-left: 0} to {margin-left: 70%}}
+.studio-indeterminate {animation: studio-slide 1.6s ease-in-out infinite alternate}
 """
 
 

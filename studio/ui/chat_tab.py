@@ -14,8 +14,21 @@ from studio import evaluate, export, feedback
 from studio.chat import (ChatModel, GenerationSettings, Turn, build_messages, content_text, list_adapters,
                          newest)
 
-NO_ADAPTER = ("No trained adapter yet: train a run in the **Train** tab (or let it reach its first checkpoint), "
-              "then press **↻**.")
+NO_ADAPTER = ("No trained adapter yet: train a run in the **Train** tab (or let it reach its first checkpoint); "
+              "the list refreshes when a run ends.")
+MULTI_TURN = ("The chat is **multi-turn**: each side sees its own earlier questions and replies. Press **Clear** to "
+              "start a new conversation.")
+CUT_MARK = "\n\n✂️ *cut off at {n} new tokens: raise **max new tokens** to see more*"
+
+
+def cut_mark(n: int) -> str:
+    return CUT_MARK.format(n=n)
+
+
+def _strip_mark(text: str) -> str:
+    """A reply as the model wrote it: the cut-off mark is the studio's, never sent back to the model."""
+    i = text.find("\n\n✂️ *cut off at ")
+    return text[:i] if i >= 0 else text
 
 
 def _chat(studio) -> ChatModel:
@@ -32,7 +45,7 @@ def adapter_choices() -> tuple[list[tuple[str, str]], str | None]:
 
 
 def _plain(history) -> list[dict]:
-    return [{"role": m["role"], "content": content_text(m.get("content"))} for m in (history or [])
+    return [{"role": m["role"], "content": _strip_mark(content_text(m.get("content")))} for m in (history or [])
             if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
 
 
@@ -69,9 +82,15 @@ def _y_lim(chart: pd.DataFrame) -> list[float]:
     return [min(low * 1.15, -1.0), 0.0]
 
 
+def _chart_value(chart: pd.DataFrame):
+    # None, never an empty frame: the browser sizes a chart's axes from the first frame it gets, and a chart that
+    # first got an empty one stayed empty after the evaluation filled the table beside it
+    return None if chart.empty else chart
+
+
 def eval_outputs(result):
     head, table, chart = eval_views(result)
-    return head, table, gr.update(value=chart, y_lim=_y_lim(chart))
+    return head, table, gr.update(value=_chart_value(chart), y_lim=_y_lim(chart))
 
 
 def build(studio):
@@ -98,9 +117,11 @@ def build(studio):
         base_box = gr.Chatbot(label="Base model (adapter off)", elem_id="chat-base", height=380)
         tuned_box = gr.Chatbot(label="Tuned (adapter on)", elem_id="chat-tuned", height=380)
     with gr.Row(equal_height=True):
-        msg = gr.Textbox(placeholder="Ask both models…", show_label=False, scale=5, elem_id="chat-input")
+        msg = gr.Textbox(placeholder="Ask both models… (the conversation continues until you press Clear)",
+                         show_label=False, scale=5, elem_id="chat-input")
         send = gr.Button("Send", variant="primary", scale=0, min_width=90, elem_id="chat-send")
         clear = gr.Button("Clear", scale=0, min_width=90, elem_id="chat-clear")
+    gr.Markdown(MULTI_TURN, elem_id="chat-multi-turn")
     fb = gr.Markdown(feedback_md(), elem_id="chat-feedback")
 
     with gr.Accordion("Held-out evaluation: base vs tuned", open=False):
@@ -117,7 +138,7 @@ def build(studio):
         eval_status = gr.Markdown(head0, elem_id="chat-eval-status")
         with gr.Row():
             eval_table = gr.Dataframe(table0, interactive=False, elem_id="chat-eval-table", scale=3)
-            eval_plot = gr.BarPlot(chart0, x="completions", y="mean log-prob", color="model", height=260,
+            eval_plot = gr.BarPlot(_chart_value(chart0), x="completions", y="mean log-prob", color="model", height=260,
                                    y_lim=_y_lim(chart0), title="mean log-prob per completion (higher = more likely)",
                                    elem_id="chat-eval-plot", scale=2)
 
@@ -176,6 +197,8 @@ def build(studio):
                 for reply in chat.stream(prompt[side], tuned=side == "tuned", settings=settings):
                     hist[side][-1]["content"] = reply
                     yield "", hist["base"], hist["tuned"], state, note
+                if chat.cut_off:
+                    hist[side][-1]["content"] = reply + cut_mark(settings.max_new_tokens)
             except Exception as e:  # noqa: BLE001
                 hist[side][-1]["content"] = f"(generation failed: {e})"
                 yield "", hist["base"], hist["tuned"], state, f"❌ {e}"
@@ -228,6 +251,17 @@ def build(studio):
             return f"❌ Export failed: {e}"
         return _export_md(r)
 
+    def on_tick(seen, current):
+        """A run that ended since this page last looked: its adapter joins the list (and is picked when none was)."""
+        job = studio.engine.job
+        key = f"{job.id}:{job.state}" if job is not None and job.done else None
+        if key is None or key == seen:
+            return gr.skip(), gr.skip(), seen
+        dd, text = on_refresh(current)
+        return dd, text, key
+
+    ended_seen = gr.State(None)
+    gr.Timer(2.0).tick(on_tick, [ended_seen, adapter], [adapter, status, ended_seen], show_progress="hidden")
     refresh.click(on_refresh, [adapter], [adapter, status])
     adapter.focus(on_refresh, [adapter], [adapter, status])
     adapter.change(on_adapter, [adapter], [eval_status, eval_table, eval_plot])

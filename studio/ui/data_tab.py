@@ -20,6 +20,13 @@ from studio.data.workbench import Workbench, parse_row_numbers
 
 PAGE_SIZE = 25
 TABLE_COLUMNS = ["#", "source row", "label", "prompt", "completion", "tokens", "issues"]
+# prompt and completion side by side, each cut short (the whole row shows below the table when a row is picked)
+COLUMN_WIDTHS = ["48px", "104px", "112px", "30%", "30%", "84px", "170px"]
+CELL_CHARS = 160
+ISSUE_KINDS = {"duplicate": "duplicate", "conflicting labels": "conflicting_labels",  # table tag -> report kind
+               "empty completion": "empty_completion", "empty prompt": "empty_prompt",
+               "over max_length": "over_length", "prompt fills max_length": "prompt_too_long",
+               "template mismatch": "chat_template_mismatch", "unlabeled": "unlabeled"}
 LABEL_COLUMN = TABLE_COLUMNS.index("label")
 MAX_LISTED = 25
 
@@ -93,11 +100,46 @@ def label_frame(wb: Workbench, options: CleanOptions) -> pd.DataFrame:
                         columns=["label", "rows", "stage"])
 
 
+def _cut(text: str, limit: int = CELL_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit].rstrip() + "…"
+
+
 def table_frame(wb: Workbench, page: int, only_issues: bool) -> tuple[pd.DataFrame, int, str]:
     rows, page, pages = wb.table(page, PAGE_SIZE, only_issues)
+    for r in rows:
+        r["prompt"], r["completion"] = _cut(r["prompt"]), _cut(r["completion"])
     df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     df["tokens"] = df["tokens"].astype("object").where(df["tokens"].notna(), "")
     return df, page, f"page {page} of {pages}"
+
+
+def row_md(wb: Workbench | None, number: int | None) -> str:
+    """One row in full: label, token count, each issue with its reason, the whole prompt and completion."""
+    if wb is None or not number or not 1 <= number <= len(wb.rows):
+        return "_Pick a row in the table to see it in full here._"
+    from studio.data.normalize import completion_text
+
+    i = number - 1
+    row = wb.rows[i]
+    label = {True: "desirable", False: "undesirable", None: "no usable label"}[row["label"]]
+    tokens = f" · {wb.lengths.total[i]} tokens" if wb.lengths else ""
+    reasons = {p["kind"]: p["message"] for p in wb.report.problems()}
+    reasons["unlabeled"] = "the label is not one the studio reads; type one into the table's label column"
+    issues = wb.issues_by_row().get(i, [])
+    lines = [f"#### Row #{number} (row {wb.norm.sources[i] if wb.norm.sources else number} of your file) · "
+             f"**{label}**{tokens}"]
+    for tag in issues:
+        why = reasons.get(ISSUE_KINDS.get(tag, tag), "")
+        lines.append(f"- ⚠️ **{tag}**" + (f": {why}" if why else ""))
+
+    def text(v) -> str:
+        if isinstance(v, list):
+            return "\n\n".join(f"**{m.get('role')}:** {m.get('content')}" for m in v)
+        return completion_text(v)
+
+    lines += ["", "**Prompt**", "", text(row["prompt"]), "", "**Completion**", "", text(row["completion"])]
+    return "\n".join(lines)
 
 
 def balance_md(wb: Workbench, options: CleanOptions, wd: float, wu: float) -> str:
@@ -162,7 +204,8 @@ def build(studio):
         page_info = gr.Markdown(elem_id="data-page-info")
     table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=True, wrap=True, max_height=600,
                          static_columns=[i for i in range(len(TABLE_COLUMNS)) if i != LABEL_COLUMN],
-                         elem_id="data-table")
+                         column_widths=COLUMN_WIDTHS, elem_id="data-table")
+    full_row = gr.Markdown(row_md(None, None), elem_id="data-row-detail")
     with gr.Row():
         flip_rows = gr.Textbox(label="Flip the label of rows (#)", placeholder="3, 7-9", elem_id="data-flip-rows")
         flip_btn = gr.Button("Flip labels", elem_id="data-flip")
@@ -219,7 +262,11 @@ def build(studio):
         except ColumnError as e:
             choices = [""] + list(e.columns)
             map_updates = [gr.update(choices=choices, value=v if v in choices else "") for v in mapping_values]
-            return [None, f"**Cannot use this data:** {e}", gr.update(open=True), *map_updates,
+            where = ("Pick the column that holds the label in **Column mapping** below (opened for you), then press "
+                     "**Load with this mapping**." if e.missing_label else
+                     "Say which of your columns holds what in **Column mapping** below (opened for you), then press "
+                     "**Load with this mapping**.")
+            return [None, f"**Cannot use this data:** {e}  \n{where}", gr.update(open=True), *map_updates,
                     *_cleared()]
         except DataError as e:
             return [None, f"**Cannot use this data:** {e}", gr.update(), *map_updates, *_cleared()]
@@ -323,6 +370,15 @@ def build(studio):
 
     table.input(edit_labels, [wb_state, table, *view_in], [wb_state, *view_out])
 
+    def on_pick(wb, df, evt: gr.SelectData):
+        try:
+            r = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
+            return row_md(wb, int(df.iloc[r]["#"]))
+        except (TypeError, ValueError, IndexError, KeyError):
+            return gr.skip()
+
+    table.select(on_pick, [wb_state, table], full_row, show_progress="hidden")
+
     def flip(wb, text, *args):
         if wb is None:
             gr.Warning("Load data first.")
@@ -353,6 +409,25 @@ def build(studio):
         ev = f" and {s['eval_rows']} eval rows to `{s['eval_file']}`" if s["eval_file"] else ""
         return (f"**Saved {s['train_rows']} rows** to `{s['train_file']}`{ev} (your file is unchanged). The run "
                 f"config now trains on it with desirable_weight = {cfg.kto.desirable_weight}, undesirable_weight = "
-                f"{cfg.kto.undesirable_weight}.")
+                f"{cfg.kto.undesirable_weight}." + _replan_cpu())
+
+    def _replan_cpu() -> str:
+        """On the CPU card the plan depends on the data (max_length from its lengths, the step cap): re-plan it."""
+        from studio import models, planner
+
+        device = models.detect_device()
+        card = getattr(studio, "card", None) or ("cpu" if device.kind == "cpu" else None)
+        if card != "cpu":
+            return ""
+        try:
+            p = planner.plan(studio.config, "cpu", device, recipe_key=getattr(studio, "recipe", None))
+        except Exception:  # a plan that cannot be made leaves the settings as they are
+            return ""
+        studio.replace(p.config)
+        c = p.config
+        steps = f"{c.train.max_steps} steps" if c.train.max_steps > 0 else "all rows"
+        when = f", expected {p.duration.describe()}" if p.duration else ""
+        return (f"  \nCPU plan updated for this data: max_length {c.kto.max_length}, batch "
+                f"{c.train.per_device_train_batch_size} x {c.train.gradient_accumulation_steps}, {steps}{when}.")
 
     save_btn.click(save, [wb_state, *filters, eval_frac, seed, wd, wu], saved)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from studio import hub, memory, models, presets
+from studio import hub, memory, models, planner, presets
 from studio.ui.widgets import collect, field_component
 
 FIELDS = [("model", "name_or_path"), ("model", "backend"), ("model", "load_in_4bit")]
 PATH_LABELS = {"unsloth": "Unsloth 4-bit", "bnb": "bitsandbytes 4-bit", "full": "full precision"}
-DETECTED = "detected"
+DETECTED = planner.DETECTED
 
 
 def device_markdown(d=None) -> str:
@@ -39,11 +39,7 @@ def default_gpu(device) -> str:
 
 def budget_for(gpu_key: str, device) -> tuple[float | None, str]:
     """(GiB PyTorch may use, device kind) for a GPU preset, or for this machine's card."""
-    if gpu_key == DETECTED:
-        # the free memory now, less a little for the CUDA context the training process will create
-        return round(max(0.5, (device.free_gib or device.total_gib or 0) - 0.4), 2), "cuda"
-    p = presets.get("gpu", gpu_key)
-    return p.get("gpu_gib"), p.get("device", "cuda")
+    return planner.budget_for(gpu_key, device)
 
 
 def model_choices() -> list[tuple[str, str]]:
@@ -93,7 +89,7 @@ def chart_frame(plan: memory.CardPlan | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "part", "GiB"])
 
 
-def plan_markdown(plan: memory.CardPlan, applied: bool) -> str:
+def plan_markdown(plan: memory.CardPlan, applied: bool, unsloth_installed: bool = False) -> str:
     if plan.budget_gib is None:
         return plan.message
     head = f"**Budget: {plan.budget_gib:g} GiB** for {plan.arch.label()}"
@@ -115,9 +111,26 @@ def plan_markdown(plan: memory.CardPlan, applied: bool) -> str:
         lines.append(f"Applied for the {PATH_LABELS[plan.path]} path: max_length **{f.seq}**, per-device batch "
                      f"**{f.batch}**, gradient accumulation **{f.grad_accum}** (effective batch {f.effective_batch})"
                      + (f", memory savers: {savers_label(f)}" if f.micro_batch else "") + ".")
-    for e in plan.estimates.values():
-        lines += [f"> {n}" for n in e.notes]
+    other = other_path_line(plan, unsloth_installed)
+    if other:
+        lines += ["", other]
+    notes = plan.estimates[plan.path].notes if plan.path in plan.estimates else [
+        n for e in plan.estimates.values() for n in e.notes]
+    lines += [f"> {n}" for n in dict.fromkeys(notes)]  # each sentence once, even when several paths share it
     return "\n".join(lines)
+
+
+def other_path_line(plan: memory.CardPlan, unsloth_installed: bool = False) -> str:
+    """The Unsloth plan, when the run cannot take that path here (not installed) but it would train more."""
+    f = plan.fits.get("unsloth")
+    if f is None or not f.ok or plan.path == "unsloth" or unsloth_installed:
+        return ""
+    chosen = plan.fits.get(plan.path) if plan.path else None
+    if chosen is not None and (chosen.seq, chosen.batch) >= (f.seq, f.batch):
+        return ""
+    return (f"With Unsloth installed you could train at max_length {f.seq} x batch {f.batch} "
+            f"({f.estimate.total_gib:.2f} GiB predicted): `pip install unsloth` (see the README's GPU notes); "
+            "the plan above is for what is installed.")
 
 
 def savers_label(f: memory.Fit) -> str:
@@ -127,32 +140,46 @@ def savers_label(f: memory.Fit) -> str:
 
 
 def preferred_path(cfg, device) -> str | None:
-    """The path backend 'auto' takes on this machine, when it has a GPU; else Unsloth first."""
-    if device.kind != "cuda":
-        return "unsloth"
-    try:
-        return models.choose_backend(cfg, device)
-    except models.ModelLoadError:
-        return None
+    """The 4-bit path a run takes with what is installed here (Unsloth only where it is installed)."""
+    return planner.installed_path(device)
+
+
+def cpu_markdown(p: planner.Plan, applied: bool) -> str:
+    cfg, d = p.config, p.duration
+    est = p.card_plan.estimates.get("full") if p.card_plan else None
+    mem = f", about {est.total_gib:.1f} GiB of system memory" if est else ""
+    t = cfg.train
+    cap = f"**{t.max_steps}** optimizer steps (a cap: the whole data would take longer)" if t.max_steps > 0 else \
+        "all epochs"
+    lines = [f"**CPU only:** full-precision LoRA on the CPU{mem}. "
+             + ("Planned for this machine" if applied else "Current settings")
+             + f": max_length **{cfg.kto.max_length}**, per-device batch **{t.per_device_train_batch_size}** x "
+               f"accumulation **{t.gradient_accumulation_steps}**, gradient checkpointing "
+               f"**{'on' if t.gradient_checkpointing else 'off'}**, {cap}."]
+    if applied and p.card_plan is not None:
+        lines.append("max_length covers 90% of your training rows whole (longer ones are truncated).")
+    if d is not None:
+        lines.append(f"**Expected duration: {d.describe()}.**" + "".join(f" {n}" for n in d.notes))
+    return "\n\n".join(lines)
 
 
 # ---- the tab -----------------------------------------------------------------------------------------------------
 
-def fit_view(studio, device, gpu_key: str, recipe_key: str | None, seq_ceiling, apply: bool = True):
-    """(markdown, chart update) of auto-fit for the current config on the chosen card; ``apply`` writes the chosen
-    max_length / batch / accumulation into the config."""
-    cfg = studio.config
-    budget, kind = budget_for(gpu_key, device)
-    eff = presets.get("recipes", recipe_key).get("effective_batch") if recipe_key else None
-    try:
-        plan = memory.plan_for_card(cfg, budget, kind, preferred_path(cfg, device),
-                                    seq_ceiling=int(seq_ceiling or memory.DEFAULT_SEQ_CEILING), effective_batch=eff,
-                                    fetch=False)  # no hub round trip on every click: Download fetches
-    except (memory.EstimateError, OSError, ValueError) as e:
-        return f"**No estimate:** {e}", chart(None)
-    if apply and plan.changes:
-        studio.update(plan.changes)
-    return plan_markdown(plan, apply), chart(plan)
+def fit_view(studio, device, gpu_key: str, recipe_key: str | None, seq_ceiling, apply: bool = True,
+             model_key: str | None = None, recipe_changed: bool = False):
+    """(markdown, chart update) of the plan for the current config on the chosen card (``studio.planner``, the
+    same plan the Train tab shows); ``apply`` re-plans everything the card decides (path, budget, max_length,
+    batch, accumulation, memory savers; on a CPU checkpointing and a step cap) and writes it into the config."""
+    p = planner.plan(studio.config, gpu_key, device, model_key=model_key, recipe_key=recipe_key,
+                     seq_ceiling=seq_ceiling, apply=apply, apply_recipe=recipe_changed)
+    if apply and p.config != studio.config:
+        studio.replace(p.config)
+    studio.card = gpu_key
+    if p.error:
+        return f"**No estimate:** {p.error}", chart(None)
+    if p.device_kind == "cpu":
+        return cpu_markdown(p, apply), chart(p.card_plan)
+    return plan_markdown(p.card_plan, apply, device.unsloth), chart(p.card_plan)
 
 
 def chart(plan: memory.CardPlan | None) -> dict:
@@ -175,7 +202,7 @@ def cache_view():
 
 def build(studio):
     device = models.detect_device()
-    start_gpu, start_recipe = default_gpu(device), "standard"
+    start_gpu, start_recipe = studio.card or default_gpu(device), studio.recipe
     start_model = model_choice_for(studio.config.model.name_or_path)
     first_md, first_chart = fit_view(studio, device, start_gpu, start_recipe, memory.DEFAULT_SEQ_CEILING, apply=False)
     first_cache_md, first_cache, _ = cache_view()
@@ -185,7 +212,7 @@ def build(studio):
         gpu = gr.Dropdown(gpu_choices(device), value=start_gpu, label="Your card",
                           info="Sets how the model is loaded and the memory auto-fit plans with.", elem_id="gpu-preset")
         model_pick = gr.Dropdown(model_choices(), value=start_model, label="Model",
-                                 info="The seed's tiers; gated ones need a licence click and a token.",
+                                 info="Small to 8B instruct models; gated ones need a licence click and a token.",
                                  elem_id="model-preset")
         recipe = gr.Dropdown(recipe_choices(), value=start_recipe, label="KTO recipe",
                              info="Learning rate, beta and the effective batch.", elem_id="recipe-preset")
@@ -219,29 +246,18 @@ def build(studio):
         c = studio.config
         return [c.model.name_or_path, c.model.backend, c.model.load_in_4bit]
 
-    def model_change(model_key, gpu_key) -> dict:
-        if not model_key or model_key == presets.OTHER_MODEL:
-            return {}
-        _, kind = budget_for(gpu_key, device)
-        source = presets.model_source(presets.get("models", model_key), kind, studio.config.model.load_in_4bit)
-        return {"model.name_or_path": source}
-
+    # every choice re-plans the whole card (studio.planner): nothing planned for an earlier card or model stays
     def on_gpu(gpu_key, model_key, recipe_key, seq_ceiling):
-        card = presets.get("gpu", gpu_key).set if gpu_key != DETECTED else {"model.backend": "auto",
-                                                                             "model.load_in_4bit": True}
-        studio.update(card)
-        studio.update(model_change(model_key, gpu_key))  # 4-bit copy on CUDA, original weights elsewhere
-        md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling)
+        md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key)
         return [md, frame, *field_values()]
 
     def on_model(model_key, gpu_key, recipe_key, seq_ceiling):
-        studio.update(model_change(model_key, gpu_key))
-        md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling)
+        md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key)
         return [preset_info(model_key, recipe_key), md, frame, *field_values()]
 
     def on_recipe(recipe_key, model_key, gpu_key, seq_ceiling):
-        studio.update(presets.recipe_changes(studio.config, presets.get("recipes", recipe_key)))
-        md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling)
+        studio.recipe = recipe_key
+        md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, recipe_changed=True)
         return [preset_info(model_key, recipe_key), md, frame]
 
     def on_fit(gpu_key, recipe_key, seq_ceiling):
@@ -294,7 +310,14 @@ def build(studio):
     # a refreshed page (or a run opened from the history) shows the studio's current config, not the one at start
     app = gr.context.Context.root_block
     if app is not None:
-        app.load(lambda: [getattr(getattr(studio.config, s), n) for s, n in FIELDS], None, comps)
+        def on_load(seq_ceiling):
+            """The card, model and recipe the studio holds, and the plan of its current config (not a re-plan)."""
+            card = studio.card or default_gpu(device)
+            model_key = model_choice_for(studio.config.model.name_or_path)
+            md, frame = fit_view(studio, device, card, studio.recipe, seq_ceiling, apply=False)
+            return [*field_values(), card, model_key, studio.recipe, preset_info(model_key, studio.recipe), md, frame]
+
+        app.load(on_load, ceiling, [*comps, gpu, model_pick, recipe, info, fit_md, chart_plot])
 
 
 def _is_hub_id(name: str) -> bool:

@@ -11,9 +11,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio import evaluate, health
+from studio import duration, evaluate, health, models
 from studio.config import ConfigError, RunConfig
-from studio.engine import CONFIG_FILE, JobRunning
+from studio.engine import CONFIG_FILE, JobRunning, current_phase
 from studio.history import HistoryError, checkpoints_on_disk, unused_run_config
 from studio.ui.widgets import collect, field_component
 
@@ -70,16 +70,26 @@ def _long(metrics: list[dict], keys: list[str], label=None) -> pd.DataFrame:
                          "series": pd.Series([p[2] for p in pts], dtype="str")})
 
 
-def _bar(fraction: float | None, text: str, elem_class: str) -> str:
+def _bar(fraction: float | None, text: str, elem_class: str, moving: bool = False, phase: str | None = None) -> str:
+    """A progress bar; ``moving``: work that cannot be counted, drawn as a stripe sliding along the bar."""
     pct = 0.0 if fraction is None else max(0.0, min(1.0, fraction)) * 100
-    return (f'<div class="{elem_class}" data-fraction="{pct / 100:.4f}">'
+    inner = (f'<div style="width:{pct:.1f}%;height:100%;background:var(--color-accent,#f97316);'
+             'transition:width .5s"></div>')
+    if moving:
+        inner = ('<div class="studio-indeterminate" style="width:30%;height:100%;background:var(--color-accent,'
+                 '#f97316)"></div>')  # slides along the bar: the app's CSS animates it
+    attrs = f' data-phase="{phase}"' if phase else ""
+    return (f'<div class="{elem_class}" data-fraction="{pct / 100:.4f}"{attrs}>'
             '<div style="height:14px;border-radius:7px;background:var(--neutral-200,#e5e7eb);overflow:hidden">'
-            f'<div style="width:{pct:.1f}%;height:100%;background:var(--color-accent,#f97316);'
-            'transition:width .5s"></div></div>'
+            f'{inner}</div>'
             f'<div style="margin-top:4px;font-size:0.95em">{text}</div></div>')
 
 
 # ---- views of the live job -----------------------------------------------------------------------------------------
+def stop_button(busy: bool) -> dict:
+    return gr.update(variant="stop" if busy else "secondary", interactive=busy)
+
+
 def job_metrics(studio) -> list[dict]:
     """The current job's training steps, with the steps of earlier attempts of the same run when it was resumed."""
     job = studio.engine.job
@@ -99,21 +109,55 @@ def status_md(job) -> str:
             + (f", resumed from `{Path(job.resume_from).name}`" if job.resume_from else "") + f"  \n{last}")
 
 
-def progress_html(job) -> str:
+def progress_html(job, now: float | None = None) -> str:
+    """The current phase (data, conversion, reference pass, training, scoring, saving) with its own bar and ETA, and
+    the job's elapsed clock; redrawn every second while a job runs, so the clock keeps moving."""
     if job is None:
         return _bar(None, "No training yet.", "train-progress-bar")
+    now = time.time() if now is None else now
+    elapsed = (job.ended_at or now) - job.started_at
     ticks = [e for e in job.events if e["type"] in ("progress", "metrics") and "max_steps" in e and "eval_loss" not in e]
-    if not ticks:
-        return _bar(None, "Preparing (data, model)…" if not job.done else "Did not reach training.",
-                    "train-progress-bar")
-    m = ticks[-1]
-    step, total = m.get("step", 0), m.get("max_steps") or 0
-    elapsed = (job.ended_at or time.time()) - job.started_at
-    text = (f"step <b>{step} / {total}</b> · epoch {m.get('epoch', 0):.2f} · elapsed {_fmt_s(elapsed)} · "
-            f"ETA {'–' if job.done else _fmt_s(m.get('eta_s'))}")
-    if "loss" in m:
-        text += f" · loss {m['loss']:.4f}"
-    return _bar(step / total if total else None, text, "train-progress-bar")
+    last = ticks[-1] if ticks else None
+    steps = (f"step <b>{last.get('step', 0)} / {last.get('max_steps') or 0}</b> · epoch {last.get('epoch', 0):.2f}"
+             if last else "")
+    loss = next((m["loss"] for m in reversed(ticks) if "loss" in m), None)
+    loss_text = f" · loss {loss:.4f}" if loss is not None else ""
+    if job.done:
+        head = STATE_LABELS.get(job.state, job.state)
+        total = (last or {}).get("max_steps") or 0
+        fraction = 1.0 if job.state == "finished" else ((last or {}).get("step", 0) / total if total else None)
+        text = " · ".join(p for p in (f"<b>{head}</b>", steps or "did not reach training",
+                                      f"took {_fmt_s(elapsed)}") if p) + loss_text
+        return _bar(fraction, text, "train-progress-bar")
+    ph = current_phase(job.events, now)
+    if ph is None:
+        return _bar(None, f"<b>Starting…</b> · elapsed {_fmt_s(elapsed)}", "train-progress-bar", moving=True)
+    done, total = ph.get("done"), ph.get("total")
+    counted = done is not None and bool(total)
+    if ph["phase"] == "training":
+        text = f"<b>{ph['label']}</b> · {steps or f'step <b>{done or 0} / {total or 0}</b>'}{loss_text}"
+    else:
+        text = f"<b>{ph['label']}</b>: {ph['message']}" + (f" · <b>{done} / {total}</b>" if counted else "")
+    eta = ph["eta_s"] if counted else None
+    text += (f" · ETA {_fmt_s(eta) if eta is not None else '–'}" if counted else "")
+    text += f" · this phase {_fmt_s(ph['elapsed_s'])} · elapsed {_fmt_s(elapsed)}"
+    return _bar(done / total if counted else None, text, "train-progress-bar", moving=not counted,
+                phase=ph["phase"])
+
+
+def duration_markdown(cfg) -> str:
+    """The Train tab's line: how long the config in the form takes here (CPU only; a GPU run shows its steps)."""
+    if models.detect_device().kind != "cpu":
+        return ""
+    lengths = duration.data_lengths(cfg)
+    d = duration.estimate(cfg, lengths)
+    if d is None:
+        why = ("the training data's token lengths could not be measured with this model's tokenizer" if lengths is None
+               else "the model's size cannot be read before it is downloaded")
+        return f"Expected duration on this CPU: unknown ({why})."
+    slow = " Over 10 minutes: pick the **CPU only** card in the Model & preset tab for a plan that fits." \
+        if d.total_s > 600 else ""
+    return f"Expected duration: **{d.describe()}**.{slow}"
 
 
 def memory_html(job) -> str:
@@ -239,10 +283,11 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
                      for s, n in FIELDS]
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
-        stop = gr.Button("Stop (saves the adapter)", variant="stop", elem_id="train-stop")
+        stop = gr.Button("Stop (saves the adapter)", variant="secondary", interactive=False, elem_id="train-stop")
         resume = gr.Button("Resume", elem_id="train-resume")
         ckpt = gr.Dropdown(label="Resume from", choices=checkpoint_choices(None), value=LATEST,
                            elem_id="train-checkpoint", info="Any saved checkpoint of the run named above.")
+    expected = gr.Markdown(elem_id="train-expected")
     message = gr.Markdown(elem_id="train-message")
     status = gr.Markdown(elem_id="train-status")
     with gr.Row():
@@ -393,6 +438,9 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
             out += [status_md(job), progress_html(job), memory_html(job), *plots_out,
                     health_md(metrics, job.config if job else None), history_frame(hist)]
             state["key"] = key
+        elif job is not None and not job.done:
+            # nothing new happened, but the clocks and the phase's ETA move: redraw the progress line alone
+            out += [gr.skip(), progress_html(job)] + [gr.skip()] * (3 + len(PLOTS))
         else:
             out += [gr.skip()] * (5 + len(PLOTS))
         choices = run_choices(hist)
@@ -401,6 +449,12 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
             out += [gr.update(choices=choices)] * 3
         else:
             out += [gr.skip()] * 3
+        busy = studio.engine.busy
+        if busy != state.get("busy"):  # red and clickable only while a job runs
+            state["busy"] = busy
+            out.append(stop_button(busy))
+        else:
+            out.append(gr.skip())
         ckpts = checkpoint_choices(_run_dir(run_name))
         if ckpts != state.get("ckpts"):
             state["ckpts"] = ckpts
@@ -418,35 +472,37 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
     for c in (cmp_a, cmp_b, cmp_key):
         c.change(on_compare, [cmp_a, cmp_b, cmp_key], cmp_plot)
     timer.tick(on_tick, [seen, name, ckpt],
-               [status, progress, memory, *plots, health_box, table, run_dd, cmp_a, cmp_b, ckpt, seen],
+               [status, progress, memory, *plots, health_box, table, run_dd, cmp_a, cmp_b, stop, ckpt, seen],
                show_progress="hidden")
 
     def field_editor(section: str, field_name: str):
         def on_edit(value):
             """A value typed in the form goes into the shared config at once, this field only (an invalid one waits
-            for Start, which reports it), so switching tabs and back keeps it."""
+            for Start, which reports it), so switching tabs and back keeps it; the expected duration follows."""
             try:
                 studio.update(collect([(section, field_name)], [value]), source="train-form")
             except (ConfigError, ValueError):
-                pass
+                return gr.skip()
+            return duration_markdown(studio.config)
         return on_edit
 
     for (section, field_name), c in zip(FIELDS, comps):
-        c.input(field_editor(section, field_name), c, None, show_progress="hidden")
+        c.input(field_editor(section, field_name), c, expected, show_progress="hidden")
     seen_changes = gr.State(-1)  # per browser tab: the studio's outside-change count the form last showed
 
     def on_load():
-        return [*on_page_load(), studio.outside_changes]
+        return [*on_page_load(), studio.outside_changes, duration_markdown(studio.config)]
 
     def on_show(seen):
         """Shown again: reload the settings only if another tab changed the config since they were last loaded, and
         say so. The run name is left as it is: no other tab sets it, and a reload could overwrite a name being typed."""
         if seen == studio.outside_changes:
-            return [gr.skip()] * (len(FIELDS) + 3)
-        return [gr.skip(), *on_page_load()[1:], studio.outside_changes, RELOADED_NOTICE]
+            return [gr.skip()] * (len(FIELDS) + 3) + [duration_markdown(studio.config)]
+        return [gr.skip(), *on_page_load()[1:], studio.outside_changes, RELOADED_NOTICE,
+                duration_markdown(studio.config)]
 
     if tab is not None:
-        tab.select(on_show, seen_changes, [name, *comps, seen_changes, message], show_progress="hidden")
+        tab.select(on_show, seen_changes, [name, *comps, seen_changes, message, expected], show_progress="hidden")
     app = app or gr.context.Context.root_block
     if app is not None:
-        app.load(on_load, None, [name, *comps, seen_changes])
+        app.load(on_load, None, [name, *comps, seen_changes, expected])

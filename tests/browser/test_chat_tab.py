@@ -8,6 +8,7 @@ import shutil
 import pytest
 from playwright.sync_api import expect
 
+from studio import evaluate
 from tests.browser.conftest import serve_studio, shot
 from tests.conftest import trained_run_dir
 
@@ -33,8 +34,12 @@ def expected_replies(studio_server):
     chat.use(studio_server["home"] / "runs" / "tiny")
     settings = GenerationSettings(max_new_tokens=16, temperature=0.0)
     msgs = build_messages([], QUESTION)
-    replies = {"base": chat.reply(msgs, False, settings), "tuned": chat.reply(msgs, True, settings)}
+    replies, cut = {}, {}
+    for side in ("base", "tuned"):
+        replies[side] = chat.reply(msgs, side == "tuned", settings)
+        cut[side] = chat.cut_off  # stopped by max new tokens: the page marks it
     chat.unload()
+    replies["cut"] = cut
     return replies
 
 
@@ -53,8 +58,14 @@ def test_side_by_side_chat_rate_replies_and_evaluate(page, studio_server, expect
     # the same question on both sides; each side answers with its own model (greedy, so the text is known)
     base_reply = page.locator("#chat-base [data-testid=bot]").last
     tuned_reply = page.locator("#chat-tuned [data-testid=bot]").last
-    expect(tuned_reply).to_have_text(expected_replies["tuned"].strip(), timeout=180_000)
-    expect(base_reply).to_have_text(expected_replies["base"].strip())
+    for side, reply in (("tuned", tuned_reply), ("base", base_reply)):
+        expect(reply).to_contain_text(expected_replies[side].strip(), timeout=180_000)
+        if expected_replies["cut"][side]:  # issue 16 point 9: a reply cut off at max new tokens says so
+            expect(reply).to_contain_text("cut off at 16 new tokens")
+        else:
+            expect(reply).not_to_contain_text("cut off at")
+    assert any(expected_replies["cut"].values()), "16 tokens should cut off at least one side's reply"
+    expect(page.locator("#chat-multi-turn")).to_contain_text("multi-turn")
     expect(page.locator("#chat-base [data-testid=user]")).to_have_text(QUESTION)
     expect(page.locator("#chat-tuned [data-testid=user]")).to_have_text(QUESTION)
     expect(page.locator("#chat-status")).to_contain_text("tuned side: tiny · final adapter")
@@ -84,6 +95,11 @@ def test_side_by_side_chat_rate_replies_and_evaluate(page, studio_server, expect
     expect(page.locator("#chat-eval-status")).to_contain_text("held-out rows from", timeout=180_000)
     expect(page.locator("#chat-eval-table")).to_contain_text("implicit reward accuracy (pairs), %")
     expect(page.locator("#chat-eval-plot canvas, #chat-eval-plot svg").first).to_be_visible()
+    # the chart beside the table has its bars (issue 16 point 9: it stayed empty while the table had numbers)
+    bars = page.locator("#chat-eval-plot [aria-roledescription='bar']")
+    expect(bars.first).to_be_attached(timeout=30_000)
+    assert bars.count() == len(evaluate.chart_rows(json.loads(
+        (studio_server["home"] / "runs" / "tiny" / "eval.json").read_text(encoding="utf-8"))))
     stored = json.loads((studio_server["home"] / "runs" / "tiny" / "eval.json").read_text(encoding="utf-8"))
     assert stored["n_rows"] <= 4
     expect(page.locator("#chat-eval-table")).to_contain_text(str(round(stored["base"]["logp_desirable"], 3)))

@@ -1,0 +1,241 @@
+"""How long a run takes on a CPU, and the CPU plan: settings a small machine finishes in minutes.
+
+No Gradio here. The Model tab (CPU preset), the Train tab (the expected duration shown before Start) and the CLI use
+the same functions, so both tabs show one plan.
+
+The time model counts the work a KTO step does on a CPU: every row of the step is pushed through the model about six
+forward-pass equivalents (policy forward + backward, KL forward, reference completion and KL forwards), and that cost
+grows with tokens x parameters. One constant, ``SECONDS_PER_TOKEN_GPARAM``, turns it into seconds; it is measured with
+``python bench/cpu_duration.py`` on a 2-core machine and scaled by the cores torch uses. When the reference
+log-probs are precomputed, a third of that work moves into one pass before training; the held-out scoring after
+training is two forwards (base and tuned) per row.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Seconds a step takes per (padded) token per billion parameters, float32 on the project's 2-core machine: the CPU
+# run of docs/RECIPES.md (bundled 135M, 192 HH rows of ~183 tokens at max_length 384, reference pass + 12 steps in
+# 380 s) gives 0.080; `python bench/cpu_duration.py` re-measures it (on an idle machine: other work slows it down).
+SECONDS_PER_TOKEN_GPARAM = 0.08
+CALIBRATION_CORES = 2
+CHECKPOINTING_FACTOR = 1.3  # recomputing activations in the backward pass
+REFERENCE_SHARE = 2 / 6  # the reference model's two forwards out of a step's ~6 forward-equivalents
+EVAL_SHARE = 0.22  # scoring a held-out row (base + tuned forwards) against training on it (RECIPES.md: 50 s, 116 rows)
+STARTUP_S = 25.0  # loading the model, tokenizing, building the trainer
+CONVERT_S = 40.0  # the bundled model's one-time GGUF conversion
+SAVE_S = 5.0
+EVAL_LIMIT = 200  # rows the engine scores after training
+
+# The CPU plan
+CPU_TARGET_TRAIN_S = 300.0  # training + held-out scoring the CPU plan aims for (the run stays well under 10 min)
+CPU_MIN_STEPS = 8
+CPU_BATCH = 4
+CPU_SEQ_MIN, CPU_SEQ_MAX, CPU_SEQ_STEP = 128, 512, 64
+CPU_LENGTH_QUANTILE = 0.9  # max_length covers this share of the rows whole; longer ones are truncated
+
+
+@dataclass
+class Duration:
+    """A predicted run time, in seconds, by phase."""
+
+    steps: int
+    rows_per_step: int
+    tokens_per_step: float
+    step_s: float
+    startup_s: float
+    reference_s: float
+    train_s: float
+    eval_s: float
+    save_s: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_s(self) -> float:
+        return self.startup_s + self.reference_s + self.train_s + self.eval_s + self.save_s
+
+    def describe(self) -> str:
+        parts = [f"{self.steps} steps x ~{_fmt(self.step_s)}"]
+        if self.reference_s >= 1:
+            parts.append(f"reference pass ~{_fmt(self.reference_s)}")
+        if self.eval_s >= 1:
+            parts.append(f"held-out scoring ~{_fmt(self.eval_s)}")
+        parts.append(f"loading ~{_fmt(self.startup_s)}")
+        return f"about {_fmt(self.total_s)} on this CPU ({', '.join(parts)})"
+
+
+def _fmt(s: float) -> str:
+    s = int(round(s))
+    if s < 90:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s / 60:.0f} min" if s >= 600 else f"{s // 60} min {s % 60:02d} s"
+    return f"{s / 3600:.1f} h"
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------------------
+
+_lengths_cache: dict[tuple, list[int] | None] = {}
+
+
+def data_lengths(cfg) -> list[int] | None:
+    """Token lengths (prompt + completion) of the run's training rows with its model's tokenizer, or None when the
+    data or tokenizer cannot be read (the plan then keeps its defaults). Cached per file version and model."""
+    from studio.data import load_kto, resolve
+    from studio.data.inspect import load_tokenizer, token_lengths
+    from studio.data.normalize import DataError
+
+    source = cfg.data.train_file
+    path = Path(resolve(source))
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else None
+    key = (str(path), stamp, cfg.model.name_or_path)
+    if key not in _lengths_cache:
+        try:
+            rows = [r for r in load_kto(source, strict=False).rows if r["label"] is not None]
+            _lengths_cache[key] = token_lengths(rows, load_tokenizer(cfg.model.name_or_path)).total
+        except (DataError, OSError, ValueError) as e:  # unreadable data or tokenizer: no length-based plan
+            _lengths_cache[key] = None
+            _lengths_cache[key + ("error",)] = str(e)
+    return _lengths_cache[key]
+
+
+def model_params(cfg) -> float | None:
+    from studio import memory
+
+    try:
+        return float(memory.arch_for(cfg.model.name_or_path, fetch=False).total_params())
+    except Exception:  # unknown or not downloaded: no estimate
+        return None
+
+
+def cores() -> int:
+    try:
+        import torch
+
+        return max(1, torch.get_num_threads())
+    except Exception:
+        return os.cpu_count() or 1
+
+
+# ---- the estimate ---------------------------------------------------------------------------------------------------
+
+def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
+             n_cores: int | None = None, converted: bool | None = None) -> Duration | None:
+    """The predicted duration of ``cfg`` on this CPU; None when the model's size is unknown. ``lengths``: the
+    training rows' token lengths (``data_lengths``); without them every row counts as max_length."""
+    from studio import speed
+    from studio.config import BUNDLED_MODEL
+
+    params = params if params is not None else model_params(cfg)
+    if not params:
+        return None
+    t = cfg.train
+    seq = cfg.kto.max_length
+    clipped = [min(n, seq) for n in lengths] if lengths else []
+    n_rows = len(clipped) if lengths else None
+    mean_tok = sum(clipped) / len(clipped) if clipped else float(seq)
+    # a batch pads to its longest row; length-grouped batches pad little, others to about the 90th percentile
+    pad_tok = mean_tok if cfg.data.length_grouping or not clipped else sorted(clipped)[int(0.9 * (len(clipped) - 1))]
+    rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    n_eval = 0
+    if n_rows is not None and not cfg.data.eval_file and cfg.data.eval_fraction > 0:
+        n_eval = int(round(n_rows * cfg.data.eval_fraction))
+        n_rows -= n_eval
+    if t.max_steps and t.max_steps > 0:
+        steps = t.max_steps
+    elif n_rows:
+        steps = max(1, math.ceil(n_rows / rows_per_step)) * max(1, math.ceil(t.num_train_epochs))
+    else:
+        return None
+    n_cores = n_cores or cores()
+    per_token = SECONDS_PER_TOKEN_GPARAM * params / 1e9 * CALIBRATION_CORES / min(max(n_cores, 1), 16)
+    if t.gradient_checkpointing:
+        per_token *= CHECKPOINTING_FACTOR
+    tokens_per_step = rows_per_step * pad_tok
+    step_s = tokens_per_step * per_token
+    reference_s = 0.0
+    precompute = speed.should_precompute_ref(cfg.kto.precompute_ref_log_probs, n_rows or steps * rows_per_step,
+                                             t.max_steps, rows_per_step, t.num_train_epochs)
+    if precompute:
+        reference_s = (n_rows or steps * rows_per_step) * pad_tok * per_token * REFERENCE_SHARE
+        step_s *= 1 - REFERENCE_SHARE
+    eval_rows = 0
+    if cfg.data.evaluate_after:
+        eval_rows = min(EVAL_LIMIT, n_eval) if not cfg.data.eval_file else EVAL_LIMIT
+    eval_s = eval_rows * mean_tok * per_token * EVAL_SHARE
+    if converted is None:
+        from studio import bundled
+
+        converted = cfg.model.name_or_path != BUNDLED_MODEL or bundled.is_converted()
+    startup = STARTUP_S + (0 if converted else CONVERT_S)
+    notes = [] if lengths else ["Row lengths unknown: counted every row at max_length."]
+    return Duration(steps=steps, rows_per_step=rows_per_step, tokens_per_step=tokens_per_step, step_s=step_s,
+                    startup_s=startup, reference_s=reference_s, train_s=steps * step_s, eval_s=eval_s,
+                    save_s=SAVE_S, notes=notes)
+
+
+# ---- the CPU plan ---------------------------------------------------------------------------------------------------
+
+def cpu_seq(lengths: list[int] | None, current: int) -> int:
+    """max_length from the data's own lengths: the 90th percentile rounded up to 64 tokens, within 128-512."""
+    if not lengths:
+        return max(CPU_SEQ_MIN, min(current, CPU_SEQ_MAX))
+    ordered = sorted(lengths)
+    q = ordered[min(len(ordered) - 1, int(CPU_LENGTH_QUANTILE * len(ordered)))]
+    return int(min(CPU_SEQ_MAX, max(CPU_SEQ_MIN, math.ceil(q / CPU_SEQ_STEP) * CPU_SEQ_STEP)))
+
+
+def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None,
+             effective_batch: int | None = None, target_s: float = CPU_TARGET_TRAIN_S) -> dict[str, Any]:
+    """Run-config changes that make ``cfg`` finish in minutes on this CPU: max_length from the data, per-device
+    batch 4, no gradient checkpointing where memory allows, no GPU-only settings, and a step cap that keeps training
+    near ``target_s`` seconds (never more than one epoch)."""
+    from studio import memory
+
+    seq = cpu_seq(lengths, cfg.kto.max_length)
+    eff = effective_batch or cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+    batch = CPU_BATCH
+    accum = max(1, math.ceil(eff / batch))
+    checkpointing = False
+    if ram_gib:
+        try:
+            arch = memory.arch_for(cfg.model.name_or_path, fetch=False)
+            e = memory.estimate(arch, "full", memory.Settings(seq=seq, batch=batch, rank=cfg.lora.r, compute_bytes=4,
+                                                              gradient_checkpointing=False, optim="adamw_torch"))
+            checkpointing = e.total_gib > 0.5 * ram_gib  # keep half the RAM for the rest of the machine
+        except Exception:
+            checkpointing = True
+    changes: dict[str, Any] = {
+        "kto.max_length": seq, "train.per_device_train_batch_size": batch, "train.gradient_accumulation_steps": accum,
+        "train.gradient_checkpointing": checkpointing, "memory.micro_batch_size": None,
+        "model.gpu_memory_gib": None, "model.load_in_4bit": False, "model.backend": "full",
+        "train.optim": "adamw_torch", "train.max_steps": -1,
+    }
+    d = estimate(cfg.updated(changes), lengths)
+    if d is None or d.step_s <= 0:
+        return changes
+    # the held-out scoring comes out of the same budget; a capped run may lose the up-front reference pass (it
+    # pays only when nearly every row is visited), which makes its steps dearer: re-estimate at the cap
+    budget = max(target_s - d.eval_s, CPU_MIN_STEPS * d.step_s)
+    cap = d.steps
+    while cap > CPU_MIN_STEPS:
+        capped = estimate(cfg.updated({**changes, "train.max_steps": cap}), lengths)
+        if capped.train_s + capped.reference_s <= budget:
+            break
+        cap = max(CPU_MIN_STEPS, min(cap - 1, int(budget // capped.step_s)))
+    if cap < d.steps:
+        changes["train.max_steps"] = cap
+    return changes
+
+
+def ram_gib() -> float | None:
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total / 2**30
+    except Exception:
+        return None

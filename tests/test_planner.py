@@ -1,0 +1,127 @@
+"""One plan for a card, a model and a recipe (studio/planner.py, studio/duration.py): the CPU card plans a run that
+finishes in minutes with its duration known before Start; switching card or model re-plans everything the previous
+one planned; auto-fit applies the path that is installed (issue 16, points 3-5)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from studio import duration, memory, planner
+from studio.config import RunConfig
+from studio.models import DeviceInfo
+
+CPU = DeviceInfo(kind="cpu", name="test CPU")
+CPU_WITH_UNSLOTH = DeviceInfo(kind="cpu", name="test CPU", unsloth=True)
+HH_LIKE = [60 + (i * 37) % 400 for i in range(3000)]  # token lengths of 3,000 rows, 60-459 tokens
+
+
+def _hh_config(**changes):
+    return RunConfig().updated({"data.train_file": "hh.jsonl", **changes})
+
+
+def test_the_cpu_card_plans_minutes_not_hours_from_the_datas_own_lengths():
+    # what a run started from the UI on a CPU used before: batch 4 x 4, max_length 1024, checkpointing, all rows
+    default = _hh_config()
+    before = duration.estimate(default, HH_LIKE, converted=True)
+    assert before.total_s > 3600  # hours on a 2-core CPU
+    p = planner.plan(default, "cpu", CPU, lengths=HH_LIKE)
+    cfg = p.config
+    ordered = sorted(HH_LIKE)
+    p90 = ordered[int(0.9 * len(ordered))]
+    assert cfg.kto.max_length == math.ceil(p90 / 64) * 64  # from the data, not the 1024 default
+    assert cfg.train.gradient_checkpointing is False  # a 135M model leaves plenty of RAM
+    assert cfg.train.per_device_train_batch_size == 4
+    assert 0 < cfg.train.max_steps < before.steps  # a step cap
+    assert cfg.model.load_in_4bit is False and cfg.model.gpu_memory_gib is None
+    assert cfg.memory.micro_batch_size is None
+    # the expected duration is known before Start, and it is minutes
+    assert p.duration is not None and p.duration.total_s < 480
+    assert "min" in p.duration.describe()
+
+
+def test_a_small_data_set_is_trained_whole_without_a_cap():
+    p = planner.plan(_hh_config(), "cpu", CPU, lengths=[40] * 48)
+    assert p.config.train.max_steps == -1
+    assert p.config.kto.max_length == duration.CPU_SEQ_MIN
+
+
+def test_the_cpu_plan_turns_checkpointing_on_when_the_model_would_fill_the_ram():
+    changes = duration.cpu_plan(_hh_config(), HH_LIKE, ram_gib=0.5)
+    assert changes["train.gradient_checkpointing"] is True
+
+
+def test_the_duration_model_reproduces_its_measured_cpu_run():
+    """docs/RECIPES.md: 192 rows of ~183 tokens at max_length 384, reference pass + 12 steps of 16 rows: 380 s."""
+    cfg = RunConfig().updated({"kto.max_length": 384, "train.per_device_train_batch_size": 4,
+                               "train.gradient_accumulation_steps": 4, "train.max_steps": 12,
+                               "train.gradient_checkpointing": False, "data.evaluate_after": False})
+    d = duration.estimate(cfg, [183] * 200, n_cores=2, converted=True)
+    assert d.reference_s > 0  # 12 x 16 rows visit nearly all 200: the reference pass is computed once
+    assert d.train_s + d.reference_s == pytest.approx(380, rel=0.15)
+    # and it scales: twice the steps, twice the training time; checkpointing costs more
+    d2 = duration.estimate(cfg.updated({"train.max_steps": 24}), [183] * 200, n_cores=2, converted=True)
+    assert d2.train_s == pytest.approx(2 * d.train_s, rel=0.01)
+    slow = duration.estimate(cfg.updated({"train.gradient_checkpointing": True}), [183] * 200, n_cores=2,
+                             converted=True)
+    assert slow.train_s > d.train_s
+
+
+def test_switching_to_a_gpu_card_and_a_7b_then_back_to_cpu_replans_everything():
+    start = planner.plan(_hh_config(), "cpu", CPU, lengths=HH_LIKE).config
+    gpu = planner.plan(start, "8gb", CPU, model_key="mistral-7b-instruct-v0.3", lengths=HH_LIKE).config
+    assert gpu.model.gpu_memory_gib == 7.5 and gpu.train.max_steps == -1  # no CPU step cap on a GPU plan
+    assert gpu.kto.max_length > 512 and gpu.train.gradient_checkpointing
+    back = planner.plan(gpu, "cpu", CPU, model_key="smollm2-135m", lengths=HH_LIKE).config
+    assert back.model.name_or_path == "bundled:smollm2-135m"
+    for field in ("kto.max_length", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
+                  "train.max_steps", "train.gradient_checkpointing", "memory.micro_batch_size",
+                  "model.gpu_memory_gib", "model.load_in_4bit", "model.backend"):
+        section, name = field.split(".")
+        assert getattr(getattr(back, section), name) == getattr(getattr(start, section), name), field
+
+
+def test_autofit_applies_the_path_that_is_installed_and_shows_the_other_as_an_option():
+    from studio.ui.model_tab import plan_markdown
+
+    cfg = _hh_config()
+    p = planner.plan(cfg, "8gb", CPU, model_key="mistral-7b-instruct-v0.3")
+    assert p.card_plan.path == "bnb"  # "unsloth: no" on this device
+    bnb = p.card_plan.fits["bnb"]
+    assert p.config.kto.max_length == bnb.seq and p.config.train.per_device_train_batch_size == bnb.batch
+    text = plan_markdown(p.card_plan, True, unsloth_installed=False)
+    assert "Applied for the bitsandbytes 4-bit path" in text
+    assert text.count("With Unsloth installed you could") == 1
+    assert text.count("Gradients are taken") <= 1  # a note shared by both paths is said once
+    with_unsloth = planner.plan(cfg, "8gb", CPU_WITH_UNSLOTH, model_key="mistral-7b-instruct-v0.3")
+    assert with_unsloth.card_plan.path == "unsloth"
+    assert "With Unsloth installed" not in plan_markdown(with_unsloth.card_plan, True, unsloth_installed=True)
+
+
+def test_a_model_that_fits_only_with_unsloth_is_not_applied_where_unsloth_is_missing():
+    from studio.ui.model_tab import plan_markdown
+
+    p = planner.plan(_hh_config(), "8gb", CPU, model_key="llama-3.1-8b-instruct")
+    assert p.card_plan.path is None and not p.card_plan.changes
+    text = plan_markdown(p.card_plan, True)
+    assert "Does not fit" in text and "With Unsloth installed you could" in text
+
+
+def test_a_new_studio_on_a_cpu_starts_from_the_cpu_plan(bundled_model_dir):
+    cfg = planner.initial_config(RunConfig(), CPU)
+    assert cfg.model.load_in_4bit is False  # not offered as ticked on a CPU
+    assert cfg.train.gradient_checkpointing is False and cfg.kto.max_length <= duration.CPU_SEQ_MAX
+    d = duration.estimate(cfg, duration.data_lengths(cfg))
+    assert d is not None and d.total_s < 600
+    gpu = DeviceInfo(kind="cuda", name="card", total_gib=8.0, free_gib=7.5)
+    assert planner.initial_config(RunConfig(), gpu) == RunConfig()
+
+
+def test_data_lengths_are_measured_with_the_models_tokenizer(tmp_path, bundled_model_dir):
+    f = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "Hi " * n, "completion": "ok", "label": bool(n % 2)} for n in range(1, 21)]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    lengths = duration.data_lengths(RunConfig().updated({"data.train_file": str(f)}))
+    assert len(lengths) == 20 and lengths == sorted(lengths) and lengths[-1] > lengths[0] + 15
+    assert duration.data_lengths(RunConfig().updated({"data.train_file": str(tmp_path / "missing.jsonl")})) is None
