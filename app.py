@@ -14,6 +14,9 @@ def parse_args(argv=None):
     ap.add_argument("--share", action="store_true", help="open a public gradio.live link (off by default)")
     ap.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     ap.add_argument("--config", default=None, help="start from this run config YAML")
+    ap.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                    help="let the web UI read data from and export into DIR too (repeatable); by default it reads "
+                         "only the studio home, uploads and the bundled sample, and exports under the studio home")
     return ap.parse_args(argv)
 
 
@@ -22,8 +25,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from studio import safepaths
     from studio.config import ConfigError, RunConfig
     from studio.ui.app import CSS, Studio, build_app
+
+    try:
+        safepaths.allow(args.allow_path)
+    except safepaths.PathRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     auth = None
     if args.auth:

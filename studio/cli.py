@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf-type", choices=["f16", "f32"], default="f16",
                    help="GGUF tensor type: f16 (half the size) or f32 (exact)")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export of the same format at --out (only the files it wrote)")
     p.set_defaults(func=_lazy("studio.export", "cli"))
 
     args = parser.parse_args(argv)
