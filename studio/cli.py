@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "(exit 1: the file can't be used; 2: usage error)")
     p.add_argument("file")
     p.add_argument("--out", required=True, help="where to write the cleaned JSONL (never the input file)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (keeps its permissions)")
     p.add_argument("--model", default=None, help="model id or path whose tokenizer measures lengths")
     p.add_argument("--max-length", type=int, default=None, help="token limit: longer rows are reported/dropped")
     p.add_argument("--map", action="append", default=[], metavar="THEIRS=OURS",
@@ -106,7 +107,24 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from studio.history import History
+    from studio.history import History, unused_run_config
+
+    if args.resume is None and rank == 0:
+        # a used name gets the next free one, as in the UI; a custom output folder is never renamed
+        used = cfg
+        try:
+            cfg, note = unused_run_config(cfg)
+        except ValueError as e:
+            print(f"error: {e} (python -m studio train {args.config} --resume continues it; "
+                  "--set output_dir=NEW_FOLDER starts afresh)", file=sys.stderr)
+            return 2
+        if note:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                print(f"error: run folder {used.run_dir()} already holds a run: add "
+                      "--resume to continue it, or --set name=NEW_NAME", file=sys.stderr)
+                return 2
+            print(f"note: run name '{used.name}' is used (--resume continues that run); this run is "
+                  f"'{cfg.name}' in {cfg.run_dir()}", file=sys.stderr)
 
     # headless runs join the studio's run history (rank 0 only under accelerate launch)
     engine = Engine(on_event=History().record if rank == 0 else None)

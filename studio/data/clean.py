@@ -73,20 +73,56 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": row["prompt"], "completion": row["completion"], "label": bool(row["label"])}
 
 
-def write_jsonl(rows: list[dict[str, Any]], out: str | Path, protect: list[str | Path] = ()) -> Path:
-    """Write KTO rows as UTF-8 JSONL to ``out``; refuses to write over any path in ``protect`` (the user's input)."""
+def check_out(out: str | Path, overwrite: bool = False) -> Path:
+    """Where ``write_jsonl`` may write: a new file, or (with ``overwrite``) an existing regular file. A folder, a
+    device (/dev/full), a pipe or a socket is refused: replacing it by renaming a file over it would destroy it."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise DataError(f"{out} is a folder: --out needs a file name such as {out / 'clean.jsonl'}")
+    if out.exists() and not out.is_file():
+        raise DataError(f"{out} is not a regular file (a device, pipe or socket): --out needs a file name such as "
+                        "clean.jsonl")
+    if out.is_symlink() and not out.exists():
+        raise DataError(f"{out} is a link to a file that does not exist: give another --out path")
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists: pass --overwrite to replace it, or choose another --out path")
+    return out
+
+
+def write_jsonl(rows: list[dict[str, Any]], out: str | Path, protect: list[str | Path] = (),
+                overwrite: bool = False) -> Path:
+    """Write KTO rows as UTF-8 JSONL to ``out``; refuses to write over any path in ``protect`` (the user's input),
+    over anything but a regular file, and over an existing file unless ``overwrite`` (which keeps its permissions
+    and, for a link, writes the file it points to)."""
+    import os
+    import stat
+    import tempfile
+
     out = Path(out).expanduser()
     for p in protect:
         if p and Path(p).expanduser().exists() and out.resolve() == Path(p).expanduser().resolve():
             raise DataError(f"refusing to write over the input file {p}: choose another --out path")
-    if out.is_dir():
-        raise DataError(f"{out} is a folder: --out needs a file name such as {out / 'clean.jsonl'}")
+    out = check_out(out, overwrite)
+    mode = None
+    if out.exists():
+        out = out.resolve()  # a link stays a link; the file it points to is replaced
+        mode = stat.S_IMODE(out.stat().st_mode)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(_plain(r), ensure_ascii=False) + "\n")
-    tmp.replace(out)  # a crash mid-write never leaves a half file under the real name
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(_plain(r), ensure_ascii=False) + "\n")
+        if mode is None:  # a new file: the permissions a plain open() would give
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        tmp.replace(out)  # a crash mid-write never leaves a half file under the real name
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -171,7 +207,8 @@ def summarize(norm: Normalized, report: Report, dropped: dict[str, list[int]], k
 
 
 def run(file: str, out: str, model: str | None = None, max_length: int | None = None,
-        mapping: dict[str, str] | None = None, options: CleanOptions | None = None) -> dict[str, Any]:
+        mapping: dict[str, str] | None = None, options: CleanOptions | None = None,
+        overwrite: bool = False) -> dict[str, Any]:
     """Load ``file``, convert, inspect, clean, write ``out``; the summary as a dict. DataError when unusable."""
     from studio.config import BUNDLED_MODEL
     from studio.data import load_kto, resolve
@@ -180,6 +217,7 @@ def run(file: str, out: str, model: str | None = None, max_length: int | None = 
     source = resolve(file)
     if Path(out).expanduser().resolve() == Path(source).expanduser().resolve():
         raise DataError(f"refusing to write over the input file {file}: choose another --out path")
+    check_out(out, overwrite)  # before the (maybe long) reading
     norm = load_kto(source, mapping, strict=False)
     if max_length and not model:
         model = BUNDLED_MODEL  # the studio's default model: lengths need some tokenizer
@@ -190,7 +228,7 @@ def run(file: str, out: str, model: str | None = None, max_length: int | None = 
         reasons = ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in dropped.items())
         raise DataError(f"no usable rows left after cleaning ({reasons})")
     summary = summarize(norm, report, dropped, kept, options, model)
-    path = write_jsonl(kept, out, protect=[source])
+    path = write_jsonl(kept, out, protect=[source], overwrite=overwrite)
     return {"input": str(file), "output": str(path), **summary}
 
 
@@ -219,7 +257,7 @@ def cli(args) -> int:
                            drop_over_length=getattr(args, "drop_over_length", False))
     try:
         summary = run(args.file, args.out, model=args.model, max_length=args.max_length, mapping=mapping,
-                      options=options)
+                      options=options, overwrite=getattr(args, "overwrite", False))
     except DataError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
