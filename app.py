@@ -20,6 +20,23 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def exposure_warning(host: str, share: bool, has_auth: bool) -> str | None:
+    """A warning when others can reach the studio without a login: it reads data and trains on this machine."""
+    if has_auth:
+        return None
+    if share:
+        where = "a public gradio.live link"
+    elif host not in LOOPBACK and not host.startswith("127."):
+        where = f"{host} (reachable from other machines)"
+    else:
+        return None
+    return (f"WARNING: the studio is served on {where} without a login: anyone who reaches it can load data, "
+            "train and export on this machine. Add --auth USER:PASS, or use --host 127.0.0.1.")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -46,9 +63,20 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warning = exposure_warning(args.host, args.share, auth is not None)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    app_kwargs = {}
+    if auth:
+        from starlette.middleware import Middleware
+
+        from studio.ui.guard import LoginGuard
+
+        # the login page carries no API description, and reset/cancel need the login too
+        app_kwargs["middleware"] = [Middleware(LoginGuard)]
     app = build_app(Studio(cfg))
     app.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                  auth=auth, css=CSS, show_error=True)
+                                                  auth=auth, css=CSS, show_error=True, app_kwargs=app_kwargs)
     return 0
 
 
