@@ -85,12 +85,20 @@ def _lazy(module: str, name: str):
 def _parse_sets(items: list[str]) -> dict:
     import yaml
 
+    from studio.config import ConfigError
+
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--set needs FIELD=VALUE, got '{item}'")
+            raise ConfigError(f"--set needs FIELD=VALUE, got '{item}'")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(f"--set {item}: '{v}' is not a value ({problem}); write numbers and words as they "
+                              "are, lists as [1, 2], and quote text with brackets or colons: "
+                              f"--set '{k.strip()}=\"{v}\"'") from None
     return out
 
 
@@ -182,8 +190,8 @@ class _Progress:
         if not self.enabled:
             return
         t = ev["type"]
-        if t in ("status", "error") and ev.get("message"):
-            self._write(("error: " if t == "error" else "") + ev["message"])
+        if t == "status" and ev.get("message"):
+            self._write(ev["message"])
         elif t in ("progress", "metrics") and ev.get("max_steps"):
             from tqdm import tqdm
 
@@ -201,7 +209,8 @@ class _Progress:
             self.bar.refresh()
         elif t == "done":
             self.close()
-            self._write(ev.get("message", ""))
+            if ev.get("state") != "failed":  # a failure is printed once, as the last line ("error: …")
+                self._write(ev.get("message", ""))
 
     def _write(self, msg: str) -> None:
         if self.bar is not None:

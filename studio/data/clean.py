@@ -208,7 +208,7 @@ def summarize(norm: Normalized, report: Report, dropped: dict[str, list[int]], k
 
 def run(file: str, out: str, model: str | None = None, max_length: int | None = None,
         mapping: dict[str, str] | None = None, options: CleanOptions | None = None,
-        overwrite: bool = False) -> dict[str, Any]:
+        overwrite: bool = False, progress=None) -> dict[str, Any]:
     """Load ``file``, convert, inspect, clean, write ``out``; the summary as a dict. DataError when unusable."""
     from studio.config import BUNDLED_MODEL
     from studio.data import load_kto, resolve
@@ -218,7 +218,7 @@ def run(file: str, out: str, model: str | None = None, max_length: int | None = 
     if Path(out).expanduser().resolve() == Path(source).expanduser().resolve():
         raise DataError(f"refusing to write over the input file {file}: choose another --out path")
     check_out(out, overwrite)  # before the (maybe long) reading
-    norm = load_kto(source, mapping, strict=False)
+    norm = load_kto(source, mapping, strict=False, progress=progress)
     if max_length and not model:
         model = BUNDLED_MODEL  # the studio's default model: lengths need some tokenizer
     report = inspect_rows(norm.rows, model, max_length, row_numbers=norm.sources)
@@ -255,9 +255,10 @@ def cli(args) -> int:
     options = CleanOptions(drop_duplicates=not getattr(args, "keep_duplicates", False),
                            drop_empty=not getattr(args, "keep_empty", False),
                            drop_over_length=getattr(args, "drop_over_length", False))
+    bar = _LoadBar()
     try:
         summary = run(args.file, args.out, model=args.model, max_length=args.max_length, mapping=mapping,
-                      options=options, overwrite=getattr(args, "overwrite", False))
+                      options=options, overwrite=getattr(args, "overwrite", False), progress=bar)
     except DataError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
@@ -265,5 +266,28 @@ def cli(args) -> int:
         print(f"error: {args.file} could not be processed ({type(e).__name__}: {' '.join(str(e).split())})",
               file=sys.stderr)
         return 1
+    finally:
+        bar.close()
     print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
     return 0
+
+
+class _LoadBar:
+    """A progress bar on stderr for loading a file, shown only once loading has taken more than 2 seconds."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, fraction: float, message: str) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=100, delay=2, file=sys.stderr, bar_format="{desc} {percentage:3.0f}%|{bar}| "
+                                                                            "{elapsed}")
+        self.bar.set_description_str(message, refresh=False)
+        self.bar.update(max(0, int(100 * fraction) - self.bar.n))  # shown after 2 s, then at most 10 times a second
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

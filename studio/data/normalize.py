@@ -193,7 +193,7 @@ def _missing_columns_message(columns: list[str]) -> str:
 # ---- normalize -----------------------------------------------------------------------------------------------------
 
 def normalize(records: list[dict[str, Any]], mapping: dict[str, str] | None = None, *, strict: bool = True,
-              seed: int = 42) -> Normalized:
+              seed: int = 42, progress=None) -> Normalized:
     """KTO rows from raw records. ``mapping`` renames columns ({'question': 'prompt', ...}) first; missing names are
     guessed from common aliases. ``strict``: unknown labels raise; otherwise those rows get label None and are listed
     in ``unlabeled`` so a person can set them. ``seed`` shuffles rows made from pairs."""
@@ -222,16 +222,22 @@ def normalize(records: list[dict[str, Any]], mapping: dict[str, str] | None = No
         raise ColumnError(_missing_columns_message(columns), columns)
     out = Normalized(rows=[], columns=columns, mapping=full_map, shape=shape, n_records=len(records))
     out.conversions.extend(guessed)
+    if progress:
+        progress(0.0, f"converting {len(records):,} records")
     records = [{k: _clean_value(v) for k, v in r.items()} for r in records]
     n_json = sum(1 for r in records for k in ("prompt", "completion", "chosen", "rejected", "messages")
                  if isinstance(r.get(k), str) and is_conversation(_maybe_json_conversation(r[k])))
     if n_json:
         records = [{k: _maybe_json_conversation(v) if k in FIELDS else v for k, v in r.items()} for r in records]
         out.conversions.append(f"{n_json} cells of JSON text read as conversations")
+    if progress:
+        progress(0.4, f"turning {len(records):,} records into KTO rows")
     if shape in ("unpaired", "messages"):
         _labelled(records, out, strict)
     else:
         _unpair(records, out, seed)
+    if progress:
+        progress(0.8, f"giving {len(out.rows):,} rows one format")
     _unify_format(out)
     return out
 
@@ -343,8 +349,16 @@ def _unify_format(out: Normalized) -> None:
     if any(conv) and not all(conv):
         out.conversions.append(f"{conv.count(False)} text rows turned into single-turn conversations to match the "
                                "other rows")
-    for r in out.rows:
-        if any(conv):
+    as_conversations = any(conv)  # once: inside the loop it made loading quadratic in the number of rows
+    for i, r in enumerate(out.rows):
+        for key in ("prompt", "completion"):
+            if not is_conversation(r[key]) and not _scalar(r[key]):
+                row = out.sources[i] if i < len(out.sources) else i + 1
+                shown = repr(r[key])
+                raise DataError(f"row {row}: the {key} is a {type(r[key]).__name__} ({shown[:80]}"
+                                f"{'…' if len(shown) > 80 else ''}), not text or a list of role/content messages: "
+                                "map another column to it, or turn that column into text first")
+        if as_conversations:
             if not is_conversation(r["prompt"]):
                 r["prompt"] = [{"role": "user", "content": _text(r["prompt"]).strip()}]
             if not is_conversation(r["completion"]):
@@ -352,6 +366,11 @@ def _unify_format(out: Normalized) -> None:
         else:
             r["prompt"] = _text(r["prompt"])
             r["completion"] = _text(r["completion"])
+
+
+def _scalar(value: Any) -> bool:
+    """Text, a number or empty: a cell that reads as text without guessing (a dict or list does not)."""
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def _text(value: Any) -> str:

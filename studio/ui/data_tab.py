@@ -221,7 +221,8 @@ def build(studio):
         name = Path(file).name if file else Path(src).name
         try:
             progress(0, desc="reading")
-            wb = Workbench.load(src, name=name, mapping=mapping or None)
+            wb = Workbench.load(src, name=name, mapping=mapping or None,
+                                progress=lambda f, msg: progress(f, desc=msg))
         except ColumnError as e:
             choices = [""] + list(e.columns)
             map_updates = [gr.update(choices=choices, value=v if v in choices else "") for v in mapping_values]
