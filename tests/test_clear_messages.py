@@ -126,3 +126,31 @@ def test_a_failed_run_prints_its_message_once_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("missing.jsonl does not exist") == 1, proc.stderr
     assert "Traceback" in (tmp_path / "out" / "error.log").read_text()
+
+
+def test_a_bogus_config_json_is_named(tmp_path):
+    from studio import models
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(models.ModelLoadError, match=rf"{folder / 'config.json'} is not a readable model config"):
+        models.resolve_source(str(folder))
+    (folder / "config.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(models.ModelLoadError, match=r"config.json is not a model config \(no model_type\)"):
+        models.resolve_source(str(folder))
+
+
+def test_a_model_that_needs_remote_code_names_the_setting(tmp_path):
+    from studio import models
+    from studio.config import RunConfig
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "mycustom", "architectures": ["MyCustomForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_mycustom.MyCustomConfig",
+                     "AutoModelForCausalLM": "modeling_mycustom.MyCustomForCausalLM"}}))
+    cfg = RunConfig().updated({"model.name_or_path": str(folder)})
+    with pytest.raises(models.ModelLoadError, match=r"needs code from its own repository.*model\.trust_remote_code"):
+        models.load_for_training(cfg)
