@@ -319,9 +319,16 @@ def _unpair(records: list[dict[str, Any]], out: Normalized, seed: int) -> None:
     with _quiet_datasets():
         for group in groups:
             if group:
-                group = [{**p, "chosen": _none_to_empty(p["chosen"]), "rejected": _none_to_empty(p["rejected"])}
-                         for p in group]
-                unpaired.extend(unpair_preference_dataset(Dataset.from_list(group)).to_list())
+                # TRL decides which rows come out in which order and with which label; it is handed row numbers, not
+                # the texts, so the (large, nested) texts never make the round trip through Arrow
+                ids = list(range(len(group)))
+                plan = unpair_preference_dataset(Dataset.from_dict({"prompt": ids, "chosen": ids, "rejected": ids}))
+                for r in plan.to_list():
+                    p = group[r["prompt"]]
+                    completion = p["chosen"] if r["label"] else p["rejected"]
+                    prompt = [dict(m) for m in p["prompt"]] if isinstance(p["prompt"], list) else p["prompt"]
+                    unpaired.append({"prompt": prompt, "completion": _none_to_empty(completion),
+                                     "label": r["label"], "_row": p["_row"]})
     random.Random(seed).shuffle(unpaired)
     for r in unpaired:
         out.sources.append(r.pop("_row"))
