@@ -313,8 +313,9 @@ def _unpair(records: list[dict[str, Any]], out: Normalized, seed: int) -> None:
         out.shape = "hh"
         out.conversions.append(f"{hh} Anthropic HH transcripts split into conversation prompt + final reply")
     # datasets can't hold a column mixing text and message lists: unpair each kind on its own
-    groups = ([p for p in paired if not is_conversation(p["prompt"])],
-              [_coerce_pair(p) for p in paired if is_conversation(p["prompt"])])
+    conv_prompt = [is_conversation(p["prompt"]) for p in paired]
+    groups = ([p for p, c in zip(paired, conv_prompt) if not c],
+              [_coerce_pair(p) for p, c in zip(paired, conv_prompt) if c])
     unpaired = []
     with _quiet_datasets():
         for group in groups:
@@ -352,23 +353,25 @@ def _coerce_pair(p: dict[str, Any]) -> dict[str, Any]:
 def _unify_format(out: Normalized) -> None:
     """One dataset holds one shape: if any row is a conversation, text rows become single-turn conversations;
     otherwise every prompt and completion is a string."""
-    conv = [is_conversation(r["prompt"]) or is_conversation(r["completion"]) for r in out.rows]
-    if any(conv) and not all(conv):
+    # each cell is looked at once: (prompt is a conversation, completion is a conversation) per row
+    kinds = [(is_conversation(r["prompt"]), is_conversation(r["completion"])) for r in out.rows]
+    conv = [p or c for p, c in kinds]
+    as_conversations = any(conv)  # once: inside the loop it made loading quadratic in the number of rows
+    if as_conversations and not all(conv):
         out.conversions.append(f"{conv.count(False)} text rows turned into single-turn conversations to match the "
                                "other rows")
-    as_conversations = any(conv)  # once: inside the loop it made loading quadratic in the number of rows
-    for i, r in enumerate(out.rows):
-        for key in ("prompt", "completion"):
-            if not is_conversation(r[key]) and not _scalar(r[key]):
+    for i, (r, kind) in enumerate(zip(out.rows, kinds)):
+        for key, is_conv in zip(("prompt", "completion"), kind):
+            if not is_conv and not _scalar(r[key]):
                 row = out.sources[i] if i < len(out.sources) else i + 1
                 shown = repr(r[key])
                 raise DataError(f"row {row}: the {key} is a {type(r[key]).__name__} ({shown[:80]}"
                                 f"{'…' if len(shown) > 80 else ''}), not text or a list of role/content messages: "
                                 "map another column to it, or turn that column into text first")
         if as_conversations:
-            if not is_conversation(r["prompt"]):
+            if not kind[0]:
                 r["prompt"] = [{"role": "user", "content": _text(r["prompt"]).strip()}]
-            if not is_conversation(r["completion"]):
+            if not kind[1]:
                 r["completion"] = [{"role": "assistant", "content": _text(r["completion"]).strip()}]
         else:
             r["prompt"] = _text(r["prompt"])
