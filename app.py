@@ -14,7 +14,27 @@ def parse_args(argv=None):
     ap.add_argument("--share", action="store_true", help="open a public gradio.live link (off by default)")
     ap.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     ap.add_argument("--config", default=None, help="start from this run config YAML")
+    ap.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                    help="let the web UI read data from and export into DIR too (repeatable); by default it reads "
+                         "only the studio home, uploads and the bundled sample, and exports under the studio home")
     return ap.parse_args(argv)
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def exposure_warning(host: str, share: bool, has_auth: bool) -> str | None:
+    """A warning when others can reach the studio without a login: it reads data and trains on this machine."""
+    if has_auth:
+        return None
+    if share:
+        where = "a public gradio.live link"
+    elif host not in LOOPBACK and not host.startswith("127."):
+        where = f"{host} (reachable from other machines)"
+    else:
+        return None
+    return (f"WARNING: the studio is served on {where} without a login: anyone who reaches it can load data, "
+            "train and export on this machine. Add --auth USER:PASS, or use --host 127.0.0.1.")
 
 
 def main(argv=None) -> int:
@@ -22,8 +42,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from studio import safepaths
     from studio.config import ConfigError, RunConfig
     from studio.ui.app import CSS, Studio, build_app
+
+    try:
+        safepaths.allow(args.allow_path)
+    except safepaths.PathRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     auth = None
     if args.auth:
@@ -40,9 +67,20 @@ def main(argv=None) -> int:
         from studio import models, planner
 
         cfg = planner.initial_config(cfg, models.detect_device())
+    warning = exposure_warning(args.host, args.share, auth is not None)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    app_kwargs = {}
+    if auth:
+        from starlette.middleware import Middleware
+
+        from studio.ui.guard import LoginGuard
+
+        # the login page carries no API description, and reset/cancel need the login too
+        app_kwargs["middleware"] = [Middleware(LoginGuard)]
     app = build_app(Studio(cfg))
     app.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                  auth=auth, css=CSS, show_error=True)
+                                                  auth=auth, css=CSS, show_error=True, app_kwargs=app_kwargs)
     return 0
 
 

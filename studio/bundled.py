@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -50,13 +51,20 @@ def is_converted() -> bool:
 
 def ensure_checkpoint(progress=None) -> Path:
     """The converted checkpoint's folder, converting the GGUF first if needed (about 30 s, once)."""
+    from filelock import FileLock
+
     target = checkpoint_dir()
     with _lock:
         if (target / "done").is_file():
             return target
-        if progress:
-            progress("Converting the bundled SmolLM2-135M (GGUF) into a trainable checkpoint, once…")
-        convert_gguf(gguf_path(), target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # other processes (two first runs started together) wait here for the one converting
+        with FileLock(str(target.parent / f".{CHECKPOINT_NAME}.lock")):
+            if (target / "done").is_file():
+                return target
+            if progress:
+                progress("Converting the bundled SmolLM2-135M (GGUF) into a trainable checkpoint, once…")
+            convert_gguf(gguf_path(), target)
     return target
 
 
@@ -65,12 +73,13 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_file = Path(gguf_file)
-    tmp = target.with_name(target.name + ".partial")
-    if tmp.exists():
-        import shutil
+    import shutil
+    import tempfile
 
-        shutil.rmtree(tmp)
+    gguf_file = Path(gguf_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # a folder of this process's own beside the target, renamed into place when complete
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     cfg = loaded.config
@@ -83,14 +92,19 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
     model.generation_config = loaded.generation_config
     del loaded
     _fix_special_tokens(tok, model)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "done").write_text(str(gguf_file))
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "done").write_text(str(gguf_file))
+        if target.exists():
+            if (target / "done").is_file():  # another process finished first: keep its checkpoint
+                shutil.rmtree(tmp)
+                return target
+            shutil.rmtree(target)  # an unfinished one from an older version
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return target
 
 

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "(exit 1: the file can't be used; 2: usage error)")
     p.add_argument("file")
     p.add_argument("--out", required=True, help="where to write the cleaned JSONL (never the input file)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (keeps its permissions)")
     p.add_argument("--model", default=None, help="model id or path whose tokenizer measures lengths")
     p.add_argument("--max-length", type=int, default=None, help="token limit: longer rows are reported/dropped")
     p.add_argument("--map", action="append", default=[], metavar="THEIRS=OURS",
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf-type", choices=["f16", "f32"], default="f16",
                    help="GGUF tensor type: f16 (half the size) or f32 (exact)")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export of the same format at --out (only the files it wrote)")
     p.set_defaults(func=_lazy("studio.export", "cli"))
 
     args = parser.parse_args(argv)
@@ -82,12 +85,20 @@ def _lazy(module: str, name: str):
 def _parse_sets(items: list[str]) -> dict:
     import yaml
 
+    from studio.config import ConfigError
+
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--set needs FIELD=VALUE, got '{item}'")
+            raise ConfigError(f"--set needs FIELD=VALUE, got '{item}'")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(f"--set {item}: '{v}' is not a value ({problem}); write numbers and words as they "
+                              "are, lists as [1, 2], and quote text with brackets or colons: "
+                              f"--set '{k.strip()}=\"{v}\"'") from None
     return out
 
 
@@ -104,7 +115,24 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from studio.history import History
+    from studio.history import History, unused_run_config
+
+    if args.resume is None and rank == 0:
+        # a used name gets the next free one, as in the UI; a custom output folder is never renamed
+        used = cfg
+        try:
+            cfg, note = unused_run_config(cfg)
+        except ValueError as e:
+            print(f"error: {e} (python -m studio train {args.config} --resume continues it; "
+                  "--set output_dir=NEW_FOLDER starts afresh)", file=sys.stderr)
+            return 2
+        if note:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                print(f"error: run folder {used.run_dir()} already holds a run: add "
+                      "--resume to continue it, or --set name=NEW_NAME", file=sys.stderr)
+                return 2
+            print(f"note: run name '{used.name}' is used (--resume continues that run); this run is "
+                  f"'{cfg.name}' in {cfg.run_dir()}", file=sys.stderr)
 
     # headless runs join the studio's run history (rank 0 only under accelerate launch)
     engine = Engine(on_event=History().record if rank == 0 else None)
@@ -168,8 +196,8 @@ class _Progress:
         if not self.enabled:
             return
         t = ev["type"]
-        if t in ("status", "error") and ev.get("message"):
-            self._write(("error: " if t == "error" else "") + ev["message"])
+        if t == "status" and ev.get("message"):  # a failure is printed once, as the last line ("error: …")
+            self._write(ev["message"])
         elif t == "phase":
             self._phase(ev)
         elif t == "metrics" and self.bar is not None and self.phase == "training" and "loss" in ev:
@@ -182,7 +210,8 @@ class _Progress:
             self.bar.set_postfix(post)
         elif t == "done":
             self.close()
-            self._write(ev.get("message", ""))
+            if ev.get("state") != "failed":  # a failure is printed once, as the last line ("error: …")
+                self._write(ev.get("message", ""))
 
     def _phase(self, ev: dict) -> None:
         from tqdm import tqdm

@@ -98,13 +98,17 @@ def explain_error(exc: BaseException, cfg: RunConfig | None = None) -> str:
         return "The GPU ran out of memory. To fit: " + "; ".join(hint) + "."
     if isinstance(exc, (ConfigError, DataError, ModelLoadError)):
         return str(exc)
-    if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
-        return f"The disk is full ({exc.filename or 'while saving'}): free some space, then resume the run."
+    from studio import checkpoints
+
+    if isinstance(exc, checkpoints.DiskFull):
+        return str(exc)
     text = str(exc)
-    # safetensors and torch.save report a full disk in their own words, not as OSError 28
-    if any(s in text for s in ("No space left on device", "StorageFull", "file write failed")):
-        return ("The disk filled up while saving: free some space (or delete old runs' files in the run history), "
-                "then resume the run from its latest checkpoint.")
+    # torch.save and safetensors report a full disk in their own words ("unexpected pos"), not as OSError 28
+    if checkpoints.is_disk_full(exc):
+        filename = getattr(exc, "filename", None)
+        folder = cfg.run_dir() if cfg is not None else (Path(filename).parent if filename else None)
+        return (str(checkpoints.disk_full(folder, None)) if folder is not None else
+                "The disk filled up while saving: free some space, then resume the run from its latest checkpoint.")
     if _is_compiler_error(exc):
         model = cfg.model.name_or_path if cfg is not None else "this model"
         first = (text.strip().splitlines() or [""])[0][:160]
@@ -145,16 +149,22 @@ class Engine:
         with self._lock:
             if self.job is not None and not self.job.done:
                 raise JobRunning(f"a training job is already running ({self.job.config.name}): stop it or wait")
+            if self.job is not None and self.job.thread is not None:
+                self.job.thread.join(30)  # a finished job's thread is releasing its run folder
+            resume_note = None
             if resume_from == "latest":
-                resume_from = latest_checkpoint(cfg.run_dir())
-                if resume_from is None:
-                    raise ConfigError(f"run '{cfg.name}' has no saved checkpoint to resume from")
-            elif resume_from is not None and not (Path(resume_from) / "trainer_state.json").is_file():
-                raise ConfigError(f"{resume_from} is not a saved checkpoint (no trainer_state.json): pick one of "
-                                  f"the run's checkpoint-N folders")
+                resume_from, resume_note = _pick_latest(cfg)
+            elif resume_from is not None:
+                _check_resumable(Path(resume_from))
+            if _is_main_process():
+                from studio import runlock
+
+                runlock.claim(cfg.run_dir())  # RunBusy (a ConfigError) while another process trains into it
             job = Job(id=uuid.uuid4().hex[:12], config=cfg, resume_from=resume_from)
             self.job = job
             self._emit(job, "started", resume_from=resume_from, run_dir=str(cfg.run_dir()))
+            if resume_note:
+                self._emit(job, "status", message=resume_note)
             job.thread = threading.Thread(target=self._run, args=(job,), name=f"kto-{job.id}", daemon=True)
             job.thread.start()
             return job
@@ -245,11 +255,16 @@ class Engine:
                 (job.run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
             except OSError:
                 pass
-            log.error("training failed: %s", traceback.format_exc())
+            # the traceback goes to error.log (and the debug log), the plain message to the user once
+            log.debug("training failed: %s", traceback.format_exc())
             self._emit(job, "error", message=job.error)
             self._emit(job, "done", state="failed", adapter=None, message=job.error)
         finally:
             job.ended_at = time.time()
+            if _is_main_process():
+                from studio import runlock
+
+                runlock.release(job.run_dir)
             from studio.models import free_memory
 
             free_memory()
@@ -328,7 +343,7 @@ class Engine:
 
     def _build(self, job: Job):
         from studio import data as data_mod
-        from studio import logprob, microbatch, models, speed
+        from studio import checkpoints, logprob, microbatch, models, speed
 
         cfg = job.config
         _quiet_libraries()
@@ -438,6 +453,7 @@ class Engine:
                               max_tokens=4096 if device.kind == "cuda" else 2048)
             trainer.add_callback(job.watch.callback(
                 cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps))
+        checkpoints.atomic_saves(trainer)  # checkpoint-N appears only once complete
         dropped = speed.drop_reference_copy(trainer.model)
         if precompute and not job.stop_requested:
             self._emit(job, "status", message=f"Computing the reference model's log-probs for {len(td.train)} rows "
@@ -583,13 +599,40 @@ def memory_use() -> dict[str, float | None]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> str | None:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return None
-    ckpts = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    if not ckpts:
-        return None
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1])))
+    """The newest checkpoint that is complete and readable (partial or damaged ones are skipped)."""
+    from studio import checkpoints
+
+    found, _ = checkpoints.latest(run_dir)
+    return str(found) if found is not None else None
+
+
+def _pick_latest(cfg: RunConfig) -> tuple[str, str]:
+    """The checkpoint "resume from the latest" takes, and a message saying which, and which newer ones it skipped."""
+    from studio import checkpoints
+
+    found, skipped = checkpoints.latest(cfg.run_dir())
+    why = "; ".join(f"{p.name} skipped: {reason}" for p, reason in skipped)
+    if found is None:
+        raise ConfigError(f"run '{cfg.name}' has no saved checkpoint to resume from" + (f" ({why})" if why else ""))
+    return str(found), f"Resuming from {found.name}" + (f" ({why})" if why else "")
+
+
+def _check_resumable(path: Path) -> None:
+    """A checkpoint named by the user must be whole; if not, say what is wrong and which earlier one would do."""
+    from studio import checkpoints
+
+    why = checkpoints.problem(path)
+    if why is None:
+        return
+    if checkpoints.step_of(path) is None and why == "trainer_state.json is missing (the save did not finish)":
+        raise ConfigError(f"{path} is not a saved checkpoint (no trainer_state.json): pick one of the run's "
+                          "checkpoint-N folders")
+    step = checkpoints.step_of(path)
+    earlier = [p for p in checkpoints.candidates(path.parent)
+               if step is not None and checkpoints.step_of(p) < step and checkpoints.problem(p) is None]
+    hint = (f"resume from {earlier[0]} instead (the newest complete one before it)" if earlier
+            else "no earlier complete checkpoint exists: start the run again")
+    raise ConfigError(f"checkpoint {path} cannot be resumed: {why}. {hint[0].upper() + hint[1:]}")
 
 
 def _checkpoint_step(path: str | Path) -> int | None:

@@ -55,23 +55,49 @@ class ExportResult:
 
 # ---- where things go -------------------------------------------------------------------------------------------
 
-def _prepare_dir(out: Path) -> Path:
-    """An empty folder to write into. A non-empty folder is only replaced when it is an earlier studio export."""
-    if out.exists():
-        if out.is_file():
-            raise ExportError(f"{out} is a file: give a folder to export into")
-        if any(out.iterdir()):
-            if not (out / MANIFEST).is_file():
-                raise ExportError(f"{out} already holds files that the studio did not write: pick a new or empty "
-                                  "folder (your files are never overwritten)")
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _prepare_dir(out: Path, kind: str, overwrite: bool = False) -> Path:
+    """A folder to write into: new, empty, or an earlier studio export of ``kind`` (whose own files are replaced
+    only with ``overwrite``). Anything the studio did not write is never deleted (studio.safepaths)."""
+    from studio import safepaths
+
+    try:
+        return safepaths.prepare_folder(out, kind, MANIFEST, overwrite=overwrite)
+    except safepaths.PathRefused as e:
+        raise ExportError(str(e)) from None
 
 
 def _write_manifest(folder: Path, result: ExportResult, source: dict[str, Any], name: str = MANIFEST) -> None:
-    data = {**result.as_dict(), "source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    from studio import safepaths
+
+    data = {"written_by": safepaths.MARKER, **result.as_dict(), "source": source,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (folder / name).write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+
+
+class _Claim:
+    """While an export writes into ``folder``: if it fails, the files it wrote are listed in a manifest marked
+    incomplete, so a later export may replace them (with overwrite) and nothing else is ever taken for ours."""
+
+    def __init__(self, folder: Path, kind: str, manifest: str = MANIFEST, names: list[str] | None = None):
+        self.folder, self.kind, self.manifest, self.names = folder, kind, manifest, names
+        self.before = set() if names is not None else {p.name for p in folder.iterdir()}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            return False
+        try:
+            now = {p.name for p in self.folder.iterdir()}
+            mine = (set(self.names) & now) if self.names is not None else (now - self.before)
+            mine.discard(self.manifest)
+            if mine:
+                result = ExportResult(self.kind, str(self.folder), sorted(mine), {"complete": False})
+                _write_manifest(self.folder, result, {"error": str(exc)}, name=self.manifest)
+        except OSError:
+            pass
+        return False
 
 
 def default_out(run_dir: str | Path, fmt: str) -> Path:
@@ -80,13 +106,19 @@ def default_out(run_dir: str | Path, fmt: str) -> Path:
 
 # ---- adapter ---------------------------------------------------------------------------------------------------
 
-def export_adapter(src: str | Path, out: str | Path, progress: Progress = None) -> ExportResult:
+def export_adapter(src: str | Path, out: str | Path, progress: Progress = None,
+                   overwrite: bool = False) -> ExportResult:
     """Copy the run's adapter (final, else newest checkpoint; or the given adapter folder) and load it back."""
+    t0 = time.time()
+    out = _prepare_dir(Path(out).expanduser().resolve(), "adapter", overwrite)
+    with _Claim(out, "adapter"):
+        return _export_adapter(src, out, progress, t0)
+
+
+def _export_adapter(src, out: Path, progress: Progress, t0: float) -> ExportResult:
     from studio import chat
 
-    t0 = time.time()
     choice = chat.resolve_adapter(src)
-    out = _prepare_dir(Path(out).expanduser().resolve())
     if progress:
         progress(f"Copying {choice.label} to {out}…")
     files = []
@@ -298,13 +330,19 @@ def _compare(a, b, dtype_name: str) -> dict[str, Any]:
             "ok": diff <= tol and agree >= 0.9}
 
 
-def export_merged(src: str | Path, out: str | Path, progress: Progress = None) -> ExportResult:
+def export_merged(src: str | Path, out: str | Path, progress: Progress = None,
+                  overwrite: bool = False) -> ExportResult:
     """Merge the adapter into the 16/32-bit base, save it as safetensors with its tokenizer, load it back."""
+    t0 = time.time()
+    out = _prepare_dir(Path(out).expanduser().resolve(), "merged", overwrite)
+    with _Claim(out, "merged"):
+        return _export_merged(src, out, progress, t0)
+
+
+def _export_merged(src, out: Path, progress: Progress, t0: float) -> ExportResult:
     import torch
     from transformers import AutoModelForCausalLM
 
-    t0 = time.time()
-    out = _prepare_dir(Path(out).expanduser().resolve())
     merged, tok, adapter_logits, cfg, choice = merged_model(src, progress)
     dtype = next(merged.parameters()).dtype
     if progress:
@@ -566,24 +604,37 @@ def modelfile(gguf_name: str, chat_template: str | None, system: str | None = No
     return "\n".join(lines) + "\n"
 
 
-def export_gguf(src: str | Path, out: str | Path, *, ftype: str = "f16", progress: Progress = None) -> ExportResult:
+def export_gguf(src: str | Path, out: str | Path, *, ftype: str = "f16", progress: Progress = None,
+                overwrite: bool = False) -> ExportResult:
     """Merge, write ``<run>.gguf`` and a ``Modelfile`` into ``out`` (a folder, or a path ending in .gguf), then load
-    the file back with transformers' GGUF reader and compare it with the merged model."""
-    import gc
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    the file back with transformers' GGUF reader and compare it with the merged model. A path ending in .gguf
+    writes ``NAME.gguf``, ``NAME.Modelfile`` and ``NAME.export.json`` beside the user's other files: none of them
+    may exist unless an earlier GGUF export wrote it and ``overwrite`` is set."""
+    from studio import safepaths
 
     t0 = time.time()
     out = Path(out).expanduser().resolve()
     if out.suffix.lower() == ".gguf":
         folder, file_name = out.parent, out.name
-        if out.exists() and not (folder / (out.stem + ".export.json")).is_file():
-            raise ExportError(f"{out} exists and the studio did not write it: pick another file name")
-        folder.mkdir(parents=True, exist_ok=True)
         manifest_name = out.stem + ".export.json"
+        names = [file_name, f"{out.stem}.Modelfile", manifest_name]
+        try:
+            safepaths.prepare_files(folder, names, "gguf", manifest_name, overwrite=overwrite)
+        except safepaths.PathRefused as e:
+            raise ExportError(str(e)) from None
     else:
-        folder, file_name, manifest_name = _prepare_dir(out), None, MANIFEST
+        folder, file_name, manifest_name, names = _prepare_dir(out, "gguf", overwrite), None, MANIFEST, None
+    with _Claim(folder, "gguf", manifest_name, names):
+        return _export_gguf(src, folder, file_name, manifest_name, ftype, progress, t0)
+
+
+def _export_gguf(src, folder: Path, file_name: str | None, manifest_name: str, ftype: str, progress: Progress,
+                 t0: float) -> ExportResult:
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     merged, tok, adapter_logits, cfg, choice = merged_model(src, progress)
     if merged.config.model_type not in GGUF_ARCHS:
         raise ExportError(f"GGUF export supports the Llama, Mistral and Qwen2 families; this run's model is "
@@ -644,9 +695,9 @@ def export_gguf(src: str | Path, out: str | Path, *, ftype: str = "f16", progres
 
 def export(src: str | Path, fmt: str, out: str | Path, progress: Progress = None, **kw) -> ExportResult:
     if fmt == "adapter":
-        return export_adapter(src, out, progress)
+        return export_adapter(src, out, progress, **kw)
     if fmt == "merged":
-        return export_merged(src, out, progress)
+        return export_merged(src, out, progress, **kw)
     if fmt == "gguf":
         return export_gguf(src, out, progress=progress, **kw)
     raise ExportError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
@@ -667,6 +718,7 @@ def cli(args) -> int:
         pass
     try:
         extra = {"ftype": args.gguf_type} if args.format == "gguf" and getattr(args, "gguf_type", None) else {}
+        extra["overwrite"] = bool(getattr(args, "overwrite", False))
         result = export(args.run_dir, args.format, args.out,
                         progress=lambda m: print(m, file=sys.stderr, flush=True), **extra)
     except (ExportError, ChatError, ConfigError, ModelLoadError) as e:

@@ -31,7 +31,7 @@ FINAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "
               "epoch", "tokens_per_s", "elapsed_s", "gpu_mem_gib")
 # What the studio writes into a run folder; deleting a run removes these and nothing else, so a user's own
 # files in a custom output folder survive.
-RUN_FILES = ("adapter", "metrics.jsonl", "run.yaml", "error.log", "README.md")
+RUN_FILES = ("adapter", "metrics.jsonl", "run.yaml", "error.log", "README.md", ".run.lock")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 SCHEMA = """

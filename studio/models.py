@@ -153,6 +153,7 @@ def resolve_source(name_or_path: str, progress: Progress = None, token: str | No
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{p} is a folder but holds no config.json: point at a model folder or a .gguf file")
+        _check_config_file(p / "config.json")
         return ModelSource(str(p), kind="local")
     if name_or_path.count("/") != 1 or name_or_path.startswith(("/", ".")):
         raise ModelLoadError(
@@ -214,6 +215,40 @@ def lora_targets(model, requested) -> list[str]:
     return sorted(names)
 
 
+def _check_config_file(f: Path) -> None:
+    """A model folder's config.json must be a JSON object naming its model_type; say which file when it is not."""
+    import json
+
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelLoadError(f"{f} is not a readable model config ({type(e).__name__}: {e}): copy the model folder "
+                             "again, or point at another model") from None
+    if not isinstance(data, dict) or not data.get("model_type"):
+        raise ModelLoadError(f"{f} is not a model config (no model_type): copy the model folder again, or point "
+                             "at another model")
+
+
+REMOTE_CODE_HINT = ("{name} needs code from its own repository to load (a custom architecture). If you trust its "
+                    "authors, set model.trust_remote_code: true (Model & preset tab, or --set "
+                    "model.trust_remote_code=true); otherwise pick another model")
+
+
+def _needs_remote_code(path: str) -> bool:
+    """A model whose config maps to code in its own repository (auto_map) for a type transformers does not know."""
+    import json
+
+    try:
+        data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(data, dict) or not data.get("auto_map"):
+        return False
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return data.get("model_type") not in CONFIG_MAPPING_NAMES
+
+
 def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress: Progress = None,
                       resume_adapter: str | None = None) -> LoadedModel:
     import torch
@@ -221,6 +256,8 @@ def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress
     device = device or detect_device()
     backend = choose_backend(cfg, device)
     source = resolve_source(cfg.model.name_or_path, progress)
+    if not cfg.model.trust_remote_code and _needs_remote_code(source.path):
+        raise ModelLoadError(REMOTE_CODE_HINT.format(name=cfg.model.name_or_path))
     dtype = compute_dtype(cfg, device)
     if progress:
         progress(f"Loading {cfg.model.name_or_path} with {BACKEND_LABELS[backend]} on {device.name}…")
@@ -232,6 +269,8 @@ def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress
     except torch.OutOfMemoryError:
         raise
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e) and not cfg.model.trust_remote_code:
+            raise ModelLoadError(REMOTE_CODE_HINT.format(name=cfg.model.name_or_path)) from e
         raise ModelLoadError(f"could not load {cfg.model.name_or_path}: {e}") from e
     return LoadedModel(model, prepare_tokenizer(tok), backend, device, source, dtype)
 

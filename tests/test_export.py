@@ -249,9 +249,9 @@ def test_export_never_overwrites_a_folder_it_did_not_write(run_dir, tmp_path):
     with pytest.raises(export.ExportError, match="did not write"):
         export.export_adapter(run_dir, mine)
     assert (mine / "notes.txt").read_text() == "keep me"
-    # an earlier studio export in the same place is replaced
+    # an earlier studio export in the same place is replaced when asked to
     export.export_adapter(run_dir, tmp_path / "again")
-    export.export_adapter(run_dir, tmp_path / "again")
+    export.export_adapter(run_dir, tmp_path / "again", overwrite=True)
 
 
 def test_a_dequantized_base_saves_although_its_4bit_load_recorded_a_conversion_without_an_inverse(tmp_path):

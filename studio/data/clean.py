@@ -109,20 +109,56 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": row["prompt"], "completion": row["completion"], "label": bool(row["label"])}
 
 
-def write_jsonl(rows: list[dict[str, Any]], out: str | Path, protect: list[str | Path] = ()) -> Path:
-    """Write KTO rows as UTF-8 JSONL to ``out``; refuses to write over any path in ``protect`` (the user's input)."""
+def check_out(out: str | Path, overwrite: bool = False) -> Path:
+    """Where ``write_jsonl`` may write: a new file, or (with ``overwrite``) an existing regular file. A folder, a
+    device (/dev/full), a pipe or a socket is refused: replacing it by renaming a file over it would destroy it."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise DataError(f"{out} is a folder: --out needs a file name such as {out / 'clean.jsonl'}")
+    if out.exists() and not out.is_file():
+        raise DataError(f"{out} is not a regular file (a device, pipe or socket): --out needs a file name such as "
+                        "clean.jsonl")
+    if out.is_symlink() and not out.exists():
+        raise DataError(f"{out} is a link to a file that does not exist: give another --out path")
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists: pass --overwrite to replace it, or choose another --out path")
+    return out
+
+
+def write_jsonl(rows: list[dict[str, Any]], out: str | Path, protect: list[str | Path] = (),
+                overwrite: bool = False) -> Path:
+    """Write KTO rows as UTF-8 JSONL to ``out``; refuses to write over any path in ``protect`` (the user's input),
+    over anything but a regular file, and over an existing file unless ``overwrite`` (which keeps its permissions
+    and, for a link, writes the file it points to)."""
+    import os
+    import stat
+    import tempfile
+
     out = Path(out).expanduser()
     for p in protect:
         if p and Path(p).expanduser().exists() and out.resolve() == Path(p).expanduser().resolve():
             raise DataError(f"refusing to write over the input file {p}: choose another --out path")
-    if out.is_dir():
-        raise DataError(f"{out} is a folder: --out needs a file name such as {out / 'clean.jsonl'}")
+    out = check_out(out, overwrite)
+    mode = None
+    if out.exists():
+        out = out.resolve()  # a link stays a link; the file it points to is replaced
+        mode = stat.S_IMODE(out.stat().st_mode)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(_plain(r), ensure_ascii=False) + "\n")
-    tmp.replace(out)  # a crash mid-write never leaves a half file under the real name
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(_plain(r), ensure_ascii=False) + "\n")
+        if mode is None:  # a new file: the permissions a plain open() would give
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        tmp.replace(out)  # a crash mid-write never leaves a half file under the real name
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -207,7 +243,8 @@ def summarize(norm: Normalized, report: Report, dropped: dict[str, list[int]], k
 
 
 def run(file: str, out: str, model: str | None = None, max_length: int | None = None,
-        mapping: dict[str, str] | None = None, options: CleanOptions | None = None) -> dict[str, Any]:
+        mapping: dict[str, str] | None = None, options: CleanOptions | None = None,
+        overwrite: bool = False, progress=None) -> dict[str, Any]:
     """Load ``file``, convert, inspect, clean, write ``out``; the summary as a dict. DataError when unusable."""
     from studio.config import BUNDLED_MODEL
     from studio.data import load_kto, resolve
@@ -216,7 +253,8 @@ def run(file: str, out: str, model: str | None = None, max_length: int | None = 
     source = resolve(file)
     if Path(out).expanduser().resolve() == Path(source).expanduser().resolve():
         raise DataError(f"refusing to write over the input file {file}: choose another --out path")
-    norm = load_kto(source, mapping, strict=False)
+    check_out(out, overwrite)  # before the (maybe long) reading
+    norm = load_kto(source, mapping, strict=False, progress=progress)
     if max_length and not model:
         model = BUNDLED_MODEL  # the studio's default model: lengths need some tokenizer
     report = inspect_rows(norm.rows, model, max_length, row_numbers=norm.sources)
@@ -226,7 +264,7 @@ def run(file: str, out: str, model: str | None = None, max_length: int | None = 
         reasons = ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in dropped.items())
         raise DataError(f"no usable rows left after cleaning ({reasons})")
     summary = summarize(norm, report, dropped, kept, options, model)
-    path = write_jsonl(kept, out, protect=[source])
+    path = write_jsonl(kept, out, protect=[source], overwrite=overwrite)
     return {"input": str(file), "output": str(path), **summary}
 
 
@@ -253,9 +291,10 @@ def cli(args) -> int:
     options = CleanOptions(drop_duplicates=not getattr(args, "keep_duplicates", False),
                            drop_empty=not getattr(args, "keep_empty", False),
                            drop_over_length=getattr(args, "drop_over_length", False))
+    bar = _LoadBar()
     try:
         summary = run(args.file, args.out, model=args.model, max_length=args.max_length, mapping=mapping,
-                      options=options)
+                      options=options, overwrite=getattr(args, "overwrite", False), progress=bar)
     except DataError as e:
         hint = f" {e.cli_hint()}." if isinstance(e, ColumnError) else ""
         print("error: " + " ".join(str(e).split()) + hint, file=sys.stderr)
@@ -264,5 +303,28 @@ def cli(args) -> int:
         print(f"error: {args.file} could not be processed ({type(e).__name__}: {' '.join(str(e).split())})",
               file=sys.stderr)
         return 1
+    finally:
+        bar.close()
     print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
     return 0
+
+
+class _LoadBar:
+    """A progress bar on stderr for loading a file, shown only once loading has taken more than 2 seconds."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, fraction: float, message: str) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=100, delay=2, file=sys.stderr, bar_format="{desc} {percentage:3.0f}%|{bar}| "
+                                                                            "{elapsed}")
+        self.bar.set_description_str(message, refresh=False)
+        self.bar.update(max(0, int(100 * fraction) - self.bar.n))  # shown after 2 s, then at most 10 times a second
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

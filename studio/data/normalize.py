@@ -201,7 +201,7 @@ def _missing_columns_message(columns: list[str]) -> str:
 # ---- normalize -----------------------------------------------------------------------------------------------------
 
 def normalize(records: list[dict[str, Any]], mapping: dict[str, str] | None = None, *, strict: bool = True,
-              seed: int = 42) -> Normalized:
+              seed: int = 42, progress=None) -> Normalized:
     """KTO rows from raw records. ``mapping`` renames columns ({'question': 'prompt', ...}) first; missing names are
     guessed from common aliases. ``strict``: unknown labels raise; otherwise those rows get label None and are listed
     in ``unlabeled`` so a person can set them. ``seed`` shuffles rows made from pairs."""
@@ -231,16 +231,22 @@ def normalize(records: list[dict[str, Any]], mapping: dict[str, str] | None = No
                           missing_label={"prompt", "completion"} <= mapped_cols)
     out = Normalized(rows=[], columns=columns, mapping=full_map, shape=shape, n_records=len(records))
     out.conversions.extend(guessed)
+    if progress:
+        progress(0.0, f"converting {len(records):,} records")
     records = [{k: _clean_value(v) for k, v in r.items()} for r in records]
     n_json = sum(1 for r in records for k in ("prompt", "completion", "chosen", "rejected", "messages")
                  if isinstance(r.get(k), str) and is_conversation(_maybe_json_conversation(r[k])))
     if n_json:
         records = [{k: _maybe_json_conversation(v) if k in FIELDS else v for k, v in r.items()} for r in records]
         out.conversions.append(f"{n_json} cells of JSON text read as conversations")
+    if progress:
+        progress(0.4, f"turning {len(records):,} records into KTO rows")
     if shape in ("unpaired", "messages"):
         _labelled(records, out, strict)
     else:
         _unpair(records, out, seed)
+    if progress:
+        progress(0.8, f"giving {len(out.rows):,} rows one format")
     _unify_format(out)
     return out
 
@@ -316,15 +322,23 @@ def _unpair(records: list[dict[str, Any]], out: Normalized, seed: int) -> None:
         out.shape = "hh"
         out.conversions.append(f"{hh} Anthropic HH transcripts split into conversation prompt + final reply")
     # datasets can't hold a column mixing text and message lists: unpair each kind on its own
-    groups = ([p for p in paired if not is_conversation(p["prompt"])],
-              [_coerce_pair(p) for p in paired if is_conversation(p["prompt"])])
+    conv_prompt = [is_conversation(p["prompt"]) for p in paired]
+    groups = ([p for p, c in zip(paired, conv_prompt) if not c],
+              [_coerce_pair(p) for p, c in zip(paired, conv_prompt) if c])
     unpaired = []
     with _quiet_datasets():
         for group in groups:
             if group:
-                group = [{**p, "chosen": _none_to_empty(p["chosen"]), "rejected": _none_to_empty(p["rejected"])}
-                         for p in group]
-                unpaired.extend(unpair_preference_dataset(Dataset.from_list(group)).to_list())
+                # TRL decides which rows come out in which order and with which label; it is handed row numbers, not
+                # the texts, so the (large, nested) texts never make the round trip through Arrow
+                ids = list(range(len(group)))
+                plan = unpair_preference_dataset(Dataset.from_dict({"prompt": ids, "chosen": ids, "rejected": ids}))
+                for r in plan.to_list():
+                    p = group[r["prompt"]]
+                    completion = p["chosen"] if r["label"] else p["rejected"]
+                    prompt = [dict(m) for m in p["prompt"]] if isinstance(p["prompt"], list) else p["prompt"]
+                    unpaired.append({"prompt": prompt, "completion": _none_to_empty(completion),
+                                     "label": r["label"], "_row": p["_row"]})
     random.Random(seed).shuffle(unpaired)
     for r in unpaired:
         out.sources.append(r.pop("_row"))
@@ -348,19 +362,34 @@ def _coerce_pair(p: dict[str, Any]) -> dict[str, Any]:
 def _unify_format(out: Normalized) -> None:
     """One dataset holds one shape: if any row is a conversation, text rows become single-turn conversations;
     otherwise every prompt and completion is a string."""
-    conv = [is_conversation(r["prompt"]) or is_conversation(r["completion"]) for r in out.rows]
-    if any(conv) and not all(conv):
+    # each cell is looked at once: (prompt is a conversation, completion is a conversation) per row
+    kinds = [(is_conversation(r["prompt"]), is_conversation(r["completion"])) for r in out.rows]
+    conv = [p or c for p, c in kinds]
+    as_conversations = any(conv)  # once: inside the loop it made loading quadratic in the number of rows
+    if as_conversations and not all(conv):
         out.conversions.append(f"{conv.count(False)} text rows turned into single-turn conversations to match the "
                                "other rows")
-    for r in out.rows:
-        if any(conv):
-            if not is_conversation(r["prompt"]):
+    for i, (r, kind) in enumerate(zip(out.rows, kinds)):
+        for key, is_conv in zip(("prompt", "completion"), kind):
+            if not is_conv and not _scalar(r[key]):
+                row = out.sources[i] if i < len(out.sources) else i + 1
+                shown = repr(r[key])
+                raise DataError(f"row {row}: the {key} is a {type(r[key]).__name__} ({shown[:80]}"
+                                f"{'…' if len(shown) > 80 else ''}), not text or a list of role/content messages: "
+                                "map another column to it, or turn that column into text first")
+        if as_conversations:
+            if not kind[0]:
                 r["prompt"] = [{"role": "user", "content": _text(r["prompt"]).strip()}]
-            if not is_conversation(r["completion"]):
+            if not kind[1]:
                 r["completion"] = [{"role": "assistant", "content": _text(r["completion"]).strip()}]
         else:
             r["prompt"] = _text(r["prompt"])
             r["completion"] = _text(r["completion"])
+
+
+def _scalar(value: Any) -> bool:
+    """Text, a number or empty: a cell that reads as text without guessing (a dict or list does not)."""
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def _text(value: Any) -> str:

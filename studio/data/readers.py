@@ -17,8 +17,9 @@ MEMORY_PER_FILE_BYTE = 5
 SUFFIXES = {".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq", ".gz"}
 
 
-def read_records(source: str | Path) -> list[dict[str, Any]]:
-    """Records from a file, a saved dataset folder or a hub id; DataError with a plain reason otherwise."""
+def read_records(source: str | Path, progress=None) -> list[dict[str, Any]]:
+    """Records from a file, a saved dataset folder or a hub id; DataError with a plain reason otherwise.
+    ``progress(fraction, message)``, if given, hears how far reading a JSONL file got."""
     path = Path(source).expanduser()
     if path.is_dir():
         return _read_saved_dataset(path)
@@ -35,7 +36,7 @@ def read_records(source: str | Path) -> list[dict[str, Any]]:
     if gz:
         name = name[:-3]
     if name.endswith((".jsonl", ".ndjson")):
-        return _read_jsonl(path, gz)
+        return _read_jsonl(path, gz, progress)
     if name.endswith(".json"):
         return _read_json(path, gz)
     if name.endswith((".csv", ".tsv")):
@@ -103,6 +104,12 @@ def _open_text(path: Path, gz: bool) -> str:
             check_size(path.name + " (unpacked)", len(raw))
     else:
         raw = path.read_bytes()
+    bom_less = _utf16_without_bom(raw)
+    if bom_less:
+        try:
+            return raw.decode(bom_less)
+        except UnicodeDecodeError:
+            pass
     if b"\x00" in raw[:8192] and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError(f"{path.name} looks like a binary file, not text: export it as JSONL or CSV")
     for enc in ("utf-8-sig", "utf-16"):
@@ -126,6 +133,21 @@ def _open_text(path: Path, gz: bool) -> str:
     raise AssertionError("unreachable")
 
 
+def _utf16_without_bom(raw: bytes) -> str | None:
+    """'utf-16-be' / 'utf-16-le' for text saved as UTF-16 without a byte-order mark: mostly-ASCII text then has a
+    zero byte in every other position (before each character in big-endian, after it in little-endian)."""
+    sample = raw[:8192]
+    if len(sample) < 4 or raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return None
+    even, odd = sample[0::2], sample[1::2]
+    zeros_even, zeros_odd = even.count(0) / len(even), odd.count(0) / len(odd)
+    if zeros_even > 0.5 and zeros_odd < 0.05:
+        return "utf-16-be"
+    if zeros_odd > 0.5 and zeros_even < 0.05:
+        return "utf-16-le"
+    return None
+
+
 def _guess_encoding(raw: bytes) -> str:
     """', it looks like cp1252' when charset-normalizer has a guess; the guess only helps the message, the text is
     never decoded with it (a wrong guess would put garbled text into training)."""
@@ -138,16 +160,23 @@ def _guess_encoding(raw: bytes) -> str:
     return f", it looks like {best.encoding}" if best is not None and best.encoding != "utf_8" else ""
 
 
-def _read_jsonl(path: Path, gz: bool) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, gz: bool, progress=None) -> list[dict[str, Any]]:
+    if progress:
+        progress(0.0, f"reading {path.name}")
     text = _open_text(path, gz)
     # split on newlines only: str.splitlines would also split on U+2028 inside JSON strings
     lines = text.split("\n")
     rows = []
+    every = max(1, len(lines) // 50)
     for n, line in enumerate(lines, start=1):
+        if progress and n % every == 0:
+            progress(n / len(lines), f"reading line {n:,} of {len(lines):,}")
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = _loads(line)
+        except _NotJson as e:
+            raise DataError(f"{path.name} line {n}: {e}") from None
         except json.JSONDecodeError as e:
             last = not any(rest.strip() for rest in lines[n:])
             hint = " (it is the last line: the file may be truncated)" if last else ""
@@ -160,6 +189,23 @@ def _read_jsonl(path: Path, gz: bool) -> list[dict[str, Any]]:
     return rows
 
 
+class _NotJson(ValueError):
+    """Text Python's json module accepts but JSON does not (NaN, Infinity), or nesting too deep to read."""
+
+
+def _no_constant(name: str):
+    raise _NotJson(f"{name} is not a JSON value (JSON has no NaN or Infinity): write null for a missing value, "
+                   "or put the text in quotes")
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise _NotJson("the JSON is nested too deeply to read (thousands of levels of [ or {): a data row holds "
+                       "text, a label and at most a list of messages") from None
+
+
 def _where(msg: str) -> str:
     # json's messages sometimes end in "at" already ("Unterminated string starting at")
     return msg if msg.endswith(" at") else msg + " at"
@@ -168,7 +214,9 @@ def _where(msg: str) -> str:
 def _read_json(path: Path, gz: bool) -> list[dict[str, Any]]:
     text = _open_text(path, gz)
     try:
-        obj = json.loads(text)
+        obj = _loads(text)
+    except _NotJson as e:
+        raise DataError(f"{path.name}: {e}") from None
     except json.JSONDecodeError as e:
         if text.lstrip().startswith("{") and "\n{" in text:
             return _read_jsonl(path, gz)  # JSON Lines saved as .json
@@ -197,6 +245,7 @@ def _read_table(path: Path, sep: str) -> list[dict[str, Any]]:
     import pandas as pd
 
     text = _open_text(path, gz=False)
+    _check_header(path, text, sep)
     try:
         df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
     except Exception as e:  # pandas raises several types for malformed tables
@@ -204,6 +253,24 @@ def _read_table(path: Path, sep: str) -> list[dict[str, Any]]:
     if df.empty:
         raise DataError(f"{path.name} holds no rows")
     return _frame_records(df)
+
+
+def _check_header(path: Path, text: str, sep: str) -> None:
+    """pandas renames a repeated column ('prompt', 'prompt.1') and the second is then silently unused: refuse."""
+    import csv
+    import io
+
+    try:
+        header = next(csv.reader(io.StringIO(text), delimiter=sep))
+    except (StopIteration, csv.Error):
+        return
+    seen: dict[str, int] = {}
+    for i, name in enumerate(header, start=1):
+        key = name.strip()
+        if key and key in seen:
+            raise DataError(f"{path.name}: the column '{key}' appears twice in the header (columns {seen[key]} and "
+                            f"{i}): rename or remove one, so it is clear which one holds the data")
+        seen.setdefault(key, i)
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:

@@ -55,10 +55,11 @@ class Workbench:
 
     @classmethod
     def load(cls, source: str, name: str | None = None, mapping: dict[str, str] | None = None,
-             seed: int = 42) -> "Workbench":
+             seed: int = 42, progress=None) -> "Workbench":
+        """``progress(fraction, message)`` hears how far reading and converting got (large files)."""
         from studio.data import load_kto
 
-        norm = load_kto(source, mapping, strict=False, seed=seed)
+        norm = load_kto(source, mapping, strict=False, seed=seed, progress=progress)
         rows = [dict(r) for r in norm.rows]
         return cls(name=name or Path(source).name, source=source, norm=norm, rows=rows)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio import evaluate, export, feedback
+from studio import evaluate, export, feedback, paths, safepaths
 from studio.chat import (ChatModel, GenerationSettings, Turn, build_messages, content_text, list_adapters,
                          newest)
 
@@ -150,7 +150,10 @@ def build(studio):
         with gr.Row():
             fmt = gr.Radio(list(export.FORMATS), value="adapter", label="Format", elem_id="chat-export-format")
             out = gr.Textbox(label="Export to", scale=3, elem_id="chat-export-out",
-                             placeholder="empty: <run folder>/export/<format>")
+                             placeholder=f"empty: {paths.home() / safepaths.EXPORTS}/<run>-<format>; a name goes "
+                                         "there too")
+            overwrite = gr.Checkbox(False, label="Replace an earlier export there", elem_id="chat-export-overwrite",
+                                    info="only the files that export wrote; never your own files")
             export_btn = gr.Button("Export", scale=0, min_width=110, elem_id="chat-export-run")
         export_md = gr.Markdown(elem_id="chat-export-result")
 
@@ -234,19 +237,22 @@ def build(studio):
             return NO_ADAPTER, gr.update(), gr.update()
         run_dir = _run_dir(path)
         try:
-            result = evaluate.evaluate_run(run_dir, data=(data_file or "").strip() or None,
+            data_file = safepaths.check_read(data_file) if (data_file or "").strip() else None
+            result = evaluate.evaluate_run(run_dir, data=data_file,
                                            limit=int(limit) if limit else None, adapter=path, chat_model=chat,
                                            progress=lambda m, f: progress(f, desc=m))
         except Exception as e:  # noqa: BLE001
             return f"❌ {e}", gr.update(), gr.update()
         return eval_outputs(result)
 
-    def on_export(path, fmt_value, out_value, progress=gr.Progress()):
+    def on_export(path, fmt_value, out_value, replace=False, progress=gr.Progress()):
         if not path:
             return NO_ADAPTER
-        target = (out_value or "").strip() or str(export.default_out(_run_dir(path), fmt_value))
         try:
-            r = export.export(path, fmt_value, target, progress=lambda m: progress(None, desc=m))
+            # the web UI writes only under the studio home (or folders allowed with app.py --allow-path)
+            target = safepaths.ui_export_target(out_value, f"{_run_dir(path).name}-{fmt_value}")
+            r = export.export(path, fmt_value, target, progress=lambda m: progress(None, desc=m),
+                              overwrite=bool(replace))
         except Exception as e:  # noqa: BLE001
             return f"❌ Export failed: {e}"
         return _export_md(r)
@@ -273,7 +279,7 @@ def build(studio):
     base_box.like(rate("base"), [turns], [fb])
     tuned_box.like(rate("tuned"), [turns], [fb])
     eval_btn.click(on_eval, [adapter, eval_data, eval_limit], [eval_status, eval_table, eval_plot])
-    export_btn.click(on_export, [adapter, fmt, out], [export_md])
+    export_btn.click(on_export, [adapter, fmt, out, overwrite], [export_md])
 
 
 def _run_dir(adapter_path: str) -> Path:

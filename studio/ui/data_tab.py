@@ -9,6 +9,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from studio import safepaths
 from studio.config import SAMPLE_DATA
 from studio.data import DataError, resolve
 from studio.data.balance import ratio as weighted_ratio
@@ -254,11 +255,17 @@ def build(studio):
         mapping_values, view_args = rest[:len(FIELDS)], rest[len(FIELDS):]
         mapping = {theirs: ours for ours, theirs in zip(FIELDS, mapping_values) if theirs}
         src = file if file else (source or SAMPLE_DATA)
-        name = Path(file).name if file else Path(resolve(src)).name
         map_updates = [gr.update()] * len(FIELDS)
         try:
+            # the web UI reads only the studio home, uploads, the sample and folders allowed with --allow-path
+            src = safepaths.check_read(resolve(src))
+        except safepaths.PathRefused as e:
+            return [None, f"**Cannot use this data:** {e}", gr.update(), *map_updates, *_cleared()]
+        name = Path(file).name if file else Path(src).name
+        try:
             progress(0, desc="reading")
-            wb = Workbench.load(src, name=name, mapping=mapping or None)
+            wb = Workbench.load(src, name=name, mapping=mapping or None,
+                                progress=lambda f, msg: progress(f, desc=msg))
         except ColumnError as e:
             choices = [""] + list(e.columns)
             map_updates = [gr.update(choices=choices, value=v if v in choices else "") for v in mapping_values]

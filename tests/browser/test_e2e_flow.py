@@ -129,6 +129,6 @@ def test_upload_to_export_on_the_bundled_model(page, studio_server, tmp_path, bu
     page.locator("#chat-export-run").click()
     expect(page.locator("#chat-export-result")).to_contain_text("adapter", timeout=180_000)
     expect(page.locator("#chat-export-result")).to_contain_text("loaded back")
-    exported = list((home / "runs" / "e2e").glob("export/adapter*/adapter_model.safetensors"))
-    assert exported, list((home / "runs" / "e2e").rglob("*"))[:20]
+    exported = list((home / "exports").glob("e2e-adapter/adapter_model.safetensors"))
+    assert exported, list(home.rglob("*"))[:20]
     shot(page, "e2e-6-export")
