@@ -69,7 +69,8 @@ class Contender:
 
 
 def base_label(name_or_path: str) -> str:
-    return f"base model ({Path(name_or_path).name or name_or_path}, no adapter)"
+    short = Path(name_or_path.split(":")[-1]).name or name_or_path
+    return f"base {short} (adapter off)"
 
 
 def contenders(first: str | None, second: str | None) -> tuple[Contender, Contender]:
@@ -388,8 +389,9 @@ def export_csv(votes: list[dict], path: str | Path) -> Path:
 def tally_figure(t: Tally):
     """The candidate's win rate after each vote that picked a side, with its 95% interval, and the vote counts."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(8, 2.6), layout="constrained")
+    fig = Figure(figsize=(8, 2.4), layout="constrained")
     ax, bars = fig.subplots(1, 2, width_ratios=[3, 1.3])
     wins = decided = 0
     xs, rate, lo, hi = [], [], [], []
@@ -408,16 +410,22 @@ def tally_figure(t: Tally):
         ax.plot(xs, rate, color="#3c6e9f", marker="o", markersize=3, label="win rate")
         ax.set_xlim(0.5, max(xs) + 0.5)
         ax.legend(loc="lower left", fontsize=8)
+    else:
+        ax.text(0.5, 0.75, "no vote has picked a side yet", ha="center", transform=ax.transAxes, color="#6c7a89")
+        ax.set_xticks([])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(0, 100)
     ax.set_xlabel("votes that picked a side")
-    ax.set_ylabel(f"{t.candidate_label[:28]}\nwin rate, %", fontsize=8)
-    ax.set_title(f"{t.candidate_label} vs {t.reference_label}"[:80], fontsize=9)
+    ax.set_ylabel("win rate, %")
+    ax.set_title("win rate after each vote (95% interval shaded)", fontsize=9)
     names = ["wins", "ties", "both bad", "losses"]
     counts = [t.wins, t.ties, t.both_bad, t.losses]
     bars.barh(names, counts, color=["#2e9d5b", "#6c7a89", "#e8a33d", "#d1495b"])
     bars.invert_yaxis()
     bars.set_xlabel("votes")
+    bars.set_title("all votes", fontsize=9)
     bars.set_xlim(0, max(counts + [1]) * 1.25)
+    bars.xaxis.set_major_locator(MaxNLocator(integer=True))
     for i, c in enumerate(counts):
         bars.text(c, i, f" {c}", va="center", fontsize=8)
     return fig

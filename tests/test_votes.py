@@ -14,7 +14,7 @@ from studio.data import load_kto
 from studio.history import History
 from studio.votes import Contender, VoteError
 
-BASE = Contender("base:m", "base model (m, no adapter)", "/runs/r/adapter", False)
+BASE = Contender("base:m", "base m (adapter off)", "/runs/r/adapter", False)
 TUNED = Contender("/runs/r/adapter", "r · final adapter", "/runs/r/adapter", True)
 CKPT = Contender("/runs/r/checkpoint-2", "r · checkpoint-2", "/runs/r/checkpoint-2", True)
 PROMPT = [{"role": "user", "content": "Capital of France?"}]
@@ -247,3 +247,31 @@ def test_votes_command_prints_tallies_as_json_and_exports_csv(studio_home, tmp_p
 
     assert main(["votes", "--pair", "nobody,base"]) == 1
     assert "no votes involve 'nobody'" in capsys.readouterr().err
+
+
+# ---- generation: any two adapters on one base in memory ----------------------------------------------------------
+
+def test_two_adapters_and_the_base_answer_from_one_model_in_memory(chat, run_dir):
+    from studio.chat import GenerationSettings
+
+    final, ckpt = str(run_dir / "adapter"), str(run_dir / "checkpoint-2")
+    settings = GenerationSettings(max_new_tokens=4, temperature=0.0)
+    msgs = votes.as_messages("What is the capital of France?")
+    base_a, tuned = votes.contenders("base", final)
+    earlier, later = votes.contenders(ckpt, final)  # a checkpoint vs the final adapter
+    model = chat.model
+    replies = {who.label + str(who.tuned): "".join(list(votes.stream_reply(chat, who, msgs, settings))[-1:])
+               for who in (base_a, tuned, earlier, later)}
+    assert chat.model is model  # no second copy of the base was loaded
+    assert {c.adapter.path.name for c in (l.adapter for l in chat._adapters.values())} == {"adapter", "checkpoint-2"}
+    # each side really ran with its own adapter: the next-token logits differ between the three
+    logits = {}
+    for who in (base_a, earlier, later):
+        chat.use(who.adapter)
+        logits[who.label] = chat.logits(msgs, tuned=who.tuned)
+    assert not logits[base_a.label].allclose(logits[earlier.label])
+    assert not logits[earlier.label].allclose(logits[later.label])
+    # the base side is the base whichever adapter is switched off for it
+    base_b = votes.contenders("base", ckpt)[0]
+    assert "".join(list(votes.stream_reply(chat, base_b, msgs, settings))[-1:]) == replies[base_a.label + "False"]
+    assert replies[tuned.label + "True"] == replies[later.label + "True"]
