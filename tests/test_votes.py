@@ -263,7 +263,7 @@ def test_two_adapters_and_the_base_answer_from_one_model_in_memory(chat, run_dir
     replies = {who.label + str(who.tuned): "".join(list(votes.stream_reply(chat, who, msgs, settings))[-1:])
                for who in (base_a, tuned, earlier, later)}
     assert chat.model is model  # no second copy of the base was loaded
-    assert {c.adapter.path.name for c in (l.adapter for l in chat._adapters.values())} == {"adapter", "checkpoint-2"}
+    assert {loaded.adapter.path.name for loaded in chat._adapters.values()} == {"adapter", "checkpoint-2"}
     # each side really ran with its own adapter: the next-token logits differ between the three
     logits = {}
     for who in (base_a, earlier, later):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 
 from studio import votes
 from studio.chat import ChatModel, GenerationSettings, build_messages, list_adapters, newest
@@ -53,6 +54,21 @@ def tally_views(history, first, second):
     return f"**Win rate.** {t.sentence()}", votes.tally_figure(t)
 
 
+PAIR_COLUMNS = ["candidate", "against (reference)", "votes", "wins", "ties", "both bad", "losses", "win rate",
+                "95% interval"]
+
+
+def pairs_frame(history) -> pd.DataFrame:
+    """Every pair of models with votes: the tallies ``python -m studio votes`` prints."""
+    rows = []
+    for t in votes.tallies(history.votes()):
+        lo, hi = t.interval
+        rate = f"{100 * t.win_rate:.0f}%" if t.win_rate is not None else "–"
+        span = f"{100 * lo:.0f}–{100 * hi:.0f}%" if t.decided else "–"
+        rows.append([t.candidate_label, t.reference_label, t.votes, t.wins, t.ties, t.both_bad, t.losses, rate, span])
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
 def build(studio):
     chat = _chat(studio)
     choices, newest_adapter = model_choices()
@@ -91,6 +107,8 @@ def build(studio):
     tally0, fig0 = tally_views(studio.history, votes.BASE, newest_adapter)
     tally_md = gr.Markdown(tally0, elem_id="ab-tally")
     plot = gr.Plot(fig0, show_label=False, elem_id="ab-plot")
+    with gr.Accordion("All pairs voted on", open=False):
+        pairs = gr.Dataframe(pairs_frame(studio.history), interactive=False, elem_id="ab-pairs")
     with gr.Row():
         export_btn = gr.Button("Export all votes (CSV)", size="sm", scale=0, min_width=200, elem_id="ab-export")
         csv_file = gr.File(label="votes.csv", interactive=False, visible=False, elem_id="ab-csv", scale=3)
@@ -172,9 +190,8 @@ def build(studio):
     def vote(choice: str):
         def handler(state):
             off = [gr.update(interactive=False)] * len(VOTES)
-            if not state:
-                return ("Nothing to vote on: press **Next prompt** (or type a prompt) and wait for both replies.",
-                        gr.update(), gr.update(), gr.update(), gr.update(), None, *off)
+            if not state:  # a second click on a vote already cast (the buttons are off until both have answered)
+                return *[gr.update()] * 5, None, gr.update(), *off
             a, b = state["a"], state["b"]
             v = votes.record(studio.history, a=a, b=b, prompt=state["prompt"], reply_a=state["reply_a"],
                              reply_b=state["reply_b"], choice=choice, settings=state["settings"],
@@ -190,7 +207,7 @@ def build(studio):
                     f"chat ratings{why}.")
             t = votes.tally(studio.history.votes(), state["ref"], state["cand"])
             return (text, f"**Win rate.** {t.sentence()}", votes.tally_figure(t), gr.update(label=f"A · {a.label}"),
-                    gr.update(label=f"B · {b.label}"), None, *off)
+                    gr.update(label=f"B · {b.label}"), None, pairs_frame(studio.history), *off)
         return handler
 
     def on_export():
@@ -211,5 +228,5 @@ def build(studio):
     ask.click(generate(False), gen_in, gen_out)
     msg.submit(generate(False), gen_in, gen_out)
     for (choice, _, _), btn in zip(VOTES, vote_btns):
-        btn.click(vote(choice), [pending], [reveal, tally_md, plot, box_a, box_b, pending, *vote_btns])
+        btn.click(vote(choice), [pending], [reveal, tally_md, plot, box_a, box_b, pending, pairs, *vote_btns])
     export_btn.click(on_export, None, csv_file)

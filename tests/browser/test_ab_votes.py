@@ -111,6 +111,9 @@ def test_blind_votes_reveal_tally_and_load_as_kto_rows(page, studio_server):
     t = votes.tally(stored, base_id, tuned_id)
     assert (t.wins + t.losses, t.ties, t.both_bad) == (2, 1, 1)
     expect(page.locator("#ab-tally")).to_contain_text(re.compile(r"wins \d of 2 .*interval \d+–\d+%"))
+    page.get_by_text("All pairs voted on").click()
+    expect(page.locator("#ab-pairs")).to_contain_text(TUNED)
+    expect(page.locator("#ab-pairs")).to_contain_text(f"{100 * t.interval[0]:.0f}–{100 * t.interval[1]:.0f}%")
     shot(page, "ab-tally")
 
     page.locator("#ab-export").click()  # every vote as CSV
