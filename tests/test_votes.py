@@ -190,6 +190,25 @@ def test_prompt_pool_from_a_file_keeps_each_prompt_once(tmp_path):
         votes.prompt_pool()
 
 
+def test_next_prompt_draws_from_the_runs_held_out_prompts(tmp_path):
+    from studio.config import RunConfig
+
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "completion": c, "label": lab})
+                            + "\n" for q, c, lab in [("Q1?", "a", True), ("Q2?", "b", False), ("Q1?", "c", False)]))
+    run = tmp_path / "run"
+    run.mkdir()
+    RunConfig().updated({"name": "run", "data.eval_file": str(held)}).save(run / "run.yaml")
+    pool, source = votes.prompt_pool(run)
+    assert pool == [[{"role": "user", "content": "Q1?"}], [{"role": "user", "content": "Q2?"}]]
+    assert source == str(held)
+    no_held = tmp_path / "plain"
+    no_held.mkdir()
+    RunConfig().updated({"name": "plain", "data.eval_fraction": 0.0}).save(no_held / "run.yaml")
+    with pytest.raises(VoteError, match="no held-out data.*type your own prompt"):
+        votes.prompt_pool(no_held)
+
+
 def _fake_run(root, name, model):
     from studio.config import RunConfig
 
