@@ -5,6 +5,7 @@
 - ``fit``              choose sequence length / batch that fit a GPU, print the memory estimate as JSON
 - ``eval RUN_DIR``     held-out evaluation of a run, as JSON
 - ``export RUN_DIR``   export the adapter, a merged model or a GGUF file
+- ``votes``            blind A/B votes: tallies and 95% intervals as JSON, the votes as CSV
 """
 from __future__ import annotations
 
@@ -68,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export of the same format at --out (only the files it wrote)")
     p.set_defaults(func=_lazy("studio.export", "cli"))
+
+    p = sub.add_parser("votes", help="blind A/B votes from the Chat tab: wins, ties, losses, win rate and its 95%% "
+                                    "interval per pair of models, as JSON")
+    p.add_argument("--pair", default=None, metavar="X,Y",
+                   help="only this pair, Y seen against X (a label, run name, adapter folder, or 'base')")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write every vote to this CSV file")
+    p.set_defaults(func=_lazy("studio.votes", "cli"))
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -72,6 +72,20 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 CREATE INDEX IF NOT EXISTS metrics_run_step ON metrics(run_id, step);
 CREATE INDEX IF NOT EXISTS runs_dir ON runs(run_dir);
+CREATE TABLE IF NOT EXISTS votes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at REAL NOT NULL,
+    model_a TEXT NOT NULL,
+    label_a TEXT NOT NULL,
+    model_b TEXT NOT NULL,
+    label_b TEXT NOT NULL,
+    choice TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    reply_a TEXT NOT NULL,
+    reply_b TEXT NOT NULL,
+    settings TEXT NOT NULL DEFAULT '{}',
+    base_model TEXT
+);
 """
 
 
@@ -325,6 +339,35 @@ class History:
     def forget(self, run_id: str) -> None:
         """Remove the run's record (its files stay unless deleted first)."""
         self._write("DELETE FROM runs WHERE id=?", (run_id,))
+
+    # ---- blind A/B votes (studio.votes decides what they mean) -----------------------------------------------------
+    VOTE_FIELDS = ("model_a", "label_a", "model_b", "label_b", "choice", "prompt", "reply_a", "reply_b", "settings",
+                   "base_model")
+
+    def add_vote(self, vote: dict[str, Any]) -> int:
+        """Store one A/B vote (what was shown as A and B, the prompt, both replies, the settings, the choice)."""
+        values = [vote.get(k) for k in self.VOTE_FIELDS]
+        for i, k in enumerate(self.VOTE_FIELDS):
+            if k in ("prompt", "settings"):
+                values[i] = json.dumps(values[i] if values[i] is not None else {}, ensure_ascii=False)
+        with self._lock:
+            cur = self._db.execute(f"INSERT INTO votes (created_at, {', '.join(self.VOTE_FIELDS)}) "
+                                   f"VALUES (?, {', '.join('?' * len(self.VOTE_FIELDS))})",
+                                   (vote.get("created_at", time.time()), *values))
+            self.version += 1
+            return int(cur.lastrowid)
+
+    def votes(self) -> list[dict[str, Any]]:
+        """Every A/B vote, oldest first, with prompt and settings decoded."""
+        out = []
+        for r in self._rows("SELECT * FROM votes ORDER BY created_at, id"):
+            for k, empty in (("prompt", ""), ("settings", {})):
+                try:
+                    r[k] = json.loads(r[k]) if r[k] else empty
+                except (TypeError, json.JSONDecodeError):
+                    pass  # kept as stored
+            out.append(r)
+        return out
 
 
 def unused_run_config(cfg: RunConfig) -> tuple[RunConfig, str | None]:

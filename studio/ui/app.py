@@ -54,7 +54,7 @@ CSS = """
 
 
 def build_app(studio: Studio | None = None) -> gr.Blocks:
-    from studio.ui import chat_tab, data_tab, model_tab, train_tab
+    from studio.ui import ab_tab, chat_tab, data_tab, model_tab, train_tab
 
     studio = studio or Studio()
     with gr.Blocks(title="KTO Studio") as app:
@@ -68,6 +68,10 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
             with gr.Tab("Train", id="train") as train:
                 train_tab.build(studio, tab=train)
             with gr.Tab("Chat", id="chat"):
-                chat_tab.build(studio)
+                with gr.Tabs():
+                    with gr.Tab("Side by side", id="chat-side"):
+                        chat_tab.build(studio)
+                    with gr.Tab("A/B (blind)", id="chat-ab"):
+                        ab_tab.build(studio)
     app.studio = studio
     return app

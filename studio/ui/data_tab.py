@@ -169,7 +169,7 @@ def build(studio):
                               elem_id="data-path")
             with gr.Row():
                 load_btn = gr.Button("Load", variant="primary", elem_id="data-load")
-                ratings_btn = gr.Button("Use my chat ratings (👍/👎)", elem_id="data-use-ratings")
+                ratings_btn = gr.Button("Use my chat ratings (👍/👎, A/B votes)", elem_id="data-use-ratings")
     with gr.Accordion("Column mapping", open=False, elem_id="data-mapping") as map_box:
         gr.Markdown("When the columns can't be told apart, say which of your columns holds what. Leave a field "
                     "empty when your file has no such column.")
@@ -309,8 +309,8 @@ def build(studio):
 
         f = feedback.feedback_path()
         if not f.is_file():
-            raise gr.Error("No ratings yet: rate replies with 👍/👎 in the Chat tab first; they are collected in "
-                           f"{f}.")
+            raise gr.Error("No ratings yet: rate replies with 👍/👎 or vote in A/B (blind) in the Chat tab first; "
+                           f"they are collected in {f}.")
         return None, str(f)
 
     ratings_btn.click(use_ratings, None, [upload, path]).success(load, load_in, load_out)
