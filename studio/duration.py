@@ -25,6 +25,7 @@ SECONDS_PER_TOKEN_GPARAM = 0.08
 CALIBRATION_CORES = 2
 CHECKPOINTING_FACTOR = 1.3  # recomputing activations in the backward pass
 REFERENCE_SHARE = 2 / 6  # the reference model's two forwards out of a step's ~6 forward-equivalents
+EVAL_LOSS_SHARE = 0.5  # the trainer's eval-loss pass over a held-out row (forwards only) against training on it
 EVAL_SHARE = 0.22  # scoring a held-out row (base + tuned forwards) against training on it (RECIPES.md: 50 s, 116 rows)
 STARTUP_S = 25.0  # loading the model, tokenizing, building the trainer
 CONVERT_S = 40.0  # the bundled model's one-time GGUF conversion
@@ -52,16 +53,19 @@ class Duration:
     train_s: float
     eval_s: float
     save_s: float
+    eval_loss_s: float = 0.0  # the trainer's eval loss on the held-out rows (every save_steps and at the end)
     notes: list[str] = field(default_factory=list)
 
     @property
     def total_s(self) -> float:
-        return self.startup_s + self.reference_s + self.train_s + self.eval_s + self.save_s
+        return self.startup_s + self.reference_s + self.train_s + self.eval_loss_s + self.eval_s + self.save_s
 
     def describe(self) -> str:
         parts = [f"{self.steps} steps x ~{_fmt(self.step_s)}"]
         if self.reference_s >= 1:
             parts.append(f"reference pass ~{_fmt(self.reference_s)}")
+        if self.eval_loss_s >= 1:
+            parts.append(f"eval loss ~{_fmt(self.eval_loss_s)}")
         if self.eval_s >= 1:
             parts.append(f"held-out scoring ~{_fmt(self.eval_s)}")
         parts.append(f"loading ~{_fmt(self.startup_s)}")
@@ -142,7 +146,10 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     pad_tok = mean_tok if cfg.data.length_grouping or not clipped else sorted(clipped)[int(0.9 * (len(clipped) - 1))]
     rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
     n_eval = 0
-    if n_rows is not None and not cfg.data.eval_file and cfg.data.eval_fraction > 0:
+    if cfg.data.eval_file:  # the Data tab's held-out file: its own rows
+        held = data_lengths(cfg.updated({"data.train_file": cfg.data.eval_file, "data.eval_file": None}))
+        n_eval = len(held) if held else 0
+    elif n_rows is not None and cfg.data.eval_fraction > 0:
         n_eval = int(round(n_rows * cfg.data.eval_fraction))
         n_rows -= n_eval
     if t.max_steps and t.max_steps > 0:
@@ -165,8 +172,11 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
         step_s *= 1 - REFERENCE_SHARE
     eval_rows = 0
     if cfg.data.evaluate_after:
-        eval_rows = min(EVAL_LIMIT, n_eval) if not cfg.data.eval_file else EVAL_LIMIT
+        eval_rows = min(EVAL_LIMIT, n_eval)
     eval_s = eval_rows * mean_tok * per_token * EVAL_SHARE
+    # transformers evaluates every save_steps and once more at the last step (TrainerControl's end-of-training eval)
+    passes = steps // t.save_steps + (1 if steps % t.save_steps else 0)
+    eval_loss_s = n_eval * pad_tok * per_token * EVAL_LOSS_SHARE * passes if n_eval else 0.0
     if converted is None:
         from studio import bundled
 
@@ -175,7 +185,7 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     notes = [] if lengths else ["Row lengths unknown: counted every row at max_length."]
     return Duration(steps=steps, rows_per_step=rows_per_step, tokens_per_step=tokens_per_step, step_s=step_s,
                     startup_s=startup, reference_s=reference_s, train_s=steps * step_s, eval_s=eval_s,
-                    save_s=SAVE_S, notes=notes)
+                    save_s=SAVE_S, notes=notes, eval_loss_s=eval_loss_s)
 
 
 # ---- the CPU plan ---------------------------------------------------------------------------------------------------
@@ -220,7 +230,7 @@ def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None
         return changes
     # the held-out scoring comes out of the same budget; a capped run may lose the up-front reference pass (it
     # pays only when nearly every row is visited), which makes its steps dearer: re-estimate at the cap
-    budget = max(target_s - d.eval_s, CPU_MIN_STEPS * d.step_s)
+    budget = max(target_s - d.eval_s - d.eval_loss_s, CPU_MIN_STEPS * d.step_s)
     cap = d.steps
     while cap > CPU_MIN_STEPS:
         capped = estimate(cfg.updated({**changes, "train.max_steps": cap}), lengths)

@@ -491,18 +491,24 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
     seen_changes = gr.State(-1)  # per browser tab: the studio's outside-change count the form last showed
 
     def on_load():
-        return [*on_page_load(), studio.outside_changes, duration_markdown(studio.config)]
+        return [*on_page_load(), studio.outside_changes]
 
     def on_show(seen):
         """Shown again: reload the settings only if another tab changed the config since they were last loaded, and
         say so. The run name is left as it is: no other tab sets it, and a reload could overwrite a name being typed."""
         if seen == studio.outside_changes:
-            return [gr.skip()] * (len(FIELDS) + 3) + [duration_markdown(studio.config)]
-        return [gr.skip(), *on_page_load()[1:], studio.outside_changes, RELOADED_NOTICE,
-                duration_markdown(studio.config)]
+            return [gr.skip()] * (len(FIELDS) + 3)
+        return [gr.skip(), *on_page_load()[1:], studio.outside_changes, RELOADED_NOTICE]
+
+    def on_expected():
+        """The expected duration: its own event, so that measuring the data's lengths (seconds, the first time)
+        never delays the form's reload (a late reload would overwrite what the user types meanwhile)."""
+        return duration_markdown(studio.config)
 
     if tab is not None:
-        tab.select(on_show, seen_changes, [name, *comps, seen_changes, message, expected], show_progress="hidden")
+        tab.select(on_show, seen_changes, [name, *comps, seen_changes, message], show_progress="hidden")
+        tab.select(on_expected, None, expected, show_progress="hidden")
     app = app or gr.context.Context.root_block
     if app is not None:
-        app.load(on_load, None, [name, *comps, seen_changes, expected])
+        app.load(on_load, None, [name, *comps, seen_changes])
+        app.load(on_expected, None, expected, show_progress="hidden")

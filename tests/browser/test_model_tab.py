@@ -19,7 +19,10 @@ def test_8gb_card_and_a_7b_model_show_the_chosen_settings_and_the_memory_chart(p
     settings.get_by_text("for unsloth/mistral-7b-instruct-v0.3-bnb-4bit").wait_for()  # the plan for the new model
     text = settings.inner_text()
     assert "Budget: 7.5 GiB" in text
-    # both 4-bit paths are planned, and the Unsloth path's settings are applied
+    # both 4-bit paths are planned, and the settings of the path installed here are applied (issue 16 point 5)
+    installed = "Unsloth 4-bit" if "unsloth: yes" in page.locator("#device-info").inner_text() else \
+        "bitsandbytes 4-bit"
+    assert f"Applied for the {installed} path" in text, text
     applied = re.search(r"max_length (\d+), per-device batch (\d+), gradient accumulation (\d+)", text)
     assert applied, text
     seq, batch, accum = (int(x) for x in applied.groups())
@@ -56,7 +59,11 @@ def test_a_7b_model_that_cannot_fit_the_bitsandbytes_path_says_why(page):
     settings.get_by_text("for unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit").wait_for()
     row = [ln for ln in settings.inner_text().splitlines() if "bitsandbytes" in ln]
     assert row and "no" in row[0], settings.inner_text()
-    assert "Applied for the Unsloth 4-bit path" in settings.inner_text()
+    if "unsloth: yes" in page.locator("#device-info").inner_text():
+        assert "Applied for the Unsloth 4-bit path" in settings.inner_text()
+    else:  # nothing that cannot run here is applied; what Unsloth would allow is said
+        assert "Does not fit" in settings.inner_text()
+        assert "With Unsloth installed you could" in settings.inner_text()
 
 
 def test_a_refreshed_page_shows_the_model_chosen_before(page):
