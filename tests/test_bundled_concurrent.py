@@ -27,3 +27,40 @@ def test_two_processes_converting_at_once_both_succeed(tmp_path):
 
     with safe_open(str(target / "model.safetensors"), "pt") as f:
         assert len(list(f.keys())) > 10
+
+
+WAITER = ("import sys; from studio import bundled; print('calling', flush=True); "
+          "print(bundled.ensure_checkpoint(progress=lambda m: print(m, flush=True)), flush=True)")
+
+
+def test_a_second_process_waits_for_the_converting_one(tmp_path):
+    """While one process holds the conversion lock, another does not start converting into the same place."""
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    models = tmp_path / "models"
+    models.mkdir()
+    env = dict(os.environ, KTO_STUDIO_MODELS=str(models), KTO_STUDIO_HOME=str(tmp_path / "home"))
+    lock = FileLock(str(models / ".SmolLM2-135M-Instruct.lock"))
+    lock.acquire()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", WAITER], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+        reader.start()
+        deadline = time.time() + 600
+        while "calling\n" not in lines and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert "calling\n" in lines, proc.stderr.read()[-2000:] if proc.poll() is not None else "no start"
+        time.sleep(15)
+        assert not any("Converting" in line for line in lines) and proc.poll() is None, lines
+        assert not [p for p in models.iterdir() if p.is_dir()]  # nothing written while the other holds the lock
+    finally:
+        lock.release()
+    proc.wait(900)
+    reader.join(10)
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    assert any("Converting" in line for line in lines) and (models / "SmolLM2-135M-Instruct" / "done").is_file()

@@ -70,7 +70,7 @@ def test_cli_reusing_a_run_name_without_resume_trains_under_a_fresh_name(tmp_pat
     used = studio_home / "runs" / "mine"
     _fake_used_run(used)
     before = sorted(str(p.relative_to(used)) for p in used.rglob("*"))
-    cfg = tiny_run_config(tmp_path, name="mine", output_dir=None, **{"train.max_steps": 1})
+    cfg = tiny_run_config(tmp_path, name="mine", output_dir=None, **{**CHEAP, "train.max_steps": 1})
     yaml_path = tmp_path / "run.yaml"
     cfg.save(yaml_path)
     env = dict(os.environ, KTO_STUDIO_HOME=str(studio_home))
@@ -102,18 +102,36 @@ def test_cli_reusing_a_custom_output_folder_is_refused_with_the_choices(tmp_path
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 
+CHEAP = {"train.max_steps": 2, "train.save_steps": 1, "kto.precompute_ref_log_probs": False, "kto.max_length": 64}
+WAIT = 2400  # a shared, busy 2-core CPU can take minutes per step
+
+
+@pytest.fixture(scope="module")
+def trained_two(tmp_path_factory, bundled_model_dir):
+    """A 2-step run saving checkpoint-1 and checkpoint-2 through the engine's atomic saves (trained once)."""
+    root = tmp_path_factory.mktemp("two")
+    cfg = tiny_run_config(root, **CHEAP)
+    engine = Engine()
+    job = engine.start(cfg)
+    engine.wait(WAIT)
+    assert job.state == "finished", job.error
+    names = sorted(p.name for p in cfg.run_dir().iterdir())
+    assert "checkpoint-1" in names and "checkpoint-2" in names
+    assert not [n for n in names if n.startswith(checkpoints.STAGING_PREFIX)] and runlock.LOCK not in names
+    return cfg.run_dir()
+
+
 @pytest.fixture()
-def two_checkpoints(run_dir, tmp_path):
-    """A copy of the shared trained run (checkpoint-2 and checkpoint-3) that a test may damage."""
+def two_checkpoints(trained_two, tmp_path):
+    """A copy of that run that a test may damage."""
     copy = tmp_path / "copy"
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(runlock.LOCK))
-    assert {p.name for p in copy.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-3"}
+    shutil.copytree(trained_two, copy)
     return copy
 
 
 @pytest.mark.parametrize("damage", ["no_state", "cut_weights", "cut_optimizer", "bad_state"])
 def test_resume_skips_a_damaged_newest_checkpoint_and_says_which_it_took(two_checkpoints, tmp_path, damage):
-    newest = two_checkpoints / "checkpoint-3"
+    newest = two_checkpoints / "checkpoint-2"
     if damage == "no_state":
         (newest / "trainer_state.json").unlink()
     elif damage == "bad_state":
@@ -123,26 +141,26 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_which_it_took(two_che
         data = f.read_bytes()
         f.write_bytes(data[: len(data) // 2])
     assert checkpoints.problem(newest) is not None
-    assert checkpoints.problem(two_checkpoints / "checkpoint-2") is None
-    assert latest_checkpoint(two_checkpoints) == str(two_checkpoints / "checkpoint-2")
+    assert checkpoints.problem(two_checkpoints / "checkpoint-1") is None
+    assert latest_checkpoint(two_checkpoints) == str(two_checkpoints / "checkpoint-1")
     # naming the damaged checkpoint says what is wrong with it and which earlier one to take
-    cfg = tiny_run_config(tmp_path, output_dir=str(two_checkpoints), **{"train.max_steps": 3})
-    with pytest.raises(ConfigError, match=r"checkpoint-3 cannot be resumed: .*checkpoint-2"):
+    cfg = tiny_run_config(tmp_path, output_dir=str(two_checkpoints), **CHEAP)
+    with pytest.raises(ConfigError, match=r"checkpoint-2 cannot be resumed: .*checkpoint-1"):
         Engine().start(cfg, resume_from=str(newest))
 
 
 def test_resume_latest_reports_the_skipped_checkpoint_and_finishes(two_checkpoints, tmp_path):
-    (two_checkpoints / "checkpoint-3" / "trainer_state.json").unlink()
+    (two_checkpoints / "checkpoint-2" / "trainer_state.json").unlink()
     shutil.rmtree(two_checkpoints / "adapter")
-    cfg = tiny_run_config(tmp_path, output_dir=str(two_checkpoints), **{"train.max_steps": 3})
+    cfg = tiny_run_config(tmp_path, output_dir=str(two_checkpoints), **CHEAP)
     engine = Engine()
     job = engine.start(cfg, resume_from="latest")
-    engine.wait(600)
+    engine.wait(WAIT)
     assert job.state == "finished", job.error
     notes = [e["message"] for e in job.events if e["type"] == "status"]
-    assert any("Resuming from checkpoint-2" in n and "checkpoint-3 skipped: trainer_state.json is missing" in n
+    assert any("Resuming from checkpoint-1" in n and "checkpoint-2 skipped: trainer_state.json is missing" in n
                for n in notes), notes
-    assert checkpoints.problem(two_checkpoints / "checkpoint-3") is None  # saved again, whole this time
+    assert checkpoints.problem(two_checkpoints / "checkpoint-2") is None  # saved again, whole this time
 
 
 def test_a_full_disk_while_saving_is_named_leaves_no_partial_checkpoint_and_resume_works(tmp_path, monkeypatch,
@@ -161,10 +179,10 @@ def test_a_full_disk_while_saving_is_named_leaves_no_partial_checkpoint_and_resu
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", full_disk_save)
-    cfg = tiny_run_config(tmp_path, **{"train.save_steps": 1, "train.max_steps": 3})
+    cfg = tiny_run_config(tmp_path, **CHEAP)
     engine = Engine()
     job = engine.start(cfg)
-    engine.wait(600)
+    engine.wait(WAIT)
     assert job.state == "failed"
     assert job.error.startswith("The disk is full"), job.error
     assert str(cfg.run_dir()) in job.error and "free" in job.error and "a checkpoint needs about" in job.error
@@ -175,10 +193,10 @@ def test_a_full_disk_while_saving_is_named_leaves_no_partial_checkpoint_and_resu
 
     monkeypatch.setattr(torch, "save", real_save)  # space freed
     job = engine.start(cfg, resume_from="latest")
-    engine.wait(600)
+    engine.wait(WAIT)
     assert job.state == "finished", job.error
     assert job.resume_from == str(cfg.run_dir() / "checkpoint-1")
-    assert [m["step"] for m in read_metrics(cfg.run_dir()) if "loss" in m] == [1, 2, 3]
+    assert [m["step"] for m in read_metrics(cfg.run_dir()) if "loss" in m] == [1, 2]
 
 
 def test_disk_full_messages_name_the_folder():
