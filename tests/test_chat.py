@@ -57,6 +57,16 @@ def test_replies_stream_as_growing_text(chat):
     assert pieces[-1] == chat.reply(QUESTION, tuned=True, settings=settings)
 
 
+def test_a_reply_stopped_by_max_new_tokens_is_marked_cut_off_and_one_that_ended_is_not(chat):
+    """Issue 16 point 9: front ends mark a reply cut off at max new tokens (the Chat tab adds a ✂️ note)."""
+    short = GenerationSettings(max_new_tokens=3, temperature=0.0)
+    chat.reply(build_messages([], "Write a long story about a dragon who learns to bake bread."), True, short)
+    assert chat.cut_off
+    roomy = GenerationSettings(max_new_tokens=64, temperature=0.0)
+    text = chat.reply(QUESTION, tuned=False, settings=roomy)  # "The capital of France is Paris." and end of turn
+    assert len(chat.tokenizer(text)["input_ids"]) < 64 and not chat.cut_off
+
+
 def test_each_side_keeps_its_own_history_and_the_system_prompt(chat):
     history = [{"role": "user", "content": [{"type": "text", "text": "Hi!"}]},
                {"role": "assistant", "content": "Hello, how can I help?"}]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.data.balance import Balance, suggest_weights
-from studio.data.clean import CleanOptions, apply_filters, save_clean, split, summarize
+from studio.data.clean import CleanOptions, apply_filters, save_clean, split_by_prompt, summarize
 from studio.data.inspect import Progress, Report, TokenLengths, inspect_rows
 from studio.data.normalize import DataError, Normalized, completion_text, parse_label
 
@@ -164,11 +164,12 @@ class Workbench:
 
     def save(self, options: CleanOptions, eval_fraction: float = 0.0, seed: int = 42,
              weights: tuple[float, float] | None = None) -> dict[str, Any]:
-        """Write the cleaned rows (and a seeded eval split) as new files in the data folder; the summary."""
+        """Write the cleaned rows (and a seeded eval split by prompt) as new files in the data folder; the summary."""
         kept, dropped = self.kept(options)
         if not kept:
             raise DataError("no rows left to save: loosen the filters or fix the labels")
-        train, eval_rows = split(kept, eval_fraction, seed)
+        train_idx, eval_idx = split_by_prompt(kept, eval_fraction, seed)  # a pair never straddles the split
+        train, eval_rows = [kept[i] for i in train_idx], [kept[i] for i in eval_idx]
         model = self.length_model if isinstance(self.length_model, str) else None
         summary = summarize(self.norm, self.report, dropped, kept, options, model)
         summary.update(source=self.source, name=self.name, label_edits=self.edits, eval_fraction=eval_fraction,

@@ -217,8 +217,10 @@ def build(studio):
         drop_empty = gr.Checkbox(True, label="Drop empty completions", elem_id="data-drop-empty")
         drop_long = gr.Checkbox(False, label="Drop rows over max_length (else truncated)", elem_id="data-drop-long")
     with gr.Row():
-        eval_frac = gr.Slider(0.0, 0.5, step=0.05, value=lambda: studio.config.data.eval_fraction,
-                              label="Hold out for evaluation", elem_id="data-eval-fraction")
+        eval_frac = gr.Slider(0.0, 0.5, step=0.05, value=0.0, label="Hold out into a separate eval file",
+                              info="Whole prompts, so pairs stay together. At 0 the run itself holds out "
+                              "data.eval_fraction of the rows (5% by default) to watch while training.",
+                              elem_id="data-eval-fraction")
         seed = gr.Number(value=lambda: studio.config.train.seed, precision=0, label="Split seed", elem_id="data-seed")
     with gr.Row():
         auto_w = gr.Checkbox(True, label="Use the suggested weights", elem_id="data-auto-weights")
@@ -408,9 +410,11 @@ def build(studio):
             return "**Not saved:** both weights must be greater than 0."
         try:
             s = wb.save(_options(dupes, empty, long), float(frac or 0), int(split_seed or 0), (float(w_d), float(w_u)))
-            cfg = studio.update({"data.train_file": s["train_file"], "data.eval_file": s["eval_file"],
-                                 "data.eval_fraction": 0.0, "kto.desirable_weight": float(w_d),
-                                 "kto.undesirable_weight": float(w_u)})
+            changes = {"data.train_file": s["train_file"], "data.eval_file": s["eval_file"],
+                       "kto.desirable_weight": float(w_d), "kto.undesirable_weight": float(w_u)}
+            if s["eval_file"]:  # the saved eval file is the held-out set; without one the run splits its own
+                changes["data.eval_fraction"] = 0.0
+            cfg = studio.update(changes)
         except (DataError, ValueError) as e:
             return f"**Not saved:** {e}"
         ev = f" and {s['eval_rows']} eval rows to `{s['eval_file']}`" if s["eval_file"] else ""

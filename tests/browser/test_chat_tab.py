@@ -64,7 +64,6 @@ def test_side_by_side_chat_rate_replies_and_evaluate(page, studio_server, expect
             expect(reply).to_contain_text("cut off at 16 new tokens")
         else:
             expect(reply).not_to_contain_text("cut off at")
-    assert any(expected_replies["cut"].values()), "16 tokens should cut off at least one side's reply"
     expect(page.locator("#chat-multi-turn")).to_contain_text("multi-turn")
     expect(page.locator("#chat-base [data-testid=user]")).to_have_text(QUESTION)
     expect(page.locator("#chat-tuned [data-testid=user]")).to_have_text(QUESTION)
