@@ -200,7 +200,8 @@ def test_prepare_training_reads_the_cleaned_file_and_warns_about_weights(tmp_pat
     src = write_jsonl_rows(tmp_path / "pairs.jsonl", messy_pairs())
     out = tmp_path / "clean.jsonl"
     assert run_cli(capsys, src, "--out", out)[0] == 0
-    cfg = RunConfig().updated({"data.train_file": str(out), "train.per_device_train_batch_size": 2})
+    cfg = RunConfig().updated({"data.train_file": str(out), "train.per_device_train_batch_size": 2,
+                               "data.eval_fraction": 0.0})  # every row trains (a run holds out 5% by default)
     td = prepare_training(cfg)
     assert (len(td.train), td.n_desirable, td.n_undesirable) == (9, 6, 3)
     assert "outside the KTO paper's [1, 1.33]" in td.notes[0]
