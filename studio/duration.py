@@ -151,6 +151,8 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
         n_eval = len(held) if held else 0
     elif n_rows is not None and cfg.data.eval_fraction > 0:
         n_eval = int(round(n_rows * cfg.data.eval_fraction))
+        if cfg.data.eval_max_rows:
+            n_eval = min(n_eval, cfg.data.eval_max_rows)
         n_rows -= n_eval
     if t.max_steps and t.max_steps > 0:
         steps = t.max_steps
@@ -174,9 +176,19 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     if cfg.data.evaluate_after:
         eval_rows = min(EVAL_LIMIT, n_eval)
     eval_s = eval_rows * mean_tok * per_token * EVAL_SHARE
-    # transformers evaluates every save_steps and once more at the last step (TrainerControl's end-of-training eval)
-    passes = steps // t.save_steps + (1 if steps % t.save_steps else 0)
-    eval_loss_s = n_eval * pad_tok * per_token * EVAL_LOSS_SHARE * passes if n_eval else 0.0
+    eval_loss_s = 0.0
+    if n_eval and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # without the held-out watch (several processes) transformers evaluates every save_steps and once more at
+        # the last step (TrainerControl's end-of-training eval)
+        passes = steps // t.save_steps + (1 if steps % t.save_steps else 0)
+        eval_loss_s = n_eval * pad_tok * per_token * EVAL_LOSS_SHARE * passes
+    elif n_eval and cfg.watch.every_steps != 0:
+        # the held-out watch (studio/watch.py) scores the tuned side every few steps; the base side once
+        from studio import watch
+
+        every = (watch.auto_every(eval_rows or n_eval, rows_per_step) if cfg.watch.every_steps == "auto"
+                 else int(cfg.watch.every_steps))
+        eval_s += (steps // max(every, 1)) * min(EVAL_LIMIT, n_eval) * mean_tok * per_token * EVAL_SHARE / 2
     if converted is None:
         from studio import bundled
 

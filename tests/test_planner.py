@@ -127,16 +127,23 @@ def test_data_lengths_are_measured_with_the_models_tokenizer(tmp_path, bundled_m
     assert duration.data_lengths(RunConfig().updated({"data.train_file": str(tmp_path / "missing.jsonl")})) is None
 
 
-def test_the_held_out_file_counts_twice_its_eval_loss_pass_and_its_scoring(tmp_path, bundled_model_dir):
-    """transformers evaluates the eval rows once more at the last step, before the studio scores them: both are
-    time the user waits (the Data tab saves the held-out rows as their own file)."""
+def test_the_held_out_file_counts_its_watch_checks_and_its_scoring(tmp_path, bundled_model_dir, monkeypatch):
+    """The held-out watch scores the rows every few steps and once after training: time the user waits (the Data
+    tab saves the held-out rows as their own file). With several processes (no watch) transformers evaluates the
+    eval rows once more at the last step instead."""
     rows = [{"prompt": f"Question {i} " * 20, "completion": "An answer " * 20, "label": bool(i % 2)} for i in range(40)]
     train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train.write_text("\n".join(json.dumps(r) for r in rows))
     held.write_text("\n".join(json.dumps(r) for r in rows[:10]))
     cfg = RunConfig().updated({"data.train_file": str(train), "data.eval_file": str(held), "train.max_steps": 4})
     d = duration.estimate(cfg, duration.data_lengths(cfg), converted=True)
-    assert d.eval_loss_s > 0 and d.eval_s > 0
+    assert d.eval_loss_s == 0 and d.eval_s > 0
+    after_only = duration.estimate(cfg.updated({"watch.every_steps": 0}), duration.data_lengths(cfg), converted=True)
+    assert 0 < after_only.eval_s < d.eval_s  # the checks during training cost time too
     assert d.total_s == pytest.approx(d.startup_s + d.reference_s + d.train_s + d.eval_loss_s + d.eval_s + d.save_s)
-    no_eval = duration.estimate(cfg.updated({"data.eval_file": None}), duration.data_lengths(cfg), converted=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert duration.estimate(cfg, duration.data_lengths(cfg), converted=True).eval_loss_s > 0
+    monkeypatch.delenv("WORLD_SIZE")
+    no_eval = duration.estimate(cfg.updated({"data.eval_file": None, "data.eval_fraction": 0.0}),
+                                duration.data_lengths(cfg), converted=True)
     assert no_eval.eval_loss_s == 0 and no_eval.eval_s == 0
