@@ -13,7 +13,7 @@ from tests.browser.conftest import serve_studio, shot
 from tests.conftest import trained_run_dir
 
 TUNED = "tiny · final adapter"
-TYPED = "Name a primary color."
+TYPED = "Write one word that rhymes with cat."  # not a prompt of the sample data, so never also drawn
 # (how the prompt is given, the vote): three drawn from the held-out prompts and one typed
 PLAN = [("draw", "A"), ("draw", "B"), ("type", "both_bad"), ("draw", "tie")]
 BUTTON = {"A": "#ab-vote-a", "B": "#ab-vote-b", "tie": "#ab-vote-tie", "both_bad": "#ab-vote-bad"}
@@ -44,7 +44,7 @@ def _bot_text(page, box: str) -> str:
 
 
 def test_blind_votes_reveal_tally_and_load_as_kto_rows(page, studio_server):
-    from studio import votes
+    from studio import feedback, votes
 
     home = studio_server["home"]
     page.get_by_role("tab", name="Chat").click()
@@ -121,7 +121,10 @@ def test_blind_votes_reveal_tally_and_load_as_kto_rows(page, studio_server):
     assert (home / "data" / "votes.csv").read_text(encoding="utf-8").count("\n") >= len(PLAN) + 1
 
     # the votes are KTO rows now: the Data tab's "use my chat ratings" loads them
-    rows = [r for v in stored for r in votes.kto_rows(v)]
+    # one row per reply: a reply voted on again (same prompt and text) is re-labelled, never written twice
+    by_reply = {feedback.reply_id(v["prompt"], r["completion"], votes.FEEDBACK_SIDE): r
+                for v in stored for r in votes.kto_rows(v)}
+    rows = list(by_reply.values())
     good = sum(r["label"] for r in rows)
     assert len(rows) >= 1  # 'both bad' always makes at least one row
     page.get_by_role("tab", name="Data").click()
