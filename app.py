@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from studio import safepaths
-    from studio.config import ConfigError, RunConfig
+    from studio.config.run import ConfigError, RunConfig
     from studio.ui.app import CSS, Studio, build_app
 
     try:
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not args.config:  # the defaults are a GPU's: on a CPU start from the CPU plan (minutes, not hours)
-        from studio import models, planner
+        from studio.models import load as models
+        from studio.training import plan as planner
 
         cfg = planner.initial_config(cfg, models.detect_device())
     warning = exposure_warning(args.host, args.share, auth is not None)

@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def train(base_path: str, out: Path, name: str) -> Path:
-    from studio.config import RunConfig
-    from studio.engine import Engine
+    from studio.config.run import RunConfig
+    from studio.training.engine import Engine
 
     cfg = RunConfig().updated({
         "name": name, "output_dir": str(out / name), "model.name_or_path": base_path, "model.backend": "bnb",
@@ -47,7 +47,7 @@ def train(base_path: str, out: Path, name: str) -> Path:
 
 
 def _fields() -> set[str]:
-    from studio.config import RunConfig
+    from studio.config.run import RunConfig
 
     return {f"model.{k}" for k in RunConfig.model_fields["model"].annotation.model_fields}
 
@@ -55,7 +55,7 @@ def _fields() -> set[str]:
 def chat_figures(run_dir: Path) -> dict:
     import torch
 
-    from studio.chat import ChatModel, GenerationSettings, build_messages
+    from studio.tuned.chat import ChatModel, GenerationSettings, build_messages
 
     chat = ChatModel()
     t = time.time()
@@ -84,7 +84,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    from studio import bundled, evaluate, export
+    from studio.models import bundled
+    from studio.tuned import evaluate, export
 
     work = Path(tempfile.mkdtemp(prefix="chat_export_gpu_"))
     os.environ.setdefault("KTO_STUDIO_HOME", str(work / "home"))

@@ -1,9 +1,9 @@
-"""Seconds a CPU training step takes with the bundled model, to calibrate ``studio.duration``.
+"""Seconds a CPU training step takes with the bundled model, to calibrate ``studio.training.duration``.
 
     python bench/cpu_duration.py [--data FILE] [--max-length N] [--batch B] [--steps S]
 
 Trains a few steps through the engine (the UI's and CLI's path) and prints, per step, the rows, the padded tokens
-and the seconds, then the fitted constant (seconds per token per billion parameters) that studio/duration.py uses.
+and the seconds, then the fitted constant (seconds per token per billion parameters) that studio/training/duration.py uses.
 Other work on the machine slows it down: say so with the figure.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true")
     a = ap.parse_args()
     os.environ.setdefault("KTO_STUDIO_HOME", tempfile.mkdtemp(prefix="kto-bench-"))
-    from studio import duration
-    from studio.config import RunConfig
-    from studio.engine import Engine
+    from studio.training import duration
+    from studio.config.run import RunConfig
+    from studio.training.engine import Engine
 
     cfg = RunConfig().updated({
         "name": "bench", "data.train_file": a.data, "kto.max_length": a.max_length,

@@ -47,7 +47,7 @@ def main() -> None:
 
     if a.backend == "unsloth":
         from bench.random_models import ARCHS
-        from studio import models
+        from studio.models import load as models
 
         # as the engine does before Unsloth's first import (Gemma needs its compiler off)
         models.unsloth_compile_switch(ARCHS.get(a.arch, {}).get("model_type"), False)
@@ -56,8 +56,8 @@ def main() -> None:
     import yaml
 
     from bench.random_models import make_model_dir, write_dataset
-    from studio.config import RunConfig
-    from studio.engine import Engine
+    from studio.config.run import RunConfig
+    from studio.training.engine import Engine
 
     result = dict(arch=a.arch, backend=a.backend, seq=a.seq, bs=a.bs, rank=a.rank, cap_gib=a.cap_gib, sets=a.set,
                   epochs=a.epochs)

@@ -7,7 +7,7 @@ architecture from bench/random_models.py, LoRA on every projection) with TRL's f
 it. For each sequence length and number of rows, one forward pass without gradients, scored on the second half of
 each row as KTO scores completions. Prints one RESULT line per point: the peak allocated memory above what was
 allocated before the pass (GiB and bytes per token), and the pass's median time over 3 repeats (tokens/s), so that
-``studio.memory`` can size the precompute pass (``forward_rows``) and its calibration can be checked.
+``studio.training.memory`` can size the precompute pass (``forward_rows``) and its calibration can be checked.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def main() -> None:
     from trl.trainer.utils import add_fused_lm_head
 
     from bench.random_models import make_model_dir
-    from studio.config import RunConfig
-    from studio.models import load_for_training
+    from studio.config.run import RunConfig
+    from studio.models.load import load_for_training
 
     model_dir = make_model_dir(a.arch)
     total = torch.cuda.get_device_properties(0).total_memory

@@ -1,8 +1,8 @@
-"""Peak GPU memory of the studio's own KTO training, measured, beside the estimate of studio/memory.py.
+"""Peak GPU memory of the studio's own KTO training, measured, beside the estimate of studio/training/memory.py.
 
 Models of the presets' real architectures (presets/models/*.yaml) with random weights - memory does not depend on
-weight values and no hub is reachable on the GPU machine - are loaded by `studio.models.load_for_training` and trained
-by `studio.engine.Engine`, exactly as the studio does, under an allocator cap that stands in for a desktop card.
+weight values and no hub is reachable on the GPU machine - are loaded by `studio.models.load.load_for_training` and trained
+by `studio.training.engine.Engine`, exactly as the studio does, under an allocator cap that stands in for a desktop card.
 
     python bench/memory_bench.py run --model mistral-7b-instruct-v0.3 --path unsloth --seq 2048 --batch 2
     python bench/memory_bench.py run --model qwen2.5-7b-instruct --path bnb --autofit       # auto-fit, then train
@@ -40,7 +40,7 @@ def make_model_dir(model: str, root: str) -> str:
     import torch
 
     from bench.random_models import make_model_dir as build
-    from studio import presets
+    from studio.config import presets
 
     return build(model, root=root, device="cuda" if torch.cuda.is_available() else "cpu",
                  spec=presets.get("models", model).get("config"))
@@ -58,16 +58,17 @@ def write_rows(path: str, n: int, seq: int, seed: int = 0) -> str:
 
 def cmd_run(a) -> int:
     if a.path == "unsloth":
-        from studio import models, presets
+        from studio.models import load as models
+        from studio.config import presets
 
         # as the engine does before Unsloth's first import (Gemma needs its compiler off)
         models.unsloth_compile_switch(presets.get("models", a.model).get("config", {}).get("model_type"), False)
         import unsloth  # noqa: F401  (before transformers, as the studio's unsloth path needs)
     import torch
 
-    from studio import memory
-    from studio.config import RunConfig
-    from studio.engine import Engine
+    from studio.training import memory
+    from studio.config.run import RunConfig
+    from studio.training.engine import Engine
 
     arch = memory.arch_for(a.model)
     result = dict(model=a.model, path=a.path, seq=a.seq, batch=a.batch, rank=a.rank, cap_gib=a.cap_gib,
@@ -152,7 +153,7 @@ def cmd_run(a) -> int:
 
 def plan(name: str, models: list[str] | None) -> list[list[str]]:
     """Argument lists for `run`, ordered by model so each random checkpoint is built once."""
-    from studio import presets
+    from studio.config import presets
 
     tiered = [p.key for p in presets.list_presets("models") if p.get("tier") in TIERS]
     runs: list[tuple[str, list[str]]] = []
@@ -269,7 +270,7 @@ def _fixture_points(include_disputed: bool = False) -> list[dict]:
 
 
 def settings_of_point(p: dict):
-    from studio import memory
+    from studio.training import memory
 
     targets = p.get("targets", "all-linear")
     return memory.Settings(seq=p["seq"], batch=p["batch"], rank=p.get("rank", 16),
@@ -280,12 +281,12 @@ def settings_of_point(p: dict):
 
 def cmd_fit(a) -> int:
     """Minimax relative error over the fixture (disputed points left out) for the two working-set terms and the paths'
-    overheads; lower bounds only ask estimate >= 85% of the bound. Prints the constants to put in studio/memory.py."""
+    overheads; lower bounds only ask estimate >= 85% of the bound. Prints the constants to put in studio/training/memory.py."""
     import dataclasses
 
     from scipy.optimize import linprog
 
-    from studio import memory
+    from studio.training import memory
 
     paths = sorted({p["path"] for p in _fixture_points()})
     rows_a, rows_b = [], []
@@ -325,7 +326,7 @@ def cmd_fit(a) -> int:
 
 
 def cmd_table(a) -> int:
-    from studio import memory
+    from studio.training import memory
 
     pts = _fixture_points(include_disputed=True) if not a.results else [
         {**r, "kind": "measured" if r.get("ok") else "lower_bound"} for r in _read_results(a.results)

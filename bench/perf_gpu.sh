@@ -35,7 +35,7 @@ if [ "$MODE" = same ]; then
     done
   done
 elif [ "$MODE" = probe ]; then
-  # memory and speed of the no-gradient passes by rows per pass (calibrates studio.memory.forward_rows)
+  # memory and speed of the no-gradient passes by rows per pass (calibrates studio.training.memory.forward_rows)
   build qwen2.5-3b & build mistral-7b & wait
   for arch in qwen2.5-3b mistral-7b; do
     timeout 300 python3 bench/forward_mem.py --arch $arch --seqs 1024 2048 4096 --rows 1 2 4 8 16 \

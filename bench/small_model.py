@@ -102,8 +102,8 @@ def rows_file(data: str, limit: int | None, work: Path) -> tuple[str, int]:
 
 
 def studio(rows: str, work: Path, a) -> dict:
-    from studio.config import RunConfig
-    from studio.engine import Engine
+    from studio.config.run import RunConfig
+    from studio.training.engine import Engine
 
     t0 = time.perf_counter()
     changes = {"name": "small", "output_dir": str(work / "studio"), "data.train_file": rows,
@@ -139,8 +139,9 @@ def trl(rows: str, work: Path, a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig, KTOTrainer
 
-    from studio import bundled, logprob
-    from studio.config import RunConfig
+    from studio.models import bundled
+    from studio.training import logprob
+    from studio.config.run import RunConfig
 
     d = RunConfig()  # the studio's defaults, so both recipes train with the same numbers
     t0 = time.perf_counter()
@@ -195,7 +196,7 @@ def main() -> None:
 
     work = Path(a.work or tempfile.mkdtemp(prefix="small_model_"))
     work.mkdir(parents=True, exist_ok=True)
-    from studio import bundled
+    from studio.models import bundled
 
     bundled.ensure_checkpoint()  # converted once, outside the clock (both recipes read the converted checkpoint)
     rows, n = rows_file(a.data, a.limit, work)

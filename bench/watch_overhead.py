@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def one(cfg) -> dict:
-    from studio.engine import Engine
+    from studio.training.engine import Engine
 
     engine = Engine()
     t0 = time.time()
@@ -45,7 +45,7 @@ def main() -> None:
     import yaml
 
     from experiments.robust import DEFAULT_DATA, prepare
-    from studio.config import RunConfig
+    from studio.config.run import RunConfig
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)

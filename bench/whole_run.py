@@ -59,7 +59,7 @@ def anchor(model_dir: str, data: str, a) -> dict:
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                                LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
         tok = AutoTokenizer.from_pretrained(model_dir)
-    from studio import logprob
+    from studio.training import logprob
     from trl import KTOConfig, KTOTrainer
 
     cuda = torch.cuda.is_available()
@@ -81,9 +81,9 @@ def anchor(model_dir: str, data: str, a) -> dict:
 def studio(model_dir: str, data: str, a) -> dict:
     if a.loader == "unsloth":
         import unsloth  # noqa: F401
-    from studio import memory
-    from studio.config import RunConfig
-    from studio.engine import Engine
+    from studio.training import memory
+    from studio.config.run import RunConfig
+    from studio.training.engine import Engine
 
     t0 = time.time()
     backend = "unsloth" if a.loader == "unsloth" else "full"

@@ -69,9 +69,10 @@ def prepare(a) -> None:
 def run(a) -> None:
     import yaml
 
-    from studio import evaluate, presets
-    from studio.config import RunConfig
-    from studio.engine import Engine
+    from studio.tuned import evaluate
+    from studio.config import presets
+    from studio.config.run import RunConfig
+    from studio.training.engine import Engine
 
     work = Path(a.work)
     meta = json.loads((work / "split.json").read_text())

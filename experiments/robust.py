@@ -93,9 +93,10 @@ def prepare(work: Path, data: str, eval_rows: int, split_seed: int, limit: int |
 def run_one(a) -> dict:
     import yaml
 
-    from studio import evaluate, presets
-    from studio.config import RunConfig
-    from studio.engine import Engine
+    from studio.tuned import evaluate
+    from studio.config import presets
+    from studio.config.run import RunConfig
+    from studio.training.engine import Engine
 
     work = Path(a.work)
     meta = json.loads((work / "split" / "split.json").read_text())

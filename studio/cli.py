@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--seq-ceiling", type=int, default=None, help="longest max_length auto-fit may pick (default 4096)")
     p.add_argument("--effective-batch", type=int, default=16, help="rows per optimizer step, kept via gradient accumulation")
-    p.set_defaults(func=_lazy("studio.memory", "cli"))
+    p.set_defaults(func=_lazy("studio.training.memory", "cli"))
 
     p = sub.add_parser("eval", help="held-out evaluation of a run (base vs tuned) as JSON")
     p.add_argument("run_dir")
     p.add_argument("--data", default=None, help="held-out file (default: the run's eval data)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many rows/pairs")
-    p.set_defaults(func=_lazy("studio.evaluate", "cli"))
+    p.set_defaults(func=_lazy("studio.tuned.evaluate", "cli"))
 
     p = sub.add_parser("export", help="export a run's adapter, a merged model, or a GGUF file")
     p.add_argument("run_dir")
@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export of the same format at --out (only the files it wrote)")
-    p.set_defaults(func=_lazy("studio.export", "cli"))
+    p.set_defaults(func=_lazy("studio.tuned.export", "cli"))
 
     p = sub.add_parser("votes", help="blind A/B votes from the Chat tab: wins, ties, losses, win rate and its 95%% "
                                     "interval per pair of models, as JSON")
     p.add_argument("--pair", default=None, metavar="X,Y",
                    help="only this pair, Y seen against X (a label, run name, adapter folder, or 'base')")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write every vote to this CSV file")
-    p.set_defaults(func=_lazy("studio.votes", "cli"))
+    p.set_defaults(func=_lazy("studio.tuned.votes", "cli"))
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
@@ -93,7 +93,7 @@ def _lazy(module: str, name: str):
 def _parse_sets(items: list[str]) -> dict:
     import yaml
 
-    from studio.config import ConfigError
+    from studio.config.run import ConfigError
 
     out = {}
     for item in items:
@@ -111,8 +111,8 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def cmd_train(args) -> int:
-    from studio.config import ConfigError, RunConfig
-    from studio.engine import Engine
+    from studio.config.run import ConfigError, RunConfig
+    from studio.training.engine import Engine
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rank = int(os.environ.get("RANK", "0"))
@@ -123,7 +123,7 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from studio.history import History, unused_run_config
+    from studio.runs.history import History, unused_run_config
 
     if args.resume is None and rank == 0:
         # a used name gets the next free one, as in the UI; a custom output folder is never renamed
@@ -224,7 +224,7 @@ class _Progress:
     def _phase(self, ev: dict) -> None:
         from tqdm import tqdm
 
-        from studio.engine import PHASE_LABELS
+        from studio.training.engine import PHASE_LABELS
 
         name, total = ev.get("phase"), ev.get("total")
         if name != self.phase or self.bar is None or (total and self.bar.total != total):

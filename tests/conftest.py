@@ -24,14 +24,14 @@ def studio_home(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def bundled_model_dir():
     """The bundled SmolLM2-135M as a trainable checkpoint (converted once per machine)."""
-    from studio import bundled
+    from studio.models import bundled
 
     return bundled.ensure_checkpoint()
 
 
 def tiny_run_config(tmp_path, **changes):
     """A few-step CPU run on the bundled model and sample data."""
-    from studio.config import RunConfig
+    from studio.config.run import RunConfig
 
     base = {
         "name": "t",
@@ -53,7 +53,7 @@ def trained_run_dir(tmp_path_factory) -> Path:
     """A 3-step CPU training run of the bundled model with a quarter of the sample data held out. Trained once per
     test session and shared by the chat, evaluation, export and browser tests (treat it as read-only)."""
     if "run" not in _TRAINED:
-        from studio.engine import Engine
+        from studio.training.engine import Engine
 
         root = tmp_path_factory.mktemp("trained")
         cfg = tiny_run_config(root, name="tiny", **{"data.eval_fraction": 0.25})
@@ -74,7 +74,7 @@ def run_dir(tmp_path_factory, bundled_model_dir):
 @pytest.fixture(scope="module")
 def chat(run_dir):
     """A ChatModel with the shared run's adapter attached."""
-    from studio.chat import ChatModel
+    from studio.tuned.chat import ChatModel
 
     c = ChatModel()
     c.use(run_dir)

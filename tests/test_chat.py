@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from studio.chat import (AdapterChoice, ChatError, GenerationSettings, build_messages, list_adapters,
+from studio.tuned.chat import (AdapterChoice, ChatError, GenerationSettings, build_messages, list_adapters,
                          resolve_adapter)
 
 @pytest.fixture(scope="module")

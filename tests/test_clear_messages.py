@@ -129,7 +129,7 @@ def test_a_failed_run_prints_its_message_once_without_a_traceback(tmp_path):
 
 
 def test_a_bogus_config_json_is_named(tmp_path):
-    from studio import models
+    from studio.models import load as models
 
     folder = tmp_path / "model"
     folder.mkdir()
@@ -142,8 +142,8 @@ def test_a_bogus_config_json_is_named(tmp_path):
 
 
 def test_a_model_that_needs_remote_code_names_the_setting(tmp_path):
-    from studio import models
-    from studio.config import RunConfig
+    from studio.models import load as models
+    from studio.config.run import RunConfig
 
     folder = tmp_path / "custom"
     folder.mkdir()

@@ -1,7 +1,7 @@
 """The run config: one typed object, YAML round trip, clear messages naming the bad field, mapping to TRL/PEFT."""
 import pytest
 
-from studio.config import ConfigError, RunConfig
+from studio.config.run import ConfigError, RunConfig
 
 
 def test_yaml_round_trip_keeps_every_field(tmp_path):

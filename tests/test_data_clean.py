@@ -12,7 +12,7 @@ import pytest
 
 from studio import paths
 from studio.cli import main
-from studio.config import RunConfig
+from studio.config.run import RunConfig
 from studio.data import DataError, prepare_training
 from studio.data.clean import CleanOptions, apply_filters, save_clean, split, write_jsonl
 from studio.data.inspect import inspect_rows

@@ -114,7 +114,7 @@ def test_duplicates_conflicts_and_empty_rows():
 
 
 def test_tokenizer_loads_from_the_bundled_name_and_a_folder(bundled_model_dir):
-    from studio.config import BUNDLED_MODEL
+    from studio.config.run import BUNDLED_MODEL
 
     assert load_tokenizer(BUNDLED_MODEL).eos_token == "<|im_end|>"
     assert load_tokenizer(str(bundled_model_dir)).eos_token == "<|im_end|>"

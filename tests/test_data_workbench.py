@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from studio.config import BUNDLED_MODEL
+from studio.config.run import BUNDLED_MODEL
 from studio.data import DataError
 from studio.data.clean import CleanOptions
 from studio.data.workbench import Workbench, parse_row_numbers

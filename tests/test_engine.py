@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from studio.engine import Engine, JobRunning, latest_checkpoint, read_metrics
+from studio.training.engine import Engine, JobRunning, latest_checkpoint, read_metrics
 from tests.conftest import ROOT, tiny_run_config, wait_for
 
 
@@ -57,7 +57,7 @@ def test_stop_mid_run_saves_an_adapter_and_resume_continues_from_that_step(tmp_p
     assert (Path(job.adapter_path) / "adapter_model.safetensors").is_file()
     ckpt = latest_checkpoint(cfg.run_dir())
     assert ckpt is not None and ckpt.endswith(f"checkpoint-{stopped_at}")
-    # no second copy of the adapter (TRL's frozen reference) in what was saved (studio/speed.py)
+    # no second copy of the adapter (TRL's frozen reference) in what was saved (studio/training/speed.py)
     assert not (Path(job.adapter_path) / "ref").exists() and not (Path(ckpt) / "ref").exists()
 
     short = cfg.updated({"train.max_steps": stopped_at + 2})
@@ -82,7 +82,7 @@ def test_a_failed_run_reports_a_fix_and_the_engine_stays_usable(tmp_path, bundle
 
 
 def test_resume_without_checkpoint_is_refused(tmp_path):
-    from studio.config import ConfigError
+    from studio.config.run import ConfigError
 
     with pytest.raises(ConfigError, match="no saved checkpoint"):
         Engine().start(tiny_run_config(tmp_path), resume_from="latest")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from studio import evaluate
+from studio.tuned import evaluate
 
 # what the engine's own end-of-run writer stored before eval.json had one writer: no adapter_label, data, created,
 # run_dir (the Chat tab read them and the app failed to start with KeyError: 'adapter_label')
@@ -60,7 +60,7 @@ def test_writer_fills_what_readers_show_and_writes_atomically(tmp_path):
 
 
 def _fake_run(home: Path, name: str, eval_text: str) -> Path:
-    from studio.config import RunConfig
+    from studio.config.run import RunConfig
 
     run = home / "runs" / name
     RunConfig(name=name).save(run / "run.yaml")
@@ -109,8 +109,8 @@ def test_the_chat_tab_shows_a_collapsed_adapter_as_degenerated_with_its_drift(tm
 
 @pytest.mark.parametrize("kind", ["old-engine", "garbage"])
 def test_the_run_history_reads_the_stored_evaluation_through_the_reader(tmp_path, kind):
-    from studio.engine import Job
-    from studio.history import History
+    from studio.training.engine import Job
+    from studio.runs.history import History
     from studio.ui.train_tab import run_detail_md
     from tests.conftest import tiny_run_config
 

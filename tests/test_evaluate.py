@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from studio import evaluate
+from studio.tuned import evaluate
 from studio.data import load_kto
 from studio.data.normalize import is_conversation
 
@@ -109,7 +109,7 @@ def test_implicit_rewards_are_the_ones_trls_kto_trainer_reports(chat, run_dir, s
     from transformers import AutoModelForCausalLM
     from trl import KTOConfig, KTOTrainer
 
-    from studio import logprob
+    from studio.training import logprob
 
     logprob.install_fallback(force=True)  # TRL's log-prob kernel is Triton-only; the studio's CPU stand-in
     rows = _paired(sample_raw, conversational, 3)

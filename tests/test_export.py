@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from studio import export
+from studio.tuned import export
 
 PROBE = [{"role": "user", "content": "Name a planet close to the Sun."}]
 
@@ -73,7 +73,7 @@ def test_adapter_export_is_the_runs_adapter_without_training_files(run_dir, tmp_
 
 
 def test_an_exported_adapter_names_the_hub_id_or_says_its_base_is_local(tmp_path):
-    from studio.config import RunConfig
+    from studio.config.run import RunConfig
 
     for name, expected in (("Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-3B-Instruct"),
                            (str(tmp_path), str(tmp_path / "snapshot"))):
@@ -134,7 +134,7 @@ def test_gguf_layout_and_tokenizer_match_llama_cpps_own_conversion_of_the_model(
     shapes, hyperparameters and tokenizer metadata."""
     from gguf import GGUFReader
 
-    from studio import bundled
+    from studio.models import bundled
 
     ours = GGUFReader(str(gguf_export[0] / "tiny.gguf"))
     theirs = GGUFReader(str(bundled.gguf_path()))

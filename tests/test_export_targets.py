@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from studio import export, safepaths
+from studio.tuned import export
+from studio import safepaths
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +126,7 @@ def test_ui_export_targets_stay_in_the_studio_home(studio_home, tmp_path):
 
 
 def test_ui_reads_only_the_home_uploads_sample_and_allowed_folders(studio_home, tmp_path):
-    from studio.config import SAMPLE_DATA
+    from studio.config.run import SAMPLE_DATA
     from studio.data import resolve
 
     secret = tmp_path / "creds.csv"

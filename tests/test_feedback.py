@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from studio import feedback
+from studio.data import feedback
 from studio.data import load_kto
 
 CONVO = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Capital of France?"}]

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from studio import health
-from studio.config import RunConfig
+from studio.training import health
+from studio.config.run import RunConfig
 
 
 def series(n: int, **cols) -> list[dict]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from studio.config import RunConfig
+from studio.config.run import RunConfig
 from studio.data import prepare_training
 from studio.data.clean import prompt_key, split_by_prompt
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from studio.config import ConfigError
-from studio.engine import Engine, Job, explain_error, memory_use, read_metrics
-from studio.history import History, HistoryError, unused_run_config
+from studio.config.run import ConfigError
+from studio.training.engine import Engine, Job, explain_error, memory_use, read_metrics
+from studio.runs.history import History, HistoryError, unused_run_config
 from tests.conftest import tiny_run_config, wait_for
 
 
@@ -203,7 +203,7 @@ def test_events_from_the_training_thread_and_reads_from_ui_threads_do_not_collid
 
 
 def test_a_fresh_start_never_writes_into_an_existing_run(tmp_path, studio_home):
-    from studio.config import RunConfig
+    from studio.config.run import RunConfig
 
     cfg = RunConfig().updated({"name": "demo"})
     assert unused_run_config(cfg) == (cfg, None)

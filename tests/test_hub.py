@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from studio import hub
-from studio.config import RunConfig
+from studio.models import hub
+from studio.config.run import RunConfig
 
 
 def fake_snapshot(root: Path, repo_id: str, files: dict[str, bytes], commit: str = "a" * 40) -> Path:

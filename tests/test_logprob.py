@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from studio import logprob
-from studio.logprob import TorchChunkedLogProb
+from studio.training import logprob
+from studio.training.logprob import TorchChunkedLogProb
 
 
 def naive(hidden, weight, bias, targets, temperature, softcap, scale):

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from bench.memory_bench import settings_of_point
-from studio import memory, presets
-from studio.config import RunConfig
+from studio.training import memory
+from studio.config import presets
+from studio.config.run import RunConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "memory_points.json"
 POINTS = json.loads(FIXTURE.read_text())["points"]
@@ -130,7 +131,7 @@ def test_longer_rows_bigger_batches_and_higher_ranks_cost_more_and_checkpointing
 
 
 def test_trls_reference_copy_of_the_adapter_costs_four_bytes_a_lora_weight():
-    """The seed's recipes keep TRL's frozen fp32 'ref' adapter; the engine drops it (studio.speed)."""
+    """The seed's recipes keep TRL's frozen fp32 'ref' adapter; the engine drops it (studio.training.speed)."""
     arch = memory.arch_for("mistral-7b-instruct-v0.3")
     for path in ("unsloth", "bnb"):
         without = memory.estimate(arch, path, memory.Settings(seq=2048))
@@ -285,7 +286,7 @@ def test_architecture_from_a_local_folder_a_config_file_and_the_bundled_model(tm
 
 
 def test_architecture_from_a_gguf_header():
-    from studio import bundled
+    from studio.models import bundled
 
     arch = memory.arch_for(str(bundled.gguf_path()))
     assert (arch.hidden, arch.layers, arch.vocab) == (576, 30, 49152)

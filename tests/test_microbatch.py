@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from studio import microbatch
+from studio.training import microbatch
 from tests.conftest import tiny_run_config
 
 BATCH = 4
@@ -77,7 +77,7 @@ def _trainer(cls, model_dir, tmp_path, precompute: bool, seen: list[int] | None 
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from studio import logprob
+    from studio.training import logprob
 
     logprob.install_fallback(force=True)  # TRL's log-prob kernel is Triton (GPU) only
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -190,7 +190,7 @@ def test_trainer_class_is_plain_when_the_micro_batch_covers_the_batch():
 
 
 def _engine_run(tmp_path, monkeypatch, **changes):
-    from studio.engine import Engine
+    from studio.training.engine import Engine
 
     built = []
     real = microbatch.trainer_class

@@ -1,9 +1,9 @@
 """Choosing the loading path and resolving model sources, with messages that say what to do."""
 import pytest
 
-from studio import models
-from studio.config import RunConfig
-from studio.models import DeviceInfo, ModelLoadError
+from studio.models import load as models
+from studio.config.run import RunConfig
+from studio.models.load import DeviceInfo, ModelLoadError
 
 
 def cuda(**kw):
@@ -52,7 +52,7 @@ def test_model_sources_that_cannot_work_get_a_plain_reason(tmp_path):
 
 
 def test_a_gguf_file_is_converted_once_into_a_trainable_checkpoint(tmp_path, monkeypatch):
-    from studio import bundled
+    from studio.models import bundled
 
     monkeypatch.setenv("KTO_STUDIO_MODELS", str(tmp_path / "models"))
     src = models.resolve_source(str(bundled.gguf_path()))

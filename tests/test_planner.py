@@ -1,4 +1,4 @@
-"""One plan for a card, a model and a recipe (studio/planner.py, studio/duration.py): the CPU card plans a run that
+"""One plan for a card, a model and a recipe (studio/training/plan.py, studio/training/duration.py): the CPU card plans a run that
 finishes in minutes with its duration known before Start; switching card or model re-plans everything the previous
 one planned; auto-fit applies the path that is installed (issue 16, points 3-5)."""
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from studio import duration, memory, planner
-from studio.config import RunConfig
-from studio.models import DeviceInfo
+from studio.training import duration, memory, plan as planner
+from studio.config.run import RunConfig
+from studio.models.load import DeviceInfo
 
 CPU = DeviceInfo(kind="cpu", name="test CPU")
 CPU_WITH_UNSLOTH = DeviceInfo(kind="cpu", name="test CPU", unsloth=True)

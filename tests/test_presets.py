@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from studio import memory, presets
-from studio.config import RunConfig
+from studio.training import memory
+from studio.config import presets
+from studio.config.run import RunConfig
 
 SEED_MODELS = {
     "qwen2.5-3b-instruct": ("Qwen/Qwen2.5-3B-Instruct", "unsloth/Qwen2.5-3B-Instruct-bnb-4bit", False),
@@ -127,8 +128,8 @@ def test_a_preset_with_a_bad_field_names_itself(tmp_path):
 
 def test_standard_recipe_picks_the_learning_rate_measured_for_the_model_size():
     """docs/RECIPES.md: 1e-3 for the bundled 135M model (66% held-out accuracy), 2e-4 for 3B+ QLoRA models."""
-    from studio import presets
-    from studio.config import RunConfig
+    from studio.config import presets
+    from studio.config.run import RunConfig
 
     standard = presets.get("recipes", "standard")
     small = presets.apply_recipe(RunConfig(), standard)

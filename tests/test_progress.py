@@ -8,7 +8,7 @@ from contextlib import redirect_stderr
 
 import pytest
 
-from studio.engine import Engine, Job, current_phase
+from studio.training.engine import Engine, Job, current_phase
 from tests.conftest import tiny_run_config
 
 

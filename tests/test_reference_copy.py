@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from studio import speed
+from studio.training import speed
 from tests.test_microbatch import BATCH, METRIC_KEYS, ROWS, _lora_model, _move_policy, _step, tiny_model_dir  # noqa: F401
 from tests.test_microbatch import _trainer as microbatch_trainer
 from tests.conftest import tiny_run_config

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from studio import checkpoints, runlock
-from studio.config import ConfigError
-from studio.engine import Engine, explain_error, latest_checkpoint, read_metrics
+from studio.runs import checkpoints, lock as runlock
+from studio.config.run import ConfigError
+from studio.training.engine import Engine, explain_error, latest_checkpoint, read_metrics
 from tests.conftest import ROOT, tiny_run_config
 
 HOLD = ("import sys, time; from studio import runlock; runlock.claim(sys.argv[1]); print('held', flush=True); "

@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from studio import speed
-from studio.engine import Engine
+from studio.training import speed
+from studio.training.engine import Engine
 from tests.conftest import tiny_run_config
 
 
@@ -26,7 +26,9 @@ def test_grouped_batches_keep_trl_kl_pairs_inside_each_batch(tmp_path, bundled_m
     from datasets import Dataset
     from trl import KTOTrainer
 
-    from studio import data as data_mod, logprob, models
+    from studio import data as data_mod
+    from studio.training import logprob
+    from studio.models import load as models
 
     cfg = tiny_run_config(tmp_path, **{"data.length_grouping": True})
     td = data_mod.prepare_training(cfg)
@@ -96,8 +98,8 @@ def test_auto_precompute_only_when_the_run_visits_the_data():
 
 
 def test_fill_card_trains_the_effective_batch_in_one_pass_when_the_card_has_room():
-    from studio.config import RunConfig
-    from studio.speed import fill_card_changes
+    from studio.config.run import RunConfig
+    from studio.training.speed import fill_card_changes
 
     cfg = RunConfig()  # 4 x 4, gradient checkpointing on
     seen = []
@@ -116,8 +118,8 @@ def test_fill_card_trains_the_effective_batch_in_one_pass_when_the_card_has_room
 
 
 def test_fill_card_takes_the_fastest_split_that_fits_and_keeps_the_effective_batch():
-    from studio.config import RunConfig
-    from studio.speed import fill_card_changes
+    from studio.config.run import RunConfig
+    from studio.training.speed import fill_card_changes
 
     cfg = RunConfig()
 
@@ -131,8 +133,8 @@ def test_fill_card_takes_the_fastest_split_that_fits_and_keeps_the_effective_bat
 
 
 def test_fill_card_keeps_the_configured_split_when_memory_is_tight_or_it_is_turned_off():
-    from studio.config import RunConfig
-    from studio.speed import fill_card_changes
+    from studio.config.run import RunConfig
+    from studio.training.speed import fill_card_changes
 
     cfg = RunConfig()
     assert fill_card_changes(cfg, lambda ch: 5.0, budget_gib=7.5) is None  # nothing fits in half of an 8 GB card

@@ -9,10 +9,11 @@ import sqlite3
 
 import pytest
 
-from studio import feedback, votes
+from studio.data import feedback
+from studio.tuned import votes
 from studio.data import load_kto
-from studio.history import History
-from studio.votes import Contender, VoteError
+from studio.runs.history import History
+from studio.tuned.votes import Contender, VoteError
 
 BASE = Contender("base:m", "base m (adapter off)", "/runs/r/adapter", False)
 TUNED = Contender("/runs/r/adapter", "r · final adapter", "/runs/r/adapter", True)
@@ -191,7 +192,7 @@ def test_prompt_pool_from_a_file_keeps_each_prompt_once(tmp_path):
 
 
 def test_next_prompt_draws_from_the_runs_held_out_prompts(tmp_path):
-    from studio.config import RunConfig
+    from studio.config.run import RunConfig
 
     held = tmp_path / "held.jsonl"
     held.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}], "completion": c, "label": lab})
@@ -210,7 +211,7 @@ def test_next_prompt_draws_from_the_runs_held_out_prompts(tmp_path):
 
 
 def _fake_run(root, name, model):
-    from studio.config import RunConfig
+    from studio.config.run import RunConfig
 
     run = root / name
     (run / "adapter").mkdir(parents=True)
@@ -271,7 +272,7 @@ def test_votes_command_prints_tallies_as_json_and_exports_csv(studio_home, tmp_p
 # ---- generation: any two adapters on one base in memory ----------------------------------------------------------
 
 def test_two_adapters_and_the_base_answer_from_one_model_in_memory(chat, run_dir):
-    from studio.chat import GenerationSettings
+    from studio.tuned.chat import GenerationSettings
 
     final, ckpt = str(run_dir / "adapter"), str(run_dir / "checkpoint-2")
     settings = GenerationSettings(max_new_tokens=4, temperature=0.0)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from studio import evaluate, health, watch
-from studio.config import RunConfig
+from studio.tuned import evaluate
+from studio.training import health, watch
+from studio.config.run import RunConfig
 from tests.conftest import tiny_run_config
 
 
@@ -95,7 +96,7 @@ def test_auto_spacing_keeps_the_checks_cheap():
 # ---- real CPU runs -------------------------------------------------------------------------------------------
 
 def _run(tmp_path, **changes):
-    from studio.engine import Engine
+    from studio.training.engine import Engine
 
     cfg = tiny_run_config(tmp_path, **{"data.eval_fraction": 0.25, "kto.max_length": 64, "train.save_steps": 1000,
                                        "watch.every_steps": 1, **changes})
@@ -128,7 +129,7 @@ def test_a_run_made_to_collapse_is_stopped_and_rolled_back(tmp_path, bundled_mod
     assert stored["verdict"]["word"] != evaluate.DEGENERATED
     assert stored["drift"] >= -cfg.watch.max_drift
     # the saved adapter is the rolled-back one: scoring it again gives the stored drift, not the collapsed one
-    from studio.chat import ChatModel
+    from studio.tuned.chat import ChatModel
 
     again = evaluate.evaluate_run(cfg.run_dir(), chat_model=ChatModel(), save=False)
     assert again["drift"] == pytest.approx(stored["drift"], abs=1e-3)

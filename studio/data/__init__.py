@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio.config import SAMPLE_DATA, RunConfig
+from studio.config.run import SAMPLE_DATA, RunConfig
 from studio.data.normalize import DataError, Normalized, normalize, parse_label  # noqa: F401
 from studio.data.balance import check as check_weights
 from studio.data.balance import suggest_weights

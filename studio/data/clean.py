@@ -246,7 +246,7 @@ def run(file: str, out: str, model: str | None = None, max_length: int | None = 
         mapping: dict[str, str] | None = None, options: CleanOptions | None = None,
         overwrite: bool = False, progress=None) -> dict[str, Any]:
     """Load ``file``, convert, inspect, clean, write ``out``; the summary as a dict. DataError when unusable."""
-    from studio.config import BUNDLED_MODEL
+    from studio.config.run import BUNDLED_MODEL
     from studio.data import load_kto, resolve
 
     options = options or CleanOptions()

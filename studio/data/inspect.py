@@ -31,8 +31,8 @@ def load_tokenizer(model: Any) -> Any:
         return _tokenizers[model]
     from transformers import AutoTokenizer
 
-    from studio.config import BUNDLED_MODEL
-    from studio.models import ModelLoadError, resolve_source
+    from studio.config.run import BUNDLED_MODEL
+    from studio.models.load import ModelLoadError, resolve_source
 
     try:
         if model == BUNDLED_MODEL or Path(model).expanduser().exists():

@@ -1,7 +1,7 @@
 """Chat tab, A/B (blind): two models answer the same prompt as "A" and "B" in a random order; the user votes, then
 sees which was which, and the win rate with its 95% interval updates.
 
-Thin: studio.votes decides contenders, prompts, what a vote stores and means, and draws the plot; studio.chat
+Thin: studio.tuned.votes decides contenders, prompts, what a vote stores and means, and draws the plot; studio.tuned.chat
 generates (one model in memory, adapters switched on it).
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio import votes
-from studio.chat import ChatModel, GenerationSettings, build_messages, list_adapters, newest
-from studio.votes import VoteError
+from studio.tuned import votes
+from studio.tuned.chat import ChatModel, GenerationSettings, build_messages, list_adapters, newest
+from studio.tuned.votes import VoteError
 
 NO_ADAPTER = ("No trained adapter yet: train a run in the **Train** tab (or let it reach its first checkpoint), "
               "then press **↻**.")

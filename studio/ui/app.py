@@ -5,9 +5,9 @@ import threading
 
 import gradio as gr
 
-from studio.config import RunConfig
-from studio.engine import Engine
-from studio.history import History
+from studio.config.run import RunConfig
+from studio.training.engine import Engine
+from studio.runs.history import History
 
 
 class Studio:

@@ -1,7 +1,7 @@
 """Chat tab: base vs tuned side by side, 👍/👎 into a feedback data set, held-out evaluation, export.
 
-Thin: the work is done by studio.chat (one model in memory, adapter toggled), studio.feedback, studio.evaluate and
-studio.export.
+Thin: the work is done by studio.tuned.chat (one model in memory, adapter toggled), studio.data.feedback, studio.tuned.evaluate and
+studio.tuned.export.
 """
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio import evaluate, export, feedback, paths, safepaths
-from studio.chat import (ChatModel, GenerationSettings, Turn, build_messages, content_text, list_adapters,
+from studio.tuned import evaluate, export
+from studio.data import feedback
+from studio import paths, safepaths
+from studio.tuned.chat import (ChatModel, GenerationSettings, Turn, build_messages, content_text, list_adapters,
                          newest)
 
 NO_ADAPTER = ("No trained adapter yet: train a run in the **Train** tab (or let it reach its first checkpoint); "

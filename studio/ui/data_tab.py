@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from studio import safepaths
-from studio.config import SAMPLE_DATA
+from studio.config.run import SAMPLE_DATA
 from studio.data import DataError, resolve
 from studio.data.balance import ratio as weighted_ratio
 from studio.data.balance import suggest_weights
@@ -307,7 +307,7 @@ def build(studio):
     load_btn.click(load, load_in, load_out)
 
     def use_ratings():
-        from studio import feedback
+        from studio.data import feedback
 
         f = feedback.feedback_path()
         if not f.is_file():
@@ -424,7 +424,8 @@ def build(studio):
 
     def _replan_cpu() -> str:
         """On the CPU card the plan depends on the data (max_length from its lengths, the step cap): re-plan it."""
-        from studio import models, planner
+        from studio.models import load as models
+        from studio.training import plan as planner
 
         device = models.detect_device()
         card = getattr(studio, "card", None) or ("cpu" if device.kind == "cpu" else None)

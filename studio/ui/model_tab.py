@@ -4,7 +4,9 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from studio import hub, memory, models, planner, presets
+from studio.models import hub, load as models
+from studio.training import memory, plan as planner
+from studio.config import presets
 from studio.ui.widgets import collect, field_component
 
 FIELDS = [("model", "name_or_path"), ("model", "backend"), ("model", "load_in_4bit")]
@@ -167,7 +169,7 @@ def cpu_markdown(p: planner.Plan, applied: bool) -> str:
 
 def fit_view(studio, device, gpu_key: str, recipe_key: str | None, seq_ceiling, apply: bool = True,
              model_key: str | None = None, recipe_changed: bool = False):
-    """(markdown, chart update) of the plan for the current config on the chosen card (``studio.planner``, the
+    """(markdown, chart update) of the plan for the current config on the chosen card (``studio.training.plan``, the
     same plan the Train tab shows); ``apply`` re-plans everything the card decides (path, budget, max_length,
     batch, accumulation, memory savers; on a CPU checkpointing and a step cap) and writes it into the config."""
     p = planner.plan(studio.config, gpu_key, device, model_key=model_key, recipe_key=recipe_key,
@@ -246,7 +248,7 @@ def build(studio):
         c = studio.config
         return [c.model.name_or_path, c.model.backend, c.model.load_in_4bit]
 
-    # every choice re-plans the whole card (studio.planner): nothing planned for an earlier card or model stays
+    # every choice re-plans the whole card (studio.training.plan): nothing planned for an earlier card or model stays
     def on_gpu(gpu_key, model_key, recipe_key, seq_ceiling):
         md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key)
         return [md, frame, *field_values()]
@@ -323,7 +325,7 @@ def build(studio):
 def _is_hub_id(name: str) -> bool:
     from pathlib import Path
 
-    from studio.config import BUNDLED_MODEL
+    from studio.config.run import BUNDLED_MODEL
 
     return (name != BUNDLED_MODEL and name.count("/") == 1 and not name.startswith(("/", ".", "~"))
             and not Path(name).expanduser().exists())

@@ -11,10 +11,12 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio import duration, evaluate, health, models
-from studio.config import ConfigError, RunConfig
-from studio.engine import CONFIG_FILE, JobRunning, current_phase
-from studio.history import HistoryError, checkpoints_on_disk, unused_run_config
+from studio.training import duration, health
+from studio.tuned import evaluate
+from studio.models import load as models
+from studio.config.run import ConfigError, RunConfig
+from studio.training.engine import CONFIG_FILE, JobRunning, current_phase
+from studio.runs.history import HistoryError, checkpoints_on_disk, unused_run_config
 from studio.ui.widgets import collect, field_component
 
 FIELDS = [

@@ -7,7 +7,7 @@ import typing
 import gradio as gr
 from annotated_types import Ge, Gt, Le, Lt
 
-from studio.config import RunConfig
+from studio.config.run import RunConfig
 
 
 def _field(section: str, name: str):

@@ -30,7 +30,7 @@ def studio_server(tmp_path, tmp_path_factory, bundled_model_dir):
 
 
 def _stored_votes(home):
-    from studio.history import History
+    from studio.runs.history import History
 
     h = History(home / "history.sqlite")
     try:
@@ -44,7 +44,8 @@ def _bot_text(page, box: str) -> str:
 
 
 def test_blind_votes_reveal_tally_and_load_as_kto_rows(page, studio_server):
-    from studio import feedback, votes
+    from studio.data import feedback
+    from studio.tuned import votes
 
     home = studio_server["home"]
     page.get_by_role("tab", name="Chat").click()

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from playwright.sync_api import expect
 
-from studio import evaluate
+from studio.tuned import evaluate
 from tests.browser.conftest import serve_studio, shot
 from tests.conftest import trained_run_dir
 
@@ -28,7 +28,7 @@ def studio_server(tmp_path, tmp_path_factory, bundled_model_dir):
 @pytest.fixture()
 def expected_replies(studio_server):
     """The greedy replies of each side, computed here with the chat core, to recognise them on the page."""
-    from studio.chat import ChatModel, GenerationSettings, build_messages
+    from studio.tuned.chat import ChatModel, GenerationSettings, build_messages
 
     chat = ChatModel()
     chat.use(studio_server["home"] / "runs" / "tiny")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from studio.config import ConfigError, RunConfig
+from studio.config.run import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def explain_error(exc: BaseException, cfg: RunConfig | None = None) -> str:
     import torch
 
     from studio.data.normalize import DataError
-    from studio.models import ModelLoadError
+    from studio.models.load import ModelLoadError
 
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
         hint = []
@@ -98,7 +98,7 @@ def explain_error(exc: BaseException, cfg: RunConfig | None = None) -> str:
         return "The GPU ran out of memory. To fit: " + "; ".join(hint) + "."
     if isinstance(exc, (ConfigError, DataError, ModelLoadError)):
         return str(exc)
-    from studio import checkpoints
+    from studio.runs import checkpoints
 
     if isinstance(exc, checkpoints.DiskFull):
         return str(exc)
@@ -157,7 +157,7 @@ class Engine:
             elif resume_from is not None:
                 _check_resumable(Path(resume_from))
             if _is_main_process():
-                from studio import runlock
+                from studio.runs import lock as runlock
 
                 runlock.claim(cfg.run_dir())  # RunBusy (a ConfigError) while another process trains into it
             job = Job(id=uuid.uuid4().hex[:12], config=cfg, resume_from=resume_from)
@@ -262,16 +262,17 @@ class Engine:
         finally:
             job.ended_at = time.time()
             if _is_main_process():
-                from studio import runlock
+                from studio.runs import lock as runlock
 
                 runlock.release(job.run_dir)
-            from studio.models import free_memory
+            from studio.models.load import free_memory
 
             free_memory()
 
     def _report_watch(self, job: Job, watched: dict[str, Any]) -> str:
         """Store the kept adapter's held-out evaluation (eval.json) and say in words what the watch saw."""
-        from studio import evaluate, health
+        from studio.tuned import evaluate
+        from studio.training import health
 
         cfg = job.config
         result = dict(watched["result"])
@@ -296,8 +297,8 @@ class Engine:
         return text
 
     def _report_health(self, job: Job, collapsed: bool = False) -> None:
-        """The run's health findings (studio.health), for every run: the CLI prints them, the history keeps them."""
-        from studio import health
+        """The run's health findings (studio.training.health), for every run: the CLI prints them, the history keeps them."""
+        from studio.training import health
 
         findings = health.check_config(job.metrics(), job.config)
         icons = {health.ERROR: "🛑", health.WARNING: "⚠️", health.INFO: "ℹ️"}
@@ -311,7 +312,8 @@ class Engine:
 
     def _evaluate(self, job: Job, trainer) -> str:
         """Held-out base-vs-tuned scores with the model still in memory; a warning when nothing was learned."""
-        from studio import evaluate, health
+        from studio.tuned import evaluate
+        from studio.training import health
 
         cfg = job.config
         rows = evaluate.limit_rows(job.eval_rows, cfg.data.eval_max_rows)
@@ -343,7 +345,9 @@ class Engine:
 
     def _build(self, job: Job):
         from studio import data as data_mod
-        from studio import checkpoints, logprob, microbatch, models, speed
+        from studio.runs import checkpoints
+        from studio.training import logprob, microbatch, speed
+        from studio.models import load as models
 
         cfg = job.config
         _quiet_libraries()
@@ -355,7 +359,7 @@ class Engine:
                    backend=backend, device=device.as_dict())
         ref_rows = None  # rows per precompute pass when 'auto': sized from the estimate on a GPU
         if device.kind == "cuda" and cfg.model.memory_check:
-            from studio import memory
+            from studio.training import memory
 
             budget = cfg.model.gpu_memory_gib or device.free_gib
             try:
@@ -402,8 +406,8 @@ class Engine:
                        micro_batch_size=micro)
         if job.stop_requested:
             return None
-        from studio import bundled
-        from studio.config import BUNDLED_MODEL
+        from studio.models import bundled
+        from studio.config.run import BUNDLED_MODEL
 
         if cfg.model.name_or_path == BUNDLED_MODEL and not bundled.is_converted():
             self._phase(job, "convert", "Converting the bundled SmolLM2-135M into a trainable checkpoint (once, "
@@ -446,7 +450,7 @@ class Engine:
                               processing_class=loaded.tokenizer,
                               callbacks=[_make_callback(self, job), *self.extra_callbacks])
         if watching:
-            from studio.watch import Watch
+            from studio.training.watch import Watch
 
             job.watch = Watch(cfg, job.eval_rows, lambda type_, **d: self._emit(job, type_, **d),
                               stopping=lambda: job.stop_requested,
@@ -554,7 +558,7 @@ def _make_callback(engine: Engine, job: Job):
             event.update(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0,
                          elapsed_s=elapsed, eta_s=eta, **memory_use())
             if job.watch is not None and "loss" in logs:
-                event.update(job.watch.take_pending())  # the held-out check of this step (studio/watch.py)
+                event.update(job.watch.take_pending())  # the held-out check of this step (studio/training/watch.py)
             engine._emit(job, "metrics", **event)
 
     return EngineCallback()
@@ -600,7 +604,7 @@ def memory_use() -> dict[str, float | None]:
 
 def latest_checkpoint(run_dir: str | Path) -> str | None:
     """The newest checkpoint that is complete and readable (partial or damaged ones are skipped)."""
-    from studio import checkpoints
+    from studio.runs import checkpoints
 
     found, _ = checkpoints.latest(run_dir)
     return str(found) if found is not None else None
@@ -608,7 +612,7 @@ def latest_checkpoint(run_dir: str | Path) -> str | None:
 
 def _pick_latest(cfg: RunConfig) -> tuple[str, str]:
     """The checkpoint "resume from the latest" takes, and a message saying which, and which newer ones it skipped."""
-    from studio import checkpoints
+    from studio.runs import checkpoints
 
     found, skipped = checkpoints.latest(cfg.run_dir())
     why = "; ".join(f"{p.name} skipped: {reason}" for p, reason in skipped)
@@ -619,7 +623,7 @@ def _pick_latest(cfg: RunConfig) -> tuple[str, str]:
 
 def _check_resumable(path: Path) -> None:
     """A checkpoint named by the user must be whole; if not, say what is wrong and which earlier one would do."""
-    from studio import checkpoints
+    from studio.runs import checkpoints
 
     why = checkpoints.problem(path)
     if why is None:

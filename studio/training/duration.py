@@ -108,7 +108,7 @@ def data_lengths(cfg) -> list[int] | None:
 
 
 def model_params(cfg) -> float | None:
-    from studio import memory
+    from studio.training import memory
 
     try:
         return float(memory.arch_for(cfg.model.name_or_path, fetch=False).total_params())
@@ -131,8 +131,8 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
              n_cores: int | None = None, converted: bool | None = None) -> Duration | None:
     """The predicted duration of ``cfg`` on this CPU; None when the model's size is unknown. ``lengths``: the
     training rows' token lengths (``data_lengths``); without them every row counts as max_length."""
-    from studio import speed
-    from studio.config import BUNDLED_MODEL
+    from studio.training import speed
+    from studio.config.run import BUNDLED_MODEL
 
     params = params if params is not None else model_params(cfg)
     if not params:
@@ -183,14 +183,14 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
         passes = steps // t.save_steps + (1 if steps % t.save_steps else 0)
         eval_loss_s = n_eval * pad_tok * per_token * EVAL_LOSS_SHARE * passes
     elif n_eval and cfg.watch.every_steps != 0:
-        # the held-out watch (studio/watch.py) scores the tuned side every few steps; the base side once
-        from studio import watch
+        # the held-out watch (studio/training/watch.py) scores the tuned side every few steps; the base side once
+        from studio.training import watch
 
         every = (watch.auto_every(eval_rows or n_eval, rows_per_step) if cfg.watch.every_steps == "auto"
                  else int(cfg.watch.every_steps))
         eval_s += (steps // max(every, 1)) * min(EVAL_LIMIT, n_eval) * mean_tok * per_token * EVAL_SHARE / 2
     if converted is None:
-        from studio import bundled
+        from studio.models import bundled
 
         converted = cfg.model.name_or_path != BUNDLED_MODEL or bundled.is_converted()
     startup = STARTUP_S + (0 if converted else CONVERT_S)
@@ -216,7 +216,7 @@ def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None
     """Run-config changes that make ``cfg`` finish in minutes on this CPU: max_length from the data, per-device
     batch 4, no gradient checkpointing where memory allows, no GPU-only settings, and a step cap that keeps training
     near ``target_s`` seconds (never more than one epoch)."""
-    from studio import memory
+    from studio.training import memory
 
     seq = cpu_seq(lengths, cfg.kto.max_length)
     eff = effective_batch or cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps

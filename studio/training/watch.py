@@ -25,7 +25,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from studio import evaluate, health
+from studio.tuned import evaluate
+from studio.training import health
 
 BUDGET = 0.06  # 'auto' spaces the checks so that they cost about this fraction of the training time
 FORWARD_SHARE = 0.25  # a scoring forward pass per row, as a share of a training step's work per row (fwd+bwd+...)

@@ -348,9 +348,9 @@ NO_LEARNING_MARGIN = 0.01
 
 def held_out_learning(result: dict[str, Any], learning_rate: float | None = None,
                       collapsed_run: bool = False) -> Finding | None:
-    """A finding when a finished run's held-out evaluation (studio.evaluate) shows no learning: implicit-reward
+    """A finding when a finished run's held-out evaluation (studio.tuned.evaluate) shows no learning: implicit-reward
     accuracy at chance, or a margin too small to be movement (docs/RECIPES.md)."""
-    from studio.evaluate import DEGENERATED, NO_CHANGE, verdict
+    from studio.tuned.evaluate import DEGENERATED, NO_CHANGE, verdict
 
     word = (result.get("verdict") or verdict(result)).get("word")
     if word == DEGENERATED:

@@ -1,7 +1,7 @@
 """Blind A/B votes: is one model better than another? A win rate with its uncertainty, and votes that become data.
 
 Two *contenders* answer the same prompt with the same sampling settings and seed: any two of the base model and the
-saved adapters of runs on that base (one model in memory, ``studio.chat`` switches adapters on it). They are shown
+saved adapters of runs on that base (one model in memory, ``studio.tuned.chat`` switches adapters on it). They are shown
 as "A" and "B" in an order drawn at random for each prompt; the user picks A better / B better / tie / both bad and
 only then sees which was which.
 
@@ -78,7 +78,7 @@ def contenders(first: str | None, second: str | None) -> tuple[Contender, Conten
 
     The base model is the base of the other side's adapter; two adapters must share their base model, so that one
     model in memory serves both."""
-    from studio import chat
+    from studio.tuned import chat
 
     if not first or not second:
         raise VoteError("pick two models to compare")
@@ -111,7 +111,7 @@ def assign(first: Contender, second: Contender, rng: random.Random | None = None
 
 
 def stream_reply(chat_model, who: Contender, messages: list[dict], settings) -> Iterator[str]:
-    """The reply of one contender as it grows (``studio.chat.ChatModel.stream`` with its adapter on, or all off)."""
+    """The reply of one contender as it grows (``studio.tuned.chat.ChatModel.stream`` with its adapter on, or all off)."""
     chat_model.use(who.adapter)
     yield from chat_model.stream(messages, tuned=who.tuned, settings=settings)
 
@@ -124,7 +124,7 @@ def prompt_key(prompt: Any) -> str:
 
 def as_messages(prompt: Any) -> list[dict]:
     """A data row's prompt (chat messages, or plain text) as chat messages ending with the user's turn."""
-    from studio.chat import content_text
+    from studio.tuned.chat import content_text
 
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
@@ -137,7 +137,7 @@ def as_messages(prompt: Any) -> list[dict]:
 
 def prompt_pool(run_dir: str | Path | None = None, data: str | None = None) -> tuple[list[Any], str]:
     """The distinct prompts to vote on, in file order: from ``data`` if given, else the run's held-out rows."""
-    from studio import evaluate
+    from studio.tuned import evaluate
 
     if not data and not run_dir:
         raise VoteError("no prompts: give a prompt file, or compare a run's adapter (its held-out prompts are used)")
@@ -201,7 +201,7 @@ def record(history, *, a: Contender, b: Contender, prompt: Any, reply_a: str, re
     """Store a vote in the history and add its KTO rows to the feedback file; returns the stored vote.
 
     ``prompt`` is the prompt as a data row stores it (chat messages, or text for a model without a chat template)."""
-    from studio import feedback
+    from studio.data import feedback
 
     if choice not in CHOICES:
         raise VoteError(f"unknown choice {choice!r}: one of {', '.join(CHOICES)}")
@@ -436,7 +436,7 @@ def tally_figure(t: Tally):
 def cli(args) -> int:
     """``python -m studio votes [--pair X,Y] [--csv FILE]``: tallies and intervals as JSON."""
     from studio.cli import print_json
-    from studio.history import History
+    from studio.runs.history import History
 
     h = History()
     try:

@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
-from studio.config import BUNDLED_MODEL, ConfigError, RunConfig
+from studio.config.run import BUNDLED_MODEL, ConfigError, RunConfig
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 KINDS = ("gpu", "models", "recipes")
 OTHER_MODEL = "other"  # the model dropdown's "any hub id / local folder / GGUF" entry
 
@@ -145,7 +145,7 @@ def recipe_changes(cfg: RunConfig, preset: Preset) -> dict[str, Any]:
 
 def _params(name_or_path: str) -> float | None:
     """Parameter count of a model from its architecture (no weights loaded), None when it can't be read."""
-    from studio import memory
+    from studio.training import memory
 
     try:
         return float(memory.arch_for(name_or_path).total_params())

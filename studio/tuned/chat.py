@@ -6,7 +6,7 @@ and wrapped in a PEFT ``PeftModel``. Every saved adapter or checkpoint of any ru
 is exactly TRL's reference model for a LoRA run. Both sides get the same prompt (rendered with the model's chat
 template), the same sampling settings and the same seed, so any difference in the replies comes from training.
 
-No Gradio here: the Chat tab, ``studio.evaluate`` and the tests use this module directly.
+No Gradio here: the Chat tab, ``studio.tuned.evaluate`` and the tests use this module directly.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from studio.config import RunConfig
+from studio.config.run import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class BaseKey:
 
 
 def base_key(cfg: RunConfig, device) -> BaseKey:
-    from studio import models
+    from studio.models import load as models
 
     # the training path decides: Unsloth and bitsandbytes runs trained against an NF4 base, 'full' runs a 16/32-bit one
     try:
@@ -142,7 +142,7 @@ def load_base(cfg: RunConfig, device=None, progress: Progress = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from studio import models
+    from studio.models import load as models
 
     device = device or models.detect_device()
     key = base_key(cfg, device)
@@ -237,7 +237,7 @@ class ChatModel:
         """Make ``adapter`` the tuned side, loading its base model and the adapter only when not loaded yet."""
         from peft import PeftModel
 
-        from studio import models
+        from studio.models import load as models
 
         choice = resolve_adapter(adapter)
         cfg = run_config(choice.run_dir)
@@ -282,7 +282,7 @@ class ChatModel:
         self.model = self.tokenizer = self.key = self.cfg = self.active = None
         self._pending_base = None
         self._adapters.clear()
-        from studio.models import free_memory
+        from studio.models.load import free_memory
 
         free_memory()
 

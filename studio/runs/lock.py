@@ -13,7 +13,7 @@ import socket
 import time
 from pathlib import Path
 
-from studio.config import ConfigError
+from studio.config.run import ConfigError
 
 LOCK = ".run.lock"
 

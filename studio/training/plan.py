@@ -3,16 +3,18 @@ refreshes. No Gradio here.
 
 Picking a card re-plans everything the previous card planned: the loading path and memory budget (a CPU run keeps
 no ``gpu_memory_gib``), max_length, the per-device batch and its accumulation, the memory savers (micro-batching)
-and, on a CPU, gradient checkpointing and a step cap that keeps the run to minutes (``studio.duration``). On a GPU
-the settings come from auto-fit (``studio.memory.plan_for_card``) for the path the run will take on this machine.
+and, on a CPU, gradient checkpointing and a step cap that keeps the run to minutes (``studio.training.duration``). On a GPU
+the settings come from auto-fit (``studio.training.memory.plan_for_card``) for the path the run will take on this machine.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from studio import duration, memory, models, presets
-from studio.config import RunConfig
+from studio.training import duration, memory
+from studio.models import load as models
+from studio.config import presets
+from studio.config.run import RunConfig
 
 DETECTED = "detected"  # the Model tab's "this machine's GPU" card
 

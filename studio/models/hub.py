@@ -50,7 +50,7 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def gated_message(repo_id: str) -> str:
-    from studio import presets
+    from studio.config import presets
 
     msg = (f"{repo_id} is gated: its licence has to be accepted once. 1) Open https://huggingface.co/{repo_id} while "
            "logged in and accept the licence (approval can take a while). 2) Create a token with 'read' access at "

@@ -212,7 +212,7 @@ class MemorySettings(_Section):
 
 
 class WatchSettings(_Section):
-    """The held-out watch (studio/watch.py): while training, the held-out rows (data.eval_file, or the
+    """The held-out watch (studio/training/watch.py): while training, the held-out rows (data.eval_file, or the
     data.eval_fraction split) are scored every few steps against the base model, whose log-probs are computed once.
     Studio settings (TRL has no such fields)."""
 
@@ -352,7 +352,7 @@ class RunConfig(_Section):
             ddp_find_unused_parameters=False,  # every LoRA weight is used each step; the search costs a graph walk
         )
         kw.update(overrides)
-        if kw["precompute_ref_log_probs"] == "auto":  # the engine resolves 'auto' from the data (studio/speed.py)
+        if kw["precompute_ref_log_probs"] == "auto":  # the engine resolves 'auto' from the data (studio/training/speed.py)
             kw["precompute_ref_log_probs"] = False
         if kw["precompute_ref_batch_size"] == "auto":  # the engine sizes it from the memory estimate
             kw["precompute_ref_batch_size"] = None

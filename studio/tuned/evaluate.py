@@ -312,7 +312,7 @@ def score_result(rows: list[dict], items: list[Tokenized], kept: list[int], skip
 def held_out_rows(run_dir: str | Path, data: str | None = None) -> tuple[list[dict], str]:
     """The held-out rows of a run (``data`` if given, else the run's eval file or eval split) and where they came
     from."""
-    from studio import chat
+    from studio.tuned import chat
     from studio import data as data_mod
 
     if data:
@@ -332,7 +332,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
                  progress: Progress = None) -> dict[str, Any]:
     """Evaluate a run's adapter (default: its final adapter, else its newest checkpoint) on held-out data and store
     the result as ``eval.json`` in the run folder. ``chat_model`` reuses an already loaded ``ChatModel``."""
-    from studio import chat
+    from studio.tuned import chat
 
     t0 = time.time()
     run_dir = Path(run_dir).expanduser().resolve()
@@ -564,10 +564,10 @@ def cli(args) -> int:
     """``python -m studio eval RUN_DIR [--data FILE] [--limit N]``: the evaluation as JSON on stdout."""
     import logging
 
-    from studio.chat import ChatError
-    from studio.config import ConfigError
+    from studio.tuned.chat import ChatError
+    from studio.config.run import ConfigError
     from studio.data.normalize import DataError
-    from studio.models import ModelLoadError
+    from studio.models.load import ModelLoadError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet()

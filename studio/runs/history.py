@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from studio import paths
-from studio.config import RunConfig
+from studio.config.run import RunConfig
 
 ACTIVE = ("starting", "running", "stopping")
 FINAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "learning_rate", "grad_norm",

@@ -116,7 +116,7 @@ def export_adapter(src: str | Path, out: str | Path, progress: Progress = None,
 
 
 def _export_adapter(src, out: Path, progress: Progress, t0: float) -> ExportResult:
-    from studio import chat
+    from studio.tuned import chat
 
     choice = chat.resolve_adapter(src)
     if progress:
@@ -140,8 +140,8 @@ def portable_base_model(folder: Path, cfg) -> str:
     run loaded (a local folder: the bundled model's converted copy, or a download) as ``base_model_name_or_path``.
     A hub model gets its hub id, the bundled model the hub id of the model it was converted from; a local model
     keeps its path, and the returned note says where the adapter needs that model."""
-    from studio import presets
-    from studio.config import BUNDLED_MODEL
+    from studio.config import presets
+    from studio.config.run import BUNDLED_MODEL
 
     f = folder / "adapter_config.json"
     if not f.is_file():
@@ -168,7 +168,7 @@ def verify_adapter(choice, out: Path, progress: Progress = None) -> dict[str, An
     import torch
     from peft import PeftModel
 
-    from studio import chat
+    from studio.tuned import chat
 
     if progress:
         progress("Checking the exported adapter loads and acts like the run's…")
@@ -215,7 +215,7 @@ def _load_base_full(cfg, progress: Progress = None):
     """The run's base model in its stored 16/32-bit precision on the CPU (never 4-bit), and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from studio import models
+    from studio.models import load as models
 
     source = models.resolve_source(cfg.model.name_or_path, progress)
     dtype = _source_dtype(source.path)
@@ -303,7 +303,7 @@ def merged_model(src, progress: Progress = None):
     import torch
     from peft import PeftModel
 
-    from studio import chat
+    from studio.tuned import chat
 
     choice = chat.resolve_adapter(src)
     cfg = chat.run_config(choice.run_dir)
@@ -705,9 +705,9 @@ def export(src: str | Path, fmt: str, out: str | Path, progress: Progress = None
 
 def cli(args) -> int:
     """``python -m studio export RUN_DIR --format adapter|merged|gguf --out PATH``: prints the result as JSON."""
-    from studio.chat import ChatError
-    from studio.config import ConfigError
-    from studio.models import ModelLoadError
+    from studio.tuned.chat import ChatError
+    from studio.config.run import ConfigError
+    from studio.models.load import ModelLoadError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -10,7 +10,7 @@ or a GGUF header - and adds up what the training step keeps on the GPU:
   pressure Unsloth moves an untied input embedding to CPU RAM; the estimate applies Unsloth's own rule for that.
 - ``lora_optimizer``: the trainable adapter (bf16 on quantized bases, TRL casts it), its gradient and optimizer
   state; with ``reference_copy`` also the frozen fp32 "ref" copy of the adapter that TRL's KTOTrainer keeps for the
-  reference pass (the seed's recipes keep it; the engine drops a fresh adapter's copy, studio/speed.py).
+  reference pass (the seed's recipes keep it; the engine drops a fresh adapter's copy, studio/training/speed.py).
 - ``activations``: per token, per hidden unit: the checkpointed input of every layer when it stays on the GPU
   (bitsandbytes path: float32, 4 bytes x layers; Unsloth offloads these to CPU RAM) plus one layer's working set
   during the backward recompute: ``WORKING_SET_BYTES`` per hidden unit and ``WORKING_SET_INTERMEDIATE_BYTES`` per MLP
@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from studio.config import ConfigError
+from studio.config.run import ConfigError
 
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 absmax per 256 blocks
@@ -219,7 +219,7 @@ class Settings:
     optim: str = "adamw_8bit"  # adamw_8bit | paged_adamw_8bit | adamw_torch
     precompute_ref: bool = False
     compute_bytes: int = 2  # bf16/fp16 on CUDA; 4 for float32 (CPU, MPS)
-    micro_batch: int | None = None  # rows per policy pass (studio/microbatch.py); None = the whole batch
+    micro_batch: int | None = None  # rows per policy pass (studio/training/microbatch.py); None = the whole batch
     reference_copy: bool = False  # TRL's frozen fp32 copy of the adapter (studio.speed.drop_reference_copy)
 
     @property
@@ -515,7 +515,7 @@ def model_config(name_or_path: str, fetch: bool = True) -> tuple[dict[str, Any],
     """(config dict, where it came from) for a preset key, hub id, local folder, config.json, GGUF file or the
     bundled model, without loading weights. Hub ids not in the presets are read from the local HF cache, else
     (``fetch``) their config.json alone is downloaded."""
-    from studio import presets
+    from studio.config import presets
 
     preset = presets.find_model(name_or_path)
     if preset is not None and preset.get("config"):
@@ -554,7 +554,7 @@ def model_config(name_or_path: str, fetch: bool = True) -> tuple[dict[str, Any],
 
 
 def arch_for(name_or_path: str, fetch: bool = True) -> Arch:
-    from studio.config import BUNDLED_MODEL
+    from studio.config.run import BUNDLED_MODEL
 
     if name_or_path == BUNDLED_MODEL:
         name_or_path = "smollm2-135m"

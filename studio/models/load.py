@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from studio.config import BUNDLED_MODEL, RunConfig
+from studio.config.run import BUNDLED_MODEL, RunConfig
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None] | None
@@ -133,7 +133,7 @@ class ModelSource:
 
 def resolve_source(name_or_path: str, progress: Progress = None, token: str | None = None) -> ModelSource:
     """Turn the user's model field into something ``from_pretrained`` can read, downloading/converting as needed."""
-    from studio import bundled
+    from studio.models import bundled
 
     if name_or_path == BUNDLED_MODEL:
         return ModelSource(str(bundled.ensure_checkpoint(progress)), kind="bundled")
@@ -164,7 +164,7 @@ def resolve_source(name_or_path: str, progress: Progress = None, token: str | No
 
 def download(repo_id: str, progress: Progress = None, token: str | None = None) -> str:
     """Download (or find in the HF cache) a hub model with byte progress; interrupted downloads resume."""
-    from studio import hub
+    from studio.models import hub
 
     def bytes_progress(done, total, msg):
         if progress:
@@ -300,7 +300,7 @@ def unsloth_compile_switch(model_type: str | None, unsloth_loaded: bool, env: di
 
 
 def _model_type(path: str) -> str | None:
-    from studio import memory
+    from studio.training import memory
 
     try:
         return memory.model_config(path, fetch=False)[0].get("model_type")
