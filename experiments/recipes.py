@@ -71,12 +71,13 @@ def run(a) -> None:
 
     from studio.tuned import evaluate
     from studio.config import presets
+    from studio.training import plan
     from studio.config.run import RunConfig
     from studio.training.engine import Engine
 
     work = Path(a.work)
     meta = json.loads((work / "split.json").read_text())
-    cfg = presets.apply_recipe(RunConfig(), presets.get("recipes", a.recipe))
+    cfg = plan.apply_recipe(RunConfig(), presets.get("recipes", a.recipe))
     changes = {
         "name": a.name, "output_dir": str(work / "runs" / a.name),
         "data.train_file": str(work / "train_pairs.jsonl"), "data.eval_file": None, "data.eval_fraction": 0.0,

@@ -95,6 +95,7 @@ def run_one(a) -> dict:
 
     from studio.tuned import evaluate
     from studio.config import presets
+    from studio.training import plan
     from studio.config.run import RunConfig
     from studio.training.engine import Engine
 
@@ -104,7 +105,7 @@ def run_one(a) -> dict:
     if a.gpu_preset:
         cfg = presets.apply(cfg, presets.get("gpu", a.gpu_preset))
     if a.recipe:
-        cfg = presets.apply_recipe(cfg, presets.get("recipes", a.recipe))
+        cfg = plan.apply_recipe(cfg, presets.get("recipes", a.recipe))
     name = f"{a.variant}-s{a.seed}" + (f"-{a.tag}" if a.tag else "")
     changes = {
         "name": name, "output_dir": str(work / "runs" / name), "train.seed": a.seed,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from studio.training import memory
+from studio.training import memory, plan
 from studio.config import presets
 from studio.config.run import RunConfig
 
@@ -76,7 +76,7 @@ def test_conservative_is_a_gentler_lora_recipe_that_still_learns():
     standard = presets.get("recipes", "standard")
     assert 5e-5 <= r.set["train.learning_rate"] < standard.set["train.learning_rate"]
     assert r.set["kto.beta"] > standard.set["kto.beta"]  # stays closer to the base
-    small = presets.apply_recipe(RunConfig(), r)  # the bundled 135M model
+    small = plan.apply_recipe(RunConfig(), r)  # the bundled 135M model
     assert small.train.learning_rate >= 5e-4  # measured to learn on it (docs/RECIPES.md)
 
 
@@ -101,7 +101,7 @@ def test_recipes_aim_for_an_effective_batch_of_16_to_64_through_accumulation():
     for r in presets.list_presets("recipes"):
         target = r.get("effective_batch")
         assert 16 <= target <= 64
-        tuned = presets.apply_recipe(cfg, r)
+        tuned = plan.apply_recipe(cfg, r)
         eff = presets.effective_batch(tuned)
         assert target <= eff < target + 3  # batch 3: the nearest reachable from above
         assert tuned.train.per_device_train_batch_size == 3
@@ -128,12 +128,11 @@ def test_a_preset_with_a_bad_field_names_itself(tmp_path):
 
 def test_standard_recipe_picks_the_learning_rate_measured_for_the_model_size():
     """docs/RECIPES.md: 1e-3 for the bundled 135M model (66% held-out accuracy), 2e-4 for 3B+ QLoRA models."""
-    from studio.config import presets
     from studio.config.run import RunConfig
 
     standard = presets.get("recipes", "standard")
-    small = presets.apply_recipe(RunConfig(), standard)
-    large = presets.apply_recipe(RunConfig().updated({"model.name_or_path": "Qwen/Qwen2.5-3B-Instruct"}), standard)
+    small = plan.apply_recipe(RunConfig(), standard)
+    large = plan.apply_recipe(RunConfig().updated({"model.name_or_path": "Qwen/Qwen2.5-3B-Instruct"}), standard)
     assert small.train.learning_rate == 1e-3
     assert large.train.learning_rate == 2e-4
     assert small.train.per_device_train_batch_size * small.train.gradient_accumulation_steps == 16

@@ -14,7 +14,6 @@ Every preset's ``set`` section holds dotted run-config fields ({'train.learning_
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,40 +124,7 @@ def apply_model(cfg: RunConfig, preset: Preset, device_kind: str) -> RunConfig:
     return cfg.updated({"model.name_or_path": model_source(preset, device_kind, cfg.model.load_in_4bit)})
 
 
-# ---- recipe presets ----------------------------------------------------------------------------------------------
-
-def recipe_changes(cfg: RunConfig, preset: Preset) -> dict[str, Any]:
-    """The recipe's fields, plus the gradient accumulation that makes batch x accumulation reach its effective batch
-    at the config's current per-device batch."""
-    changes = dict(preset.set)
-    # Learning rates that work depend on the model's size (docs/RECIPES.md): a recipe may override fields for
-    # models under a parameter count, e.g. `small_model: {below_params: 1.0e9, set: {train.learning_rate: 1.0e-3}}`.
-    small = preset.get("small_model")
-    if small and _params(cfg.model.name_or_path) is not None and _params(cfg.model.name_or_path) < float(small["below_params"]):
-        changes.update(small.get("set", {}))
-    target = preset.get("effective_batch")
-    if target:
-        batch = changes.get("train.per_device_train_batch_size", cfg.train.per_device_train_batch_size)
-        changes["train.gradient_accumulation_steps"] = max(1, math.ceil(int(target) / batch))
-    return changes
-
-
-def _params(name_or_path: str) -> float | None:
-    """Parameter count of a model from its architecture (no weights loaded), None when it can't be read."""
-    from studio.training import memory
-
-    try:
-        return float(memory.arch_for(name_or_path).total_params())
-    except Exception:  # an unknown or unreachable model: the recipe's general values apply
-        return None
-
-
-def apply_recipe(cfg: RunConfig, preset: Preset) -> RunConfig:
-    try:
-        return cfg.updated(recipe_changes(cfg, preset))
-    except ConfigError as e:
-        raise PresetError(f"recipe preset '{preset.key}': {e}") from None
-
+# ---- batches ------------------------------------------------------------------------------------------------------
 
 def effective_batch(cfg: RunConfig) -> int:
     return cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps

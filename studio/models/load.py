@@ -300,11 +300,11 @@ def unsloth_compile_switch(model_type: str | None, unsloth_loaded: bool, env: di
 
 
 def _model_type(path: str) -> str | None:
-    from studio.training import memory
+    from studio.models.arch import EstimateError, model_config
 
     try:
-        return memory.model_config(path, fetch=False)[0].get("model_type")
-    except (memory.EstimateError, OSError, ValueError):
+        return model_config(path, fetch=False)[0].get("model_type")
+    except (EstimateError, OSError, ValueError):
         return None
 
 

@@ -8,15 +8,49 @@ the settings come from auto-fit (``studio.training.memory.plan_for_card``) for t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from studio.training import duration, memory
 from studio.models import load as models
 from studio.config import presets
-from studio.config.run import RunConfig
+from studio.config.run import ConfigError, RunConfig
 
 DETECTED = "detected"  # the Model tab's "this machine's GPU" card
+
+
+# ---- recipe presets ----------------------------------------------------------------------------------------------
+
+def recipe_changes(cfg: RunConfig, preset: presets.Preset) -> dict[str, Any]:
+    """The recipe's fields, plus the gradient accumulation that makes batch x accumulation reach its effective batch
+    at the config's current per-device batch."""
+    changes = dict(preset.set)
+    # Learning rates that work depend on the model's size (docs/RECIPES.md): a recipe may override fields for
+    # models under a parameter count, e.g. `small_model: {below_params: 1.0e9, set: {train.learning_rate: 1.0e-3}}`.
+    small = preset.get("small_model")
+    if small and _params(cfg.model.name_or_path) is not None and _params(cfg.model.name_or_path) < float(small["below_params"]):
+        changes.update(small.get("set", {}))
+    target = preset.get("effective_batch")
+    if target:
+        batch = changes.get("train.per_device_train_batch_size", cfg.train.per_device_train_batch_size)
+        changes["train.gradient_accumulation_steps"] = max(1, math.ceil(int(target) / batch))
+    return changes
+
+
+def _params(name_or_path: str) -> float | None:
+    """Parameter count of a model from its architecture (no weights loaded), None when it can't be read."""
+    try:
+        return float(memory.arch_for(name_or_path).total_params())
+    except Exception:  # an unknown or unreachable model: the recipe's general values apply
+        return None
+
+
+def apply_recipe(cfg: RunConfig, preset: presets.Preset) -> RunConfig:
+    try:
+        return cfg.updated(recipe_changes(cfg, preset))
+    except ConfigError as e:
+        raise presets.PresetError(f"recipe preset '{preset.key}': {e}") from None
 
 
 @dataclass
@@ -81,7 +115,7 @@ def plan(cfg: RunConfig, card: str, device, *, model_key: str | None = None, rec
             source = presets.model_source(presets.get("models", model_key), kind, cfg.model.load_in_4bit)
             cfg = cfg.updated({"model.name_or_path": source})
         if recipe_key and apply_recipe:
-            cfg = cfg.updated(presets.recipe_changes(cfg, presets.get("recipes", recipe_key)))
+            cfg = cfg.updated(recipe_changes(cfg, presets.get("recipes", recipe_key)))
     out = Plan(cfg, card, kind)
     if kind == "cpu":
         if apply:
