@@ -1,4 +1,4 @@
-"""Headless command line: ``python -m studio <command>``.
+"""Headless command line: ``python -m studio <command>``. Every command lives here; the work is done by the core.
 
 - ``train RUN.yaml``   train with the same engine as the UI (also under ``accelerate launch -m studio train``)
 - ``data FILE``        convert and clean a data file, print a JSON summary
@@ -6,6 +6,11 @@
 - ``eval RUN_DIR``     held-out evaluation of a run, as JSON
 - ``export RUN_DIR``   export the adapter, a merged model or a GGUF file
 - ``votes``            blind A/B votes: tallies and 95% intervals as JSON, the votes as CSV
+
+Every command fails the same way: one line ``error: <what was wrong and what to do>`` on stderr, no traceback, and
+the exit code of the error's kind (studio/errors.py): 2 when what was asked cannot be done as asked (a flag, field,
+model or folder named wrongly), 1 when it was tried and failed (data, run, export, check, nothing fits).
+``STUDIO_DEBUG=1`` prints the traceback of an unexpected error.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import logging
 import os
 import sys
 import time
+
+from studio.errors import StudioError, UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="convert and clean a data file; print a JSON summary "
-                                   "(exit 1: the file can't be used; 2: usage error)")
+                                   "(exit 1: the file can't be used; 2: a flag named wrongly)")
     p.add_argument("file")
     p.add_argument("--out", required=True, help="where to write the cleaned JSONL (never the input file)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (keeps its permissions)")
@@ -42,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-empty", action="store_true", help="keep rows whose completion is empty")
     p.add_argument("--drop-over-length", action="store_true",
                    help="drop rows longer than --max-length (else the trainer truncates them)")
-    p.set_defaults(func=_lazy("studio.data.clean", "cli"))
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("fit", help="auto-fit sequence length and batch to a GPU; print the estimate as JSON")
     p.add_argument("--model", required=True, help="hub id, local folder, preset name or config.json")
@@ -52,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--seq-ceiling", type=int, default=None, help="longest max_length auto-fit may pick (default 4096)")
     p.add_argument("--effective-batch", type=int, default=16, help="rows per optimizer step, kept via gradient accumulation")
-    p.set_defaults(func=_lazy("studio.training.memory", "cli"))
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("eval", help="held-out evaluation of a run (base vs tuned) as JSON")
     p.add_argument("run_dir")
     p.add_argument("--data", default=None, help="held-out file (default: the run's eval data)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many rows/pairs")
-    p.set_defaults(func=_lazy("studio.tuned.evaluate", "cli"))
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="export a run's adapter, a merged model, or a GGUF file")
     p.add_argument("run_dir")
@@ -68,26 +75,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export of the same format at --out (only the files it wrote)")
-    p.set_defaults(func=_lazy("studio.tuned.export", "cli"))
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("votes", help="blind A/B votes from the Chat tab: wins, ties, losses, win rate and its 95%% "
                                     "interval per pair of models, as JSON")
     p.add_argument("--pair", default=None, metavar="X,Y",
                    help="only this pair, Y seen against X (a label, run name, adapter folder, or 'base')")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write every vote to this CSV file")
-    p.set_defaults(func=_lazy("studio.tuned.votes", "cli"))
+    p.set_defaults(func=cmd_votes)
 
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-def _lazy(module: str, name: str):
-    def run(args):
-        import importlib
-
-        return getattr(importlib.import_module(module), name)(args)
-
-    return run
+    try:
+        return int(args.func(args) or 0)
+    except StudioError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not the user's doing: one line, and the way to see more
+        if os.environ.get("STUDIO_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())} (STUDIO_DEBUG=1 shows the "
+              "traceback; please report it)", file=sys.stderr)
+        return 1
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -111,18 +122,14 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def cmd_train(args) -> int:
-    from studio.config.run import ConfigError, RunConfig
+    from studio.config.run import RunConfig
     from studio.training.engine import Engine
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rank = int(os.environ.get("RANK", "0"))
-    try:
-        cfg = RunConfig.load(args.config)
-        if args.set:
-            cfg = cfg.updated(_parse_sets(args.set))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = RunConfig.load(args.config)
+    if args.set:
+        cfg = cfg.updated(_parse_sets(args.set))
     from studio.runs.history import History, unused_run_config
 
     if args.resume is None and rank == 0:
@@ -131,24 +138,18 @@ def cmd_train(args) -> int:
         try:
             cfg, note = unused_run_config(cfg)
         except ValueError as e:
-            print(f"error: {e} (python -m studio train {args.config} --resume continues it; "
-                  "--set output_dir=NEW_FOLDER starts afresh)", file=sys.stderr)
-            return 2
+            raise UsageError(f"{e} (python -m studio train {args.config} --resume continues it; "
+                             "--set output_dir=NEW_FOLDER starts afresh)") from None
         if note:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                print(f"error: run folder {used.run_dir()} already holds a run: add "
-                      "--resume to continue it, or --set name=NEW_NAME", file=sys.stderr)
-                return 2
+                raise UsageError(f"run folder {used.run_dir()} already holds a run: add --resume to continue it, or "
+                                 "--set name=NEW_NAME")
             print(f"note: run name '{used.name}' is used (--resume continues that run); this run is "
                   f"'{cfg.name}' in {cfg.run_dir()}", file=sys.stderr)
 
     # headless runs join the studio's run history (rank 0 only under accelerate launch)
     engine = Engine(on_event=History().record if rank == 0 else None)
-    try:
-        job = engine.start(cfg, resume_from=args.resume)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    job = engine.start(cfg, resume_from=args.resume)
     bar = _Progress(enabled=rank == 0)
     seen = 0
     try:
@@ -177,6 +178,134 @@ def cmd_train(args) -> int:
         print(f"adapter: {job.adapter_path}")
         print(f"run folder: {job.run_dir} (run.yaml, metrics.jsonl, checkpoints)")
     return 0
+
+
+def cmd_data(args) -> int:
+    """``python -m studio data FILE --out CLEAN.jsonl``: the JSON summary on stdout."""
+    from studio.data import clean
+    from studio.data.normalize import ColumnError, DataError
+
+    mapping = _usage(clean.parse_mapping, args.map)
+    # filter flags are optional on the parser: the defaults are the Data tab's
+    options = clean.CleanOptions(drop_duplicates=not getattr(args, "keep_duplicates", False),
+                                 drop_empty=not getattr(args, "keep_empty", False),
+                                 drop_over_length=getattr(args, "drop_over_length", False))
+    bar = _LoadBar()
+    try:
+        summary = clean.run(args.file, args.out, model=args.model, max_length=args.max_length, mapping=mapping,
+                            options=options, overwrite=getattr(args, "overwrite", False), progress=bar)
+    except ColumnError as e:
+        raise DataError(f"{e} {e.cli_hint()}.") from None
+    except StudioError:
+        raise
+    except Exception as e:  # never a traceback for a user's file; the type helps a bug report
+        raise DataError(f"{args.file} could not be processed ({type(e).__name__}: {e})") from None
+    finally:
+        bar.close()
+    print_json(summary)
+    return 0
+
+
+def cmd_fit(args) -> int:
+    """``python -m studio fit --model ID_OR_PATH --gpu-gib 7.5 [--seq N] [--backend P] [--rank R]``: the chosen
+    settings and the estimate breakdown per path, as JSON. Exit 0 when some path fits, 1 when none does."""
+    from dataclasses import asdict
+
+    from studio.models.arch import arch_for
+    from studio.training import memory
+
+    try:
+        arch = arch_for(args.model)
+    except (OSError, ValueError) as e:  # EstimateError is a UsageError already
+        if isinstance(e, StudioError):
+            raise
+        raise UsageError(f"cannot read the architecture of {args.model}: {e}") from None
+    seq_ceiling = getattr(args, "seq_ceiling", None) or memory.DEFAULT_SEQ_CEILING
+    effective = getattr(args, "effective_batch", None) or 16
+    base = memory.Settings(rank=args.rank)
+    out = {"model": args.model, "arch": asdict(arch), "gpu_gib": args.gpu_gib, "paths": {}}
+    for path in memory.gpu_paths(args.backend):
+        fit = memory.auto_fit(arch, path, args.gpu_gib, seq=args.seq, seq_ceiling=seq_ceiling,
+                              effective_batch=effective, settings=base)
+        out["paths"][path] = fit.as_dict()
+    ok_paths = [p for p, f in out["paths"].items() if f["ok"]]
+    out["recommended_path"] = ok_paths[0] if ok_paths else None
+    print_json(out)
+    return 0 if ok_paths else 1
+
+
+def cmd_eval(args) -> int:
+    """``python -m studio eval RUN_DIR [--data FILE] [--limit N]``: the evaluation as JSON on stdout."""
+    from pathlib import Path
+
+    from studio.tuned import evaluate
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+
+    def show(msg: str, frac: float) -> None:
+        print(f"[{frac:4.0%}] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        result = evaluate.evaluate_run(args.run_dir, data=args.data, limit=args.limit, progress=show)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    print_json({k: v for k, v in result.items() if k != "rows"})
+    print(f"verdict: {evaluate.verdict_line(result)}", file=sys.stderr)
+    print(f"per-row scores stored in {Path(result['run_dir']) / evaluate.EVAL_FILE}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    """``python -m studio export RUN_DIR --format adapter|merged|gguf --out PATH``: the result as JSON."""
+    from studio.tuned import export
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    extra = {"ftype": args.gguf_type} if args.format == "gguf" and getattr(args, "gguf_type", None) else {}
+    extra["overwrite"] = bool(getattr(args, "overwrite", False))
+    result = export.export(args.run_dir, args.format, args.out,
+                           progress=lambda m: print(m, file=sys.stderr, flush=True), **extra)
+    print_json(result.as_dict())
+    return 0
+
+
+def cmd_votes(args) -> int:
+    """``python -m studio votes [--pair X,Y] [--csv FILE]``: tallies and intervals as JSON."""
+    from studio.runs.history import History
+    from studio.tuned import votes
+
+    h = History()
+    try:
+        all_votes = h.votes()
+    finally:
+        h.close()
+    found = [votes.find_pair(all_votes, args.pair)] if args.pair else votes.tallies(all_votes)
+    out = {"history": str(h.path), "votes": len(all_votes), "pairs": [t.as_dict() for t in found]}
+    if args.csv:
+        out["csv"] = str(votes.export_csv(all_votes, args.csv))
+    print_json(out)
+    return 0
+
+
+def _usage(fn, *a):
+    """``fn(*a)``, with an error in what was typed turned into a usage error (exit 2)."""
+    try:
+        return fn(*a)
+    except StudioError as e:
+        raise UsageError(str(e)) from None
+
+
+def _quiet_libraries() -> None:
+    """No download/progress bars of datasets and transformers between the command's own lines."""
+    try:
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
 
 
 def _close_distributed() -> None:
@@ -254,6 +383,27 @@ class _Progress:
             self.bar.close()
             self.bar = None
         self.phase = None
+
+
+class _LoadBar:
+    """A progress bar on stderr for loading a file, shown only once loading has taken more than 2 seconds."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, fraction: float, message: str) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=100, delay=2, file=sys.stderr, bar_format="{desc} {percentage:3.0f}%|{bar}| "
+                                                                            "{elapsed}")
+        self.bar.set_description_str(message, refresh=False)
+        self.bar.update(max(0, int(100 * fraction) - self.bar.n))  # shown after 2 s, then at most 10 times a second
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def print_json(obj) -> None:

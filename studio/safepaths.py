@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from studio.errors import StudioError
+
 MARKER = "kto-studio"  # the manifest's "written_by"
 EXPORTS = "exports"
 # keys of an export manifest written before the marker existed (studio.export.ExportResult + source + created)
@@ -29,7 +31,7 @@ _OLD_MANIFEST_KEYS = {"format", "path", "files", "checks", "source"}
 _allowed: list[Path] = []
 
 
-class PathRefused(ValueError):
+class PathRefused(StudioError, ValueError):
     """A path the studio will not read or write; the message says why and what to do instead."""
 
 

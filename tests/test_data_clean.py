@@ -212,7 +212,7 @@ def test_prepare_training_reads_the_cleaned_file_and_warns_about_weights(tmp_pat
 def test_cli_filter_flags_when_the_parser_offers_them(tmp_path, capsys):
     from argparse import Namespace
 
-    from studio.data.clean import cli
+    from studio.cli import cmd_data as cli
 
     src = write_jsonl_rows(tmp_path / "pairs.jsonl", messy_pairs())
     args = Namespace(file=str(src), out=str(tmp_path / "o.jsonl"), model=None, max_length=None, map=[],

@@ -14,12 +14,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from studio import paths
+from studio.errors import UsageError
 
 BUNDLED_MODEL = "bundled:smollm2-135m"
 SAMPLE_DATA = "sample"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A run config that cannot be used. The message names the field and says what to change."""
 
 

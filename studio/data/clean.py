@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 from studio.data.balance import suggest_weights
 from studio.data.inspect import Report, inspect_rows
-from studio.data.normalize import FIELDS, ColumnError, DataError, Normalized
+from studio.data.normalize import FIELDS, DataError, Normalized
 
 # reasons a row is left out, in the order they are checked (a row is counted under its first reason)
 REASONS = ("unlabeled", "empty_completion", "conflicting_labels", "duplicate", "prompt_too_long", "over_length")
@@ -278,53 +277,3 @@ def parse_mapping(items: list[str]) -> dict[str, str]:
             raise DataError(f"--map needs THEIRS=OURS with OURS one of {', '.join(FIELDS)}; got '{item}'")
         mapping[theirs] = ours
     return mapping
-
-
-def cli(args) -> int:
-    """``python -m studio data``: JSON summary on stdout; on failure one line on stderr and a non-zero exit."""
-    try:
-        mapping = parse_mapping(args.map)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    # filter flags are optional on the parser: the defaults are the Data tab's
-    options = CleanOptions(drop_duplicates=not getattr(args, "keep_duplicates", False),
-                           drop_empty=not getattr(args, "keep_empty", False),
-                           drop_over_length=getattr(args, "drop_over_length", False))
-    bar = _LoadBar()
-    try:
-        summary = run(args.file, args.out, model=args.model, max_length=args.max_length, mapping=mapping,
-                      options=options, overwrite=getattr(args, "overwrite", False), progress=bar)
-    except DataError as e:
-        hint = f" {e.cli_hint()}." if isinstance(e, ColumnError) else ""
-        print("error: " + " ".join(str(e).split()) + hint, file=sys.stderr)
-        return 1
-    except Exception as e:  # never a traceback for a user's file; the type helps a bug report
-        print(f"error: {args.file} could not be processed ({type(e).__name__}: {' '.join(str(e).split())})",
-              file=sys.stderr)
-        return 1
-    finally:
-        bar.close()
-    print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
-    return 0
-
-
-class _LoadBar:
-    """A progress bar on stderr for loading a file, shown only once loading has taken more than 2 seconds."""
-
-    def __init__(self):
-        self.bar = None
-
-    def __call__(self, fraction: float, message: str) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=100, delay=2, file=sys.stderr, bar_format="{desc} {percentage:3.0f}%|{bar}| "
-                                                                            "{elapsed}")
-        self.bar.set_description_str(message, refresh=False)
-        self.bar.update(max(0, int(100 * fraction) - self.bar.n))  # shown after 2 s, then at most 10 times a second
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from studio.errors import StudioError
+
 LABEL_WORDS = {
     True: {"true", "t", "yes", "y", "1", "1.0", "good", "desirable", "positive", "pos", "chosen", "accept",
            "accepted", "thumbs up", "thumbs_up", "thumbs-up", "thumbsup", "up", "👍", "+", "+1"},
@@ -48,7 +50,7 @@ ALIASES = {
 }
 
 
-class DataError(ValueError):
+class DataError(StudioError, ValueError):
     """Data that cannot be used as it is; the message says which rows and what to do."""
 
 

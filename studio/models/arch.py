@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from studio.errors import UsageError
 
-class EstimateError(ValueError):
+
+class EstimateError(UsageError, ValueError):
     """An estimate that cannot be made (unknown architecture, missing config); the message says what to do."""
 
 

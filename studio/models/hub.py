@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from studio.errors import StudioError
+
 log = logging.getLogger(__name__)
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
 # progress(done_bytes, total_bytes, message)
 ByteProgress = Callable[[int, int, str], None] | None
 
 
-class HubError(RuntimeError):
+class HubError(StudioError, RuntimeError):
     """A download or login that failed; the message says what to do (and never contains a token)."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from studio.config.run import BUNDLED_MODEL, RunConfig
+from studio.errors import StudioError
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None] | None
@@ -29,7 +30,7 @@ BACKEND_LABELS = {
 }
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StudioError, RuntimeError):
     """A model that cannot be found or loaded; the message says what to do."""
 
 

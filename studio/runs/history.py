@@ -25,6 +25,7 @@ import yaml
 
 from studio import paths
 from studio.config.run import RunConfig
+from studio.errors import StudioError
 
 ACTIVE = ("starting", "running", "stopping")
 FINAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "learning_rate", "grad_norm",
@@ -89,7 +90,7 @@ CREATE TABLE IF NOT EXISTS votes (
 """
 
 
-class HistoryError(RuntimeError):
+class HistoryError(StudioError, RuntimeError):
     pass
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from studio.config.run import ConfigError, RunConfig
+from studio.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "run.yaml"
 
 
-class JobRunning(RuntimeError):
+class JobRunning(UsageError, RuntimeError):
     pass
 
 

@@ -35,14 +35,12 @@ CUDA context and the desktop, which the GPU presets' budgets (``gpu_gib``: 7.5 f
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Iterable
 
 from studio.config.run import ConfigError
-from studio.models.arch import Arch, EstimateError, arch_for, model_config  # noqa: F401 - the estimate's inputs
+from studio.models.arch import Arch, EstimateError, arch_for  # the estimate's inputs (memory.Arch etc. for its users)
 
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 absmax per 256 blocks
@@ -496,29 +494,3 @@ def plan_for_card(cfg, budget_gib: float | None, device_kind: str = "cuda", pref
 
 
 # ---- headless: python -m studio fit ----------------------------------------------------------------------------------
-
-def cli(args) -> int:
-    """``python -m studio fit --model ID_OR_PATH --gpu-gib 7.5 [--seq N] [--backend P] [--rank R]``: the chosen
-    settings and the estimate breakdown per path, as JSON. Exit 0 when some path fits, 1 when none does, 2 on bad
-    input."""
-    from studio.cli import print_json
-
-    try:
-        arch = arch_for(args.model)
-    except (EstimateError, OSError, ValueError) as e:
-        print(f"error: {e}", file=__import__("sys").stderr)
-        return 2
-    seq_ceiling = getattr(args, "seq_ceiling", None) or DEFAULT_SEQ_CEILING
-    effective = getattr(args, "effective_batch", None) or 16
-    base = Settings(rank=args.rank)
-    out: dict[str, Any] = {"model": args.model, "arch": asdict(arch), "gpu_gib": args.gpu_gib, "paths": {}}
-    any_ok = False
-    for path in gpu_paths(args.backend):
-        fit = auto_fit(arch, path, args.gpu_gib, seq=args.seq, seq_ceiling=seq_ceiling, effective_batch=effective,
-                       settings=base)
-        out["paths"][path] = fit.as_dict()
-        any_ok = any_ok or fit.ok
-    ok_paths = [p for p, f in out["paths"].items() if f["ok"]]
-    out["recommended_path"] = ok_paths[0] if ok_paths else None
-    print_json(out)
-    return 0 if any_ok else 1

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from studio.config.run import RunConfig
+from studio.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ ADAPTER_DIR = "adapter"
 Progress = Callable[[str], None] | None
 
 
-class ChatError(RuntimeError):
+class ChatError(UsageError, RuntimeError):
     """Something the user can fix (no adapter yet, a run folder without run.yaml...); the message says what."""
 
 

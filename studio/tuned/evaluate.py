@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from studio.errors import UsageError
+
 EVAL_FILE = "eval.json"
 Progress = Callable[[str, float], None] | None  # (message, fraction done)
 
 
-class EvalError(ValueError):
+class EvalError(UsageError, ValueError):
     """Evaluation input that cannot be used; the message says what to do."""
 
 
@@ -559,39 +560,3 @@ def chart_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
-
-def cli(args) -> int:
-    """``python -m studio eval RUN_DIR [--data FILE] [--limit N]``: the evaluation as JSON on stdout."""
-    import logging
-
-    from studio.tuned.chat import ChatError
-    from studio.config.run import ConfigError
-    from studio.data.normalize import DataError
-    from studio.models.load import ModelLoadError
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _quiet()
-
-    def show(msg: str, frac: float) -> None:
-        print(f"[{frac:4.0%}] {msg}", file=sys.stderr, flush=True)
-
-    try:
-        result = evaluate_run(args.run_dir, data=args.data, limit=args.limit, progress=show)
-    except (EvalError, ChatError, ConfigError, DataError, ModelLoadError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2, ensure_ascii=False))
-    print(f"verdict: {verdict_line(result)}", file=sys.stderr)
-    print(f"per-row scores stored in {Path(result['run_dir']) / EVAL_FILE}", file=sys.stderr)
-    return 0
-
-
-def _quiet() -> None:
-    try:
-        import datasets
-        from transformers.utils import logging as hf_logging
-
-        datasets.disable_progress_bars()
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass

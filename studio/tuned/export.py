@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from studio.errors import StudioError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ PROBE = [{"role": "user", "content": "What is the capital of France? Answer in o
 Progress = Callable[[str], None] | None
 
 
-class ExportError(RuntimeError):
+class ExportError(StudioError, RuntimeError):
     """An export that cannot be made or failed its check; the message says why and what to do."""
 
 
@@ -701,28 +702,3 @@ def export(src: str | Path, fmt: str, out: str | Path, progress: Progress = None
     if fmt == "gguf":
         return export_gguf(src, out, progress=progress, **kw)
     raise ExportError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
-
-
-def cli(args) -> int:
-    """``python -m studio export RUN_DIR --format adapter|merged|gguf --out PATH``: prints the result as JSON."""
-    from studio.tuned.chat import ChatError
-    from studio.config.run import ConfigError
-    from studio.models.load import ModelLoadError
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass
-    try:
-        extra = {"ftype": args.gguf_type} if args.format == "gguf" and getattr(args, "gguf_type", None) else {}
-        extra["overwrite"] = bool(getattr(args, "overwrite", False))
-        result = export(args.run_dir, args.format, args.out,
-                        progress=lambda m: print(m, file=sys.stderr, flush=True), **extra)
-    except (ExportError, ChatError, ConfigError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(result.as_dict(), indent=2, default=str))
-    return 0

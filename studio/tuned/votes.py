@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from studio.errors import StudioError
+
 CHOICES = ("A", "B", "tie", "both_bad")
 CHOICE_TEXT = {"A": "A is better", "B": "B is better", "tie": "tie", "both_bad": "both bad"}
 BASE = "base"  # the value that names the base model (adapter off) among the contenders
@@ -31,7 +33,7 @@ FEEDBACK_SIDE = "A/B vote"  # the 'side' of a vote's rows in the feedback file
 Z95 = 1.959963984540054
 
 
-class VoteError(ValueError):
+class VoteError(StudioError, ValueError):
     """Something the user can fix (two identical contenders, different base models, no prompts...)."""
 
 
@@ -429,29 +431,3 @@ def tally_figure(t: Tally):
     for i, c in enumerate(counts):
         bars.text(c, i, f" {c}", va="center", fontsize=8)
     return fig
-
-
-# ---- command line ------------------------------------------------------------------------------------------------
-
-def cli(args) -> int:
-    """``python -m studio votes [--pair X,Y] [--csv FILE]``: tallies and intervals as JSON."""
-    from studio.cli import print_json
-    from studio.runs.history import History
-
-    h = History()
-    try:
-        votes = h.votes()
-    finally:
-        h.close()
-    try:
-        found = [find_pair(votes, args.pair)] if args.pair else tallies(votes)
-    except VoteError as e:
-        import sys
-
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    out: dict[str, Any] = {"history": str(h.path), "votes": len(votes), "pairs": [t.as_dict() for t in found]}
-    if args.csv:
-        out["csv"] = str(export_csv(votes, args.csv))
-    print_json(out)
-    return 0
