@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from studio.tuned import export
+from studio.models import full_precision
+from studio.tuned import export, gguf_writer
 
 PROBE = [{"role": "user", "content": "Name a planet close to the Sun."}]
 
@@ -164,7 +165,7 @@ def test_each_supported_family_round_trips_through_gguf_exactly_in_f32(family, t
         for layer in model.model.layers:
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 lin.bias.data.normal_(0, 0.5)
-    export.write_gguf(model, tokenizer, tmp_path / "m.gguf", ftype="f32")
+    gguf_writer.write_gguf(model, tokenizer, tmp_path / "m.gguf", ftype="f32")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]])
     assert (_logits(loaded, ids) - _logits(model, ids)).abs().max().item() < 1e-4
@@ -216,7 +217,7 @@ def test_sentencepiece_style_tokenizers_round_trip_through_gguf(tmp_path):
                            bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    export.write_gguf(model, tok, tmp_path / "m.gguf", ftype="f32")
+    gguf_writer.write_gguf(model, tok, tmp_path / "m.gguf", ftype="f32")
 
     meta = GGUFReader(str(tmp_path / "m.gguf")).fields
     assert meta["tokenizer.ggml.model"].contents() == "llama"
@@ -239,7 +240,7 @@ def test_other_architectures_get_a_clear_message(tokenizer, tmp_path):
 
     model = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer)))
     with pytest.raises(export.ExportError, match="Llama, Mistral and Qwen2 families.*'gpt2'.*merged"):
-        export.write_gguf(model, tokenizer, tmp_path / "m.gguf")
+        gguf_writer.write_gguf(model, tokenizer, tmp_path / "m.gguf")
 
 
 def test_export_never_overwrites_a_folder_it_did_not_write(run_dir, tmp_path):
@@ -270,7 +271,7 @@ def test_a_dequantized_base_saves_although_its_4bit_load_recorded_a_conversion_w
                                                  operations=[Bnb4bitDeserialize(None)])]
     with pytest.raises(NotImplementedError):
         model.save_pretrained(tmp_path / "fails")
-    export.forget_load_conversions(model)
+    full_precision.forget_load_conversions(model)
     model.save_pretrained(tmp_path / "saved")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):

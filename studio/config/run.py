@@ -369,9 +369,3 @@ def _explain(e: ValidationError) -> str:
             msg = "unknown field (check the spelling; see presets/runs/quickstart.yaml for the known fields)"
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "invalid run config: " + "; ".join(lines)
-
-
-def field_help(section: str, name: str) -> str:
-    """The documentation of a config field, for UI labels and CLI help."""
-    section_model = RunConfig.model_fields[section].annotation
-    return section_model.model_fields[name].description or ""

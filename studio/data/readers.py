@@ -14,7 +14,6 @@ from studio.data.normalize import DataError
 
 # Loading a file as Python records takes several times its size in memory (strings, dicts, then a datasets copy).
 MEMORY_PER_FILE_BYTE = 5
-SUFFIXES = {".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq", ".gz"}
 
 
 def read_records(source: str | Path, progress=None) -> list[dict[str, Any]]:

@@ -132,7 +132,6 @@ class Settings:
     targets: str | tuple[str, ...] = "all-linear"
     gradient_checkpointing: bool = True
     optim: str = "adamw_8bit"  # adamw_8bit | paged_adamw_8bit | adamw_torch
-    precompute_ref: bool = False
     compute_bytes: int = 2  # bf16/fp16 on CUDA; 4 for float32 (CPU, MPS)
     micro_batch: int | None = None  # rows per policy pass (studio/training/microbatch.py); None = the whole batch
     reference_copy: bool = False  # TRL's frozen fp32 copy of the adapter (studio.speed.drop_reference_copy)
@@ -432,7 +431,6 @@ def settings_from_run(cfg) -> Settings:
     targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else tuple(cfg.lora.target_modules)
     return Settings(seq=cfg.kto.max_length, batch=cfg.train.per_device_train_batch_size, rank=cfg.lora.r,
                     targets=targets, gradient_checkpointing=cfg.train.gradient_checkpointing, optim=optim,
-                    precompute_ref=cfg.kto.precompute_ref_log_probs,
                     compute_bytes=4 if cfg.model.dtype == "float32" else 2,
                     micro_batch=cfg.memory.micro_batch_size)
 

@@ -1,0 +1,128 @@
+"""The layout shows the architecture: subpackages by concern whose imports run one way, each module importable on
+its own, and no module of the core grown past what one file should hold."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "studio"
+# lowest first: a unit may import only from units before it (or itself)
+LAYERS = [
+    ("errors",),            # the error base class
+    ("paths",),             # the studio home
+    ("config",),            # the run description and presets
+    ("models",),            # models and where they come from
+    ("data",),              # reading, cleaning, inspecting data
+    ("safepaths",),         # what the UI may read and write
+    ("runs",),              # run folders, locks, checkpoints, history
+    ("tuned",),             # chat, evaluation, export, votes
+    ("training",),          # plan, engine, TRL seam, memory, health
+    ("ui", "cli", "__main__", "studio"),  # the two front ends
+]
+RANK = {u: i for i, layer in enumerate(LAYERS) for u in layer}
+
+
+def _modules() -> list[str]:
+    out = []
+    for f in sorted(PKG.rglob("*.py")):
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        out.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return out
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "studio"
+
+
+def _edges() -> dict[tuple[str, str], list[str]]:
+    """(importing unit, imported unit) -> where, for every import of the project's own modules, including the ones
+    inside functions."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for f in sorted(PKG.rglob("*.py")):
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        src = _unit(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "studio":
+                targets = ([f"studio.{a.name}" for a in node.names] if node.module == "studio" else [node.module])
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.split(".")[0] == "studio"]
+            else:
+                continue
+            for t in targets:
+                dst = _unit(t)
+                if dst != src:
+                    edges.setdefault((src, dst), []).append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    return edges
+
+
+def test_every_unit_of_the_package_has_a_layer():
+    units = {_unit(m) for m in _modules()}
+    assert units <= set(RANK), f"place these in LAYERS (tests/test_layout.py): {sorted(units - set(RANK))}"
+
+
+def test_imports_between_subpackages_run_one_way():
+    upward = [f"{src} -> {dst} ({', '.join(where)})" for (src, dst), where in _edges().items()
+              if RANK.get(dst, -1) > RANK.get(src, -1)]
+    assert not upward, "imports against the layering (a lower layer importing a higher one):\n" + "\n".join(upward)
+
+
+def test_no_import_circle_between_subpackages():
+    graph: dict[str, set[str]] = {}
+    for src, dst in _edges():
+        graph.setdefault(src, set()).add(dst)
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(u: str) -> None:
+        state[u] = 1
+        path.append(u)
+        for v in sorted(graph.get(u, ())):
+            if state.get(v) == 1:
+                cycle = path[path.index(v):] + [v]
+                pytest.fail("import circle between subpackages: " + " -> ".join(cycle))
+            if v not in state:
+                visit(v)
+        path.pop()
+        state[u] = 2
+
+    for u in sorted(graph):
+        if u not in state:
+            visit(u)
+
+
+def test_each_module_imports_on_its_own():
+    """A fresh interpreter per module: an import that only works after another module was imported fails here."""
+    mods = [m for m in _modules() if m != "studio.__main__"]
+
+    def one(m: str) -> tuple[str, str | None]:
+        p = subprocess.run([sys.executable, "-c", f"import {m}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        return m, None if p.returncode == 0 else p.stderr.strip().splitlines()[-1]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failed = [f"{m}: {err}" for m, err in pool.map(one, mods) if err]
+    assert not failed, "\n".join(failed)
+
+
+MAX_LINES = 450
+# one cohesive thing each, longer than MAX_LINES on purpose: say why
+COHESIVE = {
+    
+}
+
+
+def test_no_module_of_the_core_grows_past_one_files_worth():
+    long = []
+    for f in sorted(PKG.rglob("*.py")):
+        rel = str(f.relative_to(ROOT))
+        n = len(f.read_text(encoding="utf-8").splitlines())
+        if n > MAX_LINES and rel not in COHESIVE:
+            long.append(f"{rel}: {n} lines")
+    assert not long, f"over {MAX_LINES} lines (split by concern, or list in COHESIVE with the reason):\n" + "\n".join(long)
