@@ -67,12 +67,11 @@ def prepare(a) -> None:
 
 
 def run(a) -> None:
-    import yaml
 
     from studio.tuned import evaluate
     from studio.config import presets
     from studio.training import plan
-    from studio.config.run import RunConfig
+    from studio.config.run import RunConfig, parse_sets
     from studio.training.engine import Engine
 
     work = Path(a.work)
@@ -94,10 +93,7 @@ def run(a) -> None:
         changes["data.train_file"] = str(work / "train_10pct_desirable.jsonl")
         changes["kto.desirable_weight"] = wd
         changes["kto.undesirable_weight"] = wu
-    for s in a.set:
-        k, v = s.split("=", 1)
-        changes[k] = yaml.safe_load(v)
-    cfg = cfg.updated(changes)
+    cfg = cfg.updated({**changes, **parse_sets(a.set)})
     t0 = time.time()
     engine = Engine()
     job = engine.start(cfg)

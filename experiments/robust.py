@@ -91,12 +91,11 @@ def prepare(work: Path, data: str, eval_rows: int, split_seed: int, limit: int |
 # ---- one run ---------------------------------------------------------------------------------------------------
 
 def run_one(a) -> dict:
-    import yaml
 
     from studio.tuned import evaluate
     from studio.config import presets
     from studio.training import plan
-    from studio.config.run import RunConfig
+    from studio.config.run import RunConfig, parse_sets
     from studio.training.engine import Engine
 
     work = Path(a.work)
@@ -117,10 +116,7 @@ def run_one(a) -> dict:
         changes.update({"data.train_file": str(work / "split" / "train_desirable10.jsonl"),
                         "kto.desirable_weight": d["desirable_weight"],
                         "kto.undesirable_weight": d["undesirable_weight"]})
-    for s in a.set:
-        k, v = s.split("=", 1)
-        changes[k] = yaml.safe_load(v)
-    cfg = cfg.updated(changes)
+    cfg = cfg.updated({**changes, **parse_sets(a.set)})
     t0 = time.time()
     engine = Engine()
     job = engine.start(cfg)

@@ -101,35 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _parse_sets(items: list[str]) -> dict:
-    import yaml
-
-    from studio.config.run import ConfigError
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set needs FIELD=VALUE, got '{item}'")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = yaml.safe_load(v)
-        except yaml.YAMLError as e:
-            problem = " ".join(str(getattr(e, "problem", None) or e).split())
-            raise ConfigError(f"--set {item}: '{v}' is not a value ({problem}); write numbers and words as they "
-                              "are, lists as [1, 2], and quote text with brackets or colons: "
-                              f"--set '{k.strip()}=\"{v}\"'") from None
-    return out
-
-
 def cmd_train(args) -> int:
-    from studio.config.run import RunConfig
+    from studio.config.run import RunConfig, parse_sets
     from studio.training.engine import Engine
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rank = int(os.environ.get("RANK", "0"))
     cfg = RunConfig.load(args.config)
     if args.set:
-        cfg = cfg.updated(_parse_sets(args.set))
+        cfg = cfg.updated(parse_sets(args.set))
     from studio.runs.history import History, unused_run_config
 
     if args.resume is None and rank == 0:

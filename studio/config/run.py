@@ -369,3 +369,20 @@ def _explain(e: ValidationError) -> str:
             msg = "unknown field (check the spelling; see presets/runs/quickstart.yaml for the known fields)"
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "invalid run config: " + "; ".join(lines)
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["train.max_steps=10", ...]`` (the CLI's ``--set``) as run-config changes, each value read as YAML."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set needs FIELD=VALUE, got '{item}'")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(f"--set {item}: '{v}' is not a value ({problem}); write numbers and words as they "
+                              "are, lists as [1, 2], and quote text with brackets or colons: "
+                              f"--set '{k.strip()}=\"{v}\"'") from None
+    return out

@@ -60,6 +60,19 @@ def serve_studio(home: Path, log_path: Path):
         log.close()
 
 
+@contextlib.contextmanager
+def serve_with_trained_run(tmp_path: Path, tmp_path_factory):
+    """The studio with one trained run ('tiny', a quarter of the sample data held out) already in its home, as
+    after a training session (its evaluation and exports left out, so the page makes them afresh)."""
+    from tests.conftest import trained_run_dir
+
+    home = tmp_path / "home"
+    shutil.copytree(trained_run_dir(tmp_path_factory), home / "runs" / "tiny",
+                    ignore=shutil.ignore_patterns("eval.json", "export"))
+    with serve_studio(home, tmp_path / "server.log") as server:
+        yield server
+
+
 @pytest.fixture()
 def studio_server(tmp_path):
     """The studio with an empty home of its own."""

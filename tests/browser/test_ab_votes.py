@@ -4,13 +4,11 @@ its interval updated; then the votes load as KTO rows in the Data tab."""
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import serve_studio, shot
-from tests.conftest import trained_run_dir
+from tests.browser.conftest import serve_with_trained_run, shot
 
 TUNED = "tiny · final adapter"
 TYPED = "Write one word that rhymes with cat."  # not a prompt of the sample data, so never also drawn
@@ -22,10 +20,7 @@ BUTTON = {"A": "#ab-vote-a", "B": "#ab-vote-b", "tie": "#ab-vote-tie", "both_bad
 @pytest.fixture()
 def studio_server(tmp_path, tmp_path_factory, bundled_model_dir):
     """The studio with one trained run ('tiny', a quarter of the sample data held out) in its home."""
-    home = tmp_path / "home"
-    shutil.copytree(trained_run_dir(tmp_path_factory), home / "runs" / "tiny",
-                    ignore=shutil.ignore_patterns("eval.json", "export"))
-    with serve_studio(home, tmp_path / "server.log") as server:
+    with serve_with_trained_run(tmp_path, tmp_path_factory) as server:
         yield server
 
 

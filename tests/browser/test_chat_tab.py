@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from playwright.sync_api import expect
 
 from studio.tuned import evaluate
-from tests.browser.conftest import serve_studio, shot
-from tests.conftest import trained_run_dir
+from tests.browser.conftest import serve_with_trained_run, shot
 
 QUESTION = "What is the capital of France?"
 
@@ -18,10 +16,7 @@ QUESTION = "What is the capital of France?"
 @pytest.fixture()
 def studio_server(tmp_path, tmp_path_factory, bundled_model_dir):
     """The studio with one trained run ('tiny') already in its home, as after a training session."""
-    home = tmp_path / "home"
-    shutil.copytree(trained_run_dir(tmp_path_factory), home / "runs" / "tiny",
-                    ignore=shutil.ignore_patterns("eval.json", "export"))
-    with serve_studio(home, tmp_path / "server.log") as server:
+    with serve_with_trained_run(tmp_path, tmp_path_factory) as server:
         yield server
 
 
