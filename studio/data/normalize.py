@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from studio.data.trl_data import unpair_preference_dataset
+
 LABEL_WORDS = {
     True: {"true", "t", "yes", "y", "1", "1.0", "good", "desirable", "positive", "pos", "chosen", "accept",
            "accepted", "thumbs up", "thumbs_up", "thumbs-up", "thumbsup", "up", "👍", "+", "+1"},
@@ -300,7 +302,6 @@ def _quiet_datasets():
 
 def _unpair(records: list[dict[str, Any]], out: Normalized, seed: int) -> None:
     from datasets import Dataset
-    from trl.data_utils import unpair_preference_dataset
 
     paired, hh = [], 0
     for i, r in enumerate(records, start=1):
