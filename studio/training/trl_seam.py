@@ -11,8 +11,8 @@ readers and the held-out evaluation need it and sit below ``training/`` in the i
 only modules of ``studio/`` that import ``trl`` (tests/test_trl_seam.py checks it). TRL has moved KTO before (into
 ``trl.experimental`` and back): an upgrade changes ``TESTED_TRL`` and whatever these two report missing.
 
-Versions: every entry point runs ``check_version`` (a ``TrlVersionWarning`` once when the installed TRL is not
-``TESTED_TRL``); a member the studio needs and the installed TRL lacks raises ``TrlVersionError`` naming the
+Versions: reaching TRL (the classes, the kernel, a data utility) runs ``check_version`` (a ``TrlVersionWarning``
+once when the installed TRL is not ``TESTED_TRL``); a member the studio needs and the installed TRL lacks raises ``TrlVersionError`` naming the
 installed and tested versions and the fix, before training starts where it can (``kto_trainer_class`` checks the
 methods micro-batching and precomputing call).
 
