@@ -2,6 +2,7 @@
 import pytest
 
 from studio.config.run import ConfigError, RunConfig
+from studio.training.trl_seam import kto_config
 
 
 def test_yaml_round_trip_keeps_every_field(tmp_path):
@@ -57,11 +58,11 @@ def test_not_yaml_mapping(tmp_path):
 def test_maps_to_kto_and_lora_configs_by_field_name(tmp_path):
     cfg = RunConfig().updated({"output_dir": str(tmp_path), "kto.beta": 0.25, "kto.max_length": 512,
                                "train.learning_rate": 1e-4, "train.warmup_steps": 0.05, "lora.r": 8})
-    kto = cfg.to_kto_config(device="cpu")
+    kto = kto_config(cfg, device="cpu")
     assert (kto.beta, kto.max_length, kto.learning_rate, kto.warmup_steps) == (0.25, 512, 1e-4, 0.05)
     assert kto.per_device_train_batch_size == cfg.train.per_device_train_batch_size
     assert kto.output_dir == str(tmp_path) and kto.use_cpu
     assert kto.optim == "adamw_torch"
-    assert cfg.to_kto_config(device="cuda", bnb=True).optim == "adamw_8bit"
+    assert kto_config(cfg, device="cuda", bnb=True).optim == "adamw_8bit"
     lora = cfg.to_lora_config(["q_proj"])
     assert lora.r == 8 and lora.lora_alpha == cfg.lora.lora_alpha and lora.target_modules == {"q_proj"}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from studio.training import microbatch
+from studio.training.trl_seam import kto_config
 from tests.conftest import tiny_run_config
 
 BATCH = 4
@@ -83,7 +84,7 @@ def _trainer(cls, model_dir, tmp_path, precompute: bool, seen: list[int] | None 
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = tiny_run_config(tmp_path, **{"train.per_device_train_batch_size": BATCH, "kto.max_length": 64,
                                        "train.gradient_accumulation_steps": 2})
-    args = cfg.to_kto_config(device="cpu", precompute_ref_log_probs=precompute)
+    args = kto_config(cfg, device="cpu", precompute_ref_log_probs=precompute)
     ds = Dataset.from_list([{"prompt": p, "completion": c, "label": l} for p, c, l in ROWS])
     model = _lora_model(model_dir, seen if seen is not None else [])
     trainer = cls(model=model, args=args, train_dataset=ds, processing_class=tok)

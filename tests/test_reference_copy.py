@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from studio.training import speed
+from studio.training.trl_seam import kto_config
 from tests.test_microbatch import BATCH, METRIC_KEYS, ROWS, _lora_model, _move_policy, _step, tiny_model_dir  # noqa: F401
 from tests.test_microbatch import _trainer as microbatch_trainer
 from tests.conftest import tiny_run_config
@@ -64,7 +65,7 @@ def test_a_reference_copy_that_differs_from_the_base_model_is_kept(tmp_path, tin
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = _lora_model(tiny_model_dir, [])
     _move_policy(model)  # before the trainer copies it
-    args = tiny_run_config(tmp_path, **{"train.per_device_train_batch_size": BATCH}).to_kto_config(device="cpu")
+    args = kto_config(tiny_run_config(tmp_path, **{"train.per_device_train_batch_size": BATCH}), device="cpu")
     ds = Dataset.from_list([{"prompt": p, "completion": c, "label": l} for p, c, l in ROWS])
     KTOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     assert not speed.drop_reference_copy(model)

@@ -4,6 +4,7 @@ import random
 import pytest
 
 from studio.training import speed
+from studio.training.trl_seam import kto_config
 from studio.training.engine import Engine
 from tests.conftest import tiny_run_config
 
@@ -36,7 +37,7 @@ def test_grouped_batches_keep_trl_kl_pairs_inside_each_batch(tmp_path, bundled_m
     assert isinstance(grouped, Dataset) and len(grouped) == len(td.train)
     loaded = models.load_for_training(cfg)
     logprob.install_fallback(force=True)
-    args = cfg.to_kto_config(device="cpu", per_device_train_batch_size=4)
+    args = kto_config(cfg, device="cpu", per_device_train_batch_size=4)
     trainer = KTOTrainer(model=loaded.model, args=args, train_dataset=grouped, processing_class=loaded.tokenizer)
     ds = trainer.train_dataset
     for s in range(0, len(ds) - len(ds) % 4, 4):

@@ -328,11 +328,10 @@ class RunConfig(_Section):
             kw["target_modules"] = target_modules
         return LoraConfig(task_type="CAUSAL_LM", **kw)
 
-    def to_kto_config(self, *, device: str = "cpu", bf16: bool = False, fp16: bool = False, bnb: bool = False,
-                      **overrides: Any):
-        """TRL's KTOConfig for this run on the given device. ``overrides`` are KTOConfig fields set by the engine."""
-        from trl import KTOConfig
-
+    def kto_config_fields(self, *, device: str = "cpu", bf16: bool = False, fp16: bool = False, bnb: bool = False,
+                          **overrides: Any) -> dict[str, Any]:
+        """The fields of TRL's KTOConfig for this run on the given device (``studio.training.trl_seam.kto_config``
+        builds it: only the TRL seam imports TRL). ``overrides`` are KTOConfig fields set by the engine."""
         train = self.train.model_dump()
         if train["optim"] == "auto":
             train["optim"] = "adamw_8bit" if (device == "cuda" and bnb) else "adamw_torch"
@@ -357,7 +356,7 @@ class RunConfig(_Section):
             kw["precompute_ref_log_probs"] = False
         if kw["precompute_ref_batch_size"] == "auto":  # the engine sizes it from the memory estimate
             kw["precompute_ref_batch_size"] = None
-        return KTOConfig(**kw)
+        return kw
 
 
 def _explain(e: ValidationError) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from studio.data.normalize import DataError, completion_text, is_conversation
+from studio.data.trl_data import common_prefix_length, kto_token_ids
 
 Progress = Callable[[float, str], None] | None
 
@@ -71,32 +72,11 @@ class TokenLengths:
         return out
 
 
-def kto_token_ids(tokenizer: Any, rows: list[dict[str, Any]], conversational: bool
-                  ) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of each row's prompt and of prompt+completion, rendered as TRL's KTO trainer renders them
-    (conversations through the chat template with the generation prompt; text with EOS appended to the
-    completion). The completion starts where the two diverge (``trl.data_utils.common_prefix_length``).
-    Shared by the Data tab's length report and the held-out evaluation."""
-    if conversational:
-        prompt_text = tokenizer.apply_chat_template([r["prompt"] for r in rows], tokenize=False,
-                                                    add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template([r["prompt"] + r["completion"] for r in rows], tokenize=False)
-        # apply_chat_template(tokenize=True) adds no special tokens: the template already has them
-        return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
-                tokenizer(full_text, add_special_tokens=False)["input_ids"])
-    eos = tokenizer.eos_token or ""
-    completions = [c if c.endswith(eos) else c + eos for c in (r["completion"] for r in rows)]
-    return (tokenizer([r["prompt"] for r in rows])["input_ids"],
-            tokenizer([r["prompt"] + c for r, c in zip(rows, completions)])["input_ids"])
-
-
 def token_lengths(rows: list[dict[str, Any]], tokenizer: Any, progress: Progress = None,
                   chunk: int = 256) -> TokenLengths:
     """Token lengths the way TRL's KTOTrainer tokenizes: conversations through the chat template (prompt with the
     generation prompt, then prompt+completion), text with EOS appended to the completion; the completion starts
     where the two token sequences diverge."""
-    from trl.data_utils import common_prefix_length
-
     out = TokenLengths([], [], [], [])
     if not rows:
         return out

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from studio.errors import StudioError
+from studio.data.trl_data import unpair_preference_dataset
 
 LABEL_WORDS = {
     True: {"true", "t", "yes", "y", "1", "1.0", "good", "desirable", "positive", "pos", "chosen", "accept",
@@ -302,7 +303,6 @@ def _quiet_datasets():
 
 def _unpair(records: list[dict[str, Any]], out: Normalized, seed: int) -> None:
     from datasets import Dataset
-    from trl.data_utils import unpair_preference_dataset
 
     paired, hh = [], 0
     for i, r in enumerate(records, start=1):

@@ -347,7 +347,7 @@ class Engine:
     def _build(self, job: Job):
         from studio import data as data_mod
         from studio.runs import checkpoints
-        from studio.training import logprob, microbatch, speed
+        from studio.training import logprob, microbatch, speed, trl_seam
         from studio.models import load as models
 
         cfg = job.config
@@ -434,7 +434,7 @@ class Engine:
         # one process: the held-out watch scores the eval rows (TRL's own eval loop would score them a second time)
         watching = td.eval is not None and world == 1 and _is_main_process()
         trl_eval = td.eval is not None and not watching
-        kto_args = cfg.to_kto_config(device=device.kind, bf16=bf16, fp16=fp16, bnb=device.bitsandbytes,
+        kto_args = trl_seam.kto_config(cfg, device=device.kind, bf16=bf16, fp16=fp16, bnb=device.bitsandbytes,
                                      do_eval=trl_eval,
                                      eval_strategy="steps" if trl_eval else "no",
                                      eval_steps=cfg.train.save_steps if trl_eval else None,

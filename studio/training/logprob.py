@@ -2,7 +2,8 @@
 
 TRL 1.15 computes the KTO log-probs through ``trl.kernels.ChunkedLogProbFunction``, a Triton kernel. Triton exists
 only on Linux with a GPU, so on CPU/MPS ``trl.trainer.utils._ChunkedLogProbFunction`` is ``None`` and training
-crashes. ``TorchChunkedLogProb`` has the same call signature and the same five outputs (log_probs, entropy,
+crashes. ``install_fallback`` puts ``TorchChunkedLogProb`` there (through ``studio.training.trl_seam``, the one
+module that touches TRL's private names); it has the same call signature and the same five outputs (log_probs, entropy,
 log_sum_sq_probs, mean_logits, is_top1). Tokens are processed in chunks so the ``[N, vocab]`` logits never exist
 at once, and the backward recomputes each chunk instead of storing it.
 
@@ -11,6 +12,8 @@ Logit transform, as in TRL: z = softcap * tanh(logit_scale * (h @ W.T + b) / sof
 from __future__ import annotations
 
 import torch
+
+from studio.training import trl_seam
 
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 TOKEN_CHUNK = 512
@@ -113,18 +116,14 @@ def install_fallback(force: bool = False) -> bool:
     """Put the PyTorch implementation where TRL looks for its kernel, if the Triton one is missing.
 
     Returns True when the fallback is in use. ``force`` installs it even when Triton is present (for tests)."""
-    from trl.trainer import utils as trl_utils
-
-    if trl_utils._ChunkedLogProbFunction is None or force:
-        trl_utils._ChunkedLogProbFunction = TorchChunkedLogProb
+    if force or trl_seam.logprob_kernel() is None:
+        trl_seam.set_logprob_kernel(TorchChunkedLogProb)
         return True
-    return trl_utils._ChunkedLogProbFunction is TorchChunkedLogProb
+    return trl_seam.logprob_kernel() is TorchChunkedLogProb
 
 
 def needs_fallback(device_type: str) -> bool:
     """Triton runs on CUDA only; everywhere else TRL's kernel cannot run."""
     if device_type != "cuda":
         return True
-    from trl.trainer import utils as trl_utils
-
-    return trl_utils._ChunkedLogProbFunction is None
+    return trl_seam.logprob_kernel() is None

@@ -19,7 +19,8 @@ or a GGUF header - and adds up what the training step keeps on the GPU:
   reference passes run without gradients, so they add a transient working set, not stored activations.
 - ``logits``: TRL 1.15 scores tokens with a chunked fused LM-head kernel, so the [batch, seq, vocab] logits never
   exist: one [<=4096 tokens, <=32768 vocab] tile at a time, the completion hidden states it saves and their float32
-  gradient (and, with a float32 head, a bf16 copy of one vocabulary tile of it).
+  gradient (and, with a float32 head, a bf16 copy of one vocabulary tile of it). The tile sizes are TRL's
+  (``trl_seam.logprob_tiles``).
 - ``overhead``: CUDA workspaces, Unsloth's staging buffers, allocator slack: a calibrated constant per path.
 
 Four numbers are calibrated (the two working-set terms and the two paths' ``overhead_gib``, by ``python
@@ -41,11 +42,10 @@ from typing import Any, Iterable
 
 from studio.config.run import ConfigError
 from studio.models.arch import Arch, EstimateError, arch_for  # the estimate's inputs (memory.Arch etc. for its users)
+from studio.training import trl_seam
 
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 absmax per 256 blocks
-LOGPROB_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
-LOGPROB_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 COMPLETION_SHARE = 0.5  # completion tokens / all tokens in a row, for the log-prob kernel (anchors: 0.5)
 DEFAULT_SEQ_CEILING = 4096
 MIN_SEQ = 128
@@ -246,10 +246,11 @@ def estimate(arch: Arch, path: str, settings: Settings | None = None, budget_gib
     # logits: the fused LM-head kernel's tile, the saved completion hidden states and their fp32 gradient
     # (one tile at a time: each pass frees its tile before the next pass starts)
     n_comp = math.ceil(n_tok * COMPLETION_SHARE)
-    logits = min(n_comp, LOGPROB_TOKEN_TILE) * min(arch.vocab, LOGPROB_VOCAB_TILE) * s.compute_bytes
+    token_tile, vocab_tile = trl_seam.logprob_tiles()
+    logits = min(n_comp, token_tile) * min(arch.vocab, vocab_tile) * s.compute_bytes
     logits += n_comp * h * (s.compute_bytes + 4)
     if frozen_bytes != s.compute_bytes:  # an fp32 head is cast tile by tile to the compute dtype
-        logits += min(arch.vocab, LOGPROB_VOCAB_TILE) * h * s.compute_bytes
+        logits += min(arch.vocab, vocab_tile) * h * s.compute_bytes
 
     comps = {"weights": weights / GIB, "lora_optimizer": lora / GIB, "activations": acts / GIB, "logits": logits / GIB,
              "overhead": pm.overhead_gib}

@@ -15,12 +15,15 @@ returns a KTOTrainer subclass whose training step:
 3. replaces the per-micro-batch metrics TRL logged with one batch-level value per key.
 
 The update equals the whole-batch update up to float rounding; only micro_batch_size rows' activations are alive
-at once. TRL is imported lazily (Unsloth must be imported before transformers/TRL on its path).
+at once. TRL's members are reached through ``studio.training.trl_seam``, which imports TRL lazily (Unsloth must be
+imported before transformers/TRL on its path).
 """
 from __future__ import annotations
 
 import contextlib
 from typing import Any
+
+from studio.training import trl_seam
 
 # Keys the text collator puts in a KTO batch; a micro-batch's trailing padding is trimmed only when there are no
 # others (an unknown per-token tensor could not be trimmed consistently).
@@ -52,7 +55,7 @@ def trainer_class(micro_batch_size: int | None = None, batch_size: int | None = 
     """TRL's KTOTrainer, or a subclass taking gradients ``micro_batch_size`` rows at a time.
 
     With ``batch_size`` given and ``micro_batch_size`` not below it (or None), the plain KTOTrainer is returned."""
-    from trl import KTOTrainer
+    KTOTrainer = trl_seam.kto_trainer_class()
 
     if micro_batch_size is None or (batch_size is not None and not is_active(micro_batch_size, batch_size)):
         return KTOTrainer
@@ -97,16 +100,17 @@ def _micro_batched_step(trainer, model, inputs: dict[str, Any], num_items_in_bat
         chunks = [_rows(inputs, s, e, n, pad_multiple) for s, e in bounds]
 
         # 1. no-grad passes, one micro-batch at a time: policy KL, and the reference unless precomputed
-        precomputed = trainer.precompute_ref_logps
-        ref_model = trainer.ref_model if trainer.ref_model is not None else trainer.model
+        precomputed = trl_seam.uses_precomputed_reference(trainer)
+        ref_model = trl_seam.reference_model(trainer)
+        calculate_kl = trl_seam.computes_kl(trainer)
         kl_parts, ref_parts, ref_kl_parts = [], [], []
         for chunk in chunks:
             with trainer.compute_loss_context_manager():
-                if trainer.calculate_KL:
+                if calculate_kl:
                     with torch.no_grad():
-                        kl_parts.append(trainer._compute_kl_logps(model, chunk))
+                        kl_parts.append(trl_seam.policy_kl_logps(trainer, model, chunk))
                 if not precomputed:
-                    ref_logps, ref_kl = trainer.compute_ref_log_probs(ref_model, chunk)
+                    ref_logps, ref_kl = trl_seam.reference_logps(trainer, ref_model, chunk)
                     ref_parts.append(ref_logps)
                     if ref_kl is not None:
                         ref_kl_parts.append(ref_kl)
@@ -117,7 +121,7 @@ def _micro_batched_step(trainer, model, inputs: dict[str, Any], num_items_in_bat
             full_ref_kl = torch.cat(ref_kl_parts) if ref_kl_parts else None
             for chunk, ref_logps in zip(chunks, ref_parts):
                 chunk["ref_logps"] = ref_logps
-        if trainer.calculate_KL:
+        if calculate_kl:
             for chunk in chunks:
                 chunk["ref_KL_logps"] = full_ref_kl
 
@@ -129,42 +133,16 @@ def _micro_batched_step(trainer, model, inputs: dict[str, Any], num_items_in_bat
             kwargs["learning_rate"] = trainer._get_learning_rate()
         scale_by_accumulation = ((not trainer.model_accepts_loss_kwargs or num_items_in_batch is None)
                                  and trainer.compute_loss_func is None)
-        metrics = trainer._metrics["train"]
+        metrics = trl_seam.train_metrics(trainer)
         before = {k: len(v) for k, v in metrics.items()}
         logged: list[tuple[dict[str, float], dict[str, list[float]]]] = []
-        had_kl_attr = "_compute_kl_logps" in vars(trainer)
-        old_kl_attr = vars(trainer).get("_compute_kl_logps")
         total = None
         ok = False
         try:
-            trainer.precompute_ref_logps = True
-            if full_kl is not None:
-                trainer._compute_kl_logps = lambda _model, _batch: full_kl
-            for i, chunk in enumerate(chunks):
-                last = i == len(chunks) - 1
-                sync = contextlib.nullcontext() if last else trainer.accelerator.no_sync(model)
-                with sync:
-                    lengths = {k: len(v) for k, v in metrics.items()}
-                    with trainer.compute_loss_context_manager():
-                        loss = trainer._compute_loss(model, chunk, False)
-                    logged.append((_weights(trainer, chunk),
-                                   {k: list(v[lengths.get(k, 0):]) for k, v in metrics.items()}))
-                    _maybe_empty_cache(trainer)
-                    if trainer.args.n_gpu > 1:
-                        loss = loss.mean()
-                    loss = loss * (len(chunk["label"]) / n)
-                    if scale_by_accumulation:
-                        loss = loss / trainer.current_gradient_accumulation_steps
-                    trainer.accelerator.backward(loss, **kwargs)
-                    loss = loss.detach()
-                    total = loss if total is None else total + loss
+            with trl_seam.supplied_reference(trainer, full_kl):
+                total = _backward_each(trainer, model, chunks, n, scale_by_accumulation, kwargs, metrics, logged)
             ok = True
         finally:
-            trainer.precompute_ref_logps = precomputed
-            if had_kl_attr:
-                trainer._compute_kl_logps = old_kl_attr
-            else:
-                vars(trainer).pop("_compute_kl_logps", None)
             # 3. one batch-level value per metric instead of one per micro-batch
             for key, values in metrics.items():
                 if key != "num_tokens":
@@ -172,6 +150,30 @@ def _micro_batched_step(trainer, model, inputs: dict[str, Any], num_items_in_bat
             if ok:
                 _log_batch_metrics(metrics, logged)
         return total
+
+
+def _backward_each(trainer, model, chunks, n, scale_by_accumulation, kwargs, metrics, logged):
+    """Step 2: forward/backward of each micro-batch through TRL's loss; the sum of the scaled losses."""
+    total = None
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = contextlib.nullcontext() if last else trainer.accelerator.no_sync(model)
+        with sync:
+            lengths = {k: len(v) for k, v in metrics.items()}
+            with trainer.compute_loss_context_manager():
+                loss = trl_seam.kto_loss(trainer, model, chunk)
+            logged.append((_weights(trainer, chunk),
+                           {k: list(v[lengths.get(k, 0):]) for k, v in metrics.items()}))
+            _maybe_empty_cache(trainer)
+            if trainer.args.n_gpu > 1:
+                loss = loss.mean()
+            loss = loss * (len(chunk["label"]) / n)
+            if scale_by_accumulation:
+                loss = loss / trainer.current_gradient_accumulation_steps
+            trainer.accelerator.backward(loss, **kwargs)
+            loss = loss.detach()
+            total = loss if total is None else total + loss
+    return total
 
 
 def _rows(batch: dict[str, Any], start: int, end: int, n: int, pad_multiple: int | None) -> dict[str, Any]:

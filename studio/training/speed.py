@@ -15,13 +15,15 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 from pathlib import Path
 from typing import Any
 
-REFERENCE_ADAPTER = "ref"  # the name TRL's KTOTrainer gives its frozen copy
+from studio.training import trl_seam
+from studio.training.trl_seam import REFERENCE_ADAPTER  # the name TRL's KTOTrainer gives its frozen copy
 
 
 def row_length(row: dict[str, Any]) -> int:
@@ -120,35 +122,22 @@ def precompute_reference(trainer, rows_per_pass: int, fingerprint: str | None = 
     ``progress(done, total)`` is called after each pass (batches over train and eval rows together)."""
     import math
 
-    from trl.trainer.utils import hash_module
-
-    trainer.precompute_ref_logps = True
-    trainer.args.precompute_ref_log_probs = True
-    trainer.args.precompute_ref_batch_size = rows_per_pass
-    trainer._precompute_model_hash = fingerprint or hash_module(trainer.ref_model or trainer.model)
+    trl_seam.set_precomputed(trainer, rows_per_pass, fingerprint)
     datasets = [trainer.train_dataset] + ([trainer.eval_dataset] if trainer.eval_dataset is not None else [])
     total = sum(math.ceil(len(d) / rows_per_pass) for d in datasets)
     done = 0
-    compute = trainer.compute_ref_log_probs  # TRL calls it once per pass; count the calls for progress
 
-    def counted(*args, **kwargs):
+    def counted():  # TRL computes the reference once per pass; count the passes for progress
         nonlocal done
-        out = compute(*args, **kwargs)
         done += 1
-        if progress:
-            progress(min(done, total), total)
-        return out
+        progress(min(done, total), total)
 
     if progress:
         progress(0, total)
-        trainer.compute_ref_log_probs = counted
-    try:
-        trainer.train_dataset = trainer._precompute_ref_logps(trainer.train_dataset, "train", rows_per_pass)
+    with trl_seam.counting_reference_passes(trainer, counted) if progress else contextlib.nullcontext():
+        trainer.train_dataset = trl_seam.precompute_split(trainer, trainer.train_dataset, "train", rows_per_pass)
         if trainer.eval_dataset is not None:
-            trainer.eval_dataset = trainer._precompute_ref_logps(trainer.eval_dataset, "eval", rows_per_pass)
-    finally:
-        if progress:
-            del trainer.compute_ref_log_probs  # back to the class's method
+            trainer.eval_dataset = trl_seam.precompute_split(trainer, trainer.eval_dataset, "eval", rows_per_pass)
 
 
 # ---- small models on big cards -------------------------------------------------------------------------------------

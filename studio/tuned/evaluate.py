@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from studio.errors import UsageError
+from studio.data.trl_data import common_prefix_length, kto_token_ids
 
 EVAL_FILE = "eval.json"
 Progress = Callable[[str, float], None] | None  # (message, fraction done)
@@ -53,10 +54,6 @@ def _is_conversation(value: Any) -> bool:
 def tokenize_row(tokenizer, prompt: Any, completion: Any, max_length: int | None) -> Tokenized | None:
     """Prompt and completion token ids the way TRL's KTO trainer builds them; None when the prompt alone fills
     ``max_length`` (TRL drops such rows)."""
-    from trl.data_utils import common_prefix_length
-
-    from studio.data.inspect import kto_token_ids
-
     if _is_conversation(prompt):
         if not getattr(tokenizer, "chat_template", None):
             raise EvalError("these held-out rows are conversations, but the model's tokenizer has no chat template "
