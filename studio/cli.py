@@ -123,13 +123,23 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from studio.runs.history import History, unused_run_config
+    from studio.runs import folder
+    from studio.runs.history import History
 
-    if args.resume is None and rank == 0:
+    if args.resume is not None:  # the run's saved config, with what a resume may change (as in the UI)
+        try:
+            cfg, kept = folder.resume_run(cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if kept and rank == 0:
+            print(f"note: resuming keeps the run's saved {', '.join(kept)} (the base model, the data and the "
+                  "adapter's shape cannot change mid-run)", file=sys.stderr)
+    elif rank == 0:
         # a used name gets the next free one, as in the UI; a custom output folder is never renamed
         used = cfg
         try:
-            cfg, note = unused_run_config(cfg)
+            cfg, note = folder.new_run(cfg)
         except ValueError as e:
             print(f"error: {e} (python -m studio train {args.config} --resume continues it; "
                   "--set output_dir=NEW_FOLDER starts afresh)", file=sys.stderr)
