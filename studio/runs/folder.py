@@ -116,8 +116,13 @@ def read_config(run_dir: str | Path) -> RunConfig:
 # ---- metrics.jsonl -------------------------------------------------------------------------------------------------
 
 def append_metrics(run_dir: str | Path, entry: dict[str, Any]) -> None:
-    with open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+    """Add one entry as a line; after a line a crash cut off, on a line of its own (the cut one stays skipped)."""
+    with open(Path(run_dir) / METRICS_FILE, "a+b") as f:
+        cut = False
+        if f.seek(0, 2) > 0:
+            f.seek(-1, 2)
+            cut = f.read(1) != b"\n"
+        f.write((("\n" if cut else "") + json.dumps(entry) + "\n").encode("utf-8"))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
