@@ -110,13 +110,19 @@ def cmd_train(args) -> int:
     cfg = RunConfig.load(args.config)
     if args.set:
         cfg = cfg.updated(parse_sets(args.set))
-    from studio.runs.history import History, unused_run_config
+    from studio.runs import folder
+    from studio.runs.history import History
 
-    if args.resume is None and rank == 0:
+    if args.resume is not None:  # the run's saved config, with what a resume may change (as in the UI)
+        cfg, kept = folder.resume_run(cfg)
+        if kept and rank == 0:
+            print(f"note: resuming keeps the run's saved {', '.join(kept)} (the base model, the data and the "
+                  "adapter's shape cannot change mid-run)", file=sys.stderr)
+    elif rank == 0:
         # a used name gets the next free one, as in the UI; a custom output folder is never renamed
         used = cfg
         try:
-            cfg, note = unused_run_config(cfg)
+            cfg, note = folder.new_run(cfg)
         except ValueError as e:
             raise UsageError(f"{e} (python -m studio train {args.config} --resume continues it; "
                              "--set output_dir=NEW_FOLDER starts afresh)") from None

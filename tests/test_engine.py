@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from studio.training.engine import Engine, JobRunning, latest_checkpoint, read_metrics
+from studio.runs.folder import latest_checkpoint, read_metrics
+from studio.training.engine import Engine, JobRunning
 from tests.conftest import ROOT, tiny_run_config, wait_for
 
 
@@ -55,8 +56,8 @@ def test_stop_mid_run_saves_an_adapter_and_resume_continues_from_that_step(tmp_p
     stopped_at = job.events[-1]["step"]
     assert 1 <= stopped_at < 40
     assert (Path(job.adapter_path) / "adapter_model.safetensors").is_file()
-    ckpt = latest_checkpoint(cfg.run_dir())
-    assert ckpt is not None and ckpt.endswith(f"checkpoint-{stopped_at}")
+    ckpt = latest_checkpoint(cfg.run_dir())[0]
+    assert ckpt is not None and str(ckpt).endswith(f"checkpoint-{stopped_at}")
     # no second copy of the adapter (TRL's frozen reference) in what was saved (studio/training/speed.py)
     assert not (Path(job.adapter_path) / "ref").exists() and not (Path(ckpt) / "ref").exists()
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from studio.config.run import ConfigError
-from studio.training.engine import Engine, Job, explain_error, memory_use, read_metrics
-from studio.runs.history import History, HistoryError, unused_run_config
+from studio.runs.folder import read_metrics
+from studio.training.engine import Engine, Job, explain_error, memory_use
+from studio.runs.folder import new_run
+from studio.runs.history import History, HistoryError
 from tests.conftest import tiny_run_config, wait_for
 
 
@@ -206,16 +208,16 @@ def test_a_fresh_start_never_writes_into_an_existing_run(tmp_path, studio_home):
     from studio.config.run import RunConfig
 
     cfg = RunConfig().updated({"name": "demo"})
-    assert unused_run_config(cfg) == (cfg, None)
+    assert new_run(cfg) == (cfg, None)
     (cfg.run_dir() / "checkpoint-2").mkdir(parents=True)
-    fresh, note = unused_run_config(cfg)
+    fresh, note = new_run(cfg)
     assert fresh.name == "demo-2" and "demo" in note
     fresh.run_dir().mkdir()
     (fresh.run_dir() / "run.yaml").write_text("x")
-    assert unused_run_config(fresh)[0].name == "demo-3"  # -2 is taken too: no demo-2-2
+    assert new_run(fresh)[0].name == "demo-3"  # -2 is taken too: no demo-2-2
     custom = cfg.updated({"output_dir": str(cfg.run_dir())})
     with pytest.raises(ValueError, match="already holds a run"):
-        unused_run_config(custom)
+        new_run(custom)
 
 
 def test_final_metrics_keep_the_last_value_of_each_curve(tmp_path):

@@ -13,10 +13,11 @@ import pytest
 
 from studio.runs import checkpoints, lock as runlock
 from studio.config.run import ConfigError
-from studio.training.engine import Engine, explain_error, latest_checkpoint, read_metrics
+from studio.runs.folder import latest_checkpoint, read_metrics
+from studio.training.engine import Engine, explain_error
 from tests.conftest import ROOT, tiny_run_config
 
-HOLD = ("import sys, time; from studio import runlock; runlock.claim(sys.argv[1]); print('held', flush=True); "
+HOLD = ("import sys, time; from studio.runs import lock as runlock; runlock.claim(sys.argv[1]); print('held', flush=True); "
         "time.sleep(60)")
 
 
@@ -142,7 +143,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_which_it_took(two_che
         f.write_bytes(data[: len(data) // 2])
     assert checkpoints.problem(newest) is not None
     assert checkpoints.problem(two_checkpoints / "checkpoint-1") is None
-    assert latest_checkpoint(two_checkpoints) == str(two_checkpoints / "checkpoint-1")
+    assert latest_checkpoint(two_checkpoints)[0] == two_checkpoints / "checkpoint-1"
     # naming the damaged checkpoint says what is wrong with it and which earlier one to take
     cfg = tiny_run_config(tmp_path, output_dir=str(two_checkpoints), **CHEAP)
     with pytest.raises(ConfigError, match=r"checkpoint-2 cannot be resumed: .*checkpoint-1"):

@@ -28,10 +28,17 @@ class DiskFull(OSError):
         return self.strerror or super().__str__()
 
 
+PREFIX = "checkpoint-"
+
+
 def step_of(path: str | Path) -> int | None:
     name = Path(path).name
     tail = name.rsplit("-", 1)[-1]
-    return int(tail) if name.startswith("checkpoint-") and tail.isdigit() else None
+    return int(tail) if name.startswith(PREFIX) and tail.isdigit() else None
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / f"{PREFIX}{step}"
 
 
 def _safetensors_problem(f: Path) -> str | None:
@@ -160,20 +167,21 @@ def _needed(trainer, run_dir: Path) -> int | None:
 
 # ---- atomic checkpoint saves ------------------------------------------------------------------------------------
 
-def atomic_saves(trainer) -> None:
-    """Make ``trainer`` write each checkpoint under a temporary name and rename it when it is complete."""
+def atomic_saves(trainer, mark=None) -> None:
+    """Make ``trainer`` write each checkpoint under a temporary name and rename it when it is complete.
+    ``mark(folder)``, when given, adds to each complete checkpoint before it is published (the run's id)."""
     from transformers.trainer_utils import rotate_checkpoints
 
     original = trainer._save_checkpoint
     if trainer.args.should_save:  # saves a killed process left half done (the run folder is claimed: ours)
-        for p in Path(trainer.args.output_dir).glob(f"{STAGING_PREFIX}checkpoint-*"):
+        for p in Path(trainer.args.output_dir).glob(f"{STAGING_PREFIX}{PREFIX}*"):
             shutil.rmtree(p, ignore_errors=True)
 
     def save(model, trial=None):
         run_dir = Path(trainer._get_output_dir(trial=trial))
         step = trainer.state.global_step
-        staging = run_dir / f"{STAGING_PREFIX}checkpoint-{step}"
-        final = run_dir / f"checkpoint-{step}"
+        final = checkpoint_dir(run_dir, step)
+        staging = run_dir / f"{STAGING_PREFIX}{final.name}"
         main = trainer.args.should_save
         if main and staging.exists():
             shutil.rmtree(staging)
@@ -194,6 +202,8 @@ def atomic_saves(trainer) -> None:
             if trainer.state.best_model_checkpoint and Path(trainer.state.best_model_checkpoint).parent == staging:
                 trainer.state.best_model_checkpoint = str(final)
                 trainer.state.save_to_json(str(tmp / "trainer_state.json"))
+            if mark is not None:
+                mark(tmp)
             if final.exists():  # a folder of the same step from an earlier, replayed save
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sqlite3
 import threading
@@ -26,14 +25,11 @@ import yaml
 from studio import paths
 from studio.config.run import RunConfig
 from studio.errors import StudioError
+from studio.runs import folder
 
 ACTIVE = ("starting", "running", "stopping")
 FINAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "learning_rate", "grad_norm",
               "epoch", "tokens_per_s", "elapsed_s", "gpu_mem_gib")
-# What the studio writes into a run folder; deleting a run removes these and nothing else, so a user's own
-# files in a custom output folder survive.
-RUN_FILES = ("adapter", "metrics.jsonl", "run.yaml", "error.log", "README.md", ".run.lock")
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -96,20 +92,6 @@ class HistoryError(StudioError, RuntimeError):
 
 def default_path() -> Path:
     return paths.home() / "history.sqlite"
-
-
-def checkpoint_step(path: str | Path | None) -> int | None:
-    m = CHECKPOINT_RE.match(Path(path).name) if path else None
-    return int(m.group(1)) if m else None
-
-
-def checkpoints_on_disk(run_dir: str | Path) -> list[tuple[int, str]]:
-    """(step, path) of the resumable checkpoints in a run folder, oldest first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(checkpoint_step(p), str(p)) for p in run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found)
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -221,7 +203,7 @@ class History:
                         (run_id, cfg.name, run_dir, config, now, now, os.getpid()))
         else:
             # the curve continues from the checkpoint: steps logged after it are replaced by the resumed job
-            step = checkpoint_step(job.resume_from)
+            step = folder.step_of(job.resume_from)
             if step is not None:
                 self._write("DELETE FROM metrics WHERE run_id=? AND step>?", (run_id, step))
             self._write("UPDATE runs SET name=?, config=?, status='starting', updated_at=?, ended_at=NULL, "
@@ -307,7 +289,7 @@ class History:
     def checkpoints(self, run_id: str) -> list[tuple[int, str]]:
         """The run's checkpoints that are still on disk (old ones are rotated away by save_total_limit)."""
         run = self.get(run_id)
-        return checkpoints_on_disk(run["run_dir"]) if run else []
+        return folder.run_checkpoints(run["run_dir"]) if run else []
 
     # ---- deleting ----------------------------------------------------------------------------------------------
     def delete_files(self, run_id: str) -> list[str]:
@@ -324,7 +306,7 @@ class History:
         removed: list[str] = []
         if run_dir.is_dir():
             for p in sorted(run_dir.iterdir()):
-                if p.name in RUN_FILES or (p.is_dir() and checkpoint_step(p) is not None):
+                if p.name in folder.STUDIO_FILES or (p.is_dir() and folder.step_of(p) is not None):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
                     removed.append(str(p))
             try:
@@ -369,27 +351,3 @@ class History:
                     pass  # kept as stored
             out.append(r)
         return out
-
-
-def unused_run_config(cfg: RunConfig) -> tuple[RunConfig, str | None]:
-    """``cfg`` for a fresh start that overwrites nothing: if its run folder already holds a run, the next free
-    name ``<name>-2``, ``-3`` ... A custom output folder is never renamed; a ``ValueError`` says to pick another.
-    Returns the config and a note saying what changed (None when nothing did)."""
-
-    def taken(c: RunConfig) -> bool:
-        d = c.run_dir()
-        return d.is_dir() and any(d.iterdir())
-
-    if not taken(cfg):
-        return cfg, None
-    if cfg.output_dir:
-        raise ValueError(f"the output folder {cfg.output_dir} already holds a run: resume it, delete its files in "
-                         "the run history, or choose another output_dir")
-    base = re.sub(r"-\d+$", "", cfg.name)
-    n = 2
-    while True:
-        candidate = cfg.updated({"name": f"{base}-{n}"})
-        if not taken(candidate):
-            return candidate, (f"A run named `{cfg.name}` already exists (resume it with **Resume**); "
-                               f"this new run is named `{candidate.name}`.")
-        n += 1

@@ -21,7 +21,6 @@ the engine saves the adapter, so stopping never loses the work done. Only one jo
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -34,12 +33,9 @@ from typing import Any, Callable
 
 from studio.config.run import ConfigError, RunConfig
 from studio.errors import UsageError
+from studio.runs import folder
 
 log = logging.getLogger(__name__)
-
-ADAPTER_DIR = "adapter"
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "run.yaml"
 
 
 class JobRunning(UsageError, RuntimeError):
@@ -153,10 +149,8 @@ class Engine:
             if self.job is not None and self.job.thread is not None:
                 self.job.thread.join(30)  # a finished job's thread is releasing its run folder
             resume_note = None
-            if resume_from == "latest":
-                resume_from, resume_note = _pick_latest(cfg)
-            elif resume_from is not None:
-                _check_resumable(Path(resume_from))
+            if resume_from is not None:  # this run's newest whole checkpoint, or a named one that is whole
+                resume_from, resume_note = folder.resume_point(cfg.run_dir(), resume_from)
             if _is_main_process():
                 from studio.runs import lock as runlock
 
@@ -200,8 +194,7 @@ class Engine:
         job.events.append(event)
         if type_ == "metrics" and _is_main_process():
             try:
-                with open(job.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(event) + "\n")
+                folder.append_metrics(job.run_dir, event)
             except OSError:
                 pass
         if self.on_event:
@@ -218,9 +211,11 @@ class Engine:
         try:
             job.run_dir.mkdir(parents=True, exist_ok=True)
             if _is_main_process():
-                cfg.save(job.run_dir / CONFIG_FILE)
                 if job.resume_from:
-                    _forget_metrics_after(job.run_dir, _checkpoint_step(job.resume_from))
+                    folder.forget_metrics_after(job.run_dir, folder.step_of(job.resume_from))
+                else:  # a new run owns the folder: checkpoints an older run left here are not resumed
+                    folder.start_fresh(job.run_dir)
+                folder.write_config(job.run_dir, cfg)
             self._emit(job, "status", message=f"Run folder: {job.run_dir}")
             trainer = self._build(job)
             if trainer is None:  # stopped while loading
@@ -233,7 +228,7 @@ class Engine:
             # the held-out watch scores the last step and loads the adapter to keep (best step, or rolled back)
             watched = job.watch.finish(trainer.model, trainer.state.global_step, job.stop_requested) \
                 if job.watch is not None else None
-            adapter = job.run_dir / ADAPTER_DIR
+            adapter = folder.adapter_dir(job.run_dir)
             self._phase(job, "saving", "Saving the adapter…")
             trainer.save_model(str(adapter))
             job.adapter_path = str(adapter)
@@ -253,7 +248,7 @@ class Engine:
             job.state = "failed"
             job.error = explain_error(exc, cfg)
             try:
-                (job.run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+                folder.write_error(job.run_dir, traceback.format_exc())
             except OSError:
                 pass
             # the traceback goes to error.log (and the debug log), the plain message to the user once
@@ -458,7 +453,8 @@ class Engine:
                               max_tokens=4096 if device.kind == "cuda" else 2048)
             trainer.add_callback(job.watch.callback(
                 cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps))
-        checkpoints.atomic_saves(trainer)  # checkpoint-N appears only once complete
+        # checkpoint-N appears only once complete, saying which run saved it
+        checkpoints.atomic_saves(trainer, mark=lambda p: folder.mark_checkpoint(job.run_dir, p))
         dropped = speed.drop_reference_copy(trainer.model)
         if precompute and not job.stop_requested:
             self._emit(job, "status", message=f"Computing the reference model's log-probs for {len(td.train)} rows "
@@ -516,7 +512,7 @@ def _make_callback(engine: Engine, job: Job):
             engine._phase(job, "training", "Training", state.global_step, state.max_steps)
 
         def on_save(self, args, state, control, **kw):
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            path = folder.checkpoint_dir(args.output_dir, state.global_step)
             if path.is_dir():
                 engine._emit(job, "checkpoint", step=state.global_step, path=str(path))
 
@@ -600,79 +596,6 @@ def memory_use() -> dict[str, float | None]:
                    ram_total_gib=round(psutil.virtual_memory().total / 2**30, 3))
     except Exception:  # psutil is optional here; the plots simply lack RAM
         pass
-    return out
-
-
-def latest_checkpoint(run_dir: str | Path) -> str | None:
-    """The newest checkpoint that is complete and readable (partial or damaged ones are skipped)."""
-    from studio.runs import checkpoints
-
-    found, _ = checkpoints.latest(run_dir)
-    return str(found) if found is not None else None
-
-
-def _pick_latest(cfg: RunConfig) -> tuple[str, str]:
-    """The checkpoint "resume from the latest" takes, and a message saying which, and which newer ones it skipped."""
-    from studio.runs import checkpoints
-
-    found, skipped = checkpoints.latest(cfg.run_dir())
-    why = "; ".join(f"{p.name} skipped: {reason}" for p, reason in skipped)
-    if found is None:
-        raise ConfigError(f"run '{cfg.name}' has no saved checkpoint to resume from" + (f" ({why})" if why else ""))
-    return str(found), f"Resuming from {found.name}" + (f" ({why})" if why else "")
-
-
-def _check_resumable(path: Path) -> None:
-    """A checkpoint named by the user must be whole; if not, say what is wrong and which earlier one would do."""
-    from studio.runs import checkpoints
-
-    why = checkpoints.problem(path)
-    if why is None:
-        return
-    if checkpoints.step_of(path) is None and why == "trainer_state.json is missing (the save did not finish)":
-        raise ConfigError(f"{path} is not a saved checkpoint (no trainer_state.json): pick one of the run's "
-                          "checkpoint-N folders")
-    step = checkpoints.step_of(path)
-    earlier = [p for p in checkpoints.candidates(path.parent)
-               if step is not None and checkpoints.step_of(p) < step and checkpoints.problem(p) is None]
-    hint = (f"resume from {earlier[0]} instead (the newest complete one before it)" if earlier
-            else "no earlier complete checkpoint exists: start the run again")
-    raise ConfigError(f"checkpoint {path} cannot be resumed: {why}. {hint[0].upper() + hint[1:]}")
-
-
-def _checkpoint_step(path: str | Path) -> int | None:
-    tail = Path(path).name.rsplit("-", 1)[-1]
-    return int(tail) if Path(path).name.startswith("checkpoint-") and tail.isdigit() else None
-
-
-def _forget_metrics_after(run_dir: Path, step: int | None) -> None:
-    """Resuming from an earlier checkpoint replays the steps after it: drop their old log lines first, so
-    metrics.jsonl stays one line per step."""
-    f = run_dir / METRICS_FILE
-    if step is None or not f.is_file():
-        return
-    kept = [line for line in f.read_text(encoding="utf-8").splitlines()
-            if _line_step(line) is None or _line_step(line) <= step]
-    f.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def _line_step(line: str) -> int | None:
-    try:
-        return int(json.loads(line).get("step"))
-    except (ValueError, TypeError, AttributeError):
-        return None
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    f = Path(run_dir) / METRICS_FILE
-    if not f.is_file():
-        return []
-    out = []
-    for line in f.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
     return out
 
 

@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterator
 
 from studio.config.run import RunConfig
 from studio.errors import UsageError
+from studio.runs import folder
+from studio.runs.folder import is_adapter_dir
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "run.yaml"  # as written by studio.engine
-ADAPTER_DIR = "adapter"
 Progress = Callable[[str], None] | None
 
 
@@ -47,25 +47,14 @@ class AdapterChoice:
 
     @property
     def label(self) -> str:
-        which = "final adapter" if self.path.name == ADAPTER_DIR else self.path.name
+        which = "final adapter" if self.path.name == folder.ADAPTER_DIR else self.path.name
         return f"{self.run} · {which}"
-
-
-def is_adapter_dir(p: Path) -> bool:
-    return (p / "adapter_config.json").is_file() and any(
-        (p / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin"))
 
 
 def run_adapters(run_dir: str | Path) -> list[AdapterChoice]:
     """The adapters of one run: the final adapter first, then checkpoints, newest first."""
     run_dir = Path(run_dir)
-    out = []
-    if is_adapter_dir(run_dir / ADAPTER_DIR):
-        out.append(AdapterChoice(run_dir, run_dir / ADAPTER_DIR))
-    ckpts = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and is_adapter_dir(p)]
-    for p in sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        out.append(AdapterChoice(run_dir, p))
-    return out
+    return [AdapterChoice(run_dir, p) for p in folder.adapters(run_dir)]
 
 
 def list_adapters(root: str | Path | None = None) -> list[AdapterChoice]:
@@ -76,8 +65,8 @@ def list_adapters(root: str | Path | None = None) -> list[AdapterChoice]:
     root = Path(root) if root else paths.runs_dir()
     if not root.is_dir():
         return []
-    runs = [p for p in root.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()]
-    runs.sort(key=lambda p: (p / CONFIG_FILE).stat().st_mtime)
+    runs = [p for p in root.iterdir() if p.is_dir() and folder.is_run_folder(p)]
+    runs.sort(key=lambda p: (p / folder.CONFIG_FILE).stat().st_mtime)
     return [a for r in runs for a in run_adapters(r)]
 
 
@@ -96,21 +85,17 @@ def resolve_adapter(spec: str | Path | AdapterChoice) -> AdapterChoice:
     p = Path(spec).expanduser().resolve()
     if not p.exists():
         raise ChatError(f"{p} does not exist: give a run folder (with run.yaml) or one of its adapter folders")
-    if (p / CONFIG_FILE).is_file():
+    if folder.is_run_folder(p):
         found = run_adapters(p)
         if not found:
             raise ChatError(f"run {p.name} has no saved adapter yet: train it (or let it reach a checkpoint) first")
         return found[0]
-    if is_adapter_dir(p) and (p.parent / CONFIG_FILE).is_file():
+    if is_adapter_dir(p) and folder.is_run_folder(p.parent):
         return AdapterChoice(p.parent, p)
     if is_adapter_dir(p):
         raise ChatError(f"{p} is an adapter but its folder has no run.yaml, so its base model is unknown: "
                         "point at an adapter inside a studio run folder")
     raise ChatError(f"{p} is neither a run folder (no run.yaml) nor an adapter folder (no adapter_config.json)")
-
-
-def run_config(run_dir: str | Path) -> RunConfig:
-    return RunConfig.load(Path(run_dir) / CONFIG_FILE)
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------
@@ -241,7 +226,7 @@ class ChatModel:
         from studio.models import load as models
 
         choice = resolve_adapter(adapter)
-        cfg = run_config(choice.run_dir)
+        cfg = folder.read_config(choice.run_dir)
         with self.lock:
             if self.device is None:
                 self.device = models.detect_device()

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from studio.errors import UsageError
 from studio.data.trl_data import common_prefix_length, kto_token_ids
+from studio.errors import UsageError
+from studio.runs import folder
+from studio.runs.folder import EVAL_FILE  # noqa: F401 - evaluate.EVAL_FILE for its readers
 
-EVAL_FILE = "eval.json"
 Progress = Callable[[str, float], None] | None  # (message, fraction done)
 
 
@@ -310,12 +311,11 @@ def score_result(rows: list[dict], items: list[Tokenized], kept: list[int], skip
 def held_out_rows(run_dir: str | Path, data: str | None = None) -> tuple[list[dict], str]:
     """The held-out rows of a run (``data`` if given, else the run's eval file or eval split) and where they came
     from."""
-    from studio.tuned import chat
     from studio import data as data_mod
 
     if data:
         return data_mod.load_kto(data).rows, str(data)
-    cfg = chat.run_config(run_dir)
+    cfg = folder.read_config(run_dir)
     if cfg.data.eval_file:
         return data_mod.load_kto(cfg.data.eval_file).rows, cfg.data.eval_file
     if cfg.data.eval_fraction > 0:
@@ -334,12 +334,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
 
     t0 = time.time()
     run_dir = Path(run_dir).expanduser().resolve()
-    if not (run_dir / chat.CONFIG_FILE).is_file():
-        raise EvalError(f"{run_dir} is not a run folder (it has no {chat.CONFIG_FILE})")
+    if not folder.is_run_folder(run_dir):
+        raise EvalError(f"{run_dir} is not a run folder (it has no {folder.CONFIG_FILE})")
     choice = chat.resolve_adapter(adapter or run_dir)
     rows, source = held_out_rows(run_dir, data)
     rows = limit_rows(rows, limit)
-    cfg = chat.run_config(run_dir)
+    cfg = folder.read_config(run_dir)
     cm = chat_model or chat.ChatModel()
     cm.use(choice, progress=(lambda m: progress(m, 0.0)) if progress else None)
     with cm.lock:
@@ -358,85 +358,32 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None
     return result
 
 
-# ---- the stored file: one writer, one reader -------------------------------------------------------------------
+# ---- the stored file: studio.runs.folder reads and writes it; the scores' derived keys are filled here ----------
 
-def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:
-    """Store an evaluation as the run's ``eval.json`` (the one writer: the engine's end-of-run score and
-    ``python -m studio eval`` both come here). Written to a temporary name first, so a crash never leaves half a
-    file. Missing presentation keys are filled in, so every stored file has what the readers show."""
-    run_dir = Path(run_dir)
-    full = _with_defaults(dict(result), run_dir)
-    full.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    if full.get("created") is None:
-        full["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    out = run_dir / EVAL_FILE
-    tmp = out.with_name(out.name + ".part")
-    tmp.write_text(json.dumps(full, indent=2), encoding="utf-8")
-    tmp.replace(out)
-    return out
-
-
-def read_eval(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's stored evaluation with every key the readers use (defaults for keys an older or partial file
-    lacks), or None when there is none or it cannot be read (truncated, garbage): a stored file never stops the
-    studio from starting."""
-    f = Path(run_dir) / EVAL_FILE
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    try:
-        data = _with_defaults(data, Path(run_dir))
-        if data.get("created") is None:
-            data["created"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(f.stat().st_mtime))
-        return data
-    except Exception:  # noqa: BLE001 - a file too odd to make sense of is treated as absent
-        return None
-
-
-load_result = read_eval  # the earlier name
-
-
-def _count(v: Any) -> int:
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else 0
-
-
-def _with_defaults(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    data.setdefault("run", run_dir.name)
-    data.setdefault("run_dir", str(run_dir))
-    data.setdefault("adapter", str(run_dir / "adapter"))
-    if not data.get("adapter_label"):
-        adapter = Path(str(data.get("adapter") or "adapter"))
-        which = "final adapter" if adapter.name == "adapter" else adapter.name
-        data["adapter_label"] = f"{data['run']} · {which}"
-    for key in ("base_model", "limit", "beta", "max_length", "created", "note"):
-        data.setdefault(key, None)
-    if not data.get("data"):
-        data["data"] = "the run's held-out rows"
-    for key in ("n_rows", "n_desirable", "n_undesirable", "n_pairs", "n_skipped"):
-        data[key] = _count(data.get(key))
-    for key in ("base", "tuned", "rewards"):  # numbers only: a stray string must not break a table
-        side = data.get(key) if isinstance(data.get(key), dict) else {}
-        data[key] = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
-                     for k, v in side.items()}
+def _derive(data: dict[str, Any]) -> None:
+    """The keys a stored evaluation derives from its scores: spreads, drift and verdict."""
+    for key in ("base", "tuned", "rewards"):
         if data[key].get("pair_accuracy") is not None and data[key].get("pair_accuracy_se") is None:
             data[key]["pair_accuracy_se"] = accuracy_se(data[key]["pair_accuracy"], data["n_pairs"])
-    if not isinstance(data.get("beta"), (int, float)):
-        data["beta"] = None
-    if not isinstance(data.get("rows"), list):
-        data["rows"] = []
     if not isinstance(data.get("drift"), (int, float)):
         data["drift"] = drift_of(data)
     v = data.get("verdict")
     if not (isinstance(v, dict) and v.get("word") in (LEARNED, NO_CHANGE, DEGENERATED)):
         data["verdict"] = verdict(data)
-    return data
 
 
-# ---- did it learn? ---------------------------------------------------------------------------------------------
+def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:
+    """Store an evaluation as the run's ``eval.json`` (``studio.runs.folder.write_eval``, with the derived keys)."""
+    return folder.write_eval(run_dir, result, derive=_derive)
+
+
+def read_eval(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's stored evaluation with every key the readers use, or None (``studio.runs.folder.read_eval``)."""
+    return folder.read_eval(run_dir, derive=_derive)
+
+
+load_result = read_eval  # the earlier name
+
 
 # Likelihood drift (mean log-prob per token of the desirable completions, tuned minus base) below minus this many nats
 # per token: the tuned model no longer writes text like the good answers (a collapsed run: docs/RECIPES.md).

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from studio.errors import StudioError
+from studio.runs import folder as run_folder
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def _export_adapter(src, out: Path, progress: Progress, t0: float) -> ExportResu
         if f.is_file() and f.name not in TRAINING_ONLY:
             shutil.copy2(f, out / f.name)
             files.append(f.name)
-    base_note = portable_base_model(out, chat.run_config(choice.run_dir))
+    base_note = portable_base_model(out, run_folder.read_config(choice.run_dir))
     checks = verify_adapter(choice, out, progress)
     checks["base_model"] = base_note
     result = ExportResult("adapter", str(out), files, checks, round(time.time() - t0, 2))
@@ -168,11 +169,10 @@ def verify_adapter(choice, out: Path, progress: Progress = None) -> dict[str, An
     from peft import PeftModel
 
     from studio.models import full_precision
-    from studio.tuned import chat
 
     if progress:
         progress("Checking the exported adapter loads and acts like the run's…")
-    cfg = chat.run_config(choice.run_dir)
+    cfg = run_folder.read_config(choice.run_dir)
     base, tok = full_precision.load_base_full(cfg)
     ids = _probe_ids(tok)
     with torch.inference_mode():
@@ -220,7 +220,7 @@ def merged_model(src, progress: Progress = None):
     from studio.tuned import chat
 
     choice = chat.resolve_adapter(src)
-    cfg = chat.run_config(choice.run_dir)
+    cfg = run_folder.read_config(choice.run_dir)
     base, tok = full_precision.load_base_full(cfg, progress)
     if progress:
         progress(f"Merging {choice.label} into the base weights…")

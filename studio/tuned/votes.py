@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from studio.errors import StudioError
+from studio.runs import folder
 
 CHOICES = ("A", "B", "tie", "both_bad")
 CHOICE_TEXT = {"A": "A is better", "B": "B is better", "tie": "tie", "both_bad": "both bad"}
@@ -89,7 +90,7 @@ def contenders(first: str | None, second: str | None) -> tuple[Contender, Conten
     adapters = {s: chat.resolve_adapter(s) for s in (first, second) if s != BASE}
     if first == second or len({a.path for a in adapters.values()}) < len(adapters):
         raise VoteError("pick two different models: the same model on both sides can only tie")
-    bases = {s: chat.run_config(a.run_dir).model.name_or_path for s, a in adapters.items()}
+    bases = {s: folder.read_config(a.run_dir).model.name_or_path for s, a in adapters.items()}
     if len(set(bases.values())) > 1:
         a, b = (adapters[s].label for s in (first, second))
         raise VoteError(f"{a} and {b} were trained on different base models ({' vs '.join(bases.values())}): "

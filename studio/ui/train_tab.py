@@ -15,8 +15,9 @@ from studio.training import duration, health
 from studio.tuned import evaluate
 from studio.models import load as models
 from studio.config.run import ConfigError, RunConfig
-from studio.training.engine import CONFIG_FILE, JobRunning, current_phase
-from studio.runs.history import HistoryError, checkpoints_on_disk, unused_run_config
+from studio.training.engine import JobRunning, current_phase
+from studio.runs import folder
+from studio.runs.history import HistoryError
 from studio.ui.widgets import collect, field_component
 
 FIELDS = [
@@ -266,7 +267,7 @@ def compare_frame(history, run_a: str | None, run_b: str | None, key: str) -> pd
 
 
 def checkpoint_choices(run_dir: Path | None) -> list[tuple[str, str]]:
-    ckpts = checkpoints_on_disk(run_dir) if run_dir else []
+    ckpts = folder.run_checkpoints(run_dir) if run_dir else []
     latest = f"latest (checkpoint-{ckpts[-1][0]})" if ckpts else "latest (none saved yet)"
     return [(latest, LATEST)] + [(f"checkpoint-{s}", p) for s, p in reversed(ckpts)]
 
@@ -347,7 +348,7 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
             return _busy_message("started"), gr.skip()
         try:
             changes = _changes(run_name, values)
-            cfg, note = unused_run_config(studio.config.updated(changes))
+            cfg, note = folder.new_run(studio.config.updated(changes))
             cfg = studio.update({**changes, "name": cfg.name}, source="train-form")
             studio.engine.start(cfg)
             return (f"{note + '  ' + chr(10) if note else ''}Started run `{cfg.name}` → `{cfg.run_dir()}`",
@@ -362,16 +363,9 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
             return _busy_message("resumed")
         try:
             changes = _changes(run_name, values)
-            form = studio.config.updated(changes)
-            saved = form.run_dir() / CONFIG_FILE
             # the saved run decides model, data and the adapter's shape; the form may change how training goes on
-            base = RunConfig.load(saved) if saved.is_file() else form
-            kept = [f"{k.removeprefix('lora.')}={getattr(base.lora, k.removeprefix('lora.'))}"
-                    for k, v in changes.items() if k.startswith("lora.") and
-                    getattr(base.lora, k.removeprefix("lora.")) != v]
-            cfg = base.updated({k: v for k, v in changes.items() if not k.startswith("lora.")})
-            ckpts = checkpoints_on_disk(cfg.run_dir())
-            if not ckpts:
+            cfg, kept = folder.resume_run(studio.config.updated(changes), changes)
+            if not folder.run_checkpoints(cfg.run_dir()):
                 return f"**Nothing to resume:** run `{cfg.name}` has no saved checkpoint yet."
             job = studio.engine.start(cfg, resume_from=checkpoint or LATEST)
             with studio.lock:
