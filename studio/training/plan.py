@@ -146,7 +146,10 @@ def plan(cfg: RunConfig, card: str, device, *, model_key: str | None = None, rec
         out.card_plan = memory.plan_for_card(cfg, budget, kind, path,
                                              seq_ceiling=int(seq_ceiling or memory.DEFAULT_SEQ_CEILING),
                                              effective_batch=eff, fetch=False,
-                                             installed=installable_paths(device) if kind == "cuda" else None)
+                                             installed=installable_paths(device) if kind == "cuda" else None,
+                                             # optim 'auto' as plan_run resolves it: this machine's bitsandbytes,
+                                             # or, planning for a card elsewhere, a CUDA machine's (requirements-gpu)
+                                             bitsandbytes=device.bitsandbytes if device.kind == "cuda" else True)
     except (memory.EstimateError, OSError, ValueError) as e:
         out.error = str(e)
         return out
@@ -266,8 +269,8 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
     backend = models.choose_backend(cfg, device)
     notes = [f"Path: {models.BACKEND_LABELS[backend]}" + (" (model.backend 'auto')" if cfg.model.backend == "auto"
                                                           else "")]
-    if backend != "unsloth" and cfg.model.backend == "auto" and device.kind == "cuda" and cfg.model.load_in_4bit \
-            and not device.unsloth:
+    if backend != "unsloth" and cfg.model.backend == "auto" and device.kind == "cuda" and not device.unsloth \
+            and models.choose_backend(cfg, replace(device, unsloth=True)) == "unsloth":
         notes.append("With Unsloth installed (`pip install unsloth`) the run would take the Unsloth path.")
     optim = resolve_optim(cfg.train.optim, device.kind, device.bitsandbytes)
     if cfg.train.optim == "auto":
@@ -335,3 +338,19 @@ def describe_plan(p: RunPlan) -> str:
              f"{split}, max_length **{p.max_length}**, gradient checkpointing "
              f"**{'on' if p.gradient_checkpointing else 'off'}**; reference log-probs {pre}."]
     return "  \n".join(lines) + "".join(f"\n- {n}" for n in p.notes[1:])
+
+
+def plan_text(p: RunPlan) -> str:
+    """``describe_plan`` as plain text, for a terminal."""
+    return describe_plan(p).replace("**", "").replace("  \n", "\n")
+
+
+def run_plan_markdown(cfg: RunConfig, card: str, device) -> str:
+    """The plan a run of ``cfg`` will use, for the Model tab, when ``card`` is this machine (its GPU, or the CPU /
+    MPS card on such a machine); "" for a card elsewhere, whose plan is the card plan above it."""
+    if card != DETECTED and card != device.kind:
+        return ""
+    try:
+        return describe_plan(plan_run(cfg, device, fetch=False))
+    except (ConfigError, models.ModelLoadError) as e:  # RunWontFit is a ConfigError
+        return f"**Run plan:** {e}"
