@@ -190,6 +190,7 @@ class RunPlan:
     precompute_rows: int  # rows per reference pass when precomputing
     budget_gib: float | None = None  # GPU memory the run may use; None off CUDA or without the memory check
     peak_gib: float | None = None  # the memory estimate's predicted peak (CUDA only)
+    estimate: dict | None = field(default=None, compare=False)  # its breakdown (memory.Estimate.as_dict)
     data_rows: int | None = None
     changes: tuple[tuple[str, Any], ...] = ()
     notes: tuple[str, ...] = ()
@@ -277,7 +278,7 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
         notes.append(f"Optimizer: {optim} ('auto': 8-bit AdamW needs CUDA and bitsandbytes)")
     dtype = models.dtype_name(cfg, device)
     changes: dict[str, Any] = {}
-    budget = peak = None
+    budget = peak = breakdown = None
     ref_rows = None
     if device.kind == "cuda" and cfg.model.memory_check:
         budget = cfg.model.gpu_memory_gib or device.free_gib
@@ -298,7 +299,7 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
                 cfg = cfg.updated(changes)
                 est = memory.check(arch, backend, settings(cfg), budget)
                 notes.append(fill[1])
-            peak = round(est.total_gib, 2)
+            peak, breakdown = round(est.total_gib, 2), est.as_dict()
             notes.append(f"Predicted peak GPU memory {est.total_gib:.2f} GiB of {budget:g} GiB ({backend} path)")
             notes.extend(est.notes)
             if cfg.kto.precompute_ref_batch_size == "auto":
@@ -312,7 +313,7 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
         batch=t.per_device_train_batch_size, accumulation=t.gradient_accumulation_steps,
         micro_batch=micro if microbatch.is_active(micro, t.per_device_train_batch_size) else None, gradient_checkpointing=t.gradient_checkpointing,
         max_length=cfg.kto.max_length, precompute_ref=None, precompute_rows=int(rows),
-        budget_gib=budget, peak_gib=peak, changes=tuple(changes.items()), notes=tuple(notes),
+        budget_gib=budget, peak_gib=peak, estimate=breakdown, changes=tuple(changes.items()), notes=tuple(notes),
         precompute_setting=cfg.kto.precompute_ref_log_probs, max_steps=t.max_steps,
         epochs=t.num_train_epochs, world=int(os.environ.get("WORLD_SIZE", "1")))
     if isinstance(data_rows, list):
