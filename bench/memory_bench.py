@@ -275,7 +275,7 @@ def settings_of_point(p: dict):
     targets = p.get("targets", "all-linear")
     return memory.Settings(seq=p["seq"], batch=p["batch"], rank=p.get("rank", 16),
                            targets=targets if isinstance(targets, str) else tuple(targets),
-                           optim=p.get("optim", "adamw_8bit"), precompute_ref=bool(p.get("precompute_ref")),
+                           optim=p.get("optim", "adamw_8bit"),
                            micro_batch=p.get("micro_batch"), reference_copy=bool(p.get("reference_copy")))
 
 

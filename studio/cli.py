@@ -133,6 +133,13 @@ def cmd_train(args) -> int:
             print(f"note: run name '{used.name}' is used (--resume continues that run); this run is "
                   f"'{cfg.name}' in {cfg.run_dir()}", file=sys.stderr)
 
+    if rank == 0:  # the run plan before training (the engine decides with the same function, and stops on errors)
+        from studio.training import plan as planner
+
+        try:
+            print(planner.plan_text(planner.plan_run(cfg)), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - no plan, no print: the engine reports the reason as the run's error
+            pass
     # headless runs join the studio's run history (rank 0 only under accelerate launch)
     engine = Engine(on_event=History().record if rank == 0 else None)
     job = engine.start(cfg, resume_from=args.resume)

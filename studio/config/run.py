@@ -333,8 +333,7 @@ class RunConfig(_Section):
         """The fields of TRL's KTOConfig for this run on the given device (``studio.training.trl_seam.kto_config``
         builds it: only the TRL seam imports TRL). ``overrides`` are KTOConfig fields set by the engine."""
         train = self.train.model_dump()
-        if train["optim"] == "auto":
-            train["optim"] = "adamw_8bit" if (device == "cuda" and bnb) else "adamw_torch"
+        train["optim"] = resolve_optim(train["optim"], device, bnb)  # the engine passes the run plan's optim
         kw: dict[str, Any] = dict(
             **train,
             **self.kto.model_dump(),
@@ -357,6 +356,15 @@ class RunConfig(_Section):
         if kw["precompute_ref_batch_size"] == "auto":  # the engine sizes it from the memory estimate
             kw["precompute_ref_batch_size"] = None
         return kw
+
+
+def resolve_optim(optim: str, device_kind: str, bitsandbytes: bool) -> str:
+    """The optimizer ``train.optim`` means on a device: 'auto' is 8-bit AdamW with CUDA and bitsandbytes installed,
+    else AdamW in torch. The one rule for 'auto', used by the run plan (studio.training.plan.plan_run), the memory
+    estimate and the KTOConfig mapping."""
+    if optim != "auto":
+        return optim
+    return "adamw_8bit" if (device_kind == "cuda" and bitsandbytes) else "adamw_torch"
 
 
 def _explain(e: ValidationError) -> str:

@@ -111,16 +111,19 @@ def choose_backend(cfg: RunConfig, device: DeviceInfo) -> str:
     return "full"
 
 
+def dtype_name(cfg: RunConfig, device: DeviceInfo) -> str:
+    """``model.dtype`` resolved for a device, as a torch dtype name ('bfloat16' | 'float16' | 'float32')."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    if device.kind == "cuda":
+        return "bfloat16" if device.bf16 else "float16"
+    return "float32"  # CPU; MPS too: bf16/fp16 training on MPS is still patchy across macOS versions
+
+
 def compute_dtype(cfg: RunConfig, device: DeviceInfo):
     import torch
 
-    if cfg.model.dtype != "auto":
-        return getattr(torch, cfg.model.dtype)
-    if device.kind == "cuda":
-        return torch.bfloat16 if device.bf16 else torch.float16
-    if device.kind == "mps":
-        return torch.float32  # bf16/fp16 training on MPS is still patchy across macOS versions
-    return torch.float32
+    return getattr(torch, dtype_name(cfg, device))
 
 
 # ---- model sources ---------------------------------------------------------------------------------------------

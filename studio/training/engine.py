@@ -58,6 +58,7 @@ class Job:
     thread: threading.Thread | None = None
     eval_rows: list[dict[str, Any]] | None = None  # held-out rows, scored after training
     watch: Any = None  # studio.watch.Watch: the held-out rows scored during training
+    plan: Any = None  # studio.training.plan.RunPlan: every `auto` of the config decided for this machine and data
 
     @property
     def run_dir(self) -> Path:
@@ -342,41 +343,21 @@ class Engine:
     def _build(self, job: Job):
         from studio import data as data_mod
         from studio.runs import checkpoints
-        from studio.training import logprob, microbatch, speed, trl_seam
+        from studio.training import logprob, microbatch, speed, plan as planner
         from studio.models import load as models
 
         cfg = job.config
         _quiet_libraries()
         device = models.detect_device()
-        backend = models.choose_backend(cfg, device)
-        job.backend = backend
+        # every `auto` decided once, here; RunWontFit (a ConfigError) when a CUDA run is predicted not to fit
+        plan = planner.plan_run(cfg, device)
+        cfg = job.config = plan.config(cfg)  # fill_card's split of the batch, if any
+        backend = job.backend = plan.backend
         speed.fast_attention_kernels()
         self._emit(job, "status", message=f"Device: {device.name} ({device.kind}); path: {models.BACKEND_LABELS[backend]}",
-                   backend=backend, device=device.as_dict())
-        ref_rows = None  # rows per precompute pass when 'auto': sized from the estimate on a GPU
-        if device.kind == "cuda" and cfg.model.memory_check:
-            from studio.training import memory
-
-            budget = cfg.model.gpu_memory_gib or device.free_gib
-            try:
-                arch, settings = memory.arch_for(cfg.model.name_or_path), memory.settings_from_run(cfg)
-                est = memory.check(arch, backend, settings, budget)  # raises RunWontFit (a ConfigError) with the reason
-            except memory.EstimateError as e:
-                self._emit(job, "status", message=f"No memory estimate: {e}")
-            else:
-                fill = speed.fill_card_changes(cfg, lambda ch: memory.estimate(
-                    arch, backend, memory.settings_from_run(cfg.updated(ch)), budget).total_gib, budget)
-                if fill:  # a small model on a big card: one pass per step, same rows per step
-                    cfg = job.config = cfg.updated(fill[0])
-                    settings = memory.settings_from_run(cfg)
-                    est = memory.check(arch, backend, settings, budget)
-                    self._emit(job, "status", message=fill[1], plan=fill[0])
-                self._emit(job, "status", message=f"Predicted peak GPU memory {est.total_gib:.2f} GiB of "
-                                                  f"{budget:g} GiB ({backend} path)", memory=est.as_dict())
-                for note in est.notes:
-                    self._emit(job, "status", message=note)
-                if cfg.kto.precompute_ref_batch_size == "auto":
-                    ref_rows = memory.forward_rows(arch, backend, settings)
+                   backend=backend, device=device.as_dict(), plan=plan.as_dict())
+        for note in plan.notes[1:-1]:  # the last says whether the reference is precomputed: once the data is read
+            self._emit(job, "status", message=note)
         self._emit(job, "status", message="Preparing data…")
         self._phase(job, "data", f"Reading and preparing {Path(data_mod.resolve(cfg.data.train_file)).name}…")
         td = data_mod.prepare_training(cfg)
@@ -389,17 +370,17 @@ class Engine:
         if cfg.data.length_grouping:
             td.train = speed.group_by_length(td.train, cfg.train.per_device_train_batch_size, cfg.train.seed)
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        precompute = speed.should_precompute_ref(
-            cfg.kto.precompute_ref_log_probs, len(td.train), cfg.train.max_steps,
-            cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * world,
-            cfg.train.num_train_epochs)
+        plan = job.plan = plan.with_data(len(td.train))
+        precompute = plan.precompute_ref
+        if _is_main_process():
+            plan.save(job.run_dir)
+        self._emit(job, "status", message=plan.notes[-1], plan=plan.as_dict())
         self._emit(job, "status", message="Speed-ups: " + ", ".join(
             (["length-grouped batches"] if cfg.data.length_grouping else [])
             + (["reference log-probs computed once before training"] if precompute else [])) or "Speed-ups: none")
-        micro = cfg.memory.micro_batch_size
-        if microbatch.is_active(micro, cfg.train.per_device_train_batch_size):
-            self._emit(job, "status", message=microbatch.describe(micro, cfg.train.per_device_train_batch_size),
-                       micro_batch_size=micro)
+        micro = plan.micro_batch
+        if micro:
+            self._emit(job, "status", message=microbatch.describe(micro, plan.batch), micro_batch_size=micro)
         if job.stop_requested:
             return None
         from studio.models import bundled
@@ -422,23 +403,14 @@ class Engine:
             logprob.install_fallback(force=True)
         # TRL's KTOTrainer, or its subclass taking gradients micro_batch_size rows at a time (imported only now:
         # Unsloth must come before TRL)
-        trainer_cls = microbatch.trainer_class(micro, cfg.train.per_device_train_batch_size)
+        trainer_cls = microbatch.trainer_class(micro, plan.batch)
 
-        bf16 = device.kind == "cuda" and loaded.dtype is not None and str(loaded.dtype) == "torch.bfloat16"
-        fp16 = device.kind == "cuda" and str(loaded.dtype) == "torch.float16"
         # one process: the held-out watch scores the eval rows (TRL's own eval loop would score them a second time)
         watching = td.eval is not None and world == 1 and _is_main_process()
         trl_eval = td.eval is not None and not watching
-        kto_args = trl_seam.kto_config(cfg, device=device.kind, bf16=bf16, fp16=fp16, bnb=device.bitsandbytes,
-                                     do_eval=trl_eval,
-                                     eval_strategy="steps" if trl_eval else "no",
-                                     eval_steps=cfg.train.save_steps if trl_eval else None,
-                                     # computed below, once TRL's reference copy of the adapter is gone
-                                     precompute_ref_log_probs=False)
-        ref_pass_rows = kto_args.precompute_ref_batch_size or ref_rows or cfg.train.per_device_train_batch_size
-        if backend == "unsloth":
-            # Unsloth's own checkpointing is already on; TRL must not wrap the model a second time
-            kto_args.gradient_checkpointing = False
+        kto_args = plan.kto_config(cfg, do_eval=trl_eval, eval_strategy="steps" if trl_eval else "no",
+                                   eval_steps=cfg.train.save_steps if trl_eval else None)
+        ref_pass_rows = plan.precompute_rows
         self._emit(job, "status", message="Tokenizing…")
         n_tok = len(td.train) + (len(td.eval) if td.eval is not None else 0)
         self._phase(job, "data", f"Tokenizing {n_tok} rows…")

@@ -40,7 +40,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable
 
-from studio.config.run import ConfigError
+from studio.config.run import ConfigError, resolve_optim
 from studio.models.arch import Arch, EstimateError, arch_for  # the estimate's inputs (memory.Arch etc. for its users)
 from studio.training import trl_seam
 
@@ -419,16 +419,17 @@ def check(arch: Arch, path: str, settings: Settings, budget_gib: float) -> Estim
     return e
 
 
-def check_run(cfg, path: str, budget_gib: float) -> Estimate:
+def check_run(cfg, path: str, budget_gib: float, bitsandbytes: bool = True) -> Estimate:
     """``check`` for a RunConfig: the model's architecture and the memory-relevant settings come from it."""
-    return check(arch_for(cfg.model.name_or_path), path, settings_from_run(cfg), budget_gib)
+    return check(arch_for(cfg.model.name_or_path), path, settings_from_run(cfg, "cuda", bitsandbytes), budget_gib)
 
 
 # ---- from a run config / model name --------------------------------------------------------------------------------
 
-def settings_from_run(cfg) -> Settings:
-    """The memory-relevant settings of a RunConfig (``optim='auto'`` is 8-bit AdamW on CUDA)."""
-    optim = cfg.train.optim if cfg.train.optim != "auto" else "adamw_8bit"
+def settings_from_run(cfg, device_kind: str = "cuda", bitsandbytes: bool = True) -> Settings:
+    """The memory-relevant settings of a RunConfig on a device (``optim='auto'`` resolved by the run plan's rule,
+    ``config.run.resolve_optim``: 8-bit AdamW on CUDA with bitsandbytes installed)."""
+    optim = resolve_optim(cfg.train.optim, device_kind, bitsandbytes)
     targets = cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else tuple(cfg.lora.target_modules)
     return Settings(seq=cfg.kto.max_length, batch=cfg.train.per_device_train_batch_size, rank=cfg.lora.r,
                     targets=targets, gradient_checkpointing=cfg.train.gradient_checkpointing, optim=optim,
@@ -455,15 +456,17 @@ class CardPlan:
 
 def plan_for_card(cfg, budget_gib: float | None, device_kind: str = "cuda", preferred_path: str | None = None,
                   seq_ceiling: int = DEFAULT_SEQ_CEILING, effective_batch: int | None = None,
-                  fetch: bool = True, installed: Iterable[str] | None = None) -> CardPlan:
+                  fetch: bool = True, installed: Iterable[str] | None = None,
+                  bitsandbytes: bool = True) -> CardPlan:
     """Fit ``cfg`` (a RunConfig) to a card with ``budget_gib`` for PyTorch. On CUDA every 4-bit path the config
     allows is fitted and the settings of ``preferred_path`` (what backend 'auto' picks there), else of the first
     path that fits, are returned as run-config changes. ``installed``: the paths a run can take on this machine;
-    the others are fitted and shown but never applied. On CPU / Apple MPS there is no GPU budget: the
+    the others are fitted and shown but never applied. ``bitsandbytes``: whether the card's machine has it (it
+    decides what optim 'auto' is). On CPU / Apple MPS there is no GPU budget: the
     full-precision estimate is returned for information (the limit there is system memory and time)."""
     arch = arch_for(cfg.model.name_or_path, fetch)
     # auto-fit decides the memory savers afresh: the config's current ones may come from another model's fit
-    base = replace(settings_from_run(cfg), micro_batch=None)
+    base = replace(settings_from_run(cfg, device_kind, bitsandbytes), micro_batch=None)
     eff = effective_batch or cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
     if device_kind != "cuda" or budget_gib is None:
         base.compute_bytes = 4  # float32 on CPU and MPS

@@ -1,5 +1,13 @@
-"""One plan for a card, a model and a recipe: what the Model tab applies, the Train tab shows and the Data tab
-refreshes. No Gradio here.
+"""Planning a run. Two plans, no Gradio here:
+
+- ``plan_run`` -> ``RunPlan``: what a run config becomes on this machine with this data - the loading path, dtype,
+  optimizer, reference precompute and its rows per pass, batch / accumulation / micro-batch (after ``memory.fill_card``),
+  gradient checkpointing and the planned peak, each with the reason. Every ``auto`` of the run config is decided
+  here (or by the one rule it calls: ``models.choose_backend``, ``models.dtype_name``, ``config.run.resolve_optim``,
+  ``speed.should_precompute_ref``, ``speed.fill_card_changes``, ``memory.forward_rows``); the engine builds the trainer
+  from the plan and writes it to the run folder (``plan.json``), the Model tab and ``python -m studio train`` show it.
+- ``plan`` -> ``Plan``: a card, a model and a recipe applied to the config: what the Model tab applies, the Train tab
+  shows and the Data tab refreshes.
 
 Picking a card re-plans everything the previous card planned: the loading path and memory budget (a CPU run keeps
 no ``gpu_memory_gib``), max_length, the per-device batch and its accumulation, the memory savers (micro-batching)
@@ -8,14 +16,19 @@ the settings come from auto-fit (``studio.training.memory.plan_for_card``) for t
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from studio.training import duration, memory
+from studio.training import duration, memory, microbatch, speed, trl_seam
 from studio.models import load as models
 from studio.config import presets
-from studio.config.run import ConfigError, RunConfig
+from studio.config.run import ConfigError, RunConfig, resolve_optim
+
+PLAN_FILE = "plan.json"  # in the run folder, next to run.yaml
 
 DETECTED = "detected"  # the Model tab's "this machine's GPU" card
 
@@ -133,7 +146,10 @@ def plan(cfg: RunConfig, card: str, device, *, model_key: str | None = None, rec
         out.card_plan = memory.plan_for_card(cfg, budget, kind, path,
                                              seq_ceiling=int(seq_ceiling or memory.DEFAULT_SEQ_CEILING),
                                              effective_batch=eff, fetch=False,
-                                             installed=installable_paths(device) if kind == "cuda" else None)
+                                             installed=installable_paths(device) if kind == "cuda" else None,
+                                             # optim 'auto' as plan_run resolves it: this machine's bitsandbytes,
+                                             # or, planning for a card elsewhere, a CUDA machine's (requirements-gpu)
+                                             bitsandbytes=device.bitsandbytes if device.kind == "cuda" else True)
     except (memory.EstimateError, OSError, ValueError) as e:
         out.error = str(e)
         return out
@@ -150,3 +166,192 @@ def initial_config(cfg: RunConfig, device) -> RunConfig:
         return plan(cfg, "cpu", device).config
     except Exception:  # a plan that cannot be made must not stop the app: the defaults stay
         return cfg
+
+
+# ---- the run plan: every `auto` of a run config decided once ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run config becomes on one machine (and, once the data is read, for its rows). Frozen: nothing after
+    the plan re-decides. ``changes``: the run-config changes the plan makes (fill_card's split of the batch);
+    ``config(cfg)`` applies them."""
+
+    device_kind: str  # cuda | mps | cpu
+    device_name: str
+    backend: str  # the loading path actually taken: unsloth | bnb | full
+    dtype: str  # bfloat16 | float16 | float32
+    optim: str  # 'auto' resolved
+    batch: int  # per-device rows per pass
+    accumulation: int
+    micro_batch: int | None  # rows per gradient pass when it splits the batch, else None
+    gradient_checkpointing: bool  # as configured (on the Unsloth path Unsloth's own, TRL's wrapper stays off)
+    max_length: int
+    precompute_ref: bool | None  # None: 'auto' and the data not read yet (``with_data``)
+    precompute_rows: int  # rows per reference pass when precomputing
+    budget_gib: float | None = None  # GPU memory the run may use; None off CUDA or without the memory check
+    peak_gib: float | None = None  # the memory estimate's predicted peak (CUDA only)
+    estimate: dict | None = field(default=None, compare=False)  # its breakdown (memory.Estimate.as_dict)
+    data_rows: int | None = None
+    changes: tuple[tuple[str, Any], ...] = ()
+    notes: tuple[str, ...] = ()
+    precompute_setting: bool | str = field(default="auto", repr=False)  # kto.precompute_ref_log_probs, for with_data
+    max_steps: int = field(default=-1, repr=False)
+    epochs: float = field(default=1.0, repr=False)
+    world: int = field(default=1, repr=False)
+
+    def config(self, cfg: RunConfig) -> RunConfig:
+        """``cfg`` with the plan's changes (the config the run trains with and saves as run.yaml)."""
+        return cfg.updated(dict(self.changes)) if self.changes else cfg
+
+    def with_data(self, n_rows: int) -> "RunPlan":
+        """The plan once the training rows are known: precompute 'auto' decided for ``n_rows``."""
+        on = _precompute(self.precompute_setting, n_rows, self.max_steps,
+                         self.batch * self.accumulation * self.world, self.epochs)
+        why = _precompute_note(self.precompute_setting, on, n_rows)
+        notes = tuple(n for n in self.notes if not n.startswith("Reference log-probs")) + (why,)
+        return replace(self, precompute_ref=on, data_rows=n_rows, notes=notes)
+
+    @property
+    def trl_gradient_checkpointing(self) -> bool:
+        """TRL's gradient checkpointing: off on the Unsloth path, whose own checkpointing is already on."""
+        return self.gradient_checkpointing and self.backend != "unsloth"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["changes"] = dict(self.changes)
+        d["notes"] = list(self.notes)
+        for k in ("precompute_setting", "max_steps", "epochs", "world"):
+            d.pop(k)
+        return d
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write the plan into the run folder (``plan.json``); the one writer of that file."""
+        path = Path(run_dir) / PLAN_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.as_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        return path
+
+    def kto_config(self, cfg: RunConfig, **overrides: Any):
+        """TRL's KTOConfig built from the plan: the resolved optimizer, dtype, split of the batch, checkpointing and
+        reference rows. TRL's own precompute stays off: the engine runs it once the reference copy is gone
+        (``speed.precompute_reference``), when ``precompute_ref`` says so."""
+        kw: dict[str, Any] = dict(
+            optim=self.optim, per_device_train_batch_size=self.batch, gradient_accumulation_steps=self.accumulation,
+            gradient_checkpointing=self.trl_gradient_checkpointing, precompute_ref_log_probs=False,
+            precompute_ref_batch_size=self.precompute_rows)
+        kw.update(overrides)
+        cuda = self.device_kind == "cuda"
+        return trl_seam.kto_config(self.config(cfg), device=self.device_kind, bf16=cuda and self.dtype == "bfloat16",
+                                   fp16=cuda and self.dtype == "float16", **kw)
+
+
+def _precompute(setting, n_rows: int, max_steps: int, rows_per_step: int, epochs: float) -> bool:
+    return speed.should_precompute_ref(setting, n_rows, max_steps, rows_per_step, epochs)
+
+
+def _precompute_note(setting, on: bool | None, n_rows: int | None) -> str:
+    if on is None:
+        return "Reference log-probs: 'auto', decided when the data is read (once, before training, when the run " \
+               "visits nearly every row)."
+    if isinstance(setting, bool):
+        return f"Reference log-probs: {'computed once before training' if on else 'in every step'} (as configured)."
+    return (f"Reference log-probs: {'computed once before training' if on else 'in every step'} ('auto': the run "
+            f"{'visits' if on else 'does not visit'} nearly all {n_rows} rows).")
+
+
+def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows: int | list | None = None, *,
+             fetch: bool = True) -> RunPlan:
+    """The run plan of ``cfg`` on ``device`` (default: this machine's, ``models.detect_device``) for ``data_rows``
+    training rows (a count or the rows' lengths; None: precompute 'auto' stays open, see ``RunPlan.with_data``).
+
+    Raises ``models.ModelLoadError`` for a path the machine cannot take and ``memory.RunWontFit`` (a ConfigError)
+    for a CUDA run predicted not to fit its budget. ``fetch``: may the memory estimate download a config.json."""
+    device = device or models.detect_device()
+    backend = models.choose_backend(cfg, device)
+    notes = [f"Path: {models.BACKEND_LABELS[backend]}" + (" (model.backend 'auto')" if cfg.model.backend == "auto"
+                                                          else "")]
+    if backend != "unsloth" and cfg.model.backend == "auto" and device.kind == "cuda" and not device.unsloth \
+            and models.choose_backend(cfg, replace(device, unsloth=True)) == "unsloth":
+        notes.append("With Unsloth installed (`pip install unsloth`) the run would take the Unsloth path.")
+    optim = resolve_optim(cfg.train.optim, device.kind, device.bitsandbytes)
+    if cfg.train.optim == "auto":
+        notes.append(f"Optimizer: {optim} ('auto': 8-bit AdamW needs CUDA and bitsandbytes)")
+    dtype = models.dtype_name(cfg, device)
+    changes: dict[str, Any] = {}
+    budget = peak = breakdown = None
+    ref_rows = None
+    if device.kind == "cuda" and cfg.model.memory_check:
+        budget = cfg.model.gpu_memory_gib or device.free_gib
+
+        def settings(c: RunConfig) -> memory.Settings:
+            return memory.settings_from_run(c, device.kind, device.bitsandbytes)
+
+        try:
+            arch = memory.arch_for(cfg.model.name_or_path, fetch)
+            est = memory.check(arch, backend, settings(cfg), budget)  # raises RunWontFit with the reason
+        except (memory.EstimateError, OSError, ValueError) as e:
+            notes.append(f"No memory estimate: {e}")
+        else:
+            fill = speed.fill_card_changes(cfg, lambda ch: memory.estimate(
+                arch, backend, settings(cfg.updated(ch)), budget).total_gib, budget)
+            if fill:  # a small model on a big card: fewer, larger passes, the same rows per step
+                changes = fill[0]
+                cfg = cfg.updated(changes)
+                est = memory.check(arch, backend, settings(cfg), budget)
+                notes.append(fill[1])
+            peak, breakdown = round(est.total_gib, 2), est.as_dict()
+            notes.append(f"Predicted peak GPU memory {est.total_gib:.2f} GiB of {budget:g} GiB ({backend} path)")
+            notes.extend(est.notes)
+            if cfg.kto.precompute_ref_batch_size == "auto":
+                ref_rows = memory.forward_rows(arch, backend, settings(cfg))
+    t = cfg.train
+    setting = cfg.kto.precompute_ref_batch_size
+    rows = setting if isinstance(setting, int) and setting > 0 else (ref_rows or t.per_device_train_batch_size)
+    micro = cfg.memory.micro_batch_size
+    out = RunPlan(
+        device_kind=device.kind, device_name=device.name, backend=backend, dtype=dtype, optim=optim,
+        batch=t.per_device_train_batch_size, accumulation=t.gradient_accumulation_steps,
+        micro_batch=micro if microbatch.is_active(micro, t.per_device_train_batch_size) else None, gradient_checkpointing=t.gradient_checkpointing,
+        max_length=cfg.kto.max_length, precompute_ref=None, precompute_rows=int(rows),
+        budget_gib=budget, peak_gib=peak, estimate=breakdown, changes=tuple(changes.items()), notes=tuple(notes),
+        precompute_setting=cfg.kto.precompute_ref_log_probs, max_steps=t.max_steps,
+        epochs=t.num_train_epochs, world=int(os.environ.get("WORLD_SIZE", "1")))
+    if isinstance(data_rows, list):
+        data_rows = len(data_rows)
+    if data_rows is not None:
+        return out.with_data(data_rows)
+    if isinstance(out.precompute_setting, bool):
+        return replace(out, precompute_ref=out.precompute_setting,
+                       notes=out.notes + (_precompute_note(out.precompute_setting, out.precompute_setting, None),))
+    return replace(out, notes=out.notes + (_precompute_note("auto", None, None),))
+
+
+def describe_plan(p: RunPlan) -> str:
+    """The plan in a few lines of Markdown (the Model tab shows it, the CLI prints it)."""
+    pre = {True: f"once before training ({p.precompute_rows} rows per pass)", False: "in every step",
+           None: "decided when the data is read"}[p.precompute_ref]
+    split = f"**{p.batch}** rows per pass x **{p.accumulation}** accumulation"
+    if p.micro_batch:
+        split += f", gradients **{p.micro_batch}** row{'s' if p.micro_batch > 1 else ''} at a time"
+    peak = f"; planned peak **{p.peak_gib:.2f} GiB** of {p.budget_gib:g} GiB" if p.peak_gib is not None else ""
+    lines = [f"**Run plan on {p.device_name} ({p.device_kind}):** {models.BACKEND_LABELS[p.backend]}, {p.dtype}, "
+             f"optimizer {p.optim}{peak}.",
+             f"{split}, max_length **{p.max_length}**, gradient checkpointing "
+             f"**{'on' if p.gradient_checkpointing else 'off'}**; reference log-probs {pre}."]
+    return "  \n".join(lines) + "".join(f"\n- {n}" for n in p.notes[1:])
+
+
+def plan_text(p: RunPlan) -> str:
+    """``describe_plan`` as plain text, for a terminal."""
+    return describe_plan(p).replace("**", "").replace("  \n", "\n")
+
+
+def run_plan_markdown(cfg: RunConfig, card: str, device) -> str:
+    """The plan a run of ``cfg`` will use, for the Model tab, when ``card`` is this machine (its GPU, or the CPU /
+    MPS card on such a machine); "" for a card elsewhere, whose plan is the card plan above it."""
+    if card != DETECTED and card != device.kind:
+        return ""
+    try:
+        return describe_plan(plan_run(cfg, device, fetch=False))
+    except (ConfigError, models.ModelLoadError) as e:  # RunWontFit is a ConfigError
+        return f"**Run plan:** {e}"

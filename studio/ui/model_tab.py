@@ -177,11 +177,13 @@ def fit_view(studio, device, gpu_key: str, recipe_key: str | None, seq_ceiling, 
     if apply and p.config != studio.config:
         studio.replace(p.config)
     studio.card = gpu_key
+    run_plan = planner.run_plan_markdown(p.config, gpu_key, device)  # what a run here will use
+    run_plan = f"\n\n{run_plan}" if run_plan else ""
     if p.error:
-        return f"**No estimate:** {p.error}", chart(None)
+        return f"**No estimate:** {p.error}{run_plan}", chart(None)
     if p.device_kind == "cpu":
-        return cpu_markdown(p, apply), chart(p.card_plan)
-    return plan_markdown(p.card_plan, apply, device.unsloth), chart(p.card_plan)
+        return cpu_markdown(p, apply) + run_plan, chart(p.card_plan)
+    return plan_markdown(p.card_plan, apply, device.unsloth) + run_plan, chart(p.card_plan)
 
 
 def chart(plan: memory.CardPlan | None) -> dict:

@@ -1,0 +1,149 @@
+"""The run plan (studio.training.plan.plan_run): each `auto` of a run config is decided in one place, and the memory
+estimate, auto-fit, the trainer's arguments and the engine read that decision. The device probe is monkeypatched:
+no GPU needed."""
+import dataclasses
+import json
+
+import pytest
+
+from tests.conftest import tiny_run_config
+from studio.config.run import RunConfig
+from studio.models import load as models
+from studio.models.load import DeviceInfo
+from studio.training import memory, plan as planner, trl_seam
+
+QWEN3B = "Qwen/Qwen2.5-3B-Instruct"
+
+
+def cuda(**kw):
+    base = dict(kind="cuda", name="RTX 3070", total_gib=8.0, free_gib=7.5, bf16=True)
+    base.update(kw)
+    return DeviceInfo(**base)
+
+
+CPU = DeviceInfo(kind="cpu", name="cpu")
+
+
+def test_optim_auto_without_bitsandbytes_is_adamw_torch_in_the_plan_the_estimate_and_the_trainer_args(monkeypatch):
+    monkeypatch.setattr(models, "detect_device", lambda: cuda(total_gib=80.0, free_gib=79.0))  # no bitsandbytes
+    cfg = RunConfig().updated({"model.name_or_path": QWEN3B, "model.dtype": "float32", "train.optim": "auto"})
+    p = planner.plan_run(cfg, fetch=False)  # device from the (patched) probe
+    assert p.optim == "adamw_torch"
+    assert memory.settings_from_run(cfg, p.device_kind, False).optim == p.optim
+    assert str(p.kto_config(cfg).optim.value) == "adamw_torch"
+    # with bitsandbytes the one rule says 8-bit, everywhere
+    with_bnb = planner.plan_run(cfg, cuda(total_gib=80.0, free_gib=79.0, bitsandbytes=True), fetch=False)
+    assert with_bnb.optim == "adamw_8bit" == memory.settings_from_run(cfg, "cuda", True).optim
+    assert str(with_bnb.kto_config(cfg).optim.value) == "adamw_8bit"
+    assert trl_seam.kto_config(cfg, device="cuda", bnb=False).optim.value == "adamw_torch"
+
+
+def test_the_memory_estimate_counts_the_optimizer_the_run_uses():
+    cfg = RunConfig().updated({"model.name_or_path": QWEN3B})
+    eight = memory.estimate(memory.arch_for(QWEN3B, False), "full", memory.settings_from_run(cfg, "cuda", True))
+    torch_ = memory.estimate(memory.arch_for(QWEN3B, False), "full", memory.settings_from_run(cfg, "cuda", False))
+    assert torch_.components["lora_optimizer"] > eight.components["lora_optimizer"]
+    p = planner.plan_run(cfg.updated({"model.load_in_4bit": False}), cuda(total_gib=80.0, free_gib=79.0),
+                         fetch=False)
+    assert p.optim == "adamw_torch" and p.peak_gib is not None
+
+
+def test_backend_auto_without_unsloth_is_bnb_for_the_plan_auto_fit_and_the_loader():
+    device = cuda(bitsandbytes=True)
+    cfg = RunConfig().updated({"model.name_or_path": QWEN3B, "model.backend": "auto", "model.load_in_4bit": True})
+    p = planner.plan_run(cfg, device, fetch=False)
+    assert p.backend == "bnb" == models.choose_backend(cfg, device)
+    assert any("With Unsloth installed" in n for n in p.notes)
+    card = planner.plan(cfg, planner.DETECTED, device, model_key="qwen2.5-3b-instruct")
+    assert card.card_plan is not None and card.card_plan.path == "bnb"
+    assert planner.installed_path(device) == "bnb"
+
+
+def test_precompute_auto_is_decided_once_and_the_trainer_args_follow_the_plan():
+    cfg = RunConfig().updated({"model.dtype": "float32", "kto.precompute_ref_log_probs": "auto",
+                               "train.max_steps": -1, "train.num_train_epochs": 1.0})
+    p = planner.plan_run(cfg, CPU)
+    assert p.precompute_ref is None  # the data is not read yet
+    whole = p.with_data(100)
+    assert whole.precompute_ref is True and whole.data_rows == 100
+    short = planner.plan_run(cfg.updated({"train.max_steps": 1}), CPU, data_rows=1000)
+    assert short.precompute_ref is False
+    # TRL's own precompute stays off in the constructor (the engine runs it after dropping the reference copy);
+    # the rows per pass are the plan's
+    args = whole.kto_config(cfg)
+    assert args.precompute_ref_log_probs is False and args.precompute_ref_batch_size == whole.precompute_rows
+    fixed = planner.plan_run(cfg.updated({"kto.precompute_ref_log_probs": True,
+                                          "kto.precompute_ref_batch_size": 3}), CPU)
+    assert fixed.precompute_ref is True and fixed.precompute_rows == 3
+
+
+def test_the_plan_is_frozen_and_serialisable(tmp_path):
+    p = planner.plan_run(RunConfig(), CPU, data_rows=[10] * 40)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.optim = "adamw_8bit"  # type: ignore[misc]
+    saved = json.loads(p.save(tmp_path).read_text())
+    assert saved["backend"] == "full" and saved["data_rows"] == 40 and saved["optim"] == p.optim
+
+
+def test_a_cpu_plan_has_no_gpu_budget_and_no_4bit():
+    cfg = RunConfig().updated({"model.name_or_path": QWEN3B, "model.load_in_4bit": True,
+                               "model.gpu_memory_gib": 7.5})
+    p = planner.plan_run(cfg, CPU)
+    assert p.backend == "full" and p.budget_gib is None and p.peak_gib is None
+    assert p.dtype == "float32" and p.optim == "adamw_torch"
+    with pytest.raises(models.ModelLoadError):
+        planner.plan_run(cfg.updated({"model.backend": "bnb"}), CPU)
+
+
+def test_fill_card_is_planned_once_and_the_config_carries_it():
+    big = cuda(total_gib=80.0, free_gib=79.0)
+    cfg = RunConfig().updated({"model.dtype": "float32"})  # the bundled 135M model on a big card
+    p = planner.plan_run(cfg, big)
+    assert p.changes and p.batch * p.accumulation == 16 and p.batch > cfg.train.per_device_train_batch_size
+    assert p.config(cfg).train.per_device_train_batch_size == p.batch
+    assert p.kto_config(cfg).per_device_train_batch_size == p.batch
+
+
+def test_the_model_tab_and_the_cli_show_the_plan():
+    md = planner.run_plan_markdown(RunConfig(), "cpu", CPU)
+    assert "Run plan" in md and "adamw_torch" in md
+    assert planner.run_plan_markdown(RunConfig(), "8gb", CPU) == ""  # a card elsewhere: the card plan says it
+    assert "**" not in planner.plan_text(planner.plan_run(RunConfig(), CPU))
+
+
+class _Built(Exception):
+    pass
+
+
+def test_the_engine_builds_the_trainer_from_the_plan_and_writes_it(tmp_path, monkeypatch):
+    from studio.training import engine as engine_mod, microbatch
+
+    device = cuda(total_gib=80.0, free_gib=79.0)  # CUDA without bitsandbytes or Unsloth
+    monkeypatch.setattr(models, "detect_device", lambda: device)
+
+    class Loaded:
+        model = tokenizer = None
+        dtype = "torch.float32"
+        source = models.ModelSource("x")
+
+    monkeypatch.setattr(models, "load_for_training", lambda *a, **k: Loaded())
+    seen = {}
+
+    def fake_trainer(*a, **k):
+        seen["args"] = k["args"]
+        raise _Built
+
+    monkeypatch.setattr(microbatch, "trainer_class", lambda *a, **k: fake_trainer)
+    cfg = tiny_run_config(tmp_path, **{"model.dtype": "float32", "train.optim": "auto"})
+    eng = engine_mod.Engine()
+    job = engine_mod.Job(id="t", config=cfg)
+    with pytest.raises(_Built):
+        eng._build(job)
+    p = job.plan
+    assert p.optim == "adamw_torch" and str(seen["args"].optim.value) == "adamw_torch"
+    assert seen["args"].per_device_train_batch_size == p.batch
+    assert seen["args"].gradient_accumulation_steps == p.accumulation
+    assert p.precompute_ref is not None and p.data_rows
+    saved = json.loads((job.run_dir / planner.PLAN_FILE).read_text())
+    assert saved["optim"] == "adamw_torch" and saved["backend"] == p.backend
+    assert any(e.get("plan") for e in job.events)
