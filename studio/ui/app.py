@@ -37,11 +37,13 @@ class Studio:
                 self.outside_changes += 1
             return self.config
 
-    def replace(self, cfg: RunConfig) -> RunConfig:
-        """Set a whole planned config (the Model tab's card / model / recipe plan), as an outside change."""
+    def replace(self, cfg: RunConfig, source: str | None = None) -> RunConfig:
+        """Set a whole config: a planned one (the Model tab's card / model / recipe plan, an outside change), or one
+        the Train tab's form shows already (a run opened from the history or resumed: ``source="train-form"``)."""
         with self.lock:
             self.config = cfg
-            self.outside_changes += 1
+            if source != "train-form":
+                self.outside_changes += 1
             return cfg
 
 
