@@ -47,6 +47,11 @@ class Studio:
             return cfg
 
 
+# Gradio's status tracker tells screen readers that an event finished with the i18n key "common.complete", which its
+# English strings lack (gradio 6.x), so the raw key was written into the page (a hidden live region, read aloud and
+# found by page search). The studio supplies the word; pass it to ``launch(i18n=I18N)``.
+I18N = gr.I18n(en={"common.complete": "Complete"})
+
 CSS = """
 #studio-title h1 {margin-bottom: 0}
 .metric-plot {min-height: 220px}

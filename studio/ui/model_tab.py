@@ -116,10 +116,22 @@ def plan_markdown(plan: memory.CardPlan, applied: bool, unsloth_installed: bool 
     other = other_path_line(plan, unsloth_installed)
     if other:
         lines += ["", other]
-    notes = plan.estimates[plan.path].notes if plan.path in plan.estimates else [
-        n for e in plan.estimates.values() for n in e.notes]
-    lines += [f"> {n}" for n in dict.fromkeys(notes)]  # each sentence once, even when several paths share it
+    lines += [f"> {n}" for n in plan_notes(plan)]
     return "\n".join(lines)
+
+
+def plan_notes(plan: memory.CardPlan) -> list[str]:
+    """What the estimates say about their settings: the applied path's; with none applied, those of the paths that
+    fit (a path that does not fit has no settings to explain). Each note once: a note several paths share (e.g.
+    "Gradients are taken 1 row(s) at a time …", whose row count differs per path) is said for the first of them."""
+    if plan.path in plan.estimates:
+        notes = plan.estimates[plan.path].notes
+    else:
+        notes = [n for path, e in plan.estimates.items() if path in plan.fits and plan.fits[path].ok for n in e.notes]
+    said: dict[str, str] = {}
+    for n in notes:
+        said.setdefault(n.split(";")[0], n)
+    return list(said.values())
 
 
 def other_path_line(plan: memory.CardPlan, unsloth_installed: bool = False) -> str:
