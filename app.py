@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from studio import safepaths
     from studio.config.run import ConfigError, RunConfig
-    from studio.ui.app import CSS, Studio, build_app
+    from studio.ui.app import CSS, I18N, Studio, build_app
 
     try:
         safepaths.allow(args.allow_path)
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         app_kwargs["middleware"] = [Middleware(LoginGuard)]
     app = build_app(Studio(cfg))
     app.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=args.share,
-                                                  auth=auth, css=CSS, show_error=True, app_kwargs=app_kwargs)
+                                                  auth=auth, css=CSS, i18n=I18N, show_error=True,
+                                                  app_kwargs=app_kwargs)
     return 0
 
 

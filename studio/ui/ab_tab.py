@@ -134,9 +134,8 @@ def build(studio):
 
     def generate(draw_one: bool):
         def handler(text, a_spec, b_spec, file, sys_prompt, n_new, temp, p, sd):
-            buttons = [gr.update(interactive=False)] * len(VOTES)
-            keep = gr.update()
-            fresh_a, fresh_b = gr.update(label="A"), gr.update(label="B")
+            """Yields {component: value} for what changes (the vote buttons stay off until both have answered)."""
+            buttons = {btn: gr.update(interactive=False) for btn in vote_btns}
             try:
                 ref, cand = votes.contenders(a_spec, b_spec)
                 if draw_one:
@@ -156,7 +155,7 @@ def build(studio):
                         raise VoteError("type a prompt first, or press Next prompt")
                     messages = build_messages([], text, sys_prompt)
             except Exception as e:  # noqa: BLE001 - VoteError/ChatError/EvalError say what to do
-                yield keep, keep, keep, f"❌ {e}", keep, None, *buttons
+                yield {status: f"❌ {e}", pending: None, **buttons}
                 return
             a, b = votes.assign(ref, cand)
             settings = GenerationSettings(max_new_tokens=int(n_new), temperature=float(temp), top_p=float(p),
@@ -164,18 +163,20 @@ def build(studio):
             hist = {"A": _shown(messages) + [{"role": "assistant", "content": ""}],
                     "B": _shown(messages) + [{"role": "assistant", "content": ""}]}
             note = "⏳ Loading the model…" if not chat.loaded else "⏳ Writing A…"
-            yield "", gr.update(value=hist["A"], **fresh_a), gr.update(value=hist["B"], **fresh_b), note, "", None, \
-                *buttons
+            yield {msg: "", box_a: gr.update(value=hist["A"], label="A"), box_b: gr.update(value=hist["B"], label="B"),
+                   status: note, reveal: "", pending: None, **buttons}
             replies = {}
             for letter, who in (("A", a), ("B", b)):
                 reply = ""
                 try:
                     for reply in votes.stream_reply(chat, who, messages, settings):
                         hist[letter][-1]["content"] = reply
-                        yield "", hist["A"], hist["B"], f"⏳ Writing {letter}…", "", None, *buttons
+                        yield {msg: "", box_a: hist["A"], box_b: hist["B"], status: f"⏳ Writing {letter}…", reveal: "",
+                               pending: None, **buttons}
                 except Exception as e:  # noqa: BLE001
                     hist[letter][-1]["content"] = f"(generation failed: {e})"
-                    yield "", hist["A"], hist["B"], f"❌ {e}", "", None, *buttons
+                    yield {msg: "", box_a: hist["A"], box_b: hist["B"], status: f"❌ {e}", reveal: "", pending: None,
+                           **buttons}
                     return
                 replies[letter] = reply
             state = {"a": a, "b": b, "ref": ref, "cand": cand, "prompt": chat.feedback_prompt(messages),
@@ -184,14 +185,15 @@ def build(studio):
             done = "Both have answered. Which is better? (The names are shown after your vote.)"
             if studio.engine.busy:
                 done += "  \n⚠️ A training run is going on: chat shares the machine with it and is slower."
-            yield "", hist["A"], hist["B"], done, "", state, *[gr.update(interactive=True)] * len(VOTES)
+            yield {msg: "", box_a: hist["A"], box_b: hist["B"], status: done, reveal: "", pending: state,
+                   **{btn: gr.update(interactive=True) for btn in vote_btns}}
         return handler
 
     def vote(choice: str):
         def handler(state):
-            off = [gr.update(interactive=False)] * len(VOTES)
+            off = {btn: gr.update(interactive=False) for btn in vote_btns}
             if not state:  # a second click on a vote already cast (the buttons are off until both have answered)
-                return *[gr.update()] * 5, None, gr.update(), *off
+                return {pending: None, **off}
             a, b = state["a"], state["b"]
             v = votes.record(studio.history, a=a, b=b, prompt=state["prompt"], reply_a=state["reply_a"],
                              reply_b=state["reply_b"], choice=choice, settings=state["settings"],
@@ -206,8 +208,9 @@ def build(studio):
                     + f" Vote #{v['id']} stored; {len(rows)} KTO row{'' if len(rows) == 1 else 's'} added to your "
                     f"chat ratings{why}.")
             t = votes.tally(studio.history.votes(), state["ref"], state["cand"])
-            return (text, f"**Win rate.** {t.sentence()}", votes.tally_figure(t), gr.update(label=f"A · {a.label}"),
-                    gr.update(label=f"B · {b.label}"), None, pairs_frame(studio.history), *off)
+            return {reveal: text, tally_md: f"**Win rate.** {t.sentence()}", plot: votes.tally_figure(t),
+                    box_a: gr.update(label=f"A · {a.label}"), box_b: gr.update(label=f"B · {b.label}"), pending: None,
+                    pairs: pairs_frame(studio.history), **off}
         return handler
 
     def on_export():

@@ -37,13 +37,20 @@ class Studio:
                 self.outside_changes += 1
             return self.config
 
-    def replace(self, cfg: RunConfig) -> RunConfig:
-        """Set a whole planned config (the Model tab's card / model / recipe plan), as an outside change."""
+    def replace(self, cfg: RunConfig, source: str | None = None) -> RunConfig:
+        """Set a whole config: a planned one (the Model tab's card / model / recipe plan, an outside change), or one
+        the Train tab's form shows already (a run opened from the history or resumed: ``source="train-form"``)."""
         with self.lock:
             self.config = cfg
-            self.outside_changes += 1
+            if source != "train-form":
+                self.outside_changes += 1
             return cfg
 
+
+# Gradio's status tracker tells screen readers that an event finished with the i18n key "common.complete", which its
+# English strings lack (gradio 6.x), so the raw key was written into the page (a hidden live region, read aloud and
+# found by page search). The studio supplies the word; pass it to ``launch(i18n=I18N)``.
+I18N = gr.I18n(en={"common.complete": "Complete"})
 
 CSS = """
 #studio-title h1 {margin-bottom: 0}

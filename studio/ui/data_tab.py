@@ -237,19 +237,27 @@ def build(studio):
     filters = [drop_dupes, drop_empty, drop_long]
     view_out = [summary, problems, label_plot, length_plot, lengths, table, page, page_info, wd, wu, gauge, balance]
 
-    def view(wb, pg, issues_only, dupes, empty, long, auto, w_d, w_u, new_lengths=False):
+    # handlers return {component: value} for what they change (Gradio leaves the other outputs as they are), or
+    # gr.skip() when nothing changes
+    def view(wb, pg, issues_only, dupes, empty, long, auto, w_d, w_u, new_lengths=False) -> dict:
         """Every view of ``wb``; the histogram figure only when the lengths were (re)measured (it is the slow one)."""
         if wb is None:
-            return [gr.update()] * len(view_out)
+            return {}
         opts = _options(dupes, empty, long)
         if auto:
             s = wb.balance(opts)
             w_d, w_u = s.desirable_weight, s.undesirable_weight
         df, pg, info = table_frame(wb, pg, issues_only)
         nd, nu = wb.counts(opts)
-        fig = (length_figure(wb.lengths, wb.max_length) if wb.lengths else None) if new_lengths else gr.update()
-        return [summary_md(wb), problems_md(wb), label_frame(wb, opts), fig, lengths_md(wb), df, pg, info, w_d, w_u,
-                gauge_figure(weighted_ratio(nd, nu, w_d, w_u)), balance_md(wb, opts, w_d, w_u)]
+        out = {summary: summary_md(wb), problems: problems_md(wb), label_plot: label_frame(wb, opts),
+               lengths: lengths_md(wb), table: df, page: pg, page_info: info, wd: w_d, wu: w_u,
+               gauge: gauge_figure(weighted_ratio(nd, nu, w_d, w_u)), balance: balance_md(wb, opts, w_d, w_u)}
+        if new_lengths:
+            out[length_plot] = length_figure(wb.lengths, wb.max_length) if wb.lengths else None
+        return out
+
+    def changed(out: dict):
+        return out or gr.skip()
 
     view_in = [page, only_issues, *filters, auto_w, wd, wu]
 
@@ -257,12 +265,11 @@ def build(studio):
         mapping_values, view_args = rest[:len(FIELDS)], rest[len(FIELDS):]
         mapping = {theirs: ours for ours, theirs in zip(FIELDS, mapping_values) if theirs}
         src = file if file else (source or SAMPLE_DATA)
-        map_updates = [gr.update()] * len(FIELDS)
         try:
             # the web UI reads only the studio home, uploads, the sample and folders allowed with --allow-path
             src = safepaths.check_read(resolve(src))
         except safepaths.PathRefused as e:
-            return [None, f"**Cannot use this data:** {e}", gr.update(), *map_updates, *_cleared()]
+            return _refused(f"**Cannot use this data:** {e}")
         name = Path(file).name if file else Path(src).name
         try:
             progress(0, desc="reading")
@@ -270,29 +277,30 @@ def build(studio):
                                 progress=lambda f, msg: progress(f, desc=msg))
         except ColumnError as e:
             choices = [""] + list(e.columns)
-            map_updates = [gr.update(choices=choices, value=v if v in choices else "") for v in mapping_values]
+            map_updates = {dd: gr.update(choices=choices, value=v if v in choices else "")
+                           for dd, v in zip(map_dd, mapping_values)}
             where = ("Pick the column that holds the label in **Column mapping** below (opened for you), then press "
                      "**Load with this mapping**." if e.missing_label else
                      "Say which of your columns holds what in **Column mapping** below (opened for you), then press "
                      "**Load with this mapping**.")
-            return [None, f"**Cannot use this data:** {e}  \n{where}", gr.update(open=True), *map_updates,
-                    *_cleared()]
+            return {**_refused(f"**Cannot use this data:** {e}  \n{where}"), map_box: gr.update(open=True),
+                    **map_updates}
         except DataError as e:
-            return [None, f"**Cannot use this data:** {e}", gr.update(), *map_updates, *_cleared()]
+            return _refused(f"**Cannot use this data:** {e}")
         except Exception as e:  # a reader we don't know failing: say so, keep the app up
-            return [None, f"**Cannot use this data:** {type(e).__name__}: {e}", gr.update(), *map_updates,
-                    *_cleared()]
+            return _refused(f"**Cannot use this data:** {type(e).__name__}: {e}")
         choices = [""] + wb.norm.columns
         ours_to_theirs = {ours: theirs for theirs, ours in wb.norm.mapping.items()}
-        map_updates = [gr.update(choices=choices, value=ours_to_theirs.get(f, f if f in wb.norm.columns else ""))
-                       for f in FIELDS]
+        map_updates = {dd: gr.update(choices=choices, value=ours_to_theirs.get(f, f if f in wb.norm.columns else ""))
+                       for dd, f in zip(map_dd, FIELDS)}
         _measure(wb, model, max_length, progress)
-        out = view(wb, 1, *view_args, new_lengths=True)
-        return [wb, out[0], gr.update(), *map_updates, *out[1:]]
+        return {wb_state: wb, **map_updates, **view(wb, 1, *view_args, new_lengths=True)}
 
-    def _cleared():
-        # summary carries the error; the rest is emptied so nothing stale from an earlier file is shown
-        return [gr.update(value="")] + [None] * 4 + [1, ""] + [gr.update()] * 2 + [None, ""]
+    def _refused(message: str) -> dict:
+        # the summary carries the error; the views are emptied so nothing stale from an earlier file is shown (the
+        # weights stay as they are)
+        return {wb_state: None, summary: message, problems: gr.update(value=""), label_plot: None, length_plot: None,
+                lengths: None, table: None, page: 1, page_info: "", gauge: None, balance: ""}
 
     def _measure(wb, model, max_length, progress=None):
         ml = int(max_length) if max_length else None
@@ -321,7 +329,7 @@ def build(studio):
 
     def measure(wb, model, max_length, *args, progress=gr.Progress()):
         if wb is None:
-            return [gr.update()] * len(view_out)
+            return gr.skip()
         _measure(wb, model, max_length, progress)
         return view(wb, *args, new_lengths=True)
 
@@ -330,7 +338,7 @@ def build(studio):
     model_box.submit(measure, [wb_state, model_box, max_len, *view_in], view_out)
 
     def refresh(wb, *args):
-        return view(wb, *args)
+        return changed(view(wb, *args))
 
     for comp in (only_issues, *filters, auto_w):
         comp.input(refresh, [wb_state, *view_in], view_out)
@@ -338,7 +346,7 @@ def build(studio):
 
     def step(delta):
         def go(wb, pg, *args):
-            return view(wb, int(pg or 1) + delta, *args)
+            return changed(view(wb, int(pg or 1) + delta, *args))
 
         return go
 
@@ -349,14 +357,14 @@ def build(studio):
         # typing a weight means the user overrides the suggestion
         args = list(args)
         args[-3] = False
-        return [False, *view(wb, *args)]
+        return {auto_w: False, **view(wb, *args)}
 
     for w in (wd, wu):
         w.input(own_weights, [wb_state, *view_in], [auto_w, *view_out])
 
     def edit_labels(wb, df, *args):
         if wb is None or df is None:
-            return [gr.update(), *[gr.update()] * len(view_out)]
+            return gr.skip()
         errors = []
         for _, row in df.iterrows():
             try:
@@ -375,7 +383,7 @@ def build(studio):
                 errors.append(str(e))
         if errors:
             gr.Warning("; ".join(errors[:3]))
-        return [wb, *view(wb, *args)]
+        return {wb_state: wb, **view(wb, *args)}
 
     table.input(edit_labels, [wb_state, table, *view_in], [wb_state, *view_out])
 
@@ -391,15 +399,15 @@ def build(studio):
     def flip(wb, text, *args):
         if wb is None:
             gr.Warning("Load data first.")
-            return [gr.update(), gr.update(), *[gr.update()] * len(view_out)]
+            return gr.skip()
         try:
             nums = parse_row_numbers(text or "", len(wb.rows))
         except DataError as e:
             gr.Warning(str(e))
-            return [gr.update(), gr.update(), *[gr.update()] * len(view_out)]
+            return gr.skip()
         n = wb.flip(nums)
         gr.Info(f"Flipped {n} label{'' if n == 1 else 's'}.")
-        return [wb, "", *view(wb, *args)]
+        return {wb_state: wb, flip_rows: "", **view(wb, *args)}
 
     flip_btn.click(flip, [wb_state, flip_rows, *view_in], [wb_state, flip_rows, *view_out])
 

@@ -116,10 +116,22 @@ def plan_markdown(plan: memory.CardPlan, applied: bool, unsloth_installed: bool 
     other = other_path_line(plan, unsloth_installed)
     if other:
         lines += ["", other]
-    notes = plan.estimates[plan.path].notes if plan.path in plan.estimates else [
-        n for e in plan.estimates.values() for n in e.notes]
-    lines += [f"> {n}" for n in dict.fromkeys(notes)]  # each sentence once, even when several paths share it
+    lines += [f"> {n}" for n in plan_notes(plan)]
     return "\n".join(lines)
+
+
+def plan_notes(plan: memory.CardPlan) -> list[str]:
+    """What the estimates say about their settings: the applied path's; with none applied, those of the paths that
+    fit (a path that does not fit has no settings to explain). Each note once: a note several paths share (e.g.
+    "Gradients are taken 1 row(s) at a time …", whose row count differs per path) is said for the first of them."""
+    if plan.path in plan.estimates:
+        notes = plan.estimates[plan.path].notes
+    else:
+        notes = [n for path, e in plan.estimates.items() if path in plan.fits and plan.fits[path].ok for n in e.notes]
+    said: dict[str, str] = {}
+    for n in notes:
+        said.setdefault(n.split(";")[0], n)
+    return list(said.values())
 
 
 def other_path_line(plan: memory.CardPlan, unsloth_installed: bool = False) -> str:
@@ -246,23 +258,29 @@ def build(studio):
                                     elem_id="cache-delete-pick")
             del_btn = gr.Button("Delete", variant="stop", elem_id="cache-delete")
 
-    def field_values():
+    # handlers with several outputs return {component: value}
+    def field_values() -> dict:
         c = studio.config
-        return [c.model.name_or_path, c.model.backend, c.model.load_in_4bit]
+        return {comp: getattr(getattr(c, s), n) for comp, (s, n) in zip(comps, FIELDS)}
+
+    def plan_view(md_and_chart) -> dict:
+        md, frame = md_and_chart
+        return {fit_md: md, chart_plot: frame}
 
     # every choice re-plans the whole card (studio.training.plan): nothing planned for an earlier card or model stays
     def on_gpu(gpu_key, model_key, recipe_key, seq_ceiling):
-        md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key)
-        return [md, frame, *field_values()]
+        return {**plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key)),
+                **field_values()}
 
     def on_model(model_key, gpu_key, recipe_key, seq_ceiling):
-        md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key)
-        return [preset_info(model_key, recipe_key), md, frame, *field_values()]
+        return {info: preset_info(model_key, recipe_key),
+                **plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key)),
+                **field_values()}
 
     def on_recipe(recipe_key, model_key, gpu_key, seq_ceiling):
         studio.recipe = recipe_key
-        md, frame = fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, recipe_changed=True)
-        return [preset_info(model_key, recipe_key), md, frame]
+        return {info: preset_info(model_key, recipe_key),
+                **plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, recipe_changed=True))}
 
     def on_fit(gpu_key, recipe_key, seq_ceiling):
         return fit_view(studio, device, gpu_key, recipe_key, seq_ceiling)
@@ -318,8 +336,9 @@ def build(studio):
             """The card, model and recipe the studio holds, and the plan of its current config (not a re-plan)."""
             card = studio.card or default_gpu(device)
             model_key = model_choice_for(studio.config.model.name_or_path)
-            md, frame = fit_view(studio, device, card, studio.recipe, seq_ceiling, apply=False)
-            return [*field_values(), card, model_key, studio.recipe, preset_info(model_key, studio.recipe), md, frame]
+            return {**field_values(), gpu: card, model_pick: model_key, recipe: studio.recipe,
+                    info: preset_info(model_key, studio.recipe),
+                    **plan_view(fit_view(studio, device, card, studio.recipe, seq_ceiling, apply=False))}
 
         app.load(on_load, ceiling, [*comps, gpu, model_pick, recipe, info, fit_md, chart_plot])
 

@@ -272,6 +272,184 @@ def checkpoint_choices(run_dir: Path | None) -> list[tuple[str, str]]:
     return [(latest, LATEST)] + [(f"checkpoint-{s}", p) for s, p in reversed(ckpts)]
 
 
+# ---- handlers: module-level, so tests call them without a browser -------------------------------------------------
+# Each takes the Studio and the values the event sends and returns {key: value} for the parts of the page it changes
+# (keys: "name", the FIELDS' "section.name", "message", the plots' PLOT_KEYS, ...); ``build`` maps the keys to the
+# tab's components, and a part absent from the dict is left as it is.
+FORM_KEYS = ["name"] + [f"{s}.{n}" for s, n in FIELDS]
+PLOT_KEYS = {title: f"plot-{suffix}" for title, (suffix, _) in PLOTS.items()}
+
+
+def form_changes(run_name, values) -> dict:
+    """The config changes the form holds: the run name and FIELDS' values, in FIELDS' order."""
+    return {"name": (run_name or "").strip() or "run", **collect(FIELDS, values)}
+
+
+def form_values(cfg: RunConfig) -> dict:
+    return {"name": cfg.name, **{f"{s}.{n}": getattr(getattr(cfg, s), n) for s, n in FIELDS}}
+
+
+def run_dir_for(studio, run_name) -> Path | None:
+    try:
+        return studio.config.updated({"name": (run_name or "").strip() or "run"}).run_dir()
+    except ConfigError:
+        return None
+
+
+def busy_message(studio, verb: str) -> str:
+    job = studio.engine.job
+    return f"**Not {verb}:** a training job is running (`{job.config.name}`): stop it or wait for it to end."
+
+
+def start_run(studio, run_name, values) -> dict:
+    if studio.engine.busy:
+        return {"message": busy_message(studio, "started")}
+    try:
+        changes = form_changes(run_name, values)
+        cfg, note = folder.new_run(studio.config.updated(changes))
+        cfg = studio.update({**changes, "name": cfg.name}, source="train-form")
+        studio.engine.start(cfg)
+        return {"message": f"{note + '  ' + chr(10) if note else ''}Started run `{cfg.name}` → `{cfg.run_dir()}`",
+                "name": cfg.name}
+    except JobRunning:
+        return {"message": busy_message(studio, "started")}
+    except (ConfigError, ValueError) as e:
+        return {"message": f"**Not started:** {e}"}
+
+
+def resume_run(studio, run_name, checkpoint, values) -> dict:
+    if studio.engine.busy:
+        return {"message": busy_message(studio, "resumed")}
+    try:
+        changes = form_changes(run_name, values)
+        # the saved run decides model, data and the adapter's shape; the form may change how training goes on
+        cfg, kept = folder.resume_run(studio.config.updated(changes), changes)
+        if not folder.run_checkpoints(cfg.run_dir()):
+            return {"message": f"**Nothing to resume:** run `{cfg.name}` has no saved checkpoint yet."}
+        job = studio.engine.start(cfg, resume_from=checkpoint or LATEST)
+        studio.replace(cfg, source="train-form")
+        note = (f"  \nLoRA settings stay as saved ({', '.join(kept)}): an adapter's shape cannot change "
+                "mid-run." if kept else "")
+        return {"message": f"Resuming `{cfg.name}` from `{Path(job.resume_from).name}`" + note}
+    except JobRunning:
+        return {"message": busy_message(studio, "resumed")}
+    except (ConfigError, ValueError) as e:
+        return {"message": f"**Not resumed:** {e}"}
+
+
+def stop_run(studio) -> dict:
+    return {"message": "Stopping after this step; a checkpoint and the adapter are saved." if studio.engine.stop()
+            else "No training is running."}
+
+
+def open_run(studio, run_id) -> dict:
+    """A run of the history into the form (its settings become the studio's config)."""
+    cfg = studio.history.config(run_id) if run_id else None
+    if cfg is None:
+        return {"message": "Pick a run first."}
+    studio.replace(cfg, source="train-form")
+    return {"message": f"Opened `{cfg.name}`: its settings are in the form. **Resume** continues it; **Start** makes "
+                       "a new run with these settings.",
+            **form_values(cfg),
+            "checkpoint": gr.update(choices=checkpoint_choices(cfg.run_dir()), value=LATEST),
+            "detail": run_detail_md(studio.history, run_id), "compare_a": run_id}
+
+
+def delete_run(studio, run_id, yes) -> dict:
+    if not run_id:
+        return {"message": "Pick a run first.", "confirm": False}
+    if not yes:
+        return {"message": "Tick **yes, delete this run's files** first: deleting cannot be undone.", "confirm": False}
+    run = studio.history.get(run_id)
+    job = studio.engine.job
+    if run and job is not None and studio.engine.busy and Path(job.run_dir).resolve() == Path(run["run_dir"]):
+        return {"message": "**Not deleted:** this run is training; stop it first.", "confirm": False}
+    try:
+        removed = studio.history.delete_files(run_id)
+    except HistoryError as e:
+        return {"message": f"**Not deleted:** {e}", "confirm": False}
+    return {"message": f"Deleted {len(removed)} files/folders of `{run['name']}`; its record stays in the history.",
+            "detail": run_detail_md(studio.history, run_id), "confirm": False}
+
+
+def compare_runs(studio, a, b, key) -> dict:
+    frame = compare_frame(studio.history, a, b, key or "loss")
+    return {"compare": None if frame.empty else frame}
+
+
+def page_form(studio) -> dict:
+    """A new or refreshed page shows the running job's settings, else the studio's current config."""
+    job = studio.engine.job
+    return form_values(job.config if job is not None and not job.done else studio.config)
+
+
+def tick(studio, state, run_name, checkpoint, now: float | None = None) -> dict:
+    """The timer: what changed since this browser tab last drew (``state``, returned updated as "seen")."""
+    state = dict(state or {})
+    job = studio.engine.job
+    hist = studio.history
+    key = [job.id if job else None, len(job.events) if job else 0, job.state if job else None, hist.version]
+    out: dict = {}
+    if key != state.get("key"):
+        metrics = job_metrics(studio)
+        # plots are redrawn only when the curves changed (a redraw resets the chart's zoom and tooltips)
+        curve_key = [job.id if job else None, [(m["step"], m.get("loss")) for m in metrics]]
+        if curve_key != state.get("curves"):
+            out.update(zip(PLOT_KEYS.values(), plot_updates(metrics)))
+        state["curves"] = curve_key
+        out.update(status=status_md(job), progress=progress_html(job, now), memory=memory_html(job),
+                   health=health_md(metrics, job.config if job else None), history=history_frame(hist))
+        state["key"] = key
+    elif job is not None and not job.done:
+        # nothing new happened, but the clocks and the phase's ETA move: redraw the progress line alone
+        out["progress"] = progress_html(job, now)
+    choices = run_choices(hist)
+    if choices != state.get("runs"):
+        state["runs"] = choices
+        out.update({k: gr.update(choices=choices) for k in ("run", "compare_a", "compare_b")})
+    busy = studio.engine.busy
+    if busy != state.get("busy"):  # red and clickable only while a job runs
+        state["busy"] = busy
+        out["stop"] = stop_button(busy)
+    ckpts = checkpoint_choices(run_dir_for(studio, run_name))
+    if ckpts != state.get("ckpts"):
+        state["ckpts"] = ckpts
+        keep = checkpoint in [v for _, v in ckpts]
+        out["checkpoint"] = gr.update(choices=ckpts, value=checkpoint if keep else LATEST)
+    out["seen"] = state
+    return out
+
+
+def edit_field(studio, section: str, field_name: str, value) -> dict:
+    """A value typed in the form goes into the shared config at once, this field only (an invalid one waits for
+    Start, which reports it), so switching tabs and back keeps it; the expected duration follows."""
+    try:
+        studio.update(collect([(section, field_name)], [value]), source="train-form")
+    except (ConfigError, ValueError):
+        return {}
+    return {"expected": duration_markdown(studio.config)}
+
+
+def load_form(studio) -> dict:
+    return {**page_form(studio), "seen_changes": studio.outside_changes}
+
+
+def show_form(studio, seen) -> dict:
+    """Shown again: reload the settings only if another tab changed the config since they were last loaded, and say
+    so. The run name is left as it is: no other tab sets it, and a reload could overwrite a name being typed."""
+    if seen == studio.outside_changes:
+        return {}
+    form = page_form(studio)
+    del form["name"]
+    return {**form, "seen_changes": studio.outside_changes, "message": RELOADED_NOTICE}
+
+
+def expected_duration(studio) -> dict:
+    """The expected duration: its own event, so that measuring the data's lengths (seconds, the first time) never
+    delays the form's reload (a late reload would overwrite what the user types meanwhile)."""
+    return {"expected": duration_markdown(studio.config)}
+
+
 # ---- the tab -------------------------------------------------------------------------------------------------------
 def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
     """The Train tab. ``tab`` (its gr.Tab) refreshes the form from the shared config whenever the tab is shown, so
@@ -323,188 +501,45 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
         cmp_plot = gr.LinePlot(x="step", y="value", color="series", title="compare", height=260,
                                y_axis_format=".3~g", color_title="", elem_id="plot-compare")
     seen = gr.State(None)  # what this browser tab last drew, so the timer only sends changes
+    seen_changes = gr.State(-1)  # per browser tab: the studio's outside-change count the form last showed
     timer = gr.Timer(1.0)
 
-    # ---- helpers over the form ----
-    def _changes(run_name, values) -> dict:
-        return {"name": (run_name or "").strip() or "run", **collect(FIELDS, values)}
+    ui = {"name": name, **dict(zip(FORM_KEYS[1:], comps)), "checkpoint": ckpt, "stop": stop, "expected": expected,
+          "message": message, "status": status, "progress": progress, "memory": memory,
+          **dict(zip(PLOT_KEYS.values(), plots)), "health": health_box, "history": table, "run": run_dd,
+          "confirm": confirm, "detail": detail, "compare_a": cmp_a, "compare_b": cmp_b, "compare": cmp_plot,
+          "seen": seen, "seen_changes": seen_changes}
 
-    def _run_dir(run_name) -> Path | None:
-        try:
-            return studio.config.updated({"name": (run_name or "").strip() or "run"}).run_dir()
-        except ConfigError:
-            return None
+    def on(fn, *keys) -> dict:
+        """The event's ``fn`` (``fn``'s {key: value} as the {component: value} Gradio takes; nothing: all left as they
+        are) and ``outputs`` (the components it may change)."""
+        def handler(*args):
+            out = fn(*args)
+            return {ui[k]: v for k, v in out.items()} if out else gr.skip()
+        return {"fn": handler, "outputs": [ui[k] for k in keys]}
 
-    def _busy_message(verb: str) -> str:
-        job = studio.engine.job
-        return f"**Not {verb}:** a training job is running (`{job.config.name}`): stop it or wait for it to end."
-
-    def _form_values(cfg: RunConfig) -> list:
-        return [cfg.name] + [getattr(getattr(cfg, s), n) for s, n in FIELDS]
-
-    # ---- actions ----
-    def on_start(run_name, *values):
-        if studio.engine.busy:
-            return _busy_message("started"), gr.skip()
-        try:
-            changes = _changes(run_name, values)
-            cfg, note = folder.new_run(studio.config.updated(changes))
-            cfg = studio.update({**changes, "name": cfg.name}, source="train-form")
-            studio.engine.start(cfg)
-            return (f"{note + '  ' + chr(10) if note else ''}Started run `{cfg.name}` → `{cfg.run_dir()}`",
-                    cfg.name)
-        except JobRunning:
-            return _busy_message("started"), gr.skip()
-        except (ConfigError, ValueError) as e:
-            return f"**Not started:** {e}", gr.skip()
-
-    def on_resume(run_name, checkpoint, *values):
-        if studio.engine.busy:
-            return _busy_message("resumed")
-        try:
-            changes = _changes(run_name, values)
-            # the saved run decides model, data and the adapter's shape; the form may change how training goes on
-            cfg, kept = folder.resume_run(studio.config.updated(changes), changes)
-            if not folder.run_checkpoints(cfg.run_dir()):
-                return f"**Nothing to resume:** run `{cfg.name}` has no saved checkpoint yet."
-            job = studio.engine.start(cfg, resume_from=checkpoint or LATEST)
-            with studio.lock:
-                studio.config = cfg
-            note = (f"  \nLoRA settings stay as saved ({', '.join(kept)}): an adapter's shape cannot change "
-                    "mid-run." if kept else "")
-            return f"Resuming `{cfg.name}` from `{Path(job.resume_from).name}`" + note
-        except JobRunning:
-            return _busy_message("resumed")
-        except (ConfigError, ValueError) as e:
-            return f"**Not resumed:** {e}"
-
-    def on_stop():
-        return ("Stopping after this step; a checkpoint and the adapter are saved." if studio.engine.stop()
-                else "No training is running.")
-
-    def on_open(run_id):
-        cfg = studio.history.config(run_id) if run_id else None
-        if cfg is None:
-            return ["Pick a run first."] + [gr.skip()] * (len(FIELDS) + 4)
-        with studio.lock:
-            studio.config = cfg
-        return ([f"Opened `{cfg.name}`: its settings are in the form. **Resume** continues it; **Start** makes "
-                 "a new run with these settings."] + _form_values(cfg)
-                + [gr.update(choices=checkpoint_choices(cfg.run_dir()), value=LATEST),
-                   run_detail_md(studio.history, run_id), run_id])
-
-    def on_delete(run_id, yes):
-        if not run_id:
-            return "Pick a run first.", gr.skip(), False
-        if not yes:
-            return "Tick **yes, delete this run's files** first: deleting cannot be undone.", gr.skip(), False
-        run = studio.history.get(run_id)
-        job = studio.engine.job
-        if run and job is not None and studio.engine.busy and Path(job.run_dir).resolve() == Path(run["run_dir"]):
-            return "**Not deleted:** this run is training; stop it first.", gr.skip(), False
-        try:
-            removed = studio.history.delete_files(run_id)
-        except HistoryError as e:
-            return f"**Not deleted:** {e}", gr.skip(), False
-        return (f"Deleted {len(removed)} files/folders of `{run['name']}`; its record stays in the history.",
-                run_detail_md(studio.history, run_id), False)
-
-    def on_compare(a, b, key):
-        frame = compare_frame(studio.history, a, b, key or "loss")
-        return None if frame.empty else frame
-
-    def on_page_load():
-        """A new or refreshed page shows the running job's settings, else the studio's current config."""
-        job = studio.engine.job
-        cfg = job.config if job is not None and not job.done else studio.config
-        return _form_values(cfg)
-
-    def on_tick(state, run_name, checkpoint):
-        state = dict(state or {})
-        job = studio.engine.job
-        hist = studio.history
-        key = [job.id if job else None, len(job.events) if job else 0, job.state if job else None, hist.version]
-        out: list = []
-        if key != state.get("key"):
-            metrics = job_metrics(studio)
-            # plots are redrawn only when the curves changed (a redraw resets the chart's zoom and tooltips)
-            curve_key = [job.id if job else None, [(m["step"], m.get("loss")) for m in metrics]]
-            plots_out = plot_updates(metrics) if curve_key != state.get("curves") else [gr.skip()] * len(PLOTS)
-            state["curves"] = curve_key
-            out += [status_md(job), progress_html(job), memory_html(job), *plots_out,
-                    health_md(metrics, job.config if job else None), history_frame(hist)]
-            state["key"] = key
-        elif job is not None and not job.done:
-            # nothing new happened, but the clocks and the phase's ETA move: redraw the progress line alone
-            out += [gr.skip(), progress_html(job)] + [gr.skip()] * (3 + len(PLOTS))
-        else:
-            out += [gr.skip()] * (5 + len(PLOTS))
-        choices = run_choices(hist)
-        if choices != state.get("runs"):
-            state["runs"] = choices
-            out += [gr.update(choices=choices)] * 3
-        else:
-            out += [gr.skip()] * 3
-        busy = studio.engine.busy
-        if busy != state.get("busy"):  # red and clickable only while a job runs
-            state["busy"] = busy
-            out.append(stop_button(busy))
-        else:
-            out.append(gr.skip())
-        ckpts = checkpoint_choices(_run_dir(run_name))
-        if ckpts != state.get("ckpts"):
-            state["ckpts"] = ckpts
-            keep = checkpoint in [v for _, v in ckpts]
-            out.append(gr.update(choices=ckpts, value=checkpoint if keep else LATEST))
-        else:
-            out.append(gr.skip())
-        return out + [state]
-
-    start.click(on_start, [name, *comps], [message, name], concurrency_limit=1)
-    resume.click(on_resume, [name, ckpt, *comps], message, concurrency_limit=1)
-    stop.click(on_stop, None, message)
-    open_btn.click(on_open, run_dd, [message, name, *comps, ckpt, detail, cmp_a])
-    delete_btn.click(on_delete, [run_dd, confirm], [message, detail, confirm])
+    form = [name, *comps]
+    start.click(**on(lambda n, *v: start_run(studio, n, v), "message", "name"), inputs=form, concurrency_limit=1)
+    resume.click(**on(lambda n, c, *v: resume_run(studio, n, c, v), "message"), inputs=[name, ckpt, *comps],
+                 concurrency_limit=1)
+    stop.click(**on(lambda: stop_run(studio), "message"))
+    open_btn.click(**on(lambda r: open_run(studio, r), "message", *FORM_KEYS, "checkpoint", "detail", "compare_a"),
+                   inputs=run_dd)
+    delete_btn.click(**on(lambda r, y: delete_run(studio, r, y), "message", "detail", "confirm"),
+                     inputs=[run_dd, confirm])
     for c in (cmp_a, cmp_b, cmp_key):
-        c.change(on_compare, [cmp_a, cmp_b, cmp_key], cmp_plot)
-    timer.tick(on_tick, [seen, name, ckpt],
-               [status, progress, memory, *plots, health_box, table, run_dd, cmp_a, cmp_b, stop, ckpt, seen],
-               show_progress="hidden")
-
-    def field_editor(section: str, field_name: str):
-        def on_edit(value):
-            """A value typed in the form goes into the shared config at once, this field only (an invalid one waits
-            for Start, which reports it), so switching tabs and back keeps it; the expected duration follows."""
-            try:
-                studio.update(collect([(section, field_name)], [value]), source="train-form")
-            except (ConfigError, ValueError):
-                return gr.skip()
-            return duration_markdown(studio.config)
-        return on_edit
-
+        c.change(**on(lambda a, b, k: compare_runs(studio, a, b, k), "compare"), inputs=[cmp_a, cmp_b, cmp_key])
+    timer.tick(**on(lambda s, n, c: tick(studio, s, n, c), "status", "progress", "memory", *PLOT_KEYS.values(),
+                   "health", "history", "run", "compare_a", "compare_b", "stop", "checkpoint", "seen"),
+               inputs=[seen, name, ckpt], show_progress="hidden")
     for (section, field_name), c in zip(FIELDS, comps):
-        c.input(field_editor(section, field_name), c, expected, show_progress="hidden")
-    seen_changes = gr.State(-1)  # per browser tab: the studio's outside-change count the form last showed
-
-    def on_load():
-        return [*on_page_load(), studio.outside_changes]
-
-    def on_show(seen):
-        """Shown again: reload the settings only if another tab changed the config since they were last loaded, and
-        say so. The run name is left as it is: no other tab sets it, and a reload could overwrite a name being typed."""
-        if seen == studio.outside_changes:
-            return [gr.skip()] * (len(FIELDS) + 3)
-        return [gr.skip(), *on_page_load()[1:], studio.outside_changes, RELOADED_NOTICE]
-
-    def on_expected():
-        """The expected duration: its own event, so that measuring the data's lengths (seconds, the first time)
-        never delays the form's reload (a late reload would overwrite what the user types meanwhile)."""
-        return duration_markdown(studio.config)
-
+        c.input(**on(lambda v, s=section, f=field_name: edit_field(studio, s, f, v), "expected"), inputs=c,
+                show_progress="hidden")
     if tab is not None:
-        tab.select(on_show, seen_changes, [name, *comps, seen_changes, message], show_progress="hidden")
-        tab.select(on_expected, None, expected, show_progress="hidden")
+        tab.select(**on(lambda s: show_form(studio, s), *FORM_KEYS, "seen_changes", "message"), inputs=seen_changes,
+                   show_progress="hidden")
+        tab.select(**on(lambda: expected_duration(studio), "expected"), show_progress="hidden")
     app = app or gr.context.Context.root_block
     if app is not None:
-        app.load(on_load, None, [name, *comps, seen_changes])
-        app.load(on_expected, None, expected, show_progress="hidden")
+        app.load(**on(lambda: load_form(studio), *FORM_KEYS, "seen_changes"))
+        app.load(**on(lambda: expected_duration(studio), "expected"), show_progress="hidden")

@@ -95,10 +95,31 @@ def page(studio_server):
         )
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
         pg.set_default_timeout(30_000)
+        pg.add_init_script(WATCH_RAW_I18N)
         pg.goto(studio_server["url"])
         pg.wait_for_selector("text=KTO Studio")
         yield pg
         browser.close()
+
+
+# Records every text the page ever shows that is a raw Gradio i18n key ("common.complete": a string the frontend's
+# dictionary lacks), also where it shows for a moment only (the status tracker's screen-reader line clears after 1 s).
+WATCH_RAW_I18N = """
+window.__rawI18n = [];
+document.addEventListener('DOMContentLoaded', () => {
+  new MutationObserver(mutations => {
+    for (const m of mutations) {
+      const hit = (m.target.textContent || '').match(/\\bcommon\\.[a-z_]+/);
+      if (hit && !window.__rawI18n.includes(hit[0])) window.__rawI18n.push(hit[0]);
+    }
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+});
+"""
+
+
+def raw_i18n_seen(page) -> list[str]:
+    """The raw i18n keys the page has shown since it was loaded (see WATCH_RAW_I18N); none is wanted."""
+    return page.evaluate("window.__rawI18n || []")
 
 
 def shot(page, name: str) -> None:

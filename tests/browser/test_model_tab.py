@@ -1,7 +1,7 @@
 """A hobbyist with an 8 GB card picks a 7B model and sees what the studio will run and how the memory adds up."""
 import re
 
-from tests.browser.conftest import shot
+from tests.browser.conftest import raw_i18n_seen, shot
 
 
 def pick(page, elem_id: str, option: str) -> None:
@@ -28,6 +28,8 @@ def test_8gb_card_and_a_7b_model_show_the_chosen_settings_and_the_memory_chart(p
     seq, batch, accum = (int(x) for x in applied.groups())
     assert 512 <= seq <= 4096 and batch >= 2 and batch * accum >= 16
     assert "Unsloth 4-bit" in text and "bitsandbytes 4-bit" in text
+    # the applied plan takes gradients a row at a time and says so once (issue 16 point 5)
+    assert text.count("Gradients are taken") == 1, text
 
     # the CUDA preset loads Unsloth's pre-quantized copy, so no token is needed
     assert page.locator("#cfg-model-name_or_path textarea, #cfg-model-name_or_path input").first.input_value() == \
@@ -49,6 +51,8 @@ def test_8gb_card_and_a_7b_model_show_the_chosen_settings_and_the_memory_chart(p
     assert page.locator("#cfg-train-per_device_train_batch_size input").input_value() == str(batch)
     micro = page.locator("#cfg-memory-micro_batch_size textarea, #cfg-memory-micro_batch_size input").first
     assert micro.input_value() == (savers.group(1) if savers else "")
+    # no raw Gradio i18n key was ever shown, not even the status tracker's moment-long "common.complete"
+    assert raw_i18n_seen(page) == []
 
 
 def test_a_7b_model_that_cannot_fit_the_bitsandbytes_path_says_why(page):
@@ -64,6 +68,9 @@ def test_a_7b_model_that_cannot_fit_the_bitsandbytes_path_says_why(page):
     else:  # nothing that cannot run here is applied; what Unsloth would allow is said
         assert "Does not fit" in settings.inner_text()
         assert "With Unsloth installed you could" in settings.inner_text()
+    # a note that both paths' estimates make (with their own row counts) is said once
+    assert settings.inner_text().count("Gradients are taken") == 1, settings.inner_text()
+    assert raw_i18n_seen(page) == []
 
 
 def test_a_refreshed_page_shows_the_model_chosen_before(page):

@@ -6,7 +6,7 @@ import re
 
 from playwright.sync_api import expect
 
-from tests.browser.conftest import shot
+from tests.browser.conftest import raw_i18n_seen, shot
 
 MAX_STEPS = 20  # few enough that the studio skips the up-front reference pass ('auto'): the test stays short
 TINY = {  # a run that takes seconds a step on a 2-core CPU
@@ -127,6 +127,8 @@ def test_start_watch_stop_then_resume_to_the_end(page, studio_server, bundled_mo
     expect(detail).to_contain_text(f"checkpoint-{stopped_at + 2}")
     expect(detail).to_contain_text("KTO health")
     shot(page, "train-finished")
+    # starting, stopping, opening and resuming never showed a raw Gradio i18n key ("common.complete")
+    assert raw_i18n_seen(page) == []
 
 
 def test_settings_typed_in_the_train_form_survive_a_visit_to_another_tab(page):
