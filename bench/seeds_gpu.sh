@@ -12,7 +12,7 @@ fi
 export OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export KTO_STUDIO_HOME=${KTO_STUDIO_HOME:-/tmp/kto_home}
 W=${WORK:-/tmp/rx}
-python3 -c "from studio import bundled; bundled.ensure_checkpoint()"
+python3 -c "from studio.models import bundled; bundled.ensure_checkpoint()"
 [ -f $W/split.json ] || python3 experiments/recipes.py prepare --data /tmp/g/hh-harmless-dev.jsonl.gz --work $W >/dev/null
 for s in ${SEEDS:-1 2 3 4 5}; do
   for v in full imb; do

@@ -8,7 +8,7 @@ import sys
 
 from tests.conftest import ROOT
 
-CONVERT = "from studio import bundled; print(bundled.ensure_checkpoint())"
+CONVERT = "from studio.models import bundled; print(bundled.ensure_checkpoint())"
 
 
 def test_two_processes_converting_at_once_both_succeed(tmp_path):
@@ -29,7 +29,7 @@ def test_two_processes_converting_at_once_both_succeed(tmp_path):
         assert len(list(f.keys())) > 10
 
 
-WAITER = ("import sys; from studio import bundled; print('calling', flush=True); "
+WAITER = ("import sys; from studio.models import bundled; print('calling', flush=True); "
           "print(bundled.ensure_checkpoint(progress=lambda m: print(m, flush=True)), flush=True)")
 
 

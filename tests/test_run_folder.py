@@ -218,33 +218,26 @@ def test_an_old_folder_without_a_run_id_still_resumes_its_checkpoints(tmp_path):
 
 # ---- the UI uses the same rules ------------------------------------------------------------------------------------
 
-def _handler(demo, name):
-    return next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name)
-
-
 def test_the_train_tab_starts_and_resumes_through_the_same_rules(tmp_path, studio_home, fake_training, rule_calls):
-    import gradio as gr
-
     from studio.ui import train_tab
     from studio.ui.app import Studio
 
     cfg = tiny_run_config(tmp_path, name="ui", output_dir=None, **{"train.max_steps": 2})
     studio = Studio(config=cfg)
-    with gr.Blocks() as demo:
-        train_tab.build(studio)
-    on_start, on_resume = _handler(demo, "on_start"), _handler(demo, "on_resume")
     values = [getattr(getattr(cfg, s), n) for s, n in train_tab.FIELDS]
 
-    on_start("ui", *values)
+    # the Start and Resume buttons' handlers (studio/ui/train_tab.py), called as the page calls them
+    train_tab.start_run(studio, "ui", values)
     studio.engine.wait(60)
-    message, name = on_start("ui", *values)
+    out = train_tab.start_run(studio, "ui", values)
+    message, name = out["message"], out.get("name")
     studio.engine.wait(60)
     assert name == "ui-2" and "`ui-2`" in message
     assert _steps(studio_home / "runs" / "ui") == [1, 2] and _steps(studio_home / "runs" / "ui-2") == [1, 2]
 
     more = list(values)
     more[[n for _, n in train_tab.FIELDS].index("max_steps")] = 3
-    message = on_resume("ui", train_tab.LATEST, *more)
+    message = train_tab.resume_run(studio, "ui", train_tab.LATEST, more)["message"]
     studio.engine.wait(60)
     assert "checkpoint-2" in message, message
     assert _steps(studio_home / "runs" / "ui") == [1, 2, 3]
