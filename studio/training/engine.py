@@ -36,6 +36,7 @@ from studio.runs import folder
 
 log = logging.getLogger(__name__)
 
+
 class JobRunning(RuntimeError):
     pass
 
