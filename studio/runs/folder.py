@@ -410,8 +410,8 @@ def _check_resumable(path: Path) -> None:
         raise ConfigError(f"{path} is not a saved checkpoint (no trainer_state.json): pick one of the run's "
                           "checkpoint-N folders")
     step = step_of(path)
-    earlier = [p for p in checkpoints.candidates(path.parent)
-               if step is not None and step_of(p) < step and checkpoints.problem(p) is None]
+    earlier = [p for p in checkpoints.candidates(path.parent) if step is not None and step_of(p) < step
+               and belongs(path.parent, p) and checkpoints.problem(p) is None]
     hint = (f"resume from {earlier[0]} instead (the newest complete one before it)" if earlier
             else "no earlier complete checkpoint exists: start the run again")
     raise ConfigError(f"checkpoint {path} cannot be resumed: {why}. {hint[0].upper() + hint[1:]}")
