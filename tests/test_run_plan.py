@@ -10,6 +10,7 @@ from tests.conftest import tiny_run_config
 from studio.config.run import RunConfig
 from studio.models import load as models
 from studio.models.load import DeviceInfo
+from studio.runs import folder
 from studio.training import memory, plan as planner, trl_seam
 
 QWEN3B = "Qwen/Qwen2.5-3B-Instruct"
@@ -144,6 +145,6 @@ def test_the_engine_builds_the_trainer_from_the_plan_and_writes_it(tmp_path, mon
     assert seen["args"].per_device_train_batch_size == p.batch
     assert seen["args"].gradient_accumulation_steps == p.accumulation
     assert p.precompute_ref is not None and p.data_rows
-    saved = json.loads((job.run_dir / planner.PLAN_FILE).read_text())
+    saved = json.loads((job.run_dir / folder.PLAN_FILE).read_text())
     assert saved["optim"] == "adamw_torch" and saved["backend"] == p.backend
     assert any(e.get("plan") for e in job.events)

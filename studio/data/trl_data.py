@@ -21,11 +21,13 @@ import importlib
 import warnings
 from typing import Any
 
+from studio.errors import StudioError
+
 TESTED_TRL = "1.15.0"  # the version the studio's use of TRL is tested with (requirements pin it too)
 FIX = f"install the tested version: pip install trl=={TESTED_TRL}"
 
 
-class TrlVersionError(RuntimeError):
+class TrlVersionError(StudioError, RuntimeError):
     """The installed TRL lacks something the studio uses; the message names both versions and what to do."""
 
 

@@ -16,7 +16,6 @@ the settings come from auto-fit (``studio.training.memory.plan_for_card``) for t
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -27,8 +26,6 @@ from studio.training import duration, memory, microbatch, speed, trl_seam
 from studio.models import load as models
 from studio.config import presets
 from studio.config.run import ConfigError, RunConfig, resolve_optim
-
-PLAN_FILE = "plan.json"  # in the run folder, next to run.yaml
 
 DETECTED = "detected"  # the Model tab's "this machine's GPU" card
 
@@ -225,11 +222,11 @@ class RunPlan:
         return d
 
     def save(self, run_dir: str | Path) -> Path:
-        """Write the plan into the run folder (``plan.json``); the one writer of that file."""
-        path = Path(run_dir) / PLAN_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict(), indent=2, default=str) + "\n", encoding="utf-8")
-        return path
+        """Write the plan into the run folder (``plan.json``, through the run folder's one writer of that file)."""
+        from studio.runs import folder
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        return folder.write_plan(run_dir, self.as_dict())
 
     def kto_config(self, cfg: RunConfig, **overrides: Any):
         """TRL's KTOConfig built from the plan: the resolved optimizer, dtype, split of the batch, checkpointing and
