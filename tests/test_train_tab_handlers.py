@@ -11,6 +11,7 @@ import pytest
 
 from studio.config.run import RunConfig
 from studio.runs.history import History
+from studio.runs import folder
 from studio.ui import train_tab as tt
 from studio.ui.app import Studio
 
@@ -118,7 +119,7 @@ def test_resume_keeps_the_saved_adapter_shape_and_goes_through_the_studio(studio
     saved = studio.config.updated({"name": "r1", "lora.r": 4, "lora.lora_alpha": 8})
     run_dir = saved.run_dir()
     (run_dir / "checkpoint-2").mkdir(parents=True)
-    saved.save(run_dir / tt.CONFIG_FILE)
+    saved.save(run_dir / folder.CONFIG_FILE)
     out = tt.resume_run(studio, "r1", tt.LATEST, form(studio.config, **{"lora.r": 16, "train.max_steps": 9}))
     cfg, resume_from = studio.engine.started[-1]
     assert cfg.lora.r == 4 and cfg.train.max_steps == 9 and resume_from == tt.LATEST
