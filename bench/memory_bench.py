@@ -66,7 +66,7 @@ def cmd_run(a) -> int:
         import unsloth  # noqa: F401  (before transformers, as the studio's unsloth path needs)
     import torch
 
-    from studio.training import memory
+    from studio.training import autofit, memory
     from studio.config.run import RunConfig
     from studio.training.engine import Engine
 
@@ -81,7 +81,7 @@ def cmd_run(a) -> int:
                                micro_batch=a.micro_batch)
     accum = a.grad_accum
     if a.autofit:
-        fit = memory.auto_fit(arch, a.path, a.cap_gib, seq_ceiling=a.seq_ceiling, effective_batch=a.effective_batch,
+        fit = autofit.auto_fit(arch, a.path, a.cap_gib, seq_ceiling=a.seq_ceiling, effective_batch=a.effective_batch,
                               settings=settings)
         result["autofit"] = fit.as_dict()
         if not fit.ok:
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     r.add_argument("--cap-gib", type=float, default=7.5)
     r.add_argument("--precompute-ref", action="store_true")
     r.add_argument("--micro-batch", type=int, default=None, help="memory.micro_batch_size (rows per policy pass)")
-    r.add_argument("--autofit", action="store_true", help="let studio.memory.auto_fit choose seq and batch")
+    r.add_argument("--autofit", action="store_true", help="let studio.autofit.auto_fit choose seq and batch")
     r.add_argument("--seq-ceiling", type=int, default=4096)
     r.add_argument("--effective-batch", type=int, default=16)
     r.add_argument("--models-dir", default="/tmp/models")

@@ -81,13 +81,13 @@ def anchor(model_dir: str, data: str, a) -> dict:
 def studio(model_dir: str, data: str, a) -> dict:
     if a.loader == "unsloth":
         import unsloth  # noqa: F401
-    from studio.training import memory
+    from studio.training import autofit, memory
     from studio.config.run import RunConfig
     from studio.training.engine import Engine
 
     t0 = time.time()
     backend = "unsloth" if a.loader == "unsloth" else "full"
-    fit = memory.auto_fit(memory.arch_for(model_dir), "unsloth" if backend == "unsloth" else "bnb", a.cap_gib,
+    fit = autofit.auto_fit(memory.arch_for(model_dir), "unsloth" if backend == "unsloth" else "bnb", a.cap_gib,
                           seq=a.seq, effective_batch=a.max_batch)
     batch = fit.batch if fit.ok else 2
     cfg = RunConfig().updated({

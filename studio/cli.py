@@ -205,7 +205,7 @@ def cmd_fit(args) -> int:
     from dataclasses import asdict
 
     from studio.models.arch import arch_for
-    from studio.training import memory
+    from studio.training import autofit, memory
 
     try:
         arch = arch_for(args.model)
@@ -217,8 +217,8 @@ def cmd_fit(args) -> int:
     effective = getattr(args, "effective_batch", None) or 16
     base = memory.Settings(rank=args.rank)
     out = {"model": args.model, "arch": asdict(arch), "gpu_gib": args.gpu_gib, "paths": {}}
-    for path in memory.gpu_paths(args.backend):
-        fit = memory.auto_fit(arch, path, args.gpu_gib, seq=args.seq, seq_ceiling=seq_ceiling,
+    for path in autofit.gpu_paths(args.backend):
+        fit = autofit.auto_fit(arch, path, args.gpu_gib, seq=args.seq, seq_ceiling=seq_ceiling,
                               effective_batch=effective, settings=base)
         out["paths"][path] = fit.as_dict()
     ok_paths = [p for p, f in out["paths"].items() if f["ok"]]
@@ -346,7 +346,7 @@ class _Progress:
     def _phase(self, ev: dict) -> None:
         from tqdm import tqdm
 
-        from studio.training.engine import PHASE_LABELS
+        from studio.training.events import PHASE_LABELS
 
         name, total = ev.get("phase"), ev.get("total")
         if name != self.phase or self.bar is None or (total and self.bar.total != total):

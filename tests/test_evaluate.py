@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from studio.tuned import evaluate
+from studio.tuned import evaluate, scoring
 from studio.data import load_kto
 from studio.data.normalize import is_conversation
 
@@ -197,6 +197,6 @@ def test_conversation_rows_need_a_chat_template(bundled_model_dir):
     tok = AutoTokenizer.from_pretrained(bundled_model_dir)
     tok.chat_template = None
     with pytest.raises(evaluate.EvalError, match="no chat template"):
-        evaluate.tokenize_row(tok, [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}], 64)
-    plain = evaluate.tokenize_row(tok, "Hi", " Yo", 64)
+        scoring.tokenize_row(tok, [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}], 64)
+    plain = scoring.tokenize_row(tok, "Hi", " Yo", 64)
     assert plain.completion_ids[-1] == tok.eos_token_id  # plain-text completions end with EOS, as in TRL

@@ -12,7 +12,8 @@ import pytest
 
 from studio.config.run import ConfigError
 from studio.runs.folder import read_metrics
-from studio.training.engine import Engine, Job, explain_error, memory_use
+from studio.training.engine import Engine, Job
+from studio.training.events import explain_error, memory_use
 from studio.runs.folder import new_run
 from studio.runs.history import History, HistoryError
 from tests.conftest import tiny_run_config, wait_for

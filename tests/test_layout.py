@@ -114,7 +114,8 @@ def test_each_module_imports_on_its_own():
 MAX_LINES = 450
 # one cohesive thing each, longer than MAX_LINES on purpose: say why
 COHESIVE = {
-    
+    "studio/ui/train_tab.py": "one tab, one file (the UI's rule): its layout, handlers and run-history views",
+    "studio/ui/data_tab.py": "one tab, one file (the UI's rule): upload, inspect, fix labels, balance, save",
 }
 
 

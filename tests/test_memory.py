@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench.memory_bench import settings_of_point
-from studio.training import memory
+from studio.training import autofit, memory
 from studio.config import presets
 from studio.config.run import RunConfig
 
@@ -157,22 +157,22 @@ TIERED = [p.key for p in presets.list_presets("models") if p.get("tier") in ("3B
 @pytest.mark.parametrize("path", ["unsloth", "bnb"])
 def test_auto_fit_under_an_8gb_cap_picks_the_longest_rows_then_the_largest_batch_that_fit(key, path):
     arch = memory.arch_for(key)
-    fit = memory.auto_fit(arch, path, 7.5, effective_batch=32)
-    limit = memory.usable(7.5)
+    fit = autofit.auto_fit(arch, path, 7.5, effective_batch=32)
+    limit = autofit.usable(7.5)
     most_saving = dict(micro_batch=1)
     if not fit.ok:
         # only when even the shortest rows cannot fit with every memory saver, and the reason says so
-        assert memory.safe_total(memory.estimate(arch, path, seq=memory.MIN_SEQ, batch=2, budget_gib=7.5,
+        assert autofit.safe_total(memory.estimate(arch, path, seq=memory.MIN_SEQ, batch=2, budget_gib=7.5,
                                                  **most_saving)) > limit
         assert "7.5 GiB" in fit.reason
         return
     assert fit.batch >= 2 and fit.batch * fit.grad_accum >= 32
-    assert fit.estimate.total_gib <= 7.5 and memory.safe_total(fit.estimate) <= limit
+    assert fit.estimate.total_gib <= 7.5 and autofit.safe_total(fit.estimate) <= limit
     if fit.seq + memory.SEQ_STEP <= memory.DEFAULT_SEQ_CEILING:  # one step longer would not fit, savers or not
         longer = memory.estimate(arch, path, seq=fit.seq + memory.SEQ_STEP, batch=2, budget_gib=7.5, **most_saving)
-        assert memory.safe_total(longer) > limit
+        assert autofit.safe_total(longer) > limit
     # the fewest accumulation steps any fitting batch allows, with no more rows per step than needed
-    widest = max(b for b in range(2, 17) if memory.safe_total(memory.estimate(
+    widest = max(b for b in range(2, 17) if autofit.safe_total(memory.estimate(
         arch, path, seq=fit.seq, batch=b, budget_gib=7.5, micro_batch=fit.micro_batch and 1)) <= limit)
     assert fit.grad_accum == -(-32 // widest)
     assert fit.batch <= widest and (fit.batch - 1) * fit.grad_accum < 32
@@ -182,12 +182,12 @@ def test_auto_fit_under_an_8gb_cap_picks_the_longest_rows_then_the_largest_batch
 @pytest.mark.parametrize("path", ["unsloth", "bnb"])
 def test_auto_fit_uses_a_memory_saver_only_when_the_rows_would_not_fit_without_it(key, path):
     arch = memory.arch_for(key)
-    fit = memory.auto_fit(arch, path, 7.5)
+    fit = autofit.auto_fit(arch, path, 7.5)
     if not fit.ok or not fit.micro_batch:
         return
-    limit = memory.usable(7.5)
+    limit = autofit.usable(7.5)
     plain = memory.estimate(arch, path, seq=fit.seq, batch=2, budget_gib=7.5)
-    assert memory.safe_total(plain) > limit
+    assert autofit.safe_total(plain) > limit
     assert "with " in fit.reason
     changes = fit.run_changes()
     assert changes["memory.micro_batch_size"] == fit.micro_batch
@@ -196,8 +196,8 @@ def test_auto_fit_uses_a_memory_saver_only_when_the_rows_would_not_fit_without_i
 
 def test_without_savers_auto_fit_settles_for_shorter_rows():
     arch = memory.arch_for("mistral-7b-instruct-v0.3")
-    with_savers = memory.auto_fit(arch, "bnb", 7.5)
-    without = memory.auto_fit(arch, "bnb", 7.5, savers=False)
+    with_savers = autofit.auto_fit(arch, "bnb", 7.5)
+    without = autofit.auto_fit(arch, "bnb", 7.5, savers=False)
     assert with_savers.ok and without.ok
     assert without.micro_batch is None
     assert with_savers.seq > without.seq
@@ -217,26 +217,26 @@ def test_micro_batching_shrinks_activations_to_one_rows_worth():
 def test_every_3b_model_fits_an_8gb_card_on_both_paths_and_every_7b_8b_on_unsloth():
     for key in TIERED:
         arch = memory.arch_for(key)
-        assert memory.auto_fit(arch, "unsloth", 7.5).ok, key
+        assert autofit.auto_fit(arch, "unsloth", 7.5).ok, key
         if presets.get("models", key).get("tier") == "3B":
-            assert memory.auto_fit(arch, "bnb", 7.5).ok, key
+            assert autofit.auto_fit(arch, "bnb", 7.5).ok, key
 
 
 def test_a_bigger_card_never_gets_shorter_rows_or_smaller_batches():
     arch = memory.arch_for("llama-3.1-8b-instruct")
-    fits = [memory.auto_fit(arch, "unsloth", gib, seq_ceiling=8192) for gib in (7.5, 11.3, 15.2, 23.0)]
+    fits = [autofit.auto_fit(arch, "unsloth", gib, seq_ceiling=8192) for gib in (7.5, 11.3, 15.2, 23.0)]
     assert all(f.ok for f in fits)
     assert [f.seq for f in fits] == sorted(f.seq for f in fits)
     assert fits[-1].seq == 8192 and fits[-1].batch > 2
 
 
 def test_a_fixed_sequence_length_only_searches_the_batch():
-    fit = memory.auto_fit(memory.arch_for("qwen2.5-3b-instruct"), "unsloth", 7.5, seq=1024, effective_batch=64)
+    fit = autofit.auto_fit(memory.arch_for("qwen2.5-3b-instruct"), "unsloth", 7.5, seq=1024, effective_batch=64)
     assert fit.ok and fit.seq == 1024 and fit.batch > 2
 
 
 def test_a_model_too_big_for_the_card_is_refused_with_the_reason():
-    fit = memory.auto_fit(memory.arch_for("llama-3.1-8b-instruct"), "bnb", 7.5)
+    fit = autofit.auto_fit(memory.arch_for("llama-3.1-8b-instruct"), "bnb", 7.5)
     assert not fit.ok
     assert "frozen weights and the adapter alone take" in fit.reason and "larger card" in fit.reason
 
@@ -247,7 +247,7 @@ def test_a_run_predicted_not_to_fit_is_refused_with_what_to_change():
     cfg = RunConfig().updated({"model.name_or_path": "mistralai/Mistral-7B-Instruct-v0.3", "kto.max_length": 4096,
                                "train.per_device_train_batch_size": 4})
     with pytest.raises(memory.RunWontFit) as err:
-        memory.check_run(cfg, "bnb", 7.5)
+        autofit.check_run(cfg, "bnb", 7.5)
     msg = str(err.value)
     assert "predicted not to fit" in msg and "7.5 GiB" in msg and "max_length 4096" in msg
     assert "To fit: max_length" in msg
@@ -257,19 +257,19 @@ def test_a_run_predicted_not_to_fit_is_refused_with_what_to_change():
 def test_a_run_that_fits_passes_the_check_and_close_calls_get_a_warning():
     ok = RunConfig().updated({"model.name_or_path": "Qwen/Qwen2.5-3B-Instruct", "kto.max_length": 1024,
                               "train.per_device_train_batch_size": 2})
-    assert not memory.check_run(ok, "unsloth", 7.5).notes
+    assert not autofit.check_run(ok, "unsloth", 7.5).notes
     close = ok.updated({"model.name_or_path": "mistralai/Mistral-7B-Instruct-v0.3", "kto.max_length": 4096})
-    assert any("Close to the limit" in n for n in memory.check_run(close, "unsloth", 7.5).notes)
+    assert any("Close to the limit" in n for n in autofit.check_run(close, "unsloth", 7.5).notes)
 
 
 def test_plan_for_card_applies_the_preferred_paths_settings_and_keeps_the_effective_batch():
     cfg = RunConfig().updated({"model.name_or_path": "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"})
-    plan = memory.plan_for_card(cfg, 7.5, "cuda", preferred_path="bnb", effective_batch=32)
+    plan = autofit.plan_for_card(cfg, 7.5, "cuda", preferred_path="bnb", effective_batch=32)
     assert not plan.fits["bnb"].ok and plan.fits["unsloth"].ok
     assert plan.path == "unsloth"  # bnb cannot fit an 8B model in 7.5 GiB
     new = cfg.updated(plan.changes)
     assert new.train.per_device_train_batch_size * new.train.gradient_accumulation_steps >= 32
-    cpu = memory.plan_for_card(cfg, None, "cpu")
+    cpu = autofit.plan_for_card(cfg, None, "cpu")
     assert cpu.path == "full" and not cpu.changes and "system memory" in cpu.message
 
 

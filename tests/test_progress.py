@@ -8,7 +8,8 @@ from contextlib import redirect_stderr
 
 import pytest
 
-from studio.training.engine import Engine, Job, current_phase
+from studio.training.engine import Engine, Job
+from studio.training.events import current_phase
 from tests.conftest import tiny_run_config
 
 

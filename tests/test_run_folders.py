@@ -14,7 +14,8 @@ import pytest
 from studio.runs import checkpoints, lock as runlock
 from studio.config.run import ConfigError
 from studio.runs.folder import latest_checkpoint, read_metrics
-from studio.training.engine import Engine, explain_error
+from studio.training.engine import Engine
+from studio.training.events import explain_error
 from tests.conftest import ROOT, tiny_run_config
 
 HOLD = ("import sys, time; from studio.runs import lock as runlock; runlock.claim(sys.argv[1]); print('held', flush=True); "

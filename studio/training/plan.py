@@ -12,7 +12,7 @@
 Picking a card re-plans everything the previous card planned: the loading path and memory budget (a CPU run keeps
 no ``gpu_memory_gib``), max_length, the per-device batch and its accumulation, the memory savers (micro-batching)
 and, on a CPU, gradient checkpointing and a step cap that keeps the run to minutes (``studio.training.duration``). On a GPU
-the settings come from auto-fit (``studio.training.memory.plan_for_card``) for the path the run will take on this machine.
+the settings come from auto-fit (``studio.training.autofit.plan_for_card``) for the path the run will take on this machine.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from studio.training import duration, memory, microbatch, speed, trl_seam
+from studio.training import autofit, duration, memory, microbatch, speed, trl_seam
 from studio.models import load as models
 from studio.config import presets
 from studio.config.run import ConfigError, RunConfig, resolve_optim
@@ -68,7 +68,7 @@ class Plan:
     config: RunConfig
     card: str
     device_kind: str  # the card's kind: cuda | cpu | mps
-    card_plan: memory.CardPlan | None = None  # auto-fit per path (GPU cards) or the full-precision estimate
+    card_plan: autofit.CardPlan | None = None  # auto-fit per path (GPU cards) or the full-precision estimate
     duration: duration.Duration | None = None  # CPU only
     error: str | None = None  # no estimate could be made (unknown model): the config keeps its values
     notes: list[str] = field(default_factory=list)
@@ -140,7 +140,7 @@ def plan(cfg: RunConfig, card: str, device, *, model_key: str | None = None, rec
         out.config = cfg = cfg.updated({"train.max_steps": -1})  # a CPU step cap is not a GPU plan
     try:
         path = installed_path(device) if kind == "cuda" else None
-        out.card_plan = memory.plan_for_card(cfg, budget, kind, path,
+        out.card_plan = autofit.plan_for_card(cfg, budget, kind, path,
                                              seq_ceiling=int(seq_ceiling or memory.DEFAULT_SEQ_CEILING),
                                              effective_batch=eff, fetch=False,
                                              installed=installable_paths(device) if kind == "cuda" else None,
@@ -285,7 +285,7 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
 
         try:
             arch = memory.arch_for(cfg.model.name_or_path, fetch)
-            est = memory.check(arch, backend, settings(cfg), budget)  # raises RunWontFit with the reason
+            est = autofit.check(arch, backend, settings(cfg), budget)  # raises RunWontFit with the reason
         except (memory.EstimateError, OSError, ValueError) as e:
             notes.append(f"No memory estimate: {e}")
         else:
@@ -294,7 +294,7 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
             if fill:  # a small model on a big card: fewer, larger passes, the same rows per step
                 changes = fill[0]
                 cfg = cfg.updated(changes)
-                est = memory.check(arch, backend, settings(cfg), budget)
+                est = autofit.check(arch, backend, settings(cfg), budget)
                 notes.append(fill[1])
             peak, breakdown = round(est.total_gib, 2), est.as_dict()
             notes.append(f"Predicted peak GPU memory {est.total_gib:.2f} GiB of {budget:g} GiB ({backend} path)")

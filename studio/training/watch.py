@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from studio.tuned import evaluate
+from studio.tuned import evaluate, scoring
 from studio.training import health
 
 BUDGET = 0.06  # 'auto' spaces the checks so that they cost about this fraction of the training time
@@ -110,7 +110,7 @@ class Watch:
         was_training = model.training
         model.eval()
         try:
-            return evaluate.completion_logps(model, self.items, pad_token_id=evaluate.pad_id(self.tokenizer),
+            return scoring.completion_logps(model, self.items, pad_token_id=scoring.pad_id(self.tokenizer),
                                              max_tokens=self.max_tokens, on_batch=step)
         finally:
             if was_training:
@@ -119,7 +119,7 @@ class Watch:
     def begin(self, model, tokenizer, step: int, max_steps: int, rows_per_step: int) -> None:
         """Tokenize the rows, score them once with the base model, remember the starting adapter."""
         self.tokenizer = tokenizer
-        self.items, self.kept, self.skipped = evaluate.tokenize_rows(tokenizer, self.rows, self.cfg.kto.max_length)
+        self.items, self.kept, self.skipped = scoring.tokenize_rows(tokenizer, self.rows, self.cfg.kto.max_length)
         with model.disable_adapter():
             self.base = self._logps(model, "base model (once)")
         every = self.cfg.watch.every_steps

@@ -5,7 +5,7 @@ import gradio as gr
 import pandas as pd
 
 from studio.models import hub, load as models
-from studio.training import memory, plan as planner
+from studio.training import autofit, memory, plan as planner
 from studio.config import presets
 from studio.ui.widgets import collect, field_component
 
@@ -81,7 +81,7 @@ def preset_info(model_key: str, recipe_key: str) -> str:
 
 # ---- memory ------------------------------------------------------------------------------------------------------
 
-def chart_frame(plan: memory.CardPlan | None) -> pd.DataFrame:
+def chart_frame(plan: autofit.CardPlan | None) -> pd.DataFrame:
     rows = []
     if plan is not None:
         for path, e in plan.estimates.items():
@@ -91,7 +91,7 @@ def chart_frame(plan: memory.CardPlan | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "part", "GiB"])
 
 
-def plan_markdown(plan: memory.CardPlan, applied: bool, unsloth_installed: bool = False) -> str:
+def plan_markdown(plan: autofit.CardPlan, applied: bool, unsloth_installed: bool = False) -> str:
     if plan.budget_gib is None:
         return plan.message
     head = f"**Budget: {plan.budget_gib:g} GiB** for {plan.arch.label()}"
@@ -120,7 +120,7 @@ def plan_markdown(plan: memory.CardPlan, applied: bool, unsloth_installed: bool 
     return "\n".join(lines)
 
 
-def plan_notes(plan: memory.CardPlan) -> list[str]:
+def plan_notes(plan: autofit.CardPlan) -> list[str]:
     """What the estimates say about their settings: the applied path's; with none applied, those of the paths that
     fit (a path that does not fit has no settings to explain). Each note once: a note several paths share (e.g.
     "Gradients are taken 1 row(s) at a time …", whose row count differs per path) is said for the first of them."""
@@ -134,7 +134,7 @@ def plan_notes(plan: memory.CardPlan) -> list[str]:
     return list(said.values())
 
 
-def other_path_line(plan: memory.CardPlan, unsloth_installed: bool = False) -> str:
+def other_path_line(plan: autofit.CardPlan, unsloth_installed: bool = False) -> str:
     """The Unsloth plan, when the run cannot take that path here (not installed) but it would train more."""
     f = plan.fits.get("unsloth")
     if f is None or not f.ok or plan.path == "unsloth" or unsloth_installed:
@@ -147,7 +147,7 @@ def other_path_line(plan: memory.CardPlan, unsloth_installed: bool = False) -> s
             "the plan above is for what is installed.")
 
 
-def savers_label(f: memory.Fit) -> str:
+def savers_label(f: autofit.Fit) -> str:
     if not f.micro_batch:
         return "–"
     return f"gradients {f.micro_batch} row{'s' if f.micro_batch > 1 else ''} at a time"
@@ -198,7 +198,7 @@ def fit_view(studio, device, gpu_key: str, recipe_key: str | None, seq_ceiling, 
     return plan_markdown(p.card_plan, apply, device.unsloth) + run_plan, chart(p.card_plan)
 
 
-def chart(plan: memory.CardPlan | None) -> dict:
+def chart(plan: autofit.CardPlan | None) -> dict:
     """The stacked breakdown per path; the title carries the budget the bars are measured against."""
     title = "Predicted peak GPU memory"
     if plan is not None and plan.budget_gib is not None:

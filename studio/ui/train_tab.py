@@ -15,7 +15,8 @@ from studio.training import duration, health
 from studio.tuned import evaluate
 from studio.models import load as models
 from studio.config.run import ConfigError, RunConfig
-from studio.training.engine import JobRunning, current_phase
+from studio.training.engine import JobRunning
+from studio.training.events import current_phase
 from studio.runs import folder
 from studio.runs.history import HistoryError
 from studio.ui.widgets import collect, field_component
