@@ -9,17 +9,18 @@
 The preference pairs (default ../shared/data/hh-harmless-dev.jsonl.gz) are converted to KTO rows and split by
 prompt group with a fixed seed (--split-seed, independent of the training seeds): --eval-rows held-out rows (512,
 whole pairs) are never trained on. Every run starts from the studio's default RunConfig (or --recipe / --gpu-preset
-as the UI applies them) plus --set overrides, trains with the studio's engine (the UI's code path: held-out watch,
-best step, collapse guard as configured) with the held-out rows as its eval file, and reports the adapter the run
-kept. The desirable10 variant keeps 10% of the desirable training rows (fixed seed) and every undesirable one, with
-the studio's suggested weights (studio.data.balance.suggest_weights).
+as the UI applies them) plus --set overrides and trains with the studio's engine (the UI's code path: held-out watch,
+best step, collapse guard as configured). With --watch split (the default, as a user gets it) the watch runs on the
+run's own data.eval_fraction split of its training file, and the adapter the run kept is then scored on the
+--eval-rows held-out rows, which neither training nor the choice of the best step saw. The desirable10 variant keeps
+10% of the desirable training rows (fixed seed) and every undesirable one, with the studio's suggested weights
+(studio.data.balance.suggest_weights).
 
 Each run prints one line ``{"seed", "variant", "settings", "accuracy", "accuracy_se", "n_pairs", "margin",
 "logp_per_token_desirable": {"base", "tuned"}, "drift", "collapsed", "best_step", "kept_step", "last": {...}, ...,
 "wall_s"}``; the last line is ``{"summary": {...}}`` with the mean, the spread (standard deviation, min, max) and the
-worst seed. ``last`` holds the last step's held-out numbers: the kept step is chosen on the same held-out rows, so
-its accuracy is an optimistic estimate; the last step's is not. --parallel N runs N seeds at once as separate
-processes (one GPU is enough for the bundled model).
+worst seed. ``last`` holds the watch's numbers at the last step (on the watch's rows). --parallel N runs N seeds at
+once as separate processes (one GPU is enough for the bundled model).
 """
 from __future__ import annotations
 
@@ -106,11 +107,11 @@ def run_one(a) -> dict:
     if a.recipe:
         cfg = plan.apply_recipe(cfg, presets.get("recipes", a.recipe))
     name = f"{a.variant}-s{a.seed}" + (f"-{a.tag}" if a.tag else "")
-    changes = {
-        "name": name, "output_dir": str(work / "runs" / name), "train.seed": a.seed,
-        "data.train_file": str(work / "split" / "train.jsonl"), "data.eval_file": str(work / "split" / "heldout.jsonl"),
-        "data.eval_max_rows": max(meta["heldout_rows"], 2), "train.save_steps": 100_000,
-    }
+    heldout = str(work / "split" / "heldout.jsonl")
+    changes = {"name": name, "output_dir": str(work / "runs" / name), "train.seed": a.seed,
+               "data.train_file": str(work / "split" / "train.jsonl"), "train.save_steps": 100_000}
+    if a.watch == "heldout":  # the watch scores (and picks the best step on) the reported rows themselves
+        changes.update({"data.eval_file": heldout, "data.eval_max_rows": max(meta["heldout_rows"], 2)})
     if a.variant == "desirable10":
         d = meta["desirable10"]
         changes.update({"data.train_file": str(work / "split" / "train_desirable10.jsonl"),
@@ -132,8 +133,11 @@ def run_one(a) -> dict:
                         "watch": cfg.watch.model_dump(), "recipe": a.recipe, "gpu_preset": a.gpu_preset,
                         "sets": a.set}}
     ev = evaluate.read_eval(cfg.run_dir()) if job.state == "finished" else None
+    w = (ev or {}).get("watch") or {}
+    if ev is not None and a.watch == "split":  # the kept adapter, scored on rows the run never saw
+        ev = evaluate.evaluate_run(cfg.run_dir(), data=heldout, save=False)
     if ev is not None:
-        r, w = ev["rewards"], ev.get("watch") or {}
+        r = ev["rewards"]
         points = w.get("points") or []
         last = points[-1] if points else {}
         out.update(
@@ -142,7 +146,7 @@ def run_one(a) -> dict:
             logp_per_token_desirable={"base": ev["base"].get("logp_per_token_desirable"),
                                       "tuned": ev["tuned"].get("logp_per_token_desirable")},
             drift=ev.get("drift"), verdict=ev["verdict"]["word"],
-            collapsed=bool(w.get("collapsed")) or (ev.get("drift") is not None and ev["drift"] < -0.5),
+            collapsed=ev.get("drift") is None or ev["drift"] < -0.5,  # the kept adapter: the issue's bound
             guard_fired=bool(w.get("collapsed")), rolled_back=bool(w.get("rolled_back")),
             best_step=w.get("best_step"), kept_step=w.get("kept_step"), last_step=w.get("last_step"),
             min_drift=min((p["heldout/drift"] for p in points if p.get("heldout/drift") is not None), default=None),
@@ -178,6 +182,29 @@ def summary(results: list[dict]) -> dict:
             "wall_s": stats("wall_s", results)}
 
 
+def report(work: Path) -> str:
+    """A markdown table of every run in WORK/results.jsonl, one row per settings tag and variant."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for line in (work / "results.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            r = json.loads(line)
+            groups.setdefault((r.get("tag") or "default", r["variant"]), []).append(r)
+    out = ["| settings | data | runs | held-out reward acc., mean ± sd | worst seed | each seed (acc. / drift) | "
+           "collapsed (kept adapter's drift < −0.5) | guard fired |", "|---|---|---|---|---|---|---|---|"]
+    for (tag, variant), rows in sorted(groups.items()):
+        s = summary(rows)
+        acc, worst = s["accuracy"], s["worst_seed"]
+        each = " · ".join(
+            f"s{r['seed']} {100 * r['accuracy']:.1f}% / {r['drift']:+.2f}" if r.get("accuracy") is not None
+            else f"s{r['seed']} {r.get('state')}" for r in sorted(rows, key=lambda r: r["seed"]))
+        out.append(
+            f"| {tag} | {variant} | {s['finished']} of {s['runs']} | "
+            + (f"{100 * acc['mean']:.1f}% ± {100 * acc['sd']:.1f}" if acc else "–") + " | "
+            + (f"{100 * worst['accuracy']:.1f}% (seed {worst['seed']})" if worst else "–")
+            + f" | {each} | {s['collapses']} | {s['guard_fired']} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="folder for the split, the runs and results.jsonl")
@@ -191,11 +218,19 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=1, help="seeds trained at once, as separate processes")
     ap.add_argument("--limit", type=int, default=None, help="train on at most this many rows (CPU tries)")
     ap.add_argument("--eval-rows", type=int, default=512, help="held-out rows, whole pairs, never trained on")
+    ap.add_argument("--watch", choices=["split", "heldout"], default="split",
+                    help="split (default, as a user gets it): the held-out watch uses the run's own data.eval_fraction "
+                         "split of its training file, and the kept adapter is then scored on the --eval-rows rows it "
+                         "never saw; heldout: the watch scores the reported rows themselves (optimistic)")
     ap.add_argument("--split-seed", type=int, default=0, help="the split's seed (independent of --seeds)")
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # one run, in a child process
+    ap.add_argument("--report", action="store_true", help="print the table of WORK/results.jsonl and stop")
     a = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(a.work)
+    if a.report:
+        print(report(work))
+        return
     if a.seed is not None:
         import logging
 
@@ -210,7 +245,7 @@ def main() -> None:
     print(json.dumps({"split": {k: v for k, v in meta.items() if k != "wanted"}}), flush=True)
     child = [sys.executable, str(Path(__file__).resolve()), "--work", str(work), "--variant", a.variant,
              "--data", a.data, "--eval-rows", str(a.eval_rows), "--split-seed", str(a.split_seed),
-             "--parallel", str(a.parallel)]
+             "--parallel", str(a.parallel), "--watch", a.watch]
     for s in a.set:
         child += ["--set", s]
     for flag, v in (("--recipe", a.recipe), ("--gpu-preset", a.gpu_preset), ("--tag", a.tag)):

@@ -200,3 +200,16 @@ def test_held_out_evaluation_without_learning_is_flagged_with_what_to_change():
     assert health.held_out_learning({"rewards": {"pair_accuracy": None, "margin": 0.3}}) is None
     # a margin of a few ten-thousandths is no movement at all, whatever the accuracy of a handful of pairs
     assert health.held_out_learning({"rewards": {"pair_accuracy": 0.67, "margin": 0.0004}}) is not None
+
+
+def test_no_learning_needs_enough_pairs_and_never_asks_to_raise_a_rate_that_is_already_high():
+    """2 held-out pairs at 0% after a 2-step run at lr 5e-3 told the user to raise the learning rate."""
+    tiny = {"n_pairs": 2, "rewards": {"pair_accuracy": 0.0, "margin": -0.123}}
+    assert health.held_out_learning(tiny, learning_rate=5e-3) is None
+    unmoved = {"n_pairs": 2, "rewards": {"pair_accuracy": 0.5, "margin": 0.0003}}
+    assert health.held_out_learning(unmoved, learning_rate=5e-7) is not None  # did not move at all: still said
+    many = {"n_pairs": 200, "rewards": {"pair_accuracy": 0.49, "margin": -0.05}}
+    high = health.held_out_learning(many, learning_rate=5e-3)
+    assert high is not None and not health.raises_learning_rate(high.fix) and "train longer" in high.fix
+    low = health.held_out_learning(many, learning_rate=5e-6)
+    assert health.raises_learning_rate(low.fix) and "(now 5e-06)" in low.fix

@@ -93,6 +93,21 @@ def test_auto_spacing_keeps_the_checks_cheap():
     assert cost <= watch.BUDGET and every < 188 / 3  # at least 3 checks in the default 188-step run
 
 
+def test_the_best_step_stays_inside_the_safe_bound_before_it_looks_at_accuracy():
+    """A step that ranks pairs better while its good answers lost 0.7 nat per token is not kept over one that
+    stayed within the 0.5 bound; with no step inside the bound, the most accurate sound one is."""
+    cfg = RunConfig()
+    w = watch.Watch(cfg, [], lambda *a, **k: None)
+    safe = watch.Point(40, _result(0.62, 256, 1.1, -2.56, -2.86))  # drift -0.30
+    drifting = watch.Point(80, _result(0.66, 256, 2.4, -2.56, -3.26))  # drift -0.70: inside max_drift, not safe
+    assert cfg.watch.best_max_drift == 0.5 < 0.7 < cfg.watch.max_drift
+    assert w._key(safe) > w._key(drifting)
+    worse = watch.Point(60, _result(0.60, 256, 2.0, -2.56, -3.46))  # drift -0.90
+    assert w._key(drifting) > w._key(worse)
+    loose = RunConfig().updated({"watch.best_max_drift": 1.0})
+    assert watch.Watch(loose, [], lambda *a, **k: None)._key(drifting) > watch.Watch(loose, [], None)._key(safe)
+
+
 # ---- real CPU runs -------------------------------------------------------------------------------------------
 
 def _run(tmp_path, **changes):
@@ -146,7 +161,8 @@ def test_a_healthy_run_gets_no_false_alarm_and_keeps_the_best_step(tmp_path, bun
     stored = json.loads((cfg.run_dir() / evaluate.EVAL_FILE).read_text())
     w = stored["watch"]
     assert not w["collapsed"] and w["last_step"] == 4 and w["best_step"] == w["kept_step"]
-    best = max(checked, key=lambda m: (m["heldout/accuracy"], m["heldout/margin"], m["step"]))
+    best = max(checked, key=lambda m: (m["heldout/drift"] >= -cfg.watch.best_max_drift, m["heldout/accuracy"],
+                                        m["heldout/margin"], m["step"]))
     assert w["kept_step"] == best["step"]
     assert stored["verdict"]["word"] in (evaluate.LEARNED, evaluate.NO_CHANGE)
     assert f"step {w['kept_step']} was best" in text.lower() or w["kept_step"] == 4

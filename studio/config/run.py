@@ -226,7 +226,7 @@ class WatchSettings(_Section):
     keep_best: bool = Field(
         True,
         description="Save the best held-out step's adapter as the run's adapter (highest implicit-reward accuracy "
-        "with the drift inside watch.max_drift), not the last step's. Off: the last step's adapter is saved (a "
+        "among the steps whose drift is inside watch.best_max_drift), not the last step's. Off: the last step's adapter is saved (a "
         "collapse still rolls back while watch.stop_on_collapse is on).",
     )
     max_drift: float = Field(
@@ -234,6 +234,12 @@ class WatchSettings(_Section):
         description="Likelihood drift that counts as collapse, in nats per token: when the desirable held-out "
         "completions become more than this much less likely per token under the tuned model than under the base, "
         "the model no longer writes text like them. Such a step is never the best one.",
+    )
+    best_max_drift: float = Field(
+        0.5, gt=0.0,
+        description="The safe bound for the best step, in nats per token: a held-out check whose drift stays within "
+        "this of the base always beats one that drifted further (among those, the highest accuracy wins). Tighter "
+        "than watch.max_drift, which stops the run: a model can rank pairs better while it starts to lose fluency.",
     )
     stop_on_collapse: bool = Field(
         True,

@@ -344,6 +344,8 @@ def loss_flat(steps, learning_rate=None, **_) -> Finding | None:
 NO_LEARNING_ACCURACY = 0.52  # held-out implicit-reward accuracy at or under this is chance level
 # β-scaled margin under which the adapter has not moved (the seed's 5e-7 gives ~0.0004; learned runs give 1-2.5)
 NO_LEARNING_MARGIN = 0.01
+MIN_PAIRS_TO_TELL = 20  # fewer held-out pairs: an accuracy or a margin's sign is noise (± 11 points at 20 pairs)
+RAISE_BELOW = 2e-4  # advice to raise the learning rate only under the Standard recipe's lowest rate (3B-8B)
 
 
 def held_out_learning(result: dict[str, Any], learning_rate: float | None = None,
@@ -367,10 +369,20 @@ def held_out_learning(result: dict[str, Any], learning_rate: float | None = None
     if word == NO_CHANGE and acc is not None and acc > NO_LEARNING_ACCURACY and margin is not None \
             and margin >= NO_LEARNING_MARGIN:
         return None  # above chance but within noise: the verdict line says so; no advice to change settings
-    bad_acc = acc is not None and acc <= NO_LEARNING_ACCURACY
-    bad_margin = margin is not None and margin < NO_LEARNING_MARGIN
+    n = result.get("n_pairs")
+    few = isinstance(n, int) and n < MIN_PAIRS_TO_TELL  # a handful of pairs: only "did not move at all" is evidence
+    bad_acc = acc is not None and acc <= NO_LEARNING_ACCURACY and not few
+    bad_margin = margin is not None and (abs(margin) < NO_LEARNING_MARGIN if few else margin < NO_LEARNING_MARGIN)
     if not (bad_acc or bad_margin):
         return None
+    if learning_rate is None or learning_rate < RAISE_BELOW:
+        fix = (f"Raise train.learning_rate{_lr(learning_rate)}: 1e-3 for models under 1B parameters, 2e-4 for 3B-8B "
+               "(the Standard recipe, measured in docs/RECIPES.md); train a full epoch or more; check a few labels in "
+               "the Data tab.")
+    else:  # already at or above what LoRA needs: a higher rate is not the answer
+        fix = (f"The learning rate{_lr(learning_rate)} is already as high as LoRA needs: train longer (a full epoch "
+               "or more, more rows), check a few labels in the Data tab, and score more held-out pairs "
+               "(data.eval_fraction, or an eval file) before changing settings.")
     seen = []
     if acc is not None:
         seen.append(f"implicit-reward accuracy {acc:.0%} on held-out pairs (chance is 50%)")
@@ -381,6 +393,4 @@ def held_out_learning(result: dict[str, Any], learning_rate: float | None = None
         "The tuned model ranks held-out good and bad answers no better than the base model. Most often the "
         "learning rate is far too low for LoRA (5e-7 is a full fine-tuning value and teaches an adapter nothing), "
         "the run was too short, or the labels are noisy or flipped.",
-        f"Raise train.learning_rate{_lr(learning_rate)}: 1e-3 for models under 1B parameters, 2e-4 for 3B-8B "
-        "(the Standard recipe, measured in docs/RECIPES.md); train a full epoch or more; check a few labels in the "
-        "Data tab.")
+        fix)

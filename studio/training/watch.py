@@ -11,7 +11,9 @@ The numbers are merged into the training metrics of the step they were taken at 
 ``heldout/accuracy_se``, ``heldout/margin``, ``heldout/drift``, ``heldout/n_pairs``), so they are in
 metrics.jsonl, the run history, the Train tab's plots and the CLI's output.
 
-Best step: the check with the highest accuracy whose drift is inside ``watch.max_drift`` (later steps win ties);
+Best step: the check with the highest accuracy among those whose drift is inside ``watch.best_max_drift`` (0.5
+nat per token: a safe bound, tighter than the collapse bound; when no check stays inside it, the best of those
+inside ``watch.max_drift``; later steps win ties);
 its adapter weights are kept in memory (a LoRA adapter is small) and, with ``watch.keep_best``, written as the run's
 adapter at the end. Collapse guard (``watch.stop_on_collapse``): a drift beyond ``watch.max_drift``, or KTO's KL
 stuck at 0 while the rewards run away (studio.health.collapsed), stops the run and rolls back to the best step, or
@@ -146,7 +148,7 @@ class Watch:
         point = Point(step, result)
         self.points.append(point)
         self.pending = {k: v for k, v in point.metrics().items() if v is not None}
-        if self._sound(point) and (self.best is None or _key(point) >= _key(self.best)):
+        if self._sound(point) and (self.best is None or self._key(point) >= self._key(self.best)):
             self.best, self.best_state = point, _snapshot(model)
         self.emit("status", message=f"Held-out check at step {step}: {point.short()}", step=step,
                   **{k.replace("/", "_"): v for k, v in point.metrics().items()})
@@ -158,6 +160,12 @@ class Watch:
     def _sound(self, point: Point) -> bool:
         d = point.drift
         return d is not None and math.isfinite(d) and d >= -self.cfg.watch.max_drift
+
+    def _key(self, p: Point) -> tuple[bool, float, float]:
+        """Inside the safe bound first, then accuracy, then margin."""
+        bound = min(self.cfg.watch.best_max_drift, self.cfg.watch.max_drift)
+        acc = p.accuracy
+        return (p.drift is not None and p.drift >= -bound, acc if acc is not None else 0.5, p.margin or 0.0)
 
     def _ctx(self) -> dict[str, Any]:
         t = self.cfg.train
@@ -264,11 +272,6 @@ class Watch:
                 return control
 
         return WatchCallback()
-
-
-def _key(p: Point) -> tuple[float, float]:
-    acc = p.accuracy
-    return (acc if acc is not None else 0.5, p.margin or 0.0)
 
 
 def _snapshot(model) -> dict:
