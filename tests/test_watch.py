@@ -108,6 +108,31 @@ def test_the_best_step_stays_inside_the_safe_bound_before_it_looks_at_accuracy()
     assert watch.Watch(loose, [], lambda *a, **k: None)._key(drifting) > watch.Watch(loose, [], None)._key(safe)
 
 
+def _kept(cfg, points) -> int:
+    """Feed checks in step order through the watch's choice of the kept step (no model)."""
+    w = watch.Watch(cfg, [], lambda *a, **k: None)
+    for p in points:
+        if w._sound(p) and w._prefer(p):
+            w.best = p
+        if w._sound(p) and (w.top is None or w._key(p) > w._key(w.top)):
+            w.top = p
+    return w.best.step
+
+
+def test_the_kept_step_is_the_latest_within_one_standard_error_of_the_most_accurate():
+    cfg = RunConfig()
+    few = [watch.Point(9, _result(0.67, 6, 0.4, -2.5, -2.4)), watch.Point(18, _result(0.50, 6, 0.9, -2.5, -2.5)),
+           watch.Point(41, _result(0.50, 6, 1.3, -2.5, -2.6))]
+    assert _kept(cfg, few) == 41  # 6 pairs: 67% vs 50% is one pair, well inside one SE (± 19)
+    many = [watch.Point(33, _result(0.70, 200, 1.0, -2.5, -2.6)), watch.Point(66, _result(0.60, 200, 1.5, -2.5, -2.7)),
+            watch.Point(99, _result(0.68, 200, 1.8, -2.5, -2.8))]
+    assert _kept(cfg, many) == 99  # 68% is within one SE (3.2) of 70%; 60% was not
+    clear = many[:2]
+    assert _kept(cfg, clear) == 33  # a clearly better earlier step still wins
+    unsafe_late = many[:1] + [watch.Point(99, _result(0.71, 200, 3.0, -2.5, -3.2))]  # drift -0.7
+    assert _kept(cfg, unsafe_late) == 33
+
+
 # ---- real CPU runs -------------------------------------------------------------------------------------------
 
 def _run(tmp_path, **changes):
@@ -161,9 +186,12 @@ def test_a_healthy_run_gets_no_false_alarm_and_keeps_the_best_step(tmp_path, bun
     stored = json.loads((cfg.run_dir() / evaluate.EVAL_FILE).read_text())
     w = stored["watch"]
     assert not w["collapsed"] and w["last_step"] == 4 and w["best_step"] == w["kept_step"]
-    best = max(checked, key=lambda m: (m["heldout/drift"] >= -cfg.watch.best_max_drift, m["heldout/accuracy"],
-                                        m["heldout/margin"], m["step"]))
-    assert w["kept_step"] == best["step"]
+    safe = [m for m in checked if m["heldout/drift"] >= -cfg.watch.best_max_drift] or checked
+    top = max(safe, key=lambda m: (m["heldout/accuracy"], m["heldout/margin"]))
+    # the latest check within one standard error of the most accurate one (the running maximum, step by step)
+    close = [m for m in safe if m["heldout/accuracy"] >= max(
+        c["heldout/accuracy"] for c in safe if c["step"] <= m["step"]) - top["heldout/accuracy_se"]]
+    assert w["kept_step"] in [m["step"] for m in close] and w["kept_step"] >= top["step"]
     assert stored["verdict"]["word"] in (evaluate.LEARNED, evaluate.NO_CHANGE)
     assert f"step {w['kept_step']} was best" in text.lower() or w["kept_step"] == 4
     assert [e for e in job.events if e["type"] == "phase" and e["phase"] == "scoring"]

@@ -225,9 +225,10 @@ class WatchSettings(_Section):
     )
     keep_best: bool = Field(
         True,
-        description="Save the best held-out step's adapter as the run's adapter (highest implicit-reward accuracy "
-        "among the steps whose drift is inside watch.best_max_drift), not the last step's. Off: the last step's adapter is saved (a "
-        "collapse still rolls back while watch.stop_on_collapse is on).",
+        description="Save the best held-out step's adapter as the run's adapter, not the last step's: among the "
+        "checks whose drift is inside watch.best_max_drift, the latest whose implicit-reward accuracy is within one "
+        "standard error of the highest (closer than that is noise, and the later step learned from more data). "
+        "Off: the last step's adapter is saved (a collapse still rolls back while watch.stop_on_collapse is on).",
     )
     max_drift: float = Field(
         1.0, gt=0.0,

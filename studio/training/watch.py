@@ -11,9 +11,11 @@ The numbers are merged into the training metrics of the step they were taken at 
 ``heldout/accuracy_se``, ``heldout/margin``, ``heldout/drift``, ``heldout/n_pairs``), so they are in
 metrics.jsonl, the run history, the Train tab's plots and the CLI's output.
 
-Best step: the check with the highest accuracy among those whose drift is inside ``watch.best_max_drift`` (0.5
-nat per token: a safe bound, tighter than the collapse bound; when no check stays inside it, the best of those
-inside ``watch.max_drift``; later steps win ties);
+Best step: among the checks whose drift is inside ``watch.best_max_drift`` (0.5 nat per token: a safe bound, tighter
+than the collapse bound; when no check stays inside it, among those inside ``watch.max_drift``), the **latest one
+whose accuracy is within one standard error of the highest seen so far**. A difference smaller than that is noise
+(a 5% split of a small file holds a few dozen pairs: ± 6 points), and of two steps that score alike the later one
+has learned from more data; a clearly better earlier step still wins;
 its adapter weights are kept in memory (a LoRA adapter is small) and, with ``watch.keep_best``, written as the run's
 adapter at the end. Collapse guard (``watch.stop_on_collapse``): a drift beyond ``watch.max_drift``, or KTO's KL
 stuck at 0 while the rewards run away (studio.health.collapsed), stops the run and rolls back to the best step, or
@@ -87,7 +89,8 @@ class Watch:
         self.max_tokens = max_tokens
         self.every = 0
         self.points: list[Point] = []
-        self.best: Point | None = None
+        self.best: Point | None = None  # the step kept (see the module doc)
+        self.top: Point | None = None  # the most accurate sound check so far
         self.best_state: dict | None = None
         self.start: Point | None = None
         self.start_state: dict | None = None
@@ -131,6 +134,8 @@ class Watch:
         self.pending = {}  # a resumed run's starting point belongs to no new step
         self.emit("status", message=(
             f"Held-out watch: {len(self.items)} rows ({self._n_pairs()} pairs), checked every {self.every} steps"
+            + (f" and at the end of the warm-up (step {self.warmup_end(max_steps)})"
+               if self.warmup_end(max_steps) else "")
             if self.every else f"Held-out watch: {len(self.items)} rows, scored after training"),
                   watch_every=self.every, watch_rows=len(self.items))
 
@@ -148,8 +153,10 @@ class Watch:
         point = Point(step, result)
         self.points.append(point)
         self.pending = {k: v for k, v in point.metrics().items() if v is not None}
-        if self._sound(point) and (self.best is None or self._key(point) >= self._key(self.best)):
+        if self._sound(point) and self._prefer(point):
             self.best, self.best_state = point, _snapshot(model)
+        if self._sound(point) and (self.top is None or self._key(point) > self._key(self.top)):
+            self.top = point
         self.emit("status", message=f"Held-out check at step {step}: {point.short()}", step=step,
                   **{k.replace("/", "_"): v for k, v in point.metrics().items()})
         if guard and not self._sound(point) and self.collapse is None:
@@ -161,11 +168,34 @@ class Watch:
         d = point.drift
         return d is not None and math.isfinite(d) and d >= -self.cfg.watch.max_drift
 
+    def _safe(self, p: Point) -> bool:
+        bound = min(self.cfg.watch.best_max_drift, self.cfg.watch.max_drift)
+        return p.drift is not None and p.drift >= -bound
+
     def _key(self, p: Point) -> tuple[bool, float, float]:
         """Inside the safe bound first, then accuracy, then margin."""
-        bound = min(self.cfg.watch.best_max_drift, self.cfg.watch.max_drift)
         acc = p.accuracy
-        return (p.drift is not None and p.drift >= -bound, acc if acc is not None else 0.5, p.margin or 0.0)
+        return (self._safe(p), acc if acc is not None else 0.5, p.margin or 0.0)
+
+    def _prefer(self, p: Point) -> bool:
+        """Should the sound check ``p`` (later than every check so far) become the kept step?"""
+        if self.best is None or self._safe(p) != self._safe(self.best):
+            return self.best is None or self._safe(p)
+        top = self.top if self.top is not None and self._safe(self.top) == self._safe(p) else self.best
+        if self._key(p) > self._key(top):
+            return True
+        acc, best_acc = p.accuracy, top.accuracy
+        if acc is None or best_acc is None:  # no paired prompts: the margin decides
+            return (p.margin or 0.0) >= (top.margin or 0.0)
+        se = (top.result or {}).get("rewards", {}).get("pair_accuracy_se") or 0.0
+        return acc >= best_acc - se
+
+    def warmup_end(self, max_steps: int) -> int | None:
+        """The step where the warm-up reaches the full learning rate: one more check there, so that a run that
+        collapses soon after (where the rate peaks) has a sound step to roll back to before the first regular one."""
+        w = self.cfg.train.warmup_steps
+        end = int(round(w * max_steps)) if w < 1 else int(w)
+        return end if 0 < end < max_steps and end < self.every else None
 
     def _ctx(self) -> dict[str, Any]:
         t = self.cfg.train
@@ -181,7 +211,7 @@ class Watch:
         """At the end of an optimizer step: check when due. True when the run should stop (collapse)."""
         if self.items is None or self.stopping():
             return False
-        if self.every and (step % self.every == 0 or step == max_steps):
+        if self.every and (step % self.every == 0 or step == max_steps or step == self.warmup_end(max_steps)):
             self.check(model, step)
         return self.collapse is not None and self.cfg.watch.stop_on_collapse
 
