@@ -194,7 +194,7 @@ def test_held_out_evaluation_without_learning_is_flagged_with_what_to_change():
     seed_like = {"rewards": {"pair_accuracy": 0.493, "margin": 0.0004}}
     f = health.held_out_learning(seed_like, learning_rate=5e-7)
     assert f is not None and f.severity == health.WARNING
-    assert "49%" in f.title and "learning_rate" in f.fix and "1e-3" in f.fix
+    assert "49%" in f.title and "learning_rate" in f.fix and "2e-4" in f.fix
     assert health.held_out_learning({"rewards": {"pair_accuracy": 0.66, "margin": 2.1}}) is None
     assert health.held_out_learning({"rewards": {"pair_accuracy": 0.60, "margin": -0.2}}) is not None
     assert health.held_out_learning({"rewards": {"pair_accuracy": None, "margin": 0.3}}) is None

@@ -77,7 +77,8 @@ def test_conservative_is_a_gentler_lora_recipe_that_still_learns():
     assert 5e-5 <= r.set["train.learning_rate"] < standard.set["train.learning_rate"]
     assert r.set["kto.beta"] > standard.set["kto.beta"]  # stays closer to the base
     small = plan.apply_recipe(RunConfig(), r)  # the bundled 135M model
-    assert small.train.learning_rate >= 5e-4  # measured to learn on it (docs/RECIPES.md)
+    # 5e-5 already learned on it (59.4% held-out vs 49.3% at 5e-7, docs/RECIPES.md); the conservative rate is above
+    assert small.train.learning_rate >= 5e-5
 
 
 def test_no_preset_or_label_speaks_the_projects_own_jargon():
@@ -126,15 +127,18 @@ def test_a_preset_with_a_bad_field_names_itself(tmp_path):
         presets.apply(RunConfig(), broken)
 
 
-def test_standard_recipe_picks_the_learning_rate_measured_for_the_model_size():
-    """docs/RECIPES.md: 1e-3 for the bundled 135M model (66% held-out accuracy), 2e-4 for 3B+ QLoRA models."""
+def test_standard_recipe_picks_the_learning_rate_that_held_on_every_seed():
+    """docs/RECIPES.md: 2e-4 for the bundled 135M model (65.5% mean held-out accuracy over 5 seeds, no collapse; 1e-3
+    and 5e-4 collapsed on some seeds) and for 3B+ QLoRA models; the Conservative recipe stays below it."""
     from studio.config.run import RunConfig
 
     standard = presets.get("recipes", "standard")
     small = plan.apply_recipe(RunConfig(), standard)
     large = plan.apply_recipe(RunConfig().updated({"model.name_or_path": "Qwen/Qwen2.5-3B-Instruct"}), standard)
-    assert small.train.learning_rate == 1e-3
+    assert small.train.learning_rate == 2e-4 == RunConfig().train.learning_rate
     assert large.train.learning_rate == 2e-4
+    conservative = presets.get("recipes", "conservative")
+    assert plan.apply_recipe(RunConfig(), conservative).train.learning_rate < small.train.learning_rate
     assert small.train.per_device_train_batch_size * small.train.gradient_accumulation_steps == 16
 
 

@@ -376,9 +376,8 @@ def held_out_learning(result: dict[str, Any], learning_rate: float | None = None
     if not (bad_acc or bad_margin):
         return None
     if learning_rate is None or learning_rate < RAISE_BELOW:
-        fix = (f"Raise train.learning_rate{_lr(learning_rate)}: 1e-3 for models under 1B parameters, 2e-4 for 3B-8B "
-               "(the Standard recipe, measured in docs/RECIPES.md); train a full epoch or more; check a few labels in "
-               "the Data tab.")
+        fix = (f"Raise train.learning_rate{_lr(learning_rate)} to 2e-4 (the default, measured over five seeds in "
+               "docs/RECIPES.md); train a full epoch or more; check a few labels in the Data tab.")
     else:  # already at or above what LoRA needs: a higher rate is not the answer
         fix = (f"The learning rate{_lr(learning_rate)} is already as high as LoRA needs: train longer (a full epoch "
                "or more, more rows), check a few labels in the Data tab, and score more held-out pairs "
