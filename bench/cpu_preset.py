@@ -6,7 +6,8 @@ gradient checkpointing). Prints figures; asserts nothing.
 
 The first ``--pairs`` prompts (a desirable and an undesirable reply each) train, the next ``--heldout`` prompts are
 the held-out rows. The run config is the default one planned for the 'cpu' card exactly as the Model tab plans it
-(max_length from the data, per-device batch, no checkpointing where RAM allows, a step cap near 5 minutes). Printed:
+(max_length from the data, 8 rows a step, no checkpointing where RAM allows, at most 48 of the held-out rows scored,
+a step cap that keeps training + scoring near 4 minutes). Printed:
 the planned settings, the wall time from engine start to the saved adapter, training seconds, steps, and the
 held-out result (reward accuracy over pairs ± one standard error, desirable drift per token). Other work on the
 machine slows it down: run it alone and say so with the figure.

@@ -1,6 +1,6 @@
 """Time a new user's first run in a real browser: README command -> Data -> CPU preset -> Start -> finished.
 
-    python bench/first_run_flow.py [--data FILE] [--hold-out 0.1] [--port N] [--fresh-models]
+    python bench/first_run_flow.py [--data FILE|sample] [--hold-out 0.1] [--port N] [--fresh-models]
 
 Starts `python app.py` with an empty studio home (and, with --fresh-models, an empty models folder, so the bundled
 model is converted as on a fresh clone), drives Debian's chromium through Playwright, and prints the time of each
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -67,12 +68,19 @@ def main() -> int:
             page.set_default_timeout(600_000)
             page.goto(url)
             page.wait_for_selector("text=KTO Studio")
-            # Data: load the file, hold some rows out, save the cleaned copy
+            # Data: load the file (the sample by name; any other file uploaded, as a user without --allow-path
+            # does), hold some rows out, save the cleaned copy
             page.get_by_role("tab", name="Data").click()
-            box = page.locator("#data-path textarea, #data-path input").first
-            box.fill(a.data)
-            page.locator("#data-load").click()
-            expect(page.locator("#data-summary")).to_contain_text("KTO rows")
+            if a.data == "sample":
+                box = page.locator("#data-path textarea, #data-path input").first
+                box.fill(a.data)
+                page.locator("#data-load").click()
+            else:
+                page.locator("#data-upload input[type=file]").set_input_files(a.data)
+            summary = page.locator("#data-summary")
+            expect(summary).to_contain_text(re.compile("KTO rows|Cannot use"), timeout=300_000)
+            if "KTO rows" not in summary.inner_text():
+                raise SystemExit("Data tab: " + summary.inner_text())
             marks["data loaded"] = time.time()
             frac = page.locator("#data-eval-fraction input[type=number]")
             frac.fill(str(a.hold_out))
@@ -97,7 +105,9 @@ def main() -> int:
             last_text, last_change, longest, longest_at = None, time.time(), 0.0, ""
             phases_seen = []
             while True:
-                text = page.locator("#train-progress").inner_text()
+                # the studio's own line (Gradio may put its queue timer, e.g. "0.1s", above it while updating)
+                lines = [ln for ln in page.locator("#train-progress").inner_text().splitlines() if ln.strip()]
+                text = lines[-1] if lines else ""
                 now = time.time()
                 if text != last_text:
                     gap = now - last_change

@@ -349,7 +349,8 @@ class _Progress:
         from studio.training.events import PHASE_LABELS
 
         name, total = ev.get("phase"), ev.get("total")
-        if name != self.phase or self.bar is None or (total and self.bar.total != total):
+        restarted = self.bar is not None and ev.get("done") is not None and ev["done"] < self.bar.n  # a new pass
+        if name != self.phase or self.bar is None or (total and self.bar.total != total) or restarted:
             self.close()
             self.phase = name
             unit = "step" if name == "training" else ("pass" if name == "reference" else "it")

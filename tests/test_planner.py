@@ -32,13 +32,33 @@ def test_the_cpu_card_plans_minutes_not_hours_from_the_datas_own_lengths():
     p90 = ordered[int(0.9 * len(ordered))]
     assert cfg.kto.max_length == math.ceil(p90 / 64) * 64  # from the data, not the 1024 default
     assert cfg.train.gradient_checkpointing is False  # a 135M model leaves plenty of RAM
-    assert cfg.train.per_device_train_batch_size == 4
-    assert 0 < cfg.train.max_steps < before.steps  # a step cap
+    # 8 rows a step, at least 2 a pass (KTO's KL reference point pairs rows within a pass)
+    assert cfg.train.per_device_train_batch_size >= 2
+    assert cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps == 8
+    assert duration.CPU_MIN_STEPS <= cfg.train.max_steps < before.steps  # a step cap, a few updates kept
+    assert cfg.data.eval_max_rows == duration.CPU_EVAL_ROWS  # held-out scoring sized for a CPU
     assert cfg.model.load_in_4bit is False and cfg.model.gpu_memory_gib is None
     assert cfg.memory.micro_batch_size is None
-    # the expected duration is known before Start, and it is minutes
-    assert p.duration is not None and p.duration.total_s < 480
+    # the expected duration is known before Start, and it is minutes even on a fresh clone (model conversion)
+    fresh = duration.estimate(cfg, HH_LIKE, converted=False)
+    assert p.duration is not None and p.duration.total_s <= fresh.total_s < 480
     assert "min" in p.duration.describe()
+
+
+def test_the_step_cap_fills_the_time_budget_with_the_scoring_counted_at_the_cap():
+    # a cleaned HH file (1,417 short rows): the watch would check many times over the whole data, only once or twice
+    # over the capped run; the cap is counted with the latter, so the run gets the steps its budget pays for
+    cfg = _hh_config(**{"data.eval_fraction": 0.1})
+    lengths = [105] * 1417
+    p = planner.plan(cfg, "cpu", CPU, lengths=lengths)
+    steps = p.config.train.max_steps
+    assert steps > duration.CPU_MIN_STEPS
+
+    def work(n):
+        d = duration.estimate(p.config.updated({"train.max_steps": n}), lengths, converted=True)
+        return d.train_s + d.reference_s + d.eval_s + d.eval_loss_s
+
+    assert work(steps) <= duration.CPU_TARGET_TRAIN_S < work(steps + 1)
 
 
 def test_a_small_data_set_is_trained_whole_without_a_cap():
@@ -47,23 +67,30 @@ def test_a_small_data_set_is_trained_whole_without_a_cap():
     assert p.config.kto.max_length == duration.CPU_SEQ_MIN
 
 
+def test_a_gpu_card_keeps_a_held_out_size_the_user_chose():
+    mine = planner.plan(_hh_config(**{"data.eval_max_rows": 500}), "8gb", CPU, lengths=HH_LIKE).config
+    assert mine.data.eval_max_rows == 500
+
+
 def test_the_cpu_plan_turns_checkpointing_on_when_the_model_would_fill_the_ram():
     changes = duration.cpu_plan(_hh_config(), HH_LIKE, ram_gib=0.5)
     assert changes["train.gradient_checkpointing"] is True
 
 
 def test_the_duration_model_reproduces_its_measured_cpu_run():
-    """docs/RECIPES.md: 192 rows of ~183 tokens at max_length 384, reference pass + 12 steps of 16 rows: 380 s."""
-    cfg = RunConfig().updated({"kto.max_length": 384, "train.per_device_train_batch_size": 4,
-                               "train.gradient_accumulation_steps": 4, "train.max_steps": 12,
-                               "train.gradient_checkpointing": False, "data.evaluate_after": False})
-    d = duration.estimate(cfg, [183] * 200, n_cores=2, converted=True)
-    assert d.reference_s > 0  # 12 x 16 rows visit nearly all 200: the reference pass is computed once
-    assert d.train_s + d.reference_s == pytest.approx(380, rel=0.15)
+    """`python bench/cpu_duration.py --data hh-harmless-dev.jsonl.gz --max-length 384 --batch 2 --accum 4` on the
+    idle 2-core machine (2026-12-02): 4 steps of 8 HH rows (~183 tokens each), reference in every step: 110.9 s."""
+    cfg = RunConfig().updated({"kto.max_length": 384, "train.per_device_train_batch_size": 2,
+                               "train.gradient_accumulation_steps": 4, "train.max_steps": 4,
+                               "train.gradient_checkpointing": False, "data.evaluate_after": False,
+                               "data.eval_fraction": 0.0, "kto.precompute_ref_log_probs": False})
+    d = duration.estimate(cfg, [183] * 3000, n_cores=2, converted=True)
+    assert d.reference_s == 0 and d.eval_s == 0
+    assert d.train_s == pytest.approx(110.9, rel=0.15)
     # and it scales: twice the steps, twice the training time; checkpointing costs more
-    d2 = duration.estimate(cfg.updated({"train.max_steps": 24}), [183] * 200, n_cores=2, converted=True)
+    d2 = duration.estimate(cfg.updated({"train.max_steps": 8}), [183] * 3000, n_cores=2, converted=True)
     assert d2.train_s == pytest.approx(2 * d.train_s, rel=0.01)
-    slow = duration.estimate(cfg.updated({"train.gradient_checkpointing": True}), [183] * 200, n_cores=2,
+    slow = duration.estimate(cfg.updated({"train.gradient_checkpointing": True}), [183] * 3000, n_cores=2,
                              converted=True)
     assert slow.train_s > d.train_s
 
@@ -72,12 +99,13 @@ def test_switching_to_a_gpu_card_and_a_7b_then_back_to_cpu_replans_everything():
     start = planner.plan(_hh_config(), "cpu", CPU, lengths=HH_LIKE).config
     gpu = planner.plan(start, "8gb", CPU, model_key="mistral-7b-instruct-v0.3", lengths=HH_LIKE).config
     assert gpu.model.gpu_memory_gib == 7.5 and gpu.train.max_steps == -1  # no CPU step cap on a GPU plan
+    assert gpu.data.eval_max_rows == RunConfig().data.eval_max_rows  # nor the CPU's smaller held-out set
     assert gpu.kto.max_length > 512 and gpu.train.gradient_checkpointing
     back = planner.plan(gpu, "cpu", CPU, model_key="smollm2-135m", lengths=HH_LIKE).config
     assert back.model.name_or_path == "bundled:smollm2-135m"
     for field in ("kto.max_length", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
                   "train.max_steps", "train.gradient_checkpointing", "memory.micro_batch_size",
-                  "model.gpu_memory_gib", "model.load_in_4bit", "model.backend"):
+                  "model.gpu_memory_gib", "model.load_in_4bit", "model.backend", "data.eval_max_rows"):
         section, name = field.split(".")
         assert getattr(getattr(back, section), name) == getattr(getattr(start, section), name), field
 
@@ -140,6 +168,8 @@ def test_the_held_out_file_counts_its_watch_checks_and_its_scoring(tmp_path, bun
     assert d.eval_loss_s == 0 and d.eval_s > 0
     after_only = duration.estimate(cfg.updated({"watch.every_steps": 0}), duration.data_lengths(cfg), converted=True)
     assert 0 < after_only.eval_s < d.eval_s  # the checks during training cost time too
+    capped = duration.estimate(cfg.updated({"data.eval_max_rows": 4}), duration.data_lengths(cfg), converted=True)
+    assert 0 < capped.eval_s < d.eval_s  # the engine scores at most data.eval_max_rows of the file's rows
     assert d.total_s == pytest.approx(d.startup_s + d.reference_s + d.train_s + d.eval_loss_s + d.eval_s + d.save_s)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert duration.estimate(cfg, duration.data_lengths(cfg), converted=True).eval_loss_s > 0

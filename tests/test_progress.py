@@ -30,6 +30,18 @@ def test_current_phase_times_the_latest_phase_and_counts_its_eta_down_between_ev
     assert later["eta_s"] == pytest.approx(74.0) and later["elapsed_s"] == pytest.approx(26.0)
 
 
+def test_a_phase_that_runs_again_times_its_new_pass_from_its_own_start():
+    # the held-out rows: scored by the base model before training (slowly), by the tuned model after it
+    events = [_phase(0.0, "scoring", "Scoring 64 held-out rows with the base model…", 0, 64),
+              _phase(40.0, "scoring", "Scoring 64 held-out rows with the base model…", 64, 64),
+              _phase(41.0, "training", "Training", 0, 8), _phase(241.0, "training", "Training", 8, 8),
+              _phase(242.0, "scoring", "Scoring 64 held-out rows with the tuned model…", 0, 64),
+              _phase(252.0, "scoring", "Scoring 64 held-out rows with the tuned model…", 32, 64)]
+    ph = current_phase(events, now=255.0)
+    assert ph["elapsed_s"] == pytest.approx(13.0)  # not 255 s since the first pass began
+    assert ph["eta_s"] == pytest.approx(10.0 - 3.0)  # this pass's rate: 32 rows in 10 s, 32 left
+
+
 def test_a_phase_without_counts_has_a_clock_but_no_eta_and_nothing_before_the_first_phase():
     assert current_phase([{"type": "status", "time": 1.0, "message": "x"}]) is None
     ph = current_phase([_phase(50.0, "convert", "Converting…")], now=80.0)

@@ -18,24 +18,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Seconds a step takes per (padded) token per billion parameters, float32 on the project's 2-core machine: the CPU
-# run of docs/RECIPES.md (bundled 135M, 192 HH rows of ~183 tokens at max_length 384, reference pass + 12 steps in
-# 380 s) gives 0.080; `python bench/cpu_duration.py` re-measures it (on an idle machine: other work slows it down).
-SECONDS_PER_TOKEN_GPARAM = 0.08
+# Seconds a step takes per (padded) token per billion parameters, float32 on the project's 2-core machine, measured
+# with `python bench/cpu_duration.py` on an idle machine (2026-12-02): 0.138 on the sample (4 rows a step, ~212
+# tokens, 3.9 s a step) and 0.140 on HH rows at max_length 384, 2 x 4 rows a step (~1465 tokens, 27.7 s a step).
+# (An earlier 0.080, from a faster day's run, made the CPU plan promise 6 min for a run that took 10.)
+SECONDS_PER_TOKEN_GPARAM = 0.14
 CALIBRATION_CORES = 2
 CHECKPOINTING_FACTOR = 1.3  # recomputing activations in the backward pass
 REFERENCE_SHARE = 2 / 6  # the reference model's two forwards out of a step's ~6 forward-equivalents
 EVAL_LOSS_SHARE = 0.5  # the trainer's eval-loss pass over a held-out row (forwards only) against training on it
-EVAL_SHARE = 0.22  # scoring a held-out row (base + tuned forwards) against training on it (RECIPES.md: 50 s, 116 rows)
+# scoring a held-out row (base + tuned forwards) against training on it, measured where the user waits: the browser
+# flow (bench/first_run_flow.py, 2026-12-02) scored 64 cleaned HH rows of ~102 tokens in 49 s (base) + ~33 s (tuned)
+# against 127 s of predicted training on them. (bench/cpu_duration.py with the watch on gave 0.27 for 150 raw rows;
+# the flow's figure is the one a user sees, with the page open on the same cores.)
+EVAL_SHARE = 0.6
 STARTUP_S = 25.0  # loading the model, tokenizing, building the trainer
 CONVERT_S = 40.0  # the bundled model's one-time GGUF conversion
 SAVE_S = 5.0
 EVAL_LIMIT = 200  # rows the engine scores after training
 
-# The CPU plan
-CPU_TARGET_TRAIN_S = 300.0  # training + held-out scoring the CPU plan aims for (the run stays well under 10 min)
-CPU_MIN_STEPS = 8
-CPU_BATCH = 4
+# The CPU plan: a first run that finishes in minutes on a 2-core machine. A step's cost grows with its rows, so a CPU
+# step is 8 rows (2 per pass x 4 accumulated; KTO needs at least 2 rows per pass for its KL reference point) and the
+# cap keeps at least CPU_MIN_STEPS updates; the held-out watch scores at most CPU_EVAL_ROWS rows (twice: the base
+# model before training, the tuned one after; a scoring pass costs about a third of training on the same rows),
+# enough for an accuracy over ~24 pairs with its ± standard error (about ±10 points).
+CPU_TARGET_TRAIN_S = 240.0  # training + held-out scoring the CPU plan aims for (the whole flow stays under 8 min)
+CPU_MIN_STEPS = 6
+CPU_BATCH = 2
+CPU_ROWS_PER_STEP = 8
+CPU_EVAL_ROWS = 48
 CPU_SEQ_MIN, CPU_SEQ_MAX, CPU_SEQ_STEP = 128, 512, 64
 CPU_LENGTH_QUANTILE = 0.9  # max_length covers this share of the rows whole; longer ones are truncated
 
@@ -149,6 +160,8 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     if cfg.data.eval_file:  # the Data tab's held-out file: its own rows
         held = data_lengths(cfg.updated({"data.train_file": cfg.data.eval_file, "data.eval_file": None}))
         n_eval = len(held) if held else 0
+        if cfg.data.eval_max_rows:  # the engine scores at most eval_max_rows of them
+            n_eval = min(n_eval, cfg.data.eval_max_rows)
     elif n_rows is not None and cfg.data.eval_fraction > 0:
         n_eval = int(round(n_rows * cfg.data.eval_fraction))
         if cfg.data.eval_max_rows:
@@ -213,15 +226,16 @@ def cpu_seq(lengths: list[int] | None, current: int) -> int:
 
 def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None,
              effective_batch: int | None = None, target_s: float = CPU_TARGET_TRAIN_S) -> dict[str, Any]:
-    """Run-config changes that make ``cfg`` finish in minutes on this CPU: max_length from the data, per-device
-    batch 4, no gradient checkpointing where memory allows, no GPU-only settings, and a step cap that keeps training
-    near ``target_s`` seconds (never more than one epoch)."""
+    """Run-config changes that make ``cfg`` finish in minutes on this CPU: max_length from the data, 8 rows a step
+    (2 per pass; fewer when the recipe's effective batch is smaller), no gradient checkpointing where memory allows,
+    no GPU-only settings, at most CPU_EVAL_ROWS held-out rows, and a step cap that keeps training and held-out
+    scoring near ``target_s`` seconds (never more than one epoch, never under CPU_MIN_STEPS steps)."""
     from studio.training import memory
 
     seq = cpu_seq(lengths, cfg.kto.max_length)
     eff = effective_batch or cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
     batch = CPU_BATCH
-    accum = max(1, math.ceil(eff / batch))
+    accum = max(1, math.ceil(min(eff, CPU_ROWS_PER_STEP) / batch))
     checkpointing = False
     if ram_gib:
         try:
@@ -235,20 +249,22 @@ def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None
         "kto.max_length": seq, "train.per_device_train_batch_size": batch, "train.gradient_accumulation_steps": accum,
         "train.gradient_checkpointing": checkpointing, "memory.micro_batch_size": None,
         "model.gpu_memory_gib": None, "model.load_in_4bit": False, "model.backend": "full",
-        "train.optim": "adamw_torch", "train.max_steps": -1,
+        "train.optim": "adamw_torch", "train.max_steps": -1, "data.eval_max_rows": CPU_EVAL_ROWS,
     }
     d = estimate(cfg.updated(changes), lengths)
     if d is None or d.step_s <= 0:
         return changes
-    # the held-out scoring comes out of the same budget; a capped run may lose the up-front reference pass (it
-    # pays only when nearly every row is visited), which makes its steps dearer: re-estimate at the cap
-    budget = max(target_s - d.eval_s - d.eval_loss_s, CPU_MIN_STEPS * d.step_s)
+    # the held-out scoring comes out of the same budget, counted at the cap (the watch's checks during training
+    # grow with the steps); a capped run may lose the up-front reference pass (it pays only when nearly every row is
+    # visited), which makes its steps dearer: re-estimate at each cap
     cap = d.steps
     while cap > CPU_MIN_STEPS:
         capped = estimate(cfg.updated({**changes, "train.max_steps": cap}), lengths)
-        if capped.train_s + capped.reference_s <= budget:
+        scoring = capped.eval_s + capped.eval_loss_s
+        if capped.train_s + capped.reference_s + scoring <= target_s:
             break
-        cap = max(CPU_MIN_STEPS, min(cap - 1, int(budget // capped.step_s)))
+        # at most the steps the whole budget pays for, then down one at a time as the scoring is re-counted
+        cap = max(CPU_MIN_STEPS, min(cap - 1, int(target_s // capped.step_s)))
     if cap < d.steps:
         changes["train.max_steps"] = cap
     return changes

@@ -78,7 +78,7 @@ PHASE_LABELS = {"data": "Preparing data", "convert": "Converting the model", "mo
 
 def current_phase(events: list[dict[str, Any]], now: float | None = None) -> dict[str, Any] | None:
     """The latest ``phase`` event with what front ends show: ``label``, ``elapsed_s`` in this phase (from its first
-    event) and ``eta_s`` (None without counts): the phase's own rate so far (first to latest counted event), counted
+    event, or from where its count started again at a lower number: a new pass) and ``eta_s`` (None without counts): the phase's own rate so far (first to latest counted event), counted
     down from the latest event, so it keeps moving between events. None before the first phase event."""
     phases = [e for e in events if e.get("type") == "phase"]
     if not phases:
@@ -86,6 +86,12 @@ def current_phase(events: list[dict[str, Any]], now: float | None = None) -> dic
     last = dict(phases[-1])
     now = time.time() if now is None else now
     same = [e for e in phases if e["phase"] == last["phase"]]
+    # a phase that runs again (the held-out rows scored by the base model, later by the tuned one) counts from 0
+    # again: its clock and rate start at that pass, not at the first pass's start
+    for i in range(len(same) - 1, 0, -1):
+        if same[i].get("done") is not None and (same[i - 1].get("done") or 0) > same[i]["done"]:
+            same = same[i:]
+            break
     counted = [e for e in same if e.get("done") is not None]
     eta = None
     if counted and last.get("total") and last.get("done") is not None:

@@ -11,7 +11,8 @@
 
 Picking a card re-plans everything the previous card planned: the loading path and memory budget (a CPU run keeps
 no ``gpu_memory_gib``), max_length, the per-device batch and its accumulation, the memory savers (micro-batching)
-and, on a CPU, gradient checkpointing and a step cap that keeps the run to minutes (``studio.training.duration``). On a GPU
+and, on a CPU, gradient checkpointing, 8 rows a step, at most 48 held-out rows and a step cap that keep the run to
+minutes (``studio.training.duration``). On a GPU
 the settings come from auto-fit (``studio.training.autofit.plan_for_card``) for the path the run will take on this machine.
 """
 from __future__ import annotations
@@ -135,9 +136,9 @@ def plan(cfg: RunConfig, card: str, device, *, model_key: str | None = None, rec
         out.duration = duration.estimate(cfg, lengths if lengths is not None else duration.data_lengths(cfg))
     elif kind != "cuda" and apply:  # Apple MPS: no GPU budget, no CPU step cap
         out.config = cfg = cfg.updated({"model.gpu_memory_gib": None, "memory.micro_batch_size": None,
-                                        "train.max_steps": -1})
+                                        **_not_cpu(cfg)})
     elif apply:
-        out.config = cfg = cfg.updated({"train.max_steps": -1})  # a CPU step cap is not a GPU plan
+        out.config = cfg = cfg.updated(_not_cpu(cfg))
     try:
         path = installed_path(device) if kind == "cuda" else None
         out.card_plan = autofit.plan_for_card(cfg, budget, kind, path,
@@ -152,6 +153,15 @@ def plan(cfg: RunConfig, card: str, device, *, model_key: str | None = None, rec
         return out
     if apply and out.card_plan.changes:
         out.config = out.config.updated(out.card_plan.changes)
+    return out
+
+
+def _not_cpu(cfg: RunConfig) -> dict[str, Any]:
+    """What the CPU plan decided that is no GPU's plan: its step cap, and its smaller held-out set (unless the
+    user chose another size)."""
+    out: dict[str, Any] = {"train.max_steps": -1}
+    if cfg.data.eval_max_rows == duration.CPU_EVAL_ROWS:
+        out["data.eval_max_rows"] = type(cfg.data).model_fields["eval_max_rows"].default
     return out
 
 

@@ -107,10 +107,9 @@ class Watch:
         message = f"Scoring {len(self.items)} held-out rows with the {what}"
         self.emit("phase", phase="scoring", message=message + "…", done=0, total=total)
 
-        def step(n: int) -> None:
+        def step(n: int) -> None:  # the count travels as done / total (front ends show it once)
             done[0] += n
-            self.emit("phase", phase="scoring", message=f"{message}: {done[0]} / {total}", done=done[0],
-                      total=total)
+            self.emit("phase", phase="scoring", message=message + "…", done=done[0], total=total)
 
         was_training = model.training
         model.eval()

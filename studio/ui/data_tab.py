@@ -448,6 +448,8 @@ def build(studio):
         steps = f"{c.train.max_steps} steps" if c.train.max_steps > 0 else "all rows"
         when = f", expected {p.duration.describe()}" if p.duration else ""
         return (f"  \nCPU plan updated for this data: max_length {c.kto.max_length}, batch "
-                f"{c.train.per_device_train_batch_size} x {c.train.gradient_accumulation_steps}, {steps}{when}.")
+                f"{c.train.per_device_train_batch_size} x {c.train.gradient_accumulation_steps}, {steps}"
+                + (f", at most {c.data.eval_max_rows} held-out rows scored" if c.data.eval_max_rows else "")
+                + f"{when}.")
 
     save_btn.click(save, [wb_state, *filters, eval_frac, seed, wd, wu], saved)

@@ -172,6 +172,9 @@ def cpu_markdown(p: planner.Plan, applied: bool) -> str:
                f"**{'on' if t.gradient_checkpointing else 'off'}**, {cap}."]
     if applied and p.card_plan is not None:
         lines.append("max_length covers 90% of your training rows whole (longer ones are truncated).")
+    if cfg.data.eval_max_rows:
+        lines.append(f"Held-out rows: at most **{cfg.data.eval_max_rows}** (whole prompts), scored by the base model "
+                     "before training and by the tuned one during and after it.")
     if d is not None:
         lines.append(f"**Expected duration: {d.describe()}.**" + "".join(f" {n}" for n in d.notes))
     return "\n\n".join(lines)
