@@ -294,7 +294,23 @@ def build(studio):
         map_updates = {dd: gr.update(choices=choices, value=ours_to_theirs.get(f, f if f in wb.norm.columns else ""))
                        for dd, f in zip(map_dd, FIELDS)}
         _measure(wb, model, max_length, progress)
-        return {wb_state: wb, **map_updates, **view(wb, 1, *view_args, new_lengths=True)}
+        box = {}
+        if _cpu_card() and wb.lengths:
+            # the CPU plan takes max_length from each file's own lengths: judge this file by that, not by a limit
+            # planned for the previous file (rows whose prompt fills it are dropped on save)
+            from studio.training.duration import cpu_seq
+
+            own = cpu_seq(wb.lengths.total, int(max_length or studio.config.kto.max_length))
+            if own != (int(max_length) if max_length else None):
+                _measure(wb, model, own)
+                box = {max_len: own}
+        return {wb_state: wb, **map_updates, **box, **view(wb, 1, *view_args, new_lengths=True)}
+
+    def _cpu_card() -> bool:
+        from studio.models import load as models
+
+        card = getattr(studio, "card", None)
+        return card == "cpu" or (card is None and models.detect_device().kind == "cpu")
 
     def _refused(message: str) -> dict:
         # the summary carries the error; the views are emptied so nothing stale from an earlier file is shown (the
@@ -309,7 +325,7 @@ def build(studio):
             progress(0, desc=f"loading the tokenizer of {model}")
         wb.measure(model, ml, (lambda f, msg: progress(f, desc=msg)) if progress else None)
 
-    load_out = [wb_state, summary, map_box, *map_dd, *view_out[1:]]
+    load_out = [wb_state, summary, map_box, *map_dd, max_len, *view_out[1:]]
     load_in = [upload, path, model_box, max_len, *map_dd, *view_in[1:]]
 
     load_btn.click(load, load_in, load_out)
@@ -435,10 +451,9 @@ def build(studio):
         from studio.models import load as models
         from studio.training import plan as planner
 
-        device = models.detect_device()
-        card = getattr(studio, "card", None) or ("cpu" if device.kind == "cpu" else None)
-        if card != "cpu":
+        if not _cpu_card():
             return ""
+        device = models.detect_device()
         try:
             p = planner.plan(studio.config, "cpu", device, recipe_key=getattr(studio, "recipe", None))
         except Exception:  # a plan that cannot be made leaves the settings as they are
