@@ -108,6 +108,15 @@ def test_the_best_step_stays_inside_the_safe_bound_before_it_looks_at_accuracy()
     assert watch.Watch(loose, [], lambda *a, **k: None)._key(drifting) > watch.Watch(loose, [], None)._key(safe)
 
 
+def test_one_more_check_where_the_warm_up_ends_only_in_runs_long_enough_to_afford_it():
+    w = watch.Watch(RunConfig(), [], lambda *a, **k: None)  # warm-up: 10% of the run
+    w.every = 33
+    assert w.warmup_end(148) == 15  # the GPU default: checks at 15, 33, 66, 99, 132, 148
+    assert w.warmup_end(60) is None  # fewer than three regular checks: the extra one would cost too much
+    w.every = 6
+    assert w.warmup_end(6) is None  # the 6-step CPU run checks once, at its end
+
+
 def _kept(cfg, points) -> int:
     """Feed checks in step order through the watch's choice of the kept step (no model)."""
     w = watch.Watch(cfg, [], lambda *a, **k: None)
