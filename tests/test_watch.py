@@ -121,10 +121,7 @@ def _kept(cfg, points) -> int:
     """Feed checks in step order through the watch's choice of the kept step (no model)."""
     w = watch.Watch(cfg, [], lambda *a, **k: None)
     for p in points:
-        if w._sound(p) and w._prefer(p):
-            w.best = p
-        if w._sound(p) and (w.top is None or w._key(p) > w._key(w.top)):
-            w.top = p
+        w.consider(p)
     return w.best.step
 
 

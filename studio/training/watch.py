@@ -152,10 +152,8 @@ class Watch:
         point = Point(step, result)
         self.points.append(point)
         self.pending = {k: v for k, v in point.metrics().items() if v is not None}
-        if self._sound(point) and self._prefer(point):
-            self.best, self.best_state = point, _snapshot(model)
-        if self._sound(point) and (self.top is None or self._key(point) > self._key(self.top)):
-            self.top = point
+        if self.consider(point):
+            self.best_state = _snapshot(model)
         self.emit("status", message=f"Held-out check at step {step}: {point.short()}", step=step,
                   **{k.replace("/", "_"): v for k, v in point.metrics().items()})
         if guard and not self._sound(point) and self.collapse is None:
@@ -180,14 +178,25 @@ class Watch:
         """Should the sound check ``p`` (later than every check so far) become the kept step?"""
         if self.best is None or self._safe(p) != self._safe(self.best):
             return self.best is None or self._safe(p)
-        top = self.top if self.top is not None and self._safe(self.top) == self._safe(p) else self.best
+        top = self.top  # the same side of the safe bound as p and the kept step (a safe check outranks any other)
         if self._key(p) > self._key(top):
             return True
-        acc, best_acc = p.accuracy, top.accuracy
-        if acc is None or best_acc is None:  # no paired prompts: the margin decides
+        if p.accuracy is None or top.accuracy is None:  # no paired prompts: the margin decides
             return (p.margin or 0.0) >= (top.margin or 0.0)
         se = (top.result or {}).get("rewards", {}).get("pair_accuracy_se") or 0.0
-        return acc >= best_acc - se
+        return p.accuracy >= top.accuracy - se
+
+    def consider(self, p: Point) -> bool:
+        """Take the check ``p`` into the choice of the kept step (and the most accurate one); True when it becomes
+        the kept step (the caller snapshots the adapter then)."""
+        if not self._sound(p):
+            return False
+        kept = self._prefer(p)
+        if kept:
+            self.best = p
+        if self.top is None or self._key(p) > self._key(self.top):
+            self.top = p
+        return kept
 
     def warmup_end(self, max_steps: int) -> int | None:
         """The step where the warm-up reaches the full learning rate: one more check there, so that a run that
