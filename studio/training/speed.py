@@ -201,6 +201,35 @@ def fill_card_changes(cfg, estimate_gib, budget_gib: float | None) -> tuple[dict
     return None
 
 
+LAUNCH_BOUND_PARAMS = 1.0e9  # below this a step is bound by launches on a GPU with room (135M on an H200: 6x)
+
+
+def launch_bound_changes(cfg, estimate_gib, budget_gib: float | None,
+                         params: float | None) -> tuple[bool, dict[str, Any], str] | None:
+    """For a model under LAUNCH_BOUND_PARAMS parameters that stays small for the card with twice the rows a pass
+    (``estimate_gib(changes)`` as in ``fill_card_changes``): ``(True, changes, sentence)``, where the run takes KTO's policy and KL rows in one
+    forward pass (``joint_pass.py``, when the reference is precomputed) and, with ``train.optim`` 'auto', fused
+    AdamW instead of 8-bit AdamW (a few kernels a step instead of several per LoRA weight; the optimizer state of a
+    small model's adapter is a few MiB either way). None otherwise: memory, not launches, is then what counts."""
+    if not cfg.memory.fill_card or budget_gib is None or params is None or params >= LAUNCH_BOUND_PARAMS:
+        return None
+    t = cfg.train
+    if cfg.memory.micro_batch_size is not None and cfg.memory.micro_batch_size < t.per_device_train_batch_size:
+        return None
+    try:
+        need = estimate_gib({"train.per_device_train_batch_size": 2 * t.per_device_train_batch_size})
+    except Exception:  # noqa: BLE001 - no estimate, no change
+        return None
+    if need is None or need > FILL_CARD_SHARE * budget_gib:
+        return None
+    changes = {"train.optim": "adamw_torch_fused"} if t.optim == "auto" else {}
+    said = (f"Launch-bound (a small model for this card, {need:.1f} of {budget_gib:g} GiB with twice the rows a pass): "
+            "the policy and KL rows of a step go through the model in one forward pass"
+            + (", and fused AdamW updates the adapter" if changes else "") + ". Set memory.fill_card off to keep "
+            "TRL's two passes" + (" and 8-bit AdamW." if changes else "."))
+    return True, changes, said
+
+
 def fast_attention_kernels() -> None:
     """On CUDA, keep scaled-dot-product attention off cuDNN's backend: it builds an execution plan for every new
     sequence length on the CPU (about 3 ms a call, measured), and KTO batches change length every step. Flash and
