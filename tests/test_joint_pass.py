@@ -93,3 +93,32 @@ def test_applies_only_to_plain_text_batches():
     assert joint_pass.applies(base)
     assert not joint_pass.applies({**base, "token_type_ids": None})
     assert not joint_pass.applies({k: v for k, v in base.items() if not k.startswith("KL_")})
+
+
+def test_under_bf16_autocast_the_lora_inputs_are_not_cast_and_the_loss_matches(tmp_path, tiny_model_dir, monkeypatch):
+    """Mixed precision (bf16 autocast, as on a GPU): the joint pass turns PEFT's fp32 input casts off within the step;
+    the loss stays TRL's to bf16 tolerance."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tests import test_microbatch
+    from studio.training import trl_seam
+
+    real = trl_seam.kto_config
+
+    def bf16_config(cfg, **kw):
+        return real(cfg, **{**kw, "bf16": True})
+
+    monkeypatch.setattr(test_microbatch, "kto_config", bf16_config)
+    plain = _trainer(_plain(), tiny_model_dir, tmp_path / "plain", precompute=True)
+    joint = _trainer(joint_pass.trainer_class(_plain()), tiny_model_dir, tmp_path / "joint", precompute=True)
+    assert joint.accelerator.mixed_precision == "bf16"
+    flags = []
+    layers = [m for m in joint.model.modules() if isinstance(m, BaseTunerLayer)]
+    layers[0].register_forward_pre_hook(lambda m, a: flags.append(getattr(m, "cast_input_dtype_enabled", True)))
+    batch = next(iter(plain.get_train_dataloader()))
+    want, _, _ = _step(plain, batch)
+    got, grads, _ = _step(joint, batch)
+    assert flags and not any(flags), "PEFT cast the LoRA inputs during the joint step"
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)  # restored after the step
+    assert got.item() == pytest.approx(want.item(), rel=2e-2)
+    assert all(torch.isfinite(g).all() for g in grads.values())

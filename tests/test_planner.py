@@ -77,10 +77,23 @@ def test_the_cpu_plan_turns_checkpointing_on_when_the_model_would_fill_the_ram()
     assert changes["train.gradient_checkpointing"] is True
 
 
-def test_the_duration_model_reproduces_its_measured_cpu_run():
+def test_the_duration_model_reproduces_its_measured_cpu_runs(monkeypatch):
     """`python bench/cpu_duration.py --data hh-harmless-dev.jsonl.gz --max-length 384 --batch 2 --accum 4` on the
-    idle 2-core machine (2026-12-02): 4 steps of 8 HH rows (~183 tokens each), reference in every step: 110.9 s."""
-    cfg = RunConfig().updated({"kto.max_length": 384, "train.per_device_train_batch_size": 2,
+    idle 2-core machine (2026-12-02): 4 steps of 8 HH rows (~183 tokens each), reference in every step: 110.9 s in
+    float32, 35.6 s in bf16 autocast (model.dtype 'auto' on that CPU, which multiplies bf16 natively)."""
+    from studio.models import load as models
+
+    monkeypatch.setattr(models, "cpu_bf16", lambda: True)
+    auto = RunConfig().updated({"kto.max_length": 384, "train.per_device_train_batch_size": 2,
+                                "train.gradient_accumulation_steps": 4, "train.max_steps": 4,
+                                "train.gradient_checkpointing": False, "data.evaluate_after": False,
+                                "data.eval_fraction": 0.0, "kto.precompute_ref_log_probs": False})
+    fast = duration.estimate(auto, [183] * 3000, n_cores=2, converted=True)
+    assert fast.train_s == pytest.approx(35.6, rel=0.15)
+    monkeypatch.setattr(models, "cpu_bf16", lambda: False)  # a CPU without bf16: float32 math
+    assert duration.estimate(auto, [183] * 3000, n_cores=2, converted=True).train_s == pytest.approx(110.9, rel=0.15)
+    monkeypatch.setattr(models, "cpu_bf16", lambda: True)
+    cfg = RunConfig().updated({"model.dtype": "float32", "kto.max_length": 384, "train.per_device_train_batch_size": 2,
                                "train.gradient_accumulation_steps": 4, "train.max_steps": 4,
                                "train.gradient_checkpointing": False, "data.evaluate_after": False,
                                "data.eval_fraction": 0.0, "kto.precompute_ref_log_probs": False})

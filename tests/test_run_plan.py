@@ -174,3 +174,16 @@ def test_the_engine_builds_the_trainer_from_the_plan_and_writes_it(tmp_path, mon
     saved = json.loads((job.run_dir / folder.PLAN_FILE).read_text())
     assert saved["optim"] == "adamw_torch_fused" and saved["backend"] == p.backend
     assert any(e.get("plan") for e in job.events)
+
+
+def test_a_cpu_with_native_bf16_trains_in_bf16_autocast_with_float32_weights():
+    bf16_cpu = DeviceInfo(kind="cpu", name="Xeon", bf16=True)
+    p = planner.plan_run(RunConfig(), bf16_cpu)
+    assert p.dtype == "float32" and p.autocast == "bfloat16"  # weights (chat, scores) stay float32
+    args = p.kto_config(RunConfig())
+    assert args.bf16 is True and args.use_cpu is True
+    assert "bfloat16 autocast" in planner.describe_plan(p)
+    # an explicit float32, or a CPU without native bf16: float32 math
+    assert planner.plan_run(RunConfig().updated({"model.dtype": "float32"}), bf16_cpu).autocast is None
+    plain = planner.plan_run(RunConfig(), CPU)
+    assert plain.autocast is None and plain.kto_config(RunConfig()).bf16 is False

@@ -96,7 +96,7 @@ class KTOSettings(_Section):
         "auto",
         description="Rows per forward pass when the reference log-probs are precomputed. These passes keep no "
         "activations for a backward pass, so more rows fit than in a training step, and bigger passes run faster. "
-        "'auto': on a GPU, as many rows (up to 32) as the memory estimate says fit beside the step's own peak; "
+        "'auto': on a GPU, as many rows (up to 128) as the memory estimate says fit beside the step's own peak; "
         "elsewhere the per-device batch.",
     )
 

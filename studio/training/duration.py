@@ -23,6 +23,11 @@ from typing import Any
 # tokens, 3.9 s a step) and 0.140 on HH rows at max_length 384, 2 x 4 rows a step (~1465 tokens, 27.7 s a step).
 # (An earlier 0.080, from a faster day's run, made the CPU plan promise 6 min for a run that took 10.)
 SECONDS_PER_TOKEN_GPARAM = 0.14
+# The same in bfloat16 autocast (float32 weights), on a CPU that multiplies bf16 natively (studio.models.load.cpu_autocast,
+# what model.dtype 'auto' does there): 0.045 on HH rows at max_length 384, 2 x 4 rows a step (8.9 s a step against
+# 27.7 s in float32, `python bench/cpu_duration.py --data hh-harmless-dev.jsonl.gz --max-length 384 --batch 2
+# --accum 4`, idle, 2026-12-02); 0.05 leaves room for a page open on the same cores.
+SECONDS_PER_TOKEN_GPARAM_BF16 = 0.05
 CALIBRATION_CORES = 2
 CHECKPOINTING_FACTOR = 1.3  # recomputing activations in the backward pass
 REFERENCE_SHARE = 2 / 6  # the reference model's two forwards out of a step's ~6 forward-equivalents
@@ -42,7 +47,9 @@ EVAL_LIMIT = 200  # rows the engine scores after training
 # cap keeps at least CPU_MIN_STEPS updates; the held-out watch scores at most CPU_EVAL_ROWS rows (twice: the base
 # model before training, the tuned one after; a scoring pass costs about a third of training on the same rows),
 # enough for an accuracy over ~24 pairs with its ± standard error (about ±10 points).
-CPU_TARGET_TRAIN_S = 240.0  # training + held-out scoring the CPU plan aims for (the whole flow stays under 8 min)
+# training + held-out scoring the CPU plan aims for: a first run that answers in about three minutes from Start (with
+# bf16 autocast that is ~10 steps of 8 rows on HH-length rows; float32 CPUs get fewer steps in the same time)
+CPU_TARGET_TRAIN_S = 120.0
 CPU_MIN_STEPS = 6
 CPU_BATCH = 2
 CPU_ROWS_PER_STEP = 8
@@ -174,7 +181,7 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     else:
         return None
     n_cores = n_cores or cores()
-    per_token = SECONDS_PER_TOKEN_GPARAM * params / 1e9 * CALIBRATION_CORES / min(max(n_cores, 1), 16)
+    per_token = seconds_per_token_gparam(cfg) * params / 1e9 * CALIBRATION_CORES / min(max(n_cores, 1), 16)
     if t.gradient_checkpointing:
         per_token *= CHECKPOINTING_FACTOR
     tokens_per_step = rows_per_step * pad_tok
@@ -211,6 +218,14 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     return Duration(steps=steps, rows_per_step=rows_per_step, tokens_per_step=tokens_per_step, step_s=step_s,
                     startup_s=startup, reference_s=reference_s, train_s=steps * step_s, eval_s=eval_s,
                     save_s=SAVE_S, notes=notes, eval_loss_s=eval_loss_s)
+
+
+def seconds_per_token_gparam(cfg) -> float:
+    """The time constant for the math a CPU run of ``cfg`` does on this machine (``models.cpu_autocast``'s rule)."""
+    from studio.models import load as models
+
+    cpu = models.DeviceInfo(kind="cpu", name="cpu", bf16=models.cpu_bf16())
+    return SECONDS_PER_TOKEN_GPARAM_BF16 if models.cpu_autocast(cfg, cpu) else SECONDS_PER_TOKEN_GPARAM
 
 
 # ---- the CPU plan ---------------------------------------------------------------------------------------------------

@@ -95,6 +95,19 @@ class _JointReference:
         return self.parts[1] if input_ids is self.batch["KL_input_ids"] else self.parts[0]
 
 
+def _no_input_casts(trainer):
+    """Under mixed precision (bf16/fp16 autocast), PEFT's LoRA layers would cast every input to the adapter's fp32
+    and autocast would cast it straight back for the matmul: two copies per LoRA layer per pass, a sixth of a small
+    model's step on a GPU (torch profiler). Off within the step, autocast alone decides (the same bf16 matmuls)."""
+    import contextlib
+
+    if getattr(trainer.accelerator, "mixed_precision", "no") in ("bf16", "fp16"):
+        from peft.helpers import disable_input_dtype_casting
+
+        return disable_input_dtype_casting(trainer.accelerator.unwrap_model(trainer.model))
+    return contextlib.nullcontext()
+
+
 def trainer_class(base):
     """``base`` (a KTOTrainer class) with policy and KL rows in one forward pass, in training and in the reference
     pass; batches the joint pass does not apply to go through ``base`` unchanged."""
@@ -102,23 +115,25 @@ def trainer_class(base):
     class JointPassKTOTrainer(base):
         def compute_ref_log_probs(self, model, inputs):
             if not (trl_seam.computes_kl(self) and applies(inputs)):
-                return super().compute_ref_log_probs(model, inputs)
-            return super().compute_ref_log_probs(_JointReference(model, inputs), inputs)
+                return trl_seam.class_reference_logps(base, self, model, inputs)
+            with _no_input_casts(self):
+                return trl_seam.class_reference_logps(base, self, _JointReference(model, inputs), inputs)
 
         def _compute_loss(self, model, inputs, return_outputs):
             if not (self.model.training and not return_outputs and trl_seam.computes_kl(self)
                     and trl_seam.uses_precomputed_reference(self) and applies(inputs)
                     and not getattr(self, "aux_loss_enabled", False)
                     and "_compute_kl_logps" not in vars(self)):  # a KL supplied by the caller (micro-batching) wins
-                return super()._compute_loss(model, inputs, return_outputs)
+                return trl_seam.class_kto_loss(base, self, model, inputs, return_outputs)
             import torch
 
             device = self.accelerator.device
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-            out, n, width, kl_width = joint_forward(model, batch)
+            with _no_input_casts(self):
+                out, n, width, kl_width = joint_forward(model, batch)
             policy_kl = rows_of(out, n, 2 * n, kl_width).log_probs.detach().sum(-1)
             with trl_seam.supplied_reference(self, policy_kl):
-                return super()._compute_loss(_Replay(rows_of(out, 0, n, width)), batch, return_outputs)
+                return trl_seam.class_kto_loss(base, self, _Replay(rows_of(out, 0, n, width)), batch, return_outputs)
 
     JointPassKTOTrainer.__qualname__ = JointPassKTOTrainer.__name__ = f"JointPass{base.__name__}"
     return JointPassKTOTrainer

@@ -109,7 +109,7 @@ WORKING_SET_INTERMEDIATE_BYTES = 7.8
 # tokens) is kept.
 FORWARD_BYTES = 26.0
 FORWARD_INTERMEDIATE_BYTES = 4.5
-MAX_FORWARD_ROWS = 32
+MAX_FORWARD_ROWS = 128
 PATHS = {
     "unsloth": PathModel("unsloth", True, 2, checkpoint_bytes=0, overhead_gib=0.448, offloads_embedding=True),
     # PEFT upcasts the residual stream to float32: the reference pass of Qwen2.5-3B at 5 rows x 4096 tokens needed

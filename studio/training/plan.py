@@ -195,6 +195,7 @@ class RunPlan:
     max_length: int
     precompute_ref: bool | None  # None: 'auto' and the data not read yet (``with_data``)
     precompute_rows: int  # rows per reference pass when precomputing
+    autocast: str | None = None  # 'bfloat16': a CPU run computes in bf16 autocast (models.cpu_autocast); GPU: dtype
     joint_pass: bool | None = None  # policy and KL rows in one forward (joint_pass.py); None: decided with the data
     budget_gib: float | None = None  # GPU memory the run may use; None off CUDA or without the memory check
     peak_gib: float | None = None  # the memory estimate's predicted peak (CUDA only)
@@ -251,7 +252,8 @@ class RunPlan:
             precompute_ref_batch_size=self.precompute_rows)
         kw.update(overrides)
         cuda = self.device_kind == "cuda"
-        return trl_seam.kto_config(self.config(cfg), device=self.device_kind, bf16=cuda and self.dtype == "bfloat16",
+        bf16 = (cuda and self.dtype == "bfloat16") or self.autocast == "bfloat16"
+        return trl_seam.kto_config(self.config(cfg), device=self.device_kind, bf16=bf16,
                                    fp16=cuda and self.dtype == "float16", **kw)
 
 
@@ -287,6 +289,10 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
     if cfg.train.optim == "auto":
         notes.append(f"Optimizer: {optim} ('auto': 8-bit AdamW needs CUDA and bitsandbytes)")
     dtype = models.dtype_name(cfg, device)
+    autocast = "bfloat16" if models.cpu_autocast(cfg, device) else None
+    if autocast:
+        notes.append("Compute: bfloat16 autocast on this CPU (native bf16 matmuls; weights stay float32). Set "
+                     "model.dtype to float32 for float32 math.")
     changes: dict[str, Any] = {}
     budget = peak = breakdown = None
     ref_rows = None
@@ -325,12 +331,14 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
             notes.extend(est.notes)
             if cfg.kto.precompute_ref_batch_size == "auto":
                 ref_rows = memory.forward_rows(arch, backend, settings(cfg))
+                if joint_fits:  # each reference pass then holds the KL rows too: twice the rows
+                    ref_rows = max(1, ref_rows // 2)
     t = cfg.train
     setting = cfg.kto.precompute_ref_batch_size
     rows = setting if isinstance(setting, int) and setting > 0 else (ref_rows or t.per_device_train_batch_size)
     micro = cfg.memory.micro_batch_size
     out = RunPlan(
-        device_kind=device.kind, device_name=device.name, backend=backend, dtype=dtype, optim=optim,
+        device_kind=device.kind, device_name=device.name, backend=backend, dtype=dtype, autocast=autocast, optim=optim,
         batch=t.per_device_train_batch_size, accumulation=t.gradient_accumulation_steps,
         micro_batch=micro if microbatch.is_active(micro, t.per_device_train_batch_size) else None, gradient_checkpointing=t.gradient_checkpointing,
         max_length=cfg.kto.max_length, precompute_ref=None, precompute_rows=int(rows),
@@ -357,7 +365,8 @@ def describe_plan(p: RunPlan) -> str:
     if p.micro_batch:
         split += f", gradients **{p.micro_batch}** row{'s' if p.micro_batch > 1 else ''} at a time"
     peak = f"; planned peak **{p.peak_gib:.2f} GiB** of {p.budget_gib:g} GiB" if p.peak_gib is not None else ""
-    lines = [f"**Run plan on {p.device_name} ({p.device_kind}):** {models.BACKEND_LABELS[p.backend]}, {p.dtype}, "
+    lines = [f"**Run plan on {p.device_name} ({p.device_kind}):** {models.BACKEND_LABELS[p.backend]}, {p.dtype}"
+             f"{' weights with bfloat16 autocast' if p.autocast else ''}, "
              f"optimizer {p.optim}{peak}.",
              f"{split}, max_length **{p.max_length}**, gradient checkpointing "
              f"**{'on' if p.gradient_checkpointing else 'off'}**; reference log-probs {pre}."]

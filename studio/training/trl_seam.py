@@ -169,6 +169,16 @@ def kto_loss(trainer, model, batch):
     return _attr(trainer, "_compute_loss")(model, batch, False)
 
 
+def class_reference_logps(cls, trainer, model, batch):
+    """``cls``'s own ``compute_ref_log_probs`` on ``trainer`` (for a subclass that overrides it)."""
+    return _attr(cls, "compute_ref_log_probs")(trainer, model, batch)
+
+
+def class_kto_loss(cls, trainer, model, batch, return_outputs: bool = False):
+    """``cls``'s own ``_compute_loss`` on ``trainer`` (a subclass that overrides it calls its base's through here)."""
+    return _attr(cls, "_compute_loss")(trainer, model, batch, return_outputs)
+
+
 def train_metrics(trainer) -> dict[str, list[float]]:
     """The lists TRL appends each training metric's values to until it logs them."""
     return _attr(trainer, "_metrics")["train"]
