@@ -368,7 +368,8 @@ class Engine:
 
             job.watch = Watch(cfg, job.eval_rows, lambda type_, **d: self._emit(job, type_, **d),
                               stopping=lambda: job.stop_requested,
-                              max_tokens=4096 if device.kind == "cuda" else 2048)
+                              # a launch-bound small model scores in few, large passes
+                              max_tokens=16384 if plan.joint_pass else 4096 if device.kind == "cuda" else 2048)
             trainer.add_callback(job.watch.callback(
                 cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps))
         # checkpoint-N appears only once complete, saying which run saved it
