@@ -246,8 +246,8 @@ class RunPlan:
         return folder.write_plan(run_dir, self.as_dict())
 
     def kto_config(self, cfg: RunConfig, **overrides: Any):
-        """TRL's KTOConfig built from the plan: the resolved optimizer, dtype, split of the batch, checkpointing and
-        reference rows, and the epochs resolved for the data. TRL's own precompute stays off: the engine runs it once the reference copy is gone
+        """TRL's KTOConfig built from the plan: the resolved optimizer, dtype, split of the batch, checkpointing,
+        reference rows and epochs. TRL's own precompute stays off: the engine runs it once the reference copy is gone
         (``speed.precompute_reference``), when ``precompute_ref`` says so."""
         kw: dict[str, Any] = dict(
             optim=self.optim, per_device_train_batch_size=self.batch, gradient_accumulation_steps=self.accumulation,
