@@ -203,7 +203,8 @@ def test_epochs_typed_as_a_number_or_auto_round_trip_through_the_form(studio, mo
     monkeypatch.setattr(tt, "duration_markdown", lambda cfg: "")
     assert tt.form_values(studio.config)["train.num_train_epochs"] == "auto"  # the default
     tt.edit_field(studio, "train", "num_train_epochs", "2")
-    assert studio.config.train.num_train_epochs == 2.0 and tt.form_values(studio.config)["train.num_train_epochs"] == "2"
+    assert studio.config.train.num_train_epochs == 2.0
+    assert tt.form_values(studio.config)["train.num_train_epochs"] == "2"
     tt.edit_field(studio, "train", "num_train_epochs", "2.5")
     assert tt.form_values(studio.config)["train.num_train_epochs"] == 2.5
     tt.edit_field(studio, "train", "num_train_epochs", "auto")

@@ -172,7 +172,8 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     if t.max_steps and t.max_steps > 0:
         steps = t.max_steps
     elif n_rows:
-        steps = max(1, math.ceil(math.ceil(n_rows / rows_per_step) * epochs))  # transformers: ceil(epochs x steps an epoch)
+        # as transformers counts them: ceil(epochs x steps an epoch)
+        steps = max(1, math.ceil(math.ceil(n_rows / rows_per_step) * epochs))
     else:
         return None
     n_cores = n_cores or cores()

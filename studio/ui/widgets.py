@@ -17,7 +17,8 @@ def _field(section: str, name: str):
 
 
 def _number_or_word(ann) -> bool:
-    """A union of a number and a word: ``float | Literal['auto']`` (train.num_train_epochs), ``int | Literal['auto']``."""
+    """A union of a number and a word: ``float | Literal['auto']`` (train.num_train_epochs) or
+    ``int | Literal['auto']``."""
     args = typing.get_args(ann)
     return typing.get_origin(ann) in (typing.Union, types.UnionType) and any(a in (int, float) for a in args) \
         and any(typing.get_origin(a) is typing.Literal for a in args)
