@@ -23,6 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def _epochs(job, setting):
+    """The epochs the run trained (a number): 'auto' as the run plan resolved it for the data."""
+    plan = getattr(job, "plan", None)
+    return plan.epochs if plan is not None and plan.epochs is not None else setting
+
+
 def prepare(a) -> None:
     from studio.data import load_kto
     from studio.data.balance import suggest_weights
@@ -103,7 +109,7 @@ def run(a) -> None:
            "oversample": a.oversample, "sets": a.set, "state": job.state,
            "error": job.error, "backend": job.backend, "train_s": round(train_s, 1),
            "config": {"lr": cfg.train.learning_rate, "beta": cfg.kto.beta, "r": cfg.lora.r,
-                      "alpha": cfg.lora.lora_alpha, "epochs": cfg.train.num_train_epochs,
+                      "alpha": cfg.lora.lora_alpha, "epochs": _epochs(job, cfg.train.num_train_epochs),
                       "batch": cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps,
                       "max_length": cfg.kto.max_length, "scheduler": cfg.train.lr_scheduler_type,
                       "warmup": cfg.train.warmup_steps,

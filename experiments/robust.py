@@ -39,6 +39,12 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = str(ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl.gz")
 
 
+def _epochs(job, setting):
+    """The epochs the run trained (a number): 'auto' as the run plan resolved it for the data."""
+    plan = getattr(job, "plan", None)
+    return plan.epochs if plan is not None and plan.epochs is not None else setting
+
+
 # ---- the fixed split -------------------------------------------------------------------------------------------
 
 def prepare(work: Path, data: str, eval_rows: int, split_seed: int, limit: int | None) -> dict:
@@ -127,7 +133,8 @@ def run_one(a) -> dict:
            "backend": job.backend,
            "settings": {"lr": t.learning_rate, "batch": t.per_device_train_batch_size,
                         "grad_accum": t.gradient_accumulation_steps, "beta": cfg.kto.beta,
-                        "warmup": t.warmup_steps, "max_length": cfg.kto.max_length, "epochs": t.num_train_epochs,
+                        "warmup": t.warmup_steps, "max_length": cfg.kto.max_length,
+                        "epochs": _epochs(job, t.num_train_epochs),
                         "max_steps": t.max_steps, "scheduler": t.lr_scheduler_type, "lora_r": cfg.lora.r,
                         "weights": [cfg.kto.desirable_weight, cfg.kto.undesirable_weight],
                         "watch": cfg.watch.model_dump(), "recipe": a.recipe, "gpu_preset": a.gpu_preset,

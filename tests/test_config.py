@@ -66,3 +66,32 @@ def test_maps_to_kto_and_lora_configs_by_field_name(tmp_path):
     assert kto_config(cfg, device="cuda", bnb=True).optim == "adamw_8bit"
     lora = cfg.to_lora_config(["q_proj"])
     assert lora.r == 8 and lora.lora_alpha == cfg.lora.lora_alpha and lora.target_modules == {"q_proj"}
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), (2, 2.0), ("2", 2.0), (2.5, 2.5)])
+def test_epochs_take_a_positive_number_or_auto(value, expected):
+    assert RunConfig().train.num_train_epochs == "auto"  # the default: decided from the data by the run plan
+    assert RunConfig().updated({"train.num_train_epochs": value}).train.num_train_epochs == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, "x", None])
+def test_bad_epochs_get_a_message_naming_the_field_and_the_choices(value):
+    with pytest.raises(ConfigError, match=r"train\.num_train_epochs: is .*use a number of passes .* or 'auto'"):
+        RunConfig().updated({"train.num_train_epochs": value})
+
+
+def test_an_old_run_yaml_with_one_epoch_still_loads_and_auto_never_reaches_trl(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("train:\n  num_train_epochs: 1.0\n")
+    assert RunConfig.load(p).train.num_train_epochs == 1.0
+    again = RunConfig.load(RunConfig().save(tmp_path / "auto.yaml"))
+    assert again.train.num_train_epochs == "auto"
+    assert kto_config(again, device="cpu").num_train_epochs == 1.0  # outside the plan (no rows): one pass
+
+
+def test_the_epochs_rule():
+    from studio.config.run import AUTO_EPOCH_ROWS, AUTO_MAX_EPOCHS, resolve_epochs
+
+    assert (AUTO_EPOCH_ROWS, AUTO_MAX_EPOCHS) == (3000, 3)
+    assert [resolve_epochs("auto", n) for n in (6000, 3000, 2370, 1300, 200, 1)] == [1, 1, 1, 2, 3, 3]
+    assert resolve_epochs("auto", None) is None and resolve_epochs(2.5, 200) == 2.5

@@ -41,6 +41,10 @@ def test_a_short_run_trains_the_adapter_and_logs_finite_metrics(tmp_path, bundle
     assert [m["step"] for m in read_metrics(cfg.run_dir()) if "loss" in m] == [1, 2, 3]
     assert (cfg.run_dir() / "run.yaml").is_file()
     assert job.backend == "full"
+    # epochs 'auto' decided once for the sample's few rows (up to 3 passes; max_steps still stops it at 3 steps)
+    plan = json.loads((cfg.run_dir() / "plan.json").read_text())
+    assert cfg.train.num_train_epochs == "auto" and plan["epochs"] == job.plan.epochs == 3
+    assert any(e.get("message", "").startswith("Epochs: 3 ('auto'") for e in job.events)
 
 
 def test_stop_mid_run_saves_an_adapter_and_resume_continues_from_that_step(tmp_path, bundled_model_dir):

@@ -190,3 +190,21 @@ def test_the_held_out_file_counts_its_watch_checks_and_its_scoring(tmp_path, bun
     no_eval = duration.estimate(cfg.updated({"data.eval_file": None, "data.eval_fraction": 0.0}),
                                 duration.data_lengths(cfg), converted=True)
     assert no_eval.eval_loss_s == 0 and no_eval.eval_s == 0
+
+
+@pytest.mark.parametrize("rows,epochs", [(2370, 1), (1300, 2), (200, 3)])
+def test_the_duration_counts_the_epochs_the_run_plan_decides(rows, epochs):
+    """Epochs 'auto' in the estimate is the run plan's rule for the rows trained on (after the held-out split)."""
+    cfg = RunConfig().updated({"train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 4,
+                               "data.eval_fraction": 0.0, "train.num_train_epochs": "auto"})
+    d = duration.estimate(cfg, [100] * rows, params=135e6, converted=True)
+    assert d.steps == math.ceil(rows / 8) * epochs
+    assert planner.plan_run(cfg, CPU, data_rows=rows).epochs == epochs
+    # held-out rows split off first: 1,400 rows less 5% (70) train 1,330 -> 2 passes
+    split = duration.estimate(cfg.updated({"data.eval_fraction": 0.05, "data.eval_max_rows": None}),
+                              [100] * 1400, params=135e6, converted=True)
+    assert split.steps == math.ceil(1330 / 8) * 2
+    # a number the user set is used as is (transformers: ceil(epochs x steps an epoch))
+    fixed = duration.estimate(cfg.updated({"train.num_train_epochs": 1.5}), [100] * rows, params=135e6,
+                              converted=True)
+    assert fixed.steps == math.ceil(math.ceil(rows / 8) * 1.5)

@@ -78,6 +78,36 @@ def test_precompute_auto_is_decided_once_and_the_trainer_args_follow_the_plan():
     assert fixed.precompute_ref is True and fixed.precompute_rows == 3
 
 
+@pytest.mark.parametrize("rows,epochs", [(2370, 1), (1300, 2), (200, 3)])
+def test_epochs_auto_is_decided_once_from_the_training_rows(tmp_path, rows, epochs):
+    cfg = RunConfig().updated({"model.dtype": "float32", "train.num_train_epochs": "auto"})
+    open_ = planner.plan_run(cfg, CPU)
+    assert open_.epochs is None and any(n.startswith("Epochs: 'auto', decided when") for n in open_.notes)
+    assert open_.precompute_ref is None  # precompute 'auto' waits for the data too
+    p = open_.with_data(rows)
+    assert p.epochs == epochs == planner.plan_run(cfg, CPU, data_rows=rows).epochs
+    assert f"Epochs: {epochs} ('auto': {rows:,} training rows; small files get up to 3 passes)." in p.notes
+    assert p.notes[-1].startswith("Reference log-probs")  # the engine shows the last note once the data is read
+    assert p.precompute_ref is True  # every row visited at least once
+    args = p.kto_config(cfg)
+    assert args.num_train_epochs == epochs and not isinstance(args.num_train_epochs, str)
+    saved = json.loads(p.save(tmp_path).read_text())
+    assert saved["epochs"] == epochs and "epochs_setting" not in saved
+    assert f"Epochs: {epochs}" in planner.plan_text(p)
+
+
+def test_epochs_the_user_set_are_kept():
+    cfg = RunConfig().updated({"model.dtype": "float32", "train.num_train_epochs": 2.5})
+    p = planner.plan_run(cfg, CPU)
+    assert p.epochs == 2.5 and not any(n.startswith("Epochs:") for n in p.notes)
+    for rows in (200, 5000):
+        assert p.with_data(rows).epochs == 2.5 and p.with_data(rows).kto_config(cfg).num_train_epochs == 2.5
+    # with a step cap the epochs do not matter to precompute 'auto': the steps decide
+    capped = planner.plan_run(RunConfig().updated({"train.max_steps": 1}), CPU, data_rows=1000)
+    assert capped.epochs == 3  # 1,000 rows: 3,000 / 1,000
+    assert capped.precompute_ref is False
+
+
 def test_the_plan_is_frozen_and_serialisable(tmp_path):
     p = planner.plan_run(RunConfig(), CPU, data_rows=[10] * 40)
     with pytest.raises(dataclasses.FrozenInstanceError):

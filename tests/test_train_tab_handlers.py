@@ -198,6 +198,25 @@ def test_edits_go_into_the_config_and_an_invalid_one_waits(studio, monkeypatch):
     assert studio.config.train.per_device_train_batch_size != 1
 
 
+def test_epochs_typed_as_a_number_or_auto_round_trip_through_the_form(studio, monkeypatch):
+    """num_train_epochs is a number or 'auto' (a one-line textbox): '2' is 2 passes and shows as 2, not 2.0."""
+    monkeypatch.setattr(tt, "duration_markdown", lambda cfg: "")
+    assert tt.form_values(studio.config)["train.num_train_epochs"] == "auto"  # the default
+    tt.edit_field(studio, "train", "num_train_epochs", "2")
+    assert studio.config.train.num_train_epochs == 2.0
+    assert tt.form_values(studio.config)["train.num_train_epochs"] == "2"
+    tt.edit_field(studio, "train", "num_train_epochs", "2.5")
+    assert tt.form_values(studio.config)["train.num_train_epochs"] == 2.5
+    tt.edit_field(studio, "train", "num_train_epochs", "auto")
+    assert studio.config.train.num_train_epochs == "auto"
+    assert tt.edit_field(studio, "train", "num_train_epochs", "0") == {}  # invalid: waits for Start, which says why
+    assert studio.config.train.num_train_epochs == "auto"
+    out = tt.start_run(studio, "run", form(studio.config, **{"train.num_train_epochs": "x"}))
+    assert out["message"].startswith("**Not started:**") and "num_train_epochs" in out["message"]
+    tt.start_run(studio, "ep", form(studio.config, **{"train.num_train_epochs": "3"}))
+    assert studio.engine.started[-1][0].train.num_train_epochs == 3.0
+
+
 def test_showing_the_tab_reloads_only_after_another_tab_changed_the_config(studio):
     loaded = tt.load_form(studio)
     assert loaded["name"] == studio.config.name and loaded["seen_changes"] == studio.outside_changes

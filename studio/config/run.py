@@ -7,6 +7,7 @@ Every field documents what it does and when to change it; the UI takes its label
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,9 @@ from studio import paths
 from studio.errors import UsageError
 
 BUNDLED_MODEL = "bundled:smollm2-135m"
+# train.num_train_epochs 'auto' (``resolve_epochs``): about AUTO_EPOCH_ROWS rows' worth of passes, 1 to AUTO_MAX_EPOCHS
+AUTO_EPOCH_ROWS = 3000
+AUTO_MAX_EPOCHS = 3
 SAMPLE_DATA = "sample"
 
 
@@ -120,7 +124,13 @@ class TrainSettings(_Section):
         "without a collapse (docs/RECIPES.md); 5e-4 and 1e-3 learned as much on their good seeds but collapsed on "
         "others. For 3B-8B QLoRA models 2e-4 is also QLoRA's usual value.",
     )
-    num_train_epochs: float = Field(1.0, gt=0.0, description="Passes over the training data.")
+    num_train_epochs: float | Literal["auto"] = Field(
+        "auto",
+        description=f"Passes over the training data. 'auto': {AUTO_EPOCH_ROWS:,} training rows / the rows this run "
+        f"trains on (after the held-out split), rounded, between 1 and {AUTO_MAX_EPOCHS}: one epoch on files of "
+        f"{AUTO_EPOCH_ROWS:,}+ rows, up to {AUTO_MAX_EPOCHS} on small files, so a small (or imbalanced, thinned) file "
+        "still gets enough optimizer steps. A number (1, 2.5) is used as is.",
+    )
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
     per_device_train_batch_size: int = Field(
         8,
@@ -150,6 +160,21 @@ class TrainSettings(_Section):
     save_total_limit: int = Field(3, ge=1, description="Keep at most this many checkpoints per run.")
     seed: int = Field(42, description="Seed for shuffling, LoRA init and dropout.")
 
+
+    @field_validator("num_train_epochs", mode="before")
+    @classmethod
+    def _positive_epochs(cls, v):
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        if isinstance(v, bool):
+            raise ValueError(f"is {v}; use a number of passes (above 0, e.g. 1 or 2.5) or 'auto'")
+        try:
+            n = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"is {v!r}; use a number of passes (above 0, e.g. 1 or 2.5) or 'auto'") from None
+        if not math.isfinite(n) or n <= 0:
+            raise ValueError(f"is {v}; use a number of passes (above 0, e.g. 1 or 2.5) or 'auto'")
+        return n
 
     @field_validator("per_device_train_batch_size")
     @classmethod
@@ -364,6 +389,10 @@ class RunConfig(_Section):
             kw["precompute_ref_log_probs"] = False
         if kw["precompute_ref_batch_size"] == "auto":  # the engine sizes it from the memory estimate
             kw["precompute_ref_batch_size"] = None
+        if kw["num_train_epochs"] == "auto":
+            # the run plan passes the epochs it resolved for the data (RunPlan.kto_config); without a row count
+            # (a caller outside the plan) one pass, the rule's answer for a file of AUTO_EPOCH_ROWS rows or more
+            kw["num_train_epochs"] = 1.0
         return kw
 
 
@@ -374,6 +403,18 @@ def resolve_optim(optim: str, device_kind: str, bitsandbytes: bool) -> str:
     if optim != "auto":
         return optim
     return "adamw_8bit" if (device_kind == "cuda" and bitsandbytes) else "adamw_torch"
+
+
+def resolve_epochs(setting: float | str, n_rows: int | None) -> float | None:
+    """The passes ``train.num_train_epochs`` means for a run on ``n_rows`` training rows (after the held-out split):
+    a number is used as is; 'auto' is AUTO_EPOCH_ROWS / n_rows rounded (halves up), between 1 and AUTO_MAX_EPOCHS
+    (2,370 rows: 1; 1,300: 2; 200: 3). None for 'auto' before the rows are known. The one rule for 'auto', used by
+    the run plan (studio.training.plan.RunPlan.with_data) and the duration estimate (studio.training.duration)."""
+    if setting != "auto":
+        return float(setting)
+    if n_rows is None:
+        return None
+    return float(min(AUTO_MAX_EPOCHS, max(1, math.floor(AUTO_EPOCH_ROWS / max(n_rows, 1) + 0.5))))
 
 
 def _explain(e: ValidationError) -> str:

@@ -150,7 +150,7 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     """The predicted duration of ``cfg`` on this CPU; None when the model's size is unknown. ``lengths``: the
     training rows' token lengths (``data_lengths``); without them every row counts as max_length."""
     from studio.training import speed
-    from studio.config.run import BUNDLED_MODEL
+    from studio.config.run import BUNDLED_MODEL, resolve_epochs
 
     params = params if params is not None else model_params(cfg)
     if not params:
@@ -174,10 +174,13 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
         if cfg.data.eval_max_rows:
             n_eval = min(n_eval, cfg.data.eval_max_rows)
         n_rows -= n_eval
+    # epochs 'auto' resolved for the rows trained on by the run plan's rule (config.run.resolve_epochs)
+    epochs = resolve_epochs(t.num_train_epochs, n_rows) or 1.0
     if t.max_steps and t.max_steps > 0:
         steps = t.max_steps
     elif n_rows:
-        steps = max(1, math.ceil(n_rows / rows_per_step)) * max(1, math.ceil(t.num_train_epochs))
+        # as transformers counts them: ceil(epochs x steps an epoch)
+        steps = max(1, math.ceil(math.ceil(n_rows / rows_per_step) * epochs))
     else:
         return None
     n_cores = n_cores or cores()
@@ -188,7 +191,7 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     step_s = tokens_per_step * per_token
     reference_s = 0.0
     precompute = speed.should_precompute_ref(cfg.kto.precompute_ref_log_probs, n_rows or steps * rows_per_step,
-                                             t.max_steps, rows_per_step, t.num_train_epochs)
+                                             t.max_steps, rows_per_step, epochs)
     if precompute:
         reference_s = (n_rows or steps * rows_per_step) * pad_tok * per_token * REFERENCE_SHARE
         step_s *= 1 - REFERENCE_SHARE
@@ -244,7 +247,8 @@ def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None
     """Run-config changes that make ``cfg`` finish in minutes on this CPU: max_length from the data, 8 rows a step
     (2 per pass; fewer when the recipe's effective batch is smaller), no gradient checkpointing where memory allows,
     no GPU-only settings, at most CPU_EVAL_ROWS held-out rows, and a step cap that keeps training and held-out
-    scoring near ``target_s`` seconds (never more than one epoch, never under CPU_MIN_STEPS steps)."""
+    scoring near ``target_s`` seconds (never more than the run's epochs - 'auto': up to 3 passes over a small
+    file - never under CPU_MIN_STEPS steps)."""
     from studio.training import memory
 
     seq = cpu_seq(lengths, cfg.kto.max_length)

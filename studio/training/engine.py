@@ -315,6 +315,9 @@ class Engine:
         precompute = plan.precompute_ref
         if _is_main_process():
             plan.save(job.run_dir)
+        for note in plan.notes:  # epochs 'auto', decided for these rows
+            if note.startswith("Epochs:"):
+                self._emit(job, "status", message=note)
         self._emit(job, "status", message=plan.notes[-1], plan=plan.as_dict())
         self._emit(job, "status", message="Speed-ups: " + (", ".join(
             (["length-grouped batches"] if cfg.data.length_grouping else [])

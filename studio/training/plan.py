@@ -26,7 +26,7 @@ from typing import Any
 from studio.training import autofit, duration, memory, microbatch, speed, trl_seam
 from studio.models import load as models
 from studio.config import presets
-from studio.config.run import ConfigError, RunConfig, resolve_optim
+from studio.config.run import AUTO_EPOCH_ROWS, AUTO_MAX_EPOCHS, ConfigError, RunConfig, resolve_epochs, resolve_optim
 
 DETECTED = "detected"  # the Model tab's "this machine's GPU" card
 
@@ -201,11 +201,12 @@ class RunPlan:
     peak_gib: float | None = None  # the memory estimate's predicted peak (CUDA only)
     estimate: dict | None = field(default=None, compare=False)  # its breakdown (memory.Estimate.as_dict)
     data_rows: int | None = None
+    epochs: float | None = None  # passes over the training rows; None: 'auto' and the data not read yet (with_data)
     changes: tuple[tuple[str, Any], ...] = ()
     notes: tuple[str, ...] = ()
     precompute_setting: bool | str = field(default="auto", repr=False)  # kto.precompute_ref_log_probs, for with_data
     max_steps: int = field(default=-1, repr=False)
-    epochs: float = field(default=1.0, repr=False)
+    epochs_setting: float | str = field(default="auto", repr=False)  # train.num_train_epochs, for with_data
     world: int = field(default=1, repr=False)
     joint_fits: bool = field(default=False, repr=False)  # the memory plan leaves room for the joint pass
 
@@ -214,12 +215,15 @@ class RunPlan:
         return cfg.updated(dict(self.changes)) if self.changes else cfg
 
     def with_data(self, n_rows: int) -> "RunPlan":
-        """The plan once the training rows are known: precompute 'auto' decided for ``n_rows``."""
+        """The plan once the training rows are known: epochs and precompute 'auto' decided for ``n_rows``. The
+        precompute note stays the last one (the engine shows it once the data is read)."""
+        epochs = resolve_epochs(self.epochs_setting, n_rows)
         on = _precompute(self.precompute_setting, n_rows, self.max_steps,
-                         self.batch * self.accumulation * self.world, self.epochs)
+                         self.batch * self.accumulation * self.world, epochs)
         why = _precompute_note(self.precompute_setting, on, n_rows)
-        notes = tuple(n for n in self.notes if not n.startswith("Reference log-probs")) + (why,)
-        return replace(self, precompute_ref=on, data_rows=n_rows, notes=notes,
+        notes = tuple(n for n in self.notes if not n.startswith(("Reference log-probs", "Epochs:")))
+        notes += (_epochs_note(self.epochs_setting, epochs, n_rows),) if self.epochs_setting == "auto" else ()
+        return replace(self, precompute_ref=on, data_rows=n_rows, epochs=epochs, notes=notes + (why,),
                        joint_pass=bool(self.joint_fits and on))
 
     @property
@@ -231,7 +235,7 @@ class RunPlan:
         d = asdict(self)
         d["changes"] = dict(self.changes)
         d["notes"] = list(self.notes)
-        for k in ("precompute_setting", "max_steps", "epochs", "world", "joint_fits"):
+        for k in ("precompute_setting", "max_steps", "epochs_setting", "world", "joint_fits"):
             d.pop(k)
         return d
 
@@ -243,13 +247,15 @@ class RunPlan:
         return folder.write_plan(run_dir, self.as_dict())
 
     def kto_config(self, cfg: RunConfig, **overrides: Any):
-        """TRL's KTOConfig built from the plan: the resolved optimizer, dtype, split of the batch, checkpointing and
-        reference rows. TRL's own precompute stays off: the engine runs it once the reference copy is gone
+        """TRL's KTOConfig built from the plan: the resolved optimizer, dtype, split of the batch, checkpointing,
+        reference rows and epochs. TRL's own precompute stays off: the engine runs it once the reference copy is gone
         (``speed.precompute_reference``), when ``precompute_ref`` says so."""
         kw: dict[str, Any] = dict(
             optim=self.optim, per_device_train_batch_size=self.batch, gradient_accumulation_steps=self.accumulation,
             gradient_checkpointing=self.trl_gradient_checkpointing, precompute_ref_log_probs=False,
             precompute_ref_batch_size=self.precompute_rows)
+        if self.epochs is not None:  # None only before with_data (the engine builds its trainer after it)
+            kw["num_train_epochs"] = self.epochs
         kw.update(overrides)
         cuda = self.device_kind == "cuda"
         bf16 = (cuda and self.dtype == "bfloat16") or self.autocast == "bfloat16"
@@ -257,8 +263,16 @@ class RunPlan:
                                    fp16=cuda and self.dtype == "float16", **kw)
 
 
-def _precompute(setting, n_rows: int, max_steps: int, rows_per_step: int, epochs: float) -> bool:
+def _precompute(setting, n_rows: int, max_steps: int, rows_per_step: int, epochs: float | None) -> bool:
     return speed.should_precompute_ref(setting, n_rows, max_steps, rows_per_step, epochs)
+
+
+def _epochs_note(setting, epochs: float | None, n_rows: int | None) -> str:
+    if epochs is None:
+        return (f"Epochs: 'auto', decided when the data is read (one pass on files of {AUTO_EPOCH_ROWS:,}+ training "
+                f"rows, up to {AUTO_MAX_EPOCHS} on small files).")
+    return (f"Epochs: {epochs:g} ('auto': {n_rows:,} training rows; small files get up to {AUTO_MAX_EPOCHS} passes)."
+            if setting == "auto" else f"Epochs: {epochs:g} (as configured).")
 
 
 def _precompute_note(setting, on: bool | None, n_rows: int | None) -> str:
@@ -344,11 +358,13 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
         max_length=cfg.kto.max_length, precompute_ref=None, precompute_rows=int(rows),
         budget_gib=budget, peak_gib=peak, estimate=breakdown, changes=tuple(changes.items()), notes=tuple(notes),
         precompute_setting=cfg.kto.precompute_ref_log_probs, max_steps=t.max_steps,
-        epochs=t.num_train_epochs, world=int(os.environ.get("WORLD_SIZE", "1")), joint_fits=joint_fits)
+        epochs=resolve_epochs(t.num_train_epochs, None), epochs_setting=t.num_train_epochs, world=int(os.environ.get("WORLD_SIZE", "1")), joint_fits=joint_fits)
     if isinstance(data_rows, list):
         data_rows = len(data_rows)
     if data_rows is not None:
         return out.with_data(data_rows)
+    if out.epochs is None:
+        out = replace(out, notes=out.notes + (_epochs_note("auto", None, None),))
     if isinstance(out.precompute_setting, bool):
         return replace(out, precompute_ref=out.precompute_setting, joint_pass=joint_fits and out.precompute_setting,
                        notes=out.notes + (_precompute_note(out.precompute_setting, out.precompute_setting, None),))

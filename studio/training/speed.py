@@ -72,10 +72,13 @@ def padding_fraction(lengths: list[int], batch_size: int) -> float:
     return padded / total if total else 0.0
 
 
-def should_precompute_ref(setting, n_rows: int, max_steps: int, rows_per_step: int, epochs: float) -> bool:
-    """Resolve ``kto.precompute_ref_log_probs`` ('auto' | bool) for a run."""
+def should_precompute_ref(setting, n_rows: int, max_steps: int, rows_per_step: int, epochs: float | str | None) -> bool:
+    """Resolve ``kto.precompute_ref_log_probs`` ('auto' | bool) for a run. ``epochs`` None or 'auto' (not resolved
+    yet): at least one pass, since epochs 'auto' never goes below one."""
     if isinstance(setting, bool):
         return setting
+    if epochs is None or epochs == "auto":
+        epochs = 1.0
     rows_visited = rows_per_step * max_steps if max_steps and max_steps > 0 else n_rows * epochs
     return rows_visited >= 0.9 * n_rows
 

@@ -19,7 +19,7 @@ from studio.training.engine import JobRunning
 from studio.training.events import current_phase
 from studio.runs import folder
 from studio.runs.history import HistoryError
-from studio.ui.widgets import collect, field_component
+from studio.ui.widgets import collect, field_component, shown
 
 FIELDS = [
     ("train", "learning_rate"), ("train", "num_train_epochs"), ("train", "max_steps"),
@@ -287,7 +287,7 @@ def form_changes(run_name, values) -> dict:
 
 
 def form_values(cfg: RunConfig) -> dict:
-    return {"name": cfg.name, **{f"{s}.{n}": getattr(getattr(cfg, s), n) for s, n in FIELDS}}
+    return {"name": cfg.name, **{f"{s}.{n}": shown(s, n, getattr(getattr(cfg, s), n)) for s, n in FIELDS}}
 
 
 def run_dir_for(studio, run_name) -> Path | None:

@@ -2,6 +2,7 @@
 config, never retyped, and values go back through ``RunConfig.updated`` (validated, errors name the field)."""
 from __future__ import annotations
 
+import types
 import typing
 
 import gradio as gr
@@ -15,6 +16,21 @@ def _field(section: str, name: str):
     return section_model.model_fields[name]
 
 
+def _number_or_word(ann) -> bool:
+    """A union of a number and a word: ``float | Literal['auto']`` (train.num_train_epochs) or
+    ``int | Literal['auto']``."""
+    args = typing.get_args(ann)
+    return typing.get_origin(ann) in (typing.Union, types.UnionType) and any(a in (int, float) for a in args) \
+        and any(typing.get_origin(a) is typing.Literal for a in args)
+
+
+def shown(section: str, name: str, value):
+    """The value as its component shows it: a whole number of a number-or-'auto' field without '.0' (2, not 2.0)."""
+    if _number_or_word(_field(section, name).annotation) and isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return value
+
+
 def field_component(cfg: RunConfig, section: str, name: str, **kw):
     """A component for ``cfg.<section>.<name>`` with its current value."""
     f = _field(section, name)
@@ -22,7 +38,7 @@ def field_component(cfg: RunConfig, section: str, name: str, **kw):
     label = kw.pop("label", name.replace("_", " "))
     info = kw.pop("info", f.description)
     ann = f.annotation
-    common = dict(label=label, info=info, value=value, elem_id=f"cfg-{section}-{name}", **kw)
+    common = dict(label=label, info=info, value=shown(section, name, value), elem_id=f"cfg-{section}-{name}", **kw)
     if typing.get_origin(ann) is typing.Literal:
         return gr.Dropdown(choices=list(typing.get_args(ann)), **common)
     if ann is bool:
@@ -37,6 +53,8 @@ def field_component(cfg: RunConfig, section: str, name: str, **kw):
         return gr.Number(minimum=lo, maximum=hi, precision=0 if ann is int else None, **common)
     if value is None:
         common["value"] = ""
+    if _number_or_word(ann):  # a number or 'auto': one line; the config's validator reads "2" as 2.0
+        common.update(lines=1, max_lines=1)
     return gr.Textbox(**common)
 
 

@@ -139,5 +139,5 @@ def test_settings_typed_in_the_train_form_survive_a_visit_to_another_tab(page):
     page.wait_for_timeout(300)  # a person's pause before switching tabs: the edits' events reach the server first
     page.get_by_role("tab", name="Model & preset").click()
     page.get_by_role("tab", name="Train").click()
-    expect(page.locator("#cfg-train-num_train_epochs input")).to_have_value("3")
+    expect(page.locator("#cfg-train-num_train_epochs input, #cfg-train-num_train_epochs textarea").first).to_have_value("3")
     assert float(page.locator("#cfg-train-learning_rate input").input_value()) == 0.00042
