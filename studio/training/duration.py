@@ -23,8 +23,8 @@ from typing import Any
 # tokens, 3.9 s a step) and 0.140 on HH rows at max_length 384, 2 x 4 rows a step (~1465 tokens, 27.7 s a step).
 # (An earlier 0.080, from a faster day's run, made the CPU plan promise 6 min for a run that took 10.)
 SECONDS_PER_TOKEN_GPARAM = 0.14
-# The same in bfloat16 autocast (float32 weights), on a CPU that multiplies bf16 natively (studio.models.load.cpu_autocast,
-# what model.dtype 'auto' does there): 0.045 on HH rows at max_length 384, 2 x 4 rows a step (8.9 s a step against
+# The same in bfloat16 autocast (float32 weights), on a CPU that multiplies bf16 natively
+# (studio.models.load.cpu_autocast, what model.dtype 'auto' does there): 0.045 on HH rows at max_length 384, 2 x 4 rows a step (8.9 s a step against
 # 27.7 s in float32, `python bench/cpu_duration.py --data hh-harmless-dev.jsonl.gz --max-length 384 --batch 2
 # --accum 4`, idle, 2026-12-02); 0.05 leaves room for a page open on the same cores.
 SECONDS_PER_TOKEN_GPARAM_BF16 = 0.05

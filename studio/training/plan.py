@@ -358,7 +358,8 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
         max_length=cfg.kto.max_length, precompute_ref=None, precompute_rows=int(rows),
         budget_gib=budget, peak_gib=peak, estimate=breakdown, changes=tuple(changes.items()), notes=tuple(notes),
         precompute_setting=cfg.kto.precompute_ref_log_probs, max_steps=t.max_steps,
-        epochs=resolve_epochs(t.num_train_epochs, None), epochs_setting=t.num_train_epochs, world=int(os.environ.get("WORLD_SIZE", "1")), joint_fits=joint_fits)
+        epochs=resolve_epochs(t.num_train_epochs, None), epochs_setting=t.num_train_epochs,
+        world=int(os.environ.get("WORLD_SIZE", "1")), joint_fits=joint_fits)
     if isinstance(data_rows, list):
         data_rows = len(data_rows)
     if data_rows is not None:
