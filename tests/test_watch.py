@@ -3,8 +3,6 @@ guard, and verdicts that never call a collapse a success."""
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
 import pytest
 
