@@ -96,6 +96,13 @@ def test_kl_stuck_at_zero_with_unmoved_rewards_means_the_adapter_is_not_learning
     assert "learning_rate" in f.fix and "now 5e-07" in f.fix
 
 
+def test_kl_stuck_at_zero_with_a_large_batch_does_not_ask_for_a_larger_one():
+    steps = healthy(12, kl=0.0)
+    f = only(health.check(steps, batch_size=16, learning_rate=2e-4), "kl_stuck_zero")
+    assert "Raise train.per_device_train_batch_size" not in f.fix
+    assert "16 rows a pass" in f.fix and "lower train.learning_rate (now 0.0002)" in f.fix
+
+
 def test_kl_stuck_at_zero_while_rewards_move_points_at_the_batch_size():
     steps = healthy(12, kl=0.0)
     f = only(health.check(steps, batch_size=2), "kl_stuck_zero")

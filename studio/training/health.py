@@ -39,6 +39,7 @@ TREND_WINDOW = 10       # chosen rewards sinking / margins negative, judged over
 CHOSEN_SINK = -1.0
 MARGIN_NEGATIVE = -0.2
 COLLAPSE_DRIFT = 1.0    # held-out drift, nats/token below the base (studio.evaluate.DEGENERATE_DRIFT)
+STEADY_KL_ROWS = 8  # rows a pass from which KTO's in-batch KL estimate is steady (raising the batch is no advice)
 RUNAWAY_REWARD = DIVERGE_LIMIT  # |reward| beyond this while the KL is stuck at 0 = collapse
 
 
@@ -239,9 +240,16 @@ def kl_stuck_at_zero(steps, learning_rate=None, batch_size=None, **_) -> Finding
                    f"{KL_WINDOW} logged steps although the rewards move. The estimate is clamped at 0: it came out "
                    "negative, which happens when it is computed from very few rows or when the model lowers the "
                    "probability of all text. KTO then loses its anchor to the base model.")
-        fix = ("Raise train.per_device_train_batch_size" + (f" (now {batch_size})" if batch_size else "") +
-               ": the KL is estimated inside each batch, and 2 rows give a noisy estimate (4-8 is steadier). "
-               f"If the rewards of both labels keep falling, lower train.learning_rate{_lr(learning_rate)}.")
+        lower = f"If the rewards of both labels keep falling, lower train.learning_rate{_lr(learning_rate)}."
+        if batch_size is not None and batch_size >= STEADY_KL_ROWS:
+            # the estimate comes from enough rows: raising the batch is not the change to make
+            fix = (f"The batch ({batch_size} rows a pass) is large enough for a steady estimate. {lower} The held-out "
+                   "watch (its likelihood-drift curve) tells a model that lowers all text from a healthy one, and its "
+                   "collapse guard stops a run that goes too far.")
+        else:
+            fix = ("Raise train.per_device_train_batch_size" + (f" (now {batch_size})" if batch_size else "") +
+                   ": the KL is estimated inside each batch, and 2 rows give a noisy estimate (4-8 is steadier). "
+                   + lower)
     return Finding("kl_stuck_zero", WARNING, f"KL stuck at 0 for {KL_WINDOW}+ steps", meaning, fix,
                    step=int(kl[-KL_WINDOW][0]))
 
