@@ -82,9 +82,16 @@ def test_side_by_side_chat_rate_replies_and_evaluate(page, studio_server, expect
     page.get_by_text("Held-out evaluation: base vs tuned").click()
     expect(page.locator("#chat-eval-status")).to_contain_text("No evaluation stored")
     limit = page.locator("#chat-eval-limit input")
-    limit.fill("4")
-    limit.press("Tab")  # commit the number before the click reads it (a click racing the edit sent the old 200)
-    expect(limit).to_have_value("4")
+    expect(limit).to_be_editable()
+    for attempt in range(3):  # the accordion's content can still re-mount just after it opens (the box shows 200 again)
+        limit.fill("4")
+        limit.press("Tab")  # commit the number before the click reads it (a click racing the edit sent the old 200)
+        try:
+            expect(limit).to_have_value("4", timeout=3_000)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
     page.locator("#chat-eval-run").click()
     expect(page.locator("#chat-eval-status")).to_contain_text("held-out rows from", timeout=180_000)
     expect(page.locator("#chat-eval-table")).to_contain_text("implicit reward accuracy (pairs), %")
