@@ -111,6 +111,22 @@ def _step(trainer, batch):
     return loss, grads, metrics
 
 
+def assert_same_step(want, got, grad_rtol: float = 1e-5) -> None:
+    """Two ``_step`` results agree: the loss, the gradient of every LoRA weight (A and B, all non-zero) and every
+    logged metric (the KL term really exercised: the policy is not the reference)."""
+    (want_loss, want_grads, want_metrics), (got_loss, got_grads, got_metrics) = want, got
+    assert math.isfinite(want_loss.item()) and want_loss.item() != 0
+    assert got_loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+    assert want_grads.keys() == got_grads.keys() and len(want_grads) > 0
+    for name, grad in want_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(got_grads[name], grad, rtol=grad_rtol, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert want_metrics["kl"][0] > 0
+    for key in METRIC_KEYS:
+        assert got_metrics[key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-6), key
+    assert set(got_metrics) == set(want_metrics)
+
+
 @pytest.mark.parametrize("precompute", [False, True], ids=["ref-in-step", "ref-precomputed"])
 @pytest.mark.parametrize("micro", [1, 2, 3])
 def test_micro_batched_step_equals_the_whole_batch_step(tmp_path, tiny_model_dir, precompute, micro):
@@ -139,20 +155,10 @@ def test_micro_batched_step_equals_the_whole_batch_step(tmp_path, tiny_model_dir
     if micro == 1:  # a short row's micro-batch drops the padding its longer batch-mates needed
         assert min(width for _, width in micro_seen) < batch["input_ids"].shape[1]
 
-    # (a) the loss
-    assert math.isfinite(want_loss.item()) and want_loss.item() != 0
-    assert got_loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
-    # (b) the gradients of every LoRA weight, A and B
-    assert want_grads.keys() == got_grads.keys() and len(want_grads) > 0
-    for name, want in want_grads.items():
-        assert want.abs().max() > 0, name
-        torch.testing.assert_close(got_grads[name], want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    # (c) one batch-level value per metric, equal to the plain trainer's
-    assert want_metrics["kl"][0] > 0  # the policy is not the reference: the KL term is really exercised
+    # one batch-level value per metric; loss, gradients and metrics equal the plain trainer's
     for key in METRIC_KEYS:
         assert len(got_metrics[key]) == 1, (key, got_metrics[key])
-        assert got_metrics[key][0] == pytest.approx(want_metrics[key][0], rel=1e-5, abs=1e-6), key
-    assert set(got_metrics) == set(want_metrics)
+    assert_same_step((want_loss, want_grads, want_metrics), (got_loss, got_grads, got_metrics))
     # (d) the temporary state is gone
     assert micro_trainer.precompute_ref_logps is precompute
     assert "_compute_kl_logps" not in vars(micro_trainer)
