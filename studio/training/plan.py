@@ -333,7 +333,8 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
                 notes.append(fill[1])
             launch = speed.launch_bound_changes(cfg, need, budget, arch.total_params())
             if launch:  # and, while it stays small with twice the rows a pass: one forward a step, fused AdamW
-                joint_fits, more, said = launch
+                more, said = launch
+                joint_fits = True
                 changes.update(more)
                 cfg = cfg.updated(more)
                 optim = resolve_optim(cfg.train.optim, device.kind, device.bitsandbytes)

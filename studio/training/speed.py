@@ -208,9 +208,9 @@ LAUNCH_BOUND_PARAMS = 1.0e9  # below this a step is bound by launches on a GPU w
 
 
 def launch_bound_changes(cfg, estimate_gib, budget_gib: float | None,
-                         params: float | None) -> tuple[bool, dict[str, Any], str] | None:
+                         params: float | None) -> tuple[dict[str, Any], str] | None:
     """For a model under LAUNCH_BOUND_PARAMS parameters that stays small for the card with twice the rows a pass
-    (``estimate_gib(changes)`` as in ``fill_card_changes``): ``(True, changes, sentence)``, where the run takes KTO's
+    (``estimate_gib(changes)`` as in ``fill_card_changes``): ``(changes, sentence)``, where the run takes KTO's
     policy and KL rows in one forward pass (``joint_pass.py``, when the reference is precomputed) and, with
     ``train.optim`` 'auto', fused AdamW instead of 8-bit AdamW (a few kernels a step instead of several per LoRA
     weight; the optimizer state of a small model's adapter is a few MiB either way). None otherwise: memory, not launches, is then what counts."""
@@ -230,7 +230,7 @@ def launch_bound_changes(cfg, estimate_gib, budget_gib: float | None,
             "the policy and KL rows of a step go through the model in one forward pass"
             + (", and fused AdamW updates the adapter" if changes else "") + ". Set memory.fill_card off to keep "
             "TRL's two passes" + (" and 8-bit AdamW." if changes else "."))
-    return True, changes, said
+    return changes, said
 
 
 def fast_attention_kernels() -> None:
