@@ -25,6 +25,7 @@ once as separate processes (one GPU is enough for the bundled model).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -124,6 +125,7 @@ def run_one(a) -> dict:
                         "kto.desirable_weight": d["desirable_weight"],
                         "kto.undesirable_weight": d["undesirable_weight"]})
     cfg = cfg.updated({**changes, **parse_sets(a.set)})
+    trace = _trace(heldout) if a.trace else None
     t0 = time.time()
     engine = Engine()
     job = engine.start(cfg)
@@ -159,8 +161,51 @@ def run_one(a) -> dict:
             min_drift=min((p["heldout/drift"] for p in points if p.get("heldout/drift") is not None), default=None),
             last={"accuracy": last.get("heldout/accuracy"), "accuracy_se": last.get("heldout/accuracy_se"),
                   "margin": last.get("heldout/margin"), "drift": last.get("heldout/drift")})
+    if trace is not None:
+        out["trace"] = trace
     out["wall_s"] = round(time.time() - t0, 1)
     return out
+
+
+def _trace(heldout: str) -> list[dict]:
+    """--trace: at every held-out check of the watch, also score the --eval-rows rows (which the run never saw)
+    and record both, with the watch's per-row rewards, so that rules for the kept step can be compared offline
+    against the accuracy each check's adapter really has. Costs one extra scoring pass per check."""
+    from studio.tuned import evaluate, scoring
+    from studio.training import watch as watch_mod
+
+    rows = [json.loads(line) for line in Path(heldout).read_text(encoding="utf-8").splitlines() if line.strip()]
+    trace: list[dict] = []
+    shadow: dict = {}
+    begin, check = watch_mod.Watch.begin, watch_mod.Watch.check
+
+    def traced_begin(self, model, tokenizer, step, max_steps, rows_per_step):
+        begin(self, model, tokenizer, step, max_steps, rows_per_step)
+        s = watch_mod.Watch(self.cfg.updated({"data.eval_max_rows": len(rows) + 2}), rows, lambda *a, **k: None)
+        s.tokenizer = tokenizer
+        s.items, s.kept, s.skipped = scoring.tokenize_rows(tokenizer, s.rows, self.cfg.kto.max_length)
+        with model.disable_adapter():
+            s.base = s._logps(model, "base model")
+        shadow["w"] = s
+
+    def traced_check(self, model, step, guard=True):
+        point = check(self, model, step, guard)
+        s = shadow.get("w")
+        if s is not None and point.result is not None:
+            r = evaluate.score_result(s.rows, s.items, s.kept, s.skipped, s.base, s._logps(model, "tuned"),
+                                      beta=self.cfg.kto.beta, max_length=self.cfg.kto.max_length)
+            trace.append({"step": step, "kept_now": self.best is point,
+                          "watch": {**point.metrics(), "rows": [
+                              {"label": x["label"], "reward": x["reward"], "n_tokens": x["n_tokens"],
+                               "prompt": hashlib.sha1(evaluate._prompt_key(
+                                   self.rows[x["index"]]["prompt"]).encode()).hexdigest()[:10]}
+                              for x in point.result["rows"]]},
+                          "heldout": {"accuracy": r["rewards"]["pair_accuracy"], "margin": r["rewards"]["margin"],
+                                      "drift": r["drift"], "n_pairs": r["n_pairs"]}})
+        return point
+
+    watch_mod.Watch.begin, watch_mod.Watch.check = traced_begin, traced_check
+    return trace
 
 
 # ---- many runs -------------------------------------------------------------------------------------------------
@@ -229,6 +274,8 @@ def main() -> None:
                     help="split (default, as a user gets it): the held-out watch uses the run's own data.eval_fraction "
                          "split of its training file, and the kept adapter is then scored on the --eval-rows rows it "
                          "never saw; heldout: the watch scores the reported rows themselves (optimistic)")
+    ap.add_argument("--trace", action="store_true",
+                    help="also score the --eval-rows rows at every held-out check (see _trace; an experiment)")
     ap.add_argument("--split-seed", type=int, default=0, help="the split's seed (independent of --seeds)")
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # one run, in a child process
     ap.add_argument("--report", action="store_true", help="print the table of WORK/results.jsonl and stop")
@@ -252,7 +299,7 @@ def main() -> None:
     print(json.dumps({"split": {k: v for k, v in meta.items() if k != "wanted"}}), flush=True)
     child = [sys.executable, str(Path(__file__).resolve()), "--work", str(work), "--variant", a.variant,
              "--data", a.data, "--eval-rows", str(a.eval_rows), "--split-seed", str(a.split_seed),
-             "--parallel", str(a.parallel), "--watch", a.watch]
+             "--parallel", str(a.parallel), "--watch", a.watch] + (["--trace"] if a.trace else [])
     for s in a.set:
         child += ["--set", s]
     for flag, v in (("--recipe", a.recipe), ("--gpu-preset", a.gpu_preset), ("--tag", a.tag)):
