@@ -125,7 +125,7 @@ def run_one(a) -> dict:
                         "kto.desirable_weight": d["desirable_weight"],
                         "kto.undesirable_weight": d["undesirable_weight"]})
     cfg = cfg.updated({**changes, **parse_sets(a.set)})
-    trace = _trace(heldout) if a.trace else None
+    trace = _trace(heldout, work / "traces" / f"{name}.jsonl") if a.trace else None
     t0 = time.time()
     engine = Engine()
     job = engine.start(cfg)
@@ -167,16 +167,19 @@ def run_one(a) -> dict:
     return out
 
 
-def _trace(heldout: str) -> list[dict]:
+def _trace(heldout: str, log: Path) -> list[dict]:
     """--trace: at every held-out check of the watch, also score the --eval-rows rows (which the run never saw)
     and record both, with the watch's per-row rewards, so that rules for the kept step can be compared offline
-    against the accuracy each check's adapter really has. Costs one extra scoring pass per check."""
+    against the accuracy each check's adapter really has. Costs one extra scoring pass per check. Each entry is also
+    appended to ``log`` as it is taken (a sweep cut short keeps what it measured)."""
     from studio.tuned import evaluate, scoring
     from studio.training import watch as watch_mod
 
     rows = [json.loads(line) for line in Path(heldout).read_text(encoding="utf-8").splitlines() if line.strip()]
     trace: list[dict] = []
     shadow: dict = {}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
     begin, check = watch_mod.Watch.begin, watch_mod.Watch.check
 
     def traced_begin(self, model, tokenizer, step, max_steps, rows_per_step):
@@ -202,6 +205,8 @@ def _trace(heldout: str) -> list[dict]:
                               for x in point.result["rows"]]},
                           "heldout": {"accuracy": r["rewards"]["pair_accuracy"], "margin": r["rewards"]["margin"],
                                       "drift": r["drift"], "n_pairs": r["n_pairs"]}})
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(trace[-1]) + "\n")
         return point
 
     watch_mod.Watch.begin, watch_mod.Watch.check = traced_begin, traced_check
