@@ -74,12 +74,25 @@ def _side_stats(rows: list[dict], key: str) -> dict[str, Any]:
     }
 
 
-def _pairs(rows: list[dict]) -> list[tuple[list[dict], list[dict]]]:
+def _paired(rows: list[dict]) -> dict[str, tuple[list[dict], list[dict]]]:
+    """The prompts (by ``_prompt``) with both labels: prompt -> (desirable rows, undesirable rows)."""
     groups: dict[str, tuple[list[dict], list[dict]]] = {}
     for r in rows:
         g = groups.setdefault(r["_prompt"], ([], []))
         g[0 if r["label"] else 1].append(r)
-    return [g for g in groups.values() if g[0] and g[1]]
+    return {k: g for k, g in groups.items() if g[0] and g[1]}
+
+
+def _pairs(rows: list[dict]) -> list[tuple[list[dict], list[dict]]]:
+    return list(_paired(rows).values())
+
+
+def _win(good: list[dict], bad: list[dict], key: str) -> tuple[float, float]:
+    """(share of the prompt's desirable x undesirable combinations where desirable is higher on ``key``, mean
+    difference). A tie (an unchanged model gives every reward 0) is half a win, not a loss."""
+    combos = [(g[key], b[key]) for g in good for b in bad]
+    return (sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in combos) / len(combos),
+            sum(g - b for g, b in combos) / len(combos))
 
 
 def accuracy_se(accuracy: float | None, n: int) -> float | None:
@@ -104,13 +117,30 @@ def _pair_score(pairs, key: str) -> tuple[float | None, float | None]:
     its desirable x undesirable combinations."""
     if not pairs:
         return None, None
-    wins, margins = [], []
-    for good, bad in pairs:
-        combos = [(g[key], b[key]) for g in good for b in bad]
-        # a tie (an unchanged model gives every reward 0) is half a win, not a loss
-        wins.append(sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in combos) / len(combos))
-        margins.append(sum(g - b for g, b in combos) / len(combos))
-    return _mean(wins), _mean(margins)
+    scores = [_win(good, bad, key) for good, bad in pairs]
+    return _mean([w for w, _ in scores]), _mean([m for _, m in scores])
+
+
+def pair_wins(result: dict[str, Any], rows: list[dict]) -> dict[str, float]:
+    """Per paired prompt of an evaluation ``result`` of ``rows`` (the rows it scored, which its per-row entries
+    index): the implicit-reward win, as in the pair accuracy (which is their mean). Two evaluations of the same
+    rows (two steps of one run) can so be compared prompt by prompt."""
+    scored = [{**r, "_prompt": _prompt_key(rows[r["index"]]["prompt"])} for r in result.get("rows") or []
+              if isinstance(r.get("reward"), (int, float))]
+    return {k: _win(good, bad, "reward")[0] for k, (good, bad) in _paired(scored).items()}
+
+
+def drift_se(result: dict[str, Any]) -> float | None:
+    """One standard error of the likelihood drift: the spread of the desirable rows' own per-token changes (tuned
+    minus base) over the square root of their count. A few held-out rows (a thin split of an imbalanced file holds
+    eight desirable ones) measure the drift loosely; None with fewer than two."""
+    xs = [(r["tuned_logp"] - r["base_logp"]) / r["n_tokens"] for r in result.get("rows") or []
+          if r.get("label") is True and r.get("n_tokens") and isinstance(r.get("tuned_logp"), (int, float))
+          and isinstance(r.get("base_logp"), (int, float))]
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
 def evaluate_rows(model, tokenizer, rows: list[dict], *, beta: float, max_length: int | None,
