@@ -115,26 +115,91 @@ def test_one_more_check_where_the_warm_up_ends_only_in_runs_long_enough_to_affor
     assert w.warmup_end(6) is None  # the 6-step CPU run checks once, at its end
 
 
-def _kept(cfg, points) -> int:
+def _kept(cfg, points, rows=()) -> int:
     """Feed checks in step order through the watch's choice of the kept step (no model)."""
-    w = watch.Watch(cfg, [], lambda *a, **k: None)
+    w = watch.Watch(cfg.updated({"data.eval_max_rows": None}), list(rows), lambda *a, **k: None)
     for p in points:
         w.consider(p)
     return w.best.step
 
 
-def test_the_kept_step_is_the_latest_within_one_standard_error_of_the_most_accurate():
+def _pairs(n: int) -> list[dict]:
+    return [r for i in range(n) for r in ({"prompt": f"question {i}", "completion": "a good answer", "label": True},
+                                          {"prompt": f"question {i}", "completion": "a bad answer", "label": False})]
+
+
+def _check(step: int, rows: list[dict], won: set[int], drifts: list[float] | float = -0.1) -> watch.Point:
+    """A held-out check of ``rows`` (from _pairs) scored for real by evaluate.score_result: pair i's desirable
+    completion gets the higher reward when i is in ``won``; the desirable completions moved by ``drifts`` nats per
+    token (one for all, or one each: their spread is the drift's standard error)."""
+    from types import SimpleNamespace
+
+    n, tokens = len(rows) // 2, 10
+    each = drifts if isinstance(drifts, list) else [drifts] * n
+    tuned = []
+    for i in range(n):
+        good = each[i] * tokens
+        tuned += [good, good - 1.0 if i in won else good + 1.0]
+    items = [SimpleNamespace(completion_ids=[0] * tokens) for _ in rows]
+    return watch.Point(step, evaluate.score_result(rows, items, list(range(len(rows))), 0, [0.0] * len(rows), tuned,
+                                                   beta=0.1, max_length=None))
+
+
+def test_the_kept_step_is_the_latest_that_the_most_accurate_does_not_clearly_beat_pair_by_pair():
     cfg = RunConfig()
-    few = [watch.Point(9, _result(0.67, 6, 0.4, -2.5, -2.4)), watch.Point(18, _result(0.50, 6, 0.9, -2.5, -2.5)),
-           watch.Point(41, _result(0.50, 6, 1.3, -2.5, -2.6))]
-    assert _kept(cfg, few) == 41  # 6 pairs: 67% vs 50% is one pair, well inside one SE (± 19)
-    many = [watch.Point(33, _result(0.70, 200, 1.0, -2.5, -2.6)), watch.Point(66, _result(0.60, 200, 1.5, -2.5, -2.7)),
-            watch.Point(99, _result(0.68, 200, 1.8, -2.5, -2.8))]
-    assert _kept(cfg, many) == 99  # 68% is within one SE (3.2) of 70%; 60% was not
-    clear = many[:2]
-    assert _kept(cfg, clear) == 33  # a clearly better earlier step still wins
-    unsafe_late = many[:1] + [watch.Point(99, _result(0.71, 200, 3.0, -2.5, -3.2))]  # drift -0.7
-    assert _kept(cfg, unsafe_late) == 33
+    eight = _pairs(8)  # the watch split of a file with 10% desirable rows holds about this many pairs
+    few = [_check(18, eight, {0, 1, 2, 3, 4, 5, 6}), _check(90, eight, {0, 1, 2, 3, 4}),
+           _check(162, eight, {0, 1, 2, 3})]
+    assert [p.accuracy for p in few] == [0.875, 0.625, 0.5]
+    assert _kept(cfg, few, eight) == 162  # 7 of 8 against 4 of 8: three pairs, inside the noise
+    lost_five = [few[0], _check(162, eight, {0, 1})]
+    assert _kept(cfg, lost_five, eight) == 18  # five pairs lost and none gained: a clear lead, even of eight
+    many = _pairs(200)
+    top = set(range(140))  # 70%
+    slipped = _check(99, many, set(range(137)))  # 68.5%: three pairs fewer, noise
+    assert _kept(cfg, [_check(33, many, top), slipped], many) == 99
+    worse = _check(66, many, set(range(110)))  # 55%: the same pairs, 30 lost and none won
+    assert _kept(cfg, [_check(33, many, top), worse], many) == 33  # a clearly better earlier step still wins
+    reshuffled = _check(66, many, set(range(30, 170)))  # 70% again, other pairs: no lead at all
+    assert _kept(cfg, [_check(33, many, top), reshuffled], many) == 66
+    unsafe_late = _check(99, many, set(range(150)), drifts=-0.7)  # more accurate, but 0.7 nat per token down
+    assert _kept(cfg, [_check(33, many, top), unsafe_late], many) == 33
+
+
+def test_a_drift_measured_on_a_few_rows_counts_as_safe_within_its_standard_error():
+    cfg = RunConfig()
+    eight = _pairs(8)
+    spread = [-0.2, -1.0, -0.3, -0.9, -0.4, -0.8, -0.5, -0.7]  # mean -0.6, one standard error 0.1
+    loose = _check(162, eight, set(range(6)), drifts=spread)
+    assert loose.drift == pytest.approx(-0.6) and evaluate.drift_se(loose.result) == pytest.approx(0.1, abs=0.01)
+    start = _check(36, eight, set(range(6)))
+    assert _kept(cfg, [start, loose], eight) == 162  # -0.6 ± 0.1 may well be inside the 0.5 bound
+    tight = _check(162, eight, set(range(6)), drifts=[x / 10 - 0.555 for x in spread])  # mean -0.6 ± 0.01
+    assert _kept(cfg, [start, tight], eight) == 36
+    assert evaluate.drift_se({"rows": []}) is None  # no desirable rows: no spread, the plain bound
+
+
+def test_the_check_taken_when_the_curves_show_a_collapse_is_never_the_step_kept():
+    """KL stuck at 0 while the rewards run away stops a run; the check taken right then says how far it drifted. A
+    thin held-out split can read that drift as safe, but the run rolls back to a step before the collapse."""
+    import torch
+
+    rows = _pairs(8)
+    w = watch.Watch(RunConfig().updated({"data.eval_max_rows": None}), rows, lambda *a, **k: None)
+    w.items, w.kept, w.skipped, w.base = [], list(range(len(rows))), 0, [0.0] * len(rows)
+    points = iter([_check(36, rows, set(range(5))), _check(59, rows, set(range(7)), drifts=-0.45)])
+
+    def score(rows_, items, kept, skipped, base, tuned, **kw):
+        return next(points).result
+    model = torch.nn.Linear(2, 2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(w, "_logps", lambda model, what: [0.0] * len(rows))
+        mp.setattr(evaluate, "score_result", score)
+        w.check(model, 36)
+        w.collapse = health.Finding(rule="collapse", severity=health.ERROR, title="KL stuck at 0", meaning="",
+                                    fix="Lower train.learning_rate")
+        w.check(model, 59, guard=False)
+    assert [p.step for p in w.points] == [36, 59] and w.best.step == 36
 
 
 # ---- real CPU runs -------------------------------------------------------------------------------------------
@@ -192,10 +257,7 @@ def test_a_healthy_run_gets_no_false_alarm_and_keeps_the_best_step(tmp_path, bun
     assert not w["collapsed"] and w["last_step"] == 4 and w["best_step"] == w["kept_step"]
     safe = [m for m in checked if m["heldout/drift"] >= -cfg.watch.best_max_drift] or checked
     top = max(safe, key=lambda m: (m["heldout/accuracy"], m["heldout/margin"]))
-    # the latest check within one standard error of the most accurate one (the running maximum, step by step)
-    close = [m for m in safe if m["heldout/accuracy"] >= max(
-        c["heldout/accuracy"] for c in safe if c["step"] <= m["step"]) - top["heldout/accuracy_se"]]
-    assert w["kept_step"] in [m["step"] for m in close] and w["kept_step"] >= top["step"]
+    assert w["kept_step"] >= top["step"]  # the most accurate check, or a later one it does not clearly beat
     assert stored["verdict"]["word"] in (evaluate.LEARNED, evaluate.NO_CHANGE)
     assert f"step {w['kept_step']} was best" in text.lower() or w["kept_step"] == 4
     assert [e for e in job.events if e["type"] == "phase" and e["phase"] == "scoring"]

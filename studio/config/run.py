@@ -253,8 +253,9 @@ class WatchSettings(_Section):
     keep_best: bool = Field(
         True,
         description="Save the best held-out step's adapter as the run's adapter, not the last step's: among the "
-        "checks whose drift is inside watch.best_max_drift, the latest whose implicit-reward accuracy is within one "
-        "standard error of the highest (closer than that is noise, and the later step learned from more data). "
+        "checks whose drift is inside watch.best_max_drift, the latest that the most accurate one does not clearly "
+        "beat on the same held-out pairs (by more than two standard errors: less is noise, and the later step learned "
+        "from more data). "
         "Off: the last step's adapter is saved (a collapse still rolls back while watch.stop_on_collapse is on).",
     )
     max_drift: float = Field(
