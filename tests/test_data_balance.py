@@ -44,9 +44,9 @@ def test_check_warns_only_outside_the_range():
     assert check(10, 10, 1.0, 1.0) is None
     warning = check(10, 40, 1.0, 1.0)
     assert "= 0.25, outside the KTO paper's [1, 1.33]" in warning
-    assert "desirable_weight=4.67" in warning
+    assert "desirable_weight=5.2" in warning  # the ratio 1.3, near the top of the range (balance.TARGET)
     assert check(10, 0, 1.0, 1.0) is None
-    assert ratio(10, 40, 4.67, 1.0) == pytest.approx(1.1675)
+    assert ratio(10, 40, 5.2, 1.0) == pytest.approx(1.3)
 
 
 def test_gauge_marks_the_ratio_and_keeps_far_values_on_the_dial():

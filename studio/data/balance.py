@@ -3,14 +3,18 @@
 KTO weighs the two kinds of rows separately; the paper (Ethayarajh et al., 2024, section 4) recommends choosing
 lambda_D and lambda_U so that (lambda_D * n_D) / (lambda_U * n_U) lies in [1, 4/3]. We keep the majority label at
 weight 1 and raise the minority's weight, the way the paper's own imbalanced runs do (1 desirable : 10 undesirable ->
-lambda_D around 10-13), aiming at the middle of the range so rounding never leaves it.
+lambda_D around 10-13), aiming near the top of the range (1.3, with room for rounding): on the HH dev file thinned
+to 10% desirable rows, λD at the top of the range (13.3, ratio 1.33) against the middle (11.7, ratio 1.17) left the
+held-out accuracy alike (62.1% vs 62.2%, 5 seeds) and the good answers' likelihood drift smaller in every seed (mean
+-0.17 vs -0.29 nat per token at step 126 of 162; docs/results/trace_sweep5_gpu.jsonl.gz): the scarce label's pull
+keeps the model from lowering everything while it learns from the plentiful one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 LOW, HIGH = 1.0, 4 / 3
-TARGET = (LOW + HIGH) / 2
+TARGET = 1.3  # near HIGH: see the module doc
 
 
 def ratio(n_desirable: int, n_undesirable: int, desirable_weight: float = 1.0,
