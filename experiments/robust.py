@@ -197,7 +197,7 @@ def _trace(heldout: str, log: Path) -> list[dict]:
         if s is not None and point.result is not None:
             r = evaluate.score_result(s.rows, s.items, s.kept, s.skipped, s.base, s._logps(model, "tuned"),
                                       beta=self.cfg.kto.beta, max_length=self.cfg.kto.max_length)
-            trace.append({"step": step, "kept_now": self.best is point,
+            trace.append({"step": step, "beta": self.cfg.kto.beta, "kept_now": self.best is point,
                           "watch": {**point.metrics(), "rows": [
                               {"label": x["label"], "reward": x["reward"], "n_tokens": x["n_tokens"],
                                "prompt": hashlib.sha1(evaluate._prompt_key(
