@@ -38,8 +38,9 @@ PLOTS = {
     "learning rate": ("lr", ["learning_rate"]),
     "tokens/s": ("tokens", ["tokens_per_s"]),
     "held-out reward accuracy": ("heldout-accuracy", ["heldout/accuracy"]),
-    "held-out likelihood drift (nats/token)": ("heldout-drift", ["heldout/drift"]),
+    "held-out drift (nats/token)": ("heldout-drift", ["heldout/drift"]),
 }
+CHECK_PLOTS = ("held-out reward accuracy", "held-out drift (nats/token)")
 COMPARABLE = ["loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl", "learning_rate", "tokens_per_s"]
 HISTORY_COLUMNS = ["run", "name", "status", "started", "took", "steps", "loss", "margin", "adapter"]
 STATE_LABELS = {"starting": "⏳ starting", "running": "🏃 training", "stopping": "⏸ stopping",
@@ -480,9 +481,12 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
     for row in (titles[:3], titles[3:]):
         with gr.Row():
             for title in row:
-                plots.append(gr.LinePlot(x="step", y="value", color="series", title=title, height=230,
-                                         y_title=PLOTS[title][1][0] if len(PLOTS[title][1]) == 1 else "reward",
-                                         y_axis_format=".3~g", color_title="", elem_id=f"plot-{PLOTS[title][0]}"))
+                # the held-out checks are a few points far apart (one, in a short CPU run): drawn as dots, since a
+                # line of one point draws nothing
+                kind, steps = (gr.ScatterPlot, {"x_axis_format": "d"}) if title in CHECK_PLOTS else (gr.LinePlot, {})
+                plots.append(kind(x="step", y="value", color="series", title=title, height=230, **steps,
+                                  y_title=PLOTS[title][1][0] if len(PLOTS[title][1]) == 1 else "reward",
+                                  y_axis_format=".3~g", color_title="", elem_id=f"plot-{PLOTS[title][0]}"))
     health_box = gr.Markdown(elem_id="train-health")
 
     with gr.Accordion("Run history", open=True):

@@ -30,6 +30,8 @@ def test_a_collapsing_run_is_plotted_stopped_and_explained(page, studio_server, 
     # the held-out checks are drawn beside the training curves
     for plot in ("plot-heldout-drift", "plot-heldout-accuracy"):
         expect(page.locator(f"#{plot} [aria-roledescription='axis']").first).to_be_attached(timeout=30_000)
+        # each check is a dot: a line through the one or two checks of a short run would draw nothing
+        expect(page.locator(f"#{plot} [aria-roledescription='point']").first).to_be_attached(timeout=30_000)
     health = page.locator("#train-health")
     expect(health).to_contain_text("The model collapsed")
     expect(health).not_to_contain_text("Raise train.learning_rate")
