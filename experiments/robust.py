@@ -242,6 +242,8 @@ def summary(results: list[dict]) -> dict:
 def report(work: Path) -> str:
     """A markdown table of every run in WORK/results.jsonl, one row per settings tag and variant."""
     groups: dict[tuple[str, str], list[dict]] = {}
+    if not (work / "results.jsonl").is_file():
+        return f"No run has finished in {work} (results.jsonl is absent)."
     for line in (work / "results.jsonl").read_text(encoding="utf-8").splitlines():
         if line.strip():
             r = json.loads(line)
