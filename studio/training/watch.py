@@ -12,14 +12,15 @@ The numbers are merged into the training metrics of the step they were taken at 
 metrics.jsonl, the run history, the Train tab's plots and the CLI's output.
 
 Best step: among the checks whose drift is inside ``watch.best_max_drift`` (0.5 nat per token: a safe bound, tighter
-than the collapse bound; a drift within one standard error of it counts as inside, when no check is, among those
-inside ``watch.max_drift``), the **latest one that the most accurate check so far does not clearly beat**: clearly
+than the collapse bound; a drift within one standard error of it counts as inside; when no check is inside, among
+those inside ``watch.max_drift``), the **latest one that the most accurate check so far does not clearly beat**: clearly
 means winning the same held-out pairs by more than ``LEAD_SE`` standard errors (a paired sign test). A
 smaller lead is noise (a 5% split of a small file holds a few dozen pairs: ± 6 points; of an imbalanced one, with
 10% desirable rows, eight pairs: ± 17), and of two steps that score alike the later one has learned from more data;
 a clearly better earlier step still wins. Both allowances matter most on thin splits: on one with eight pairs, the
-first rule kept step 36 of 162 of the default run on such a file (the trace of docs/RECIPES.md), which scored 58.3%
-on 254 pairs it never saw, where the last step scored 63.1%.
+earlier rule (one standard error of accuracy, the bound read as exact) kept step 36 of 162 of the default run on
+such a file (the trace of docs/RECIPES.md), which scored 58.3% on 254 pairs it never saw, where the last step scored
+63.1%. No check taken after a collapse is seen is ever kept.
 Its adapter weights are kept in memory (a LoRA adapter is small) and, with ``watch.keep_best``, written as the run's
 adapter at the end. Collapse guard (``watch.stop_on_collapse``): a drift beyond ``watch.max_drift``, or KTO's KL
 stuck at 0 while the rewards run away (studio.health.collapsed), stops the run and rolls back to the best step, or
