@@ -69,7 +69,9 @@ def main() -> None:
         groups.setdefault(re.sub(r"-s\d+(?=-|$)", "", name), []).append((name, kept, last, live))
 
     def cell(c):
-        return "–" if c is None else f"{c['step']}: {100 * c['heldout']['accuracy']:.1f}% / {c['heldout']['drift']:+.2f}"
+        if c is None:
+            return "–"
+        return f"{c['step']}: {100 * c['heldout']['accuracy']:.1f}% / {c['heldout']['drift']:+.2f}"
 
     print("| run | kept by this rule | kept live | last check |\n|---|---|---|---|")
     for group, items in groups.items():

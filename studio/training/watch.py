@@ -39,7 +39,7 @@ from studio.training import health
 
 BUDGET = 0.06  # 'auto' spaces the checks so that they cost about this fraction of the training time
 FORWARD_SHARE = 0.25  # a scoring forward pass per row, as a share of a training step's work per row (fwd+bwd+...)
-LEAD_SE = 2.0  # an earlier check is kept over a later one only when it wins their pairs by more standard errors than this
+LEAD_SE = 2.0  # an earlier check beats a later one only by a lead of more standard errors than this
 METRIC_KEYS = ("heldout/accuracy", "heldout/accuracy_se", "heldout/margin", "heldout/drift", "heldout/n_pairs")
 
 
