@@ -6,7 +6,8 @@ A trace holds, for every held-out check of a run, the watch's per-row rewards on
 accuracy the same adapter scored on held-out rows no run saw. Here each check is scored again from those rewards by
 ``evaluate.score_result`` and fed in step order to ``watch.Watch.consider`` (the code a run uses, with the default
 RunConfig's watch settings), so a change to the rule can be judged against what each check's adapter was really
-worth: per run, the step the rule keeps and its held-out accuracy, next to the step the run kept live (the rule of
+worth (a check taken once the run had seen a collapse, ``collapse_seen``, is never a candidate, as in
+``Watch.check``): per run, the step the rule keeps and its held-out accuracy, next to the step the run kept live (the rule of
 the code it ran) and the last one, with the means per setting.
 """
 from __future__ import annotations
@@ -52,7 +53,8 @@ def replay(checks: list[dict]):
                                        [r["reward"] / beta for r in scored], beta=beta, max_length=None)
         point = watch.Point(c["step"], result)
         by_point[id(point)] = c
-        w.consider(point)
+        if not c.get("collapse_seen"):  # as Watch.check: no check after a collapse is seen is a step to keep
+            w.consider(point)
         if c.get("kept_now"):
             live = c
     kept = by_point[id(w.best)] if w.best is not None else None

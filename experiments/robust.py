@@ -198,6 +198,7 @@ def _trace(heldout: str, log: Path) -> list[dict]:
             r = evaluate.score_result(s.rows, s.items, s.kept, s.skipped, s.base, s._logps(model, "tuned"),
                                       beta=self.cfg.kto.beta, max_length=self.cfg.kto.max_length)
             trace.append({"step": step, "beta": self.cfg.kto.beta, "kept_now": self.best is point,
+                          "collapse_seen": self.collapse is not None,
                           "watch": {**point.metrics(), "rows": [
                               {"label": x["label"], "reward": x["reward"], "n_tokens": x["n_tokens"],
                                "prompt": hashlib.sha1(evaluate._prompt_key(
