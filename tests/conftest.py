@@ -91,3 +91,9 @@ def wait_for(pred, timeout: float = 300, every: float = 0.1) -> bool:
             return True
         time.sleep(every)
     return False
+
+
+def kto_pairs(n: int) -> list[dict]:
+    """``n`` prompts, each with one desirable and one undesirable completion (KTO rows, pairs adjacent)."""
+    return [{"prompt": f"question {p}", "completion": c, "label": y}
+            for p in range(n) for c, y in ((f"good {p}", True), (f"bad {p}", False))]

@@ -6,11 +6,7 @@ import json
 from studio.config.run import RunConfig
 from studio.data import prepare_training
 from studio.data.clean import prompt_key, split_by_prompt
-
-
-def _pairs(n: int) -> list[dict]:
-    return [{"prompt": f"question {p}", "completion": c, "label": y}
-            for p in range(n) for c, y in ((f"good {p}", True), (f"bad {p}", False))]
+from tests.conftest import kto_pairs as _pairs
 
 
 def test_held_out_rows_are_whole_pairs_capped_at_the_maximum():

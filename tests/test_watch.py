@@ -9,7 +9,7 @@ import pytest
 from studio.tuned import evaluate
 from studio.training import health, watch
 from studio.config.run import RunConfig
-from tests.conftest import tiny_run_config
+from tests.conftest import kto_pairs as _pairs, tiny_run_config
 
 
 def _steps(n, **cols):
@@ -121,11 +121,6 @@ def _kept(cfg, points, rows=()) -> int:
     for p in points:
         w.consider(p)
     return w.best.step
-
-
-def _pairs(n: int) -> list[dict]:
-    return [r for i in range(n) for r in ({"prompt": f"question {i}", "completion": "a good answer", "label": True},
-                                          {"prompt": f"question {i}", "completion": "a bad answer", "label": False})]
 
 
 def _check(step: int, rows: list[dict], won: set[int], drifts: list[float] | float = -0.1) -> watch.Point:

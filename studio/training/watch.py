@@ -65,6 +65,11 @@ class Point:
         return self.result.get("drift") if self.result else 0.0
 
     @property
+    def drift_se(self) -> float:
+        """One standard error of the drift (0 for the untrained adapter, or with fewer than two desirable rows)."""
+        return (evaluate.drift_se(self.result) or 0.0) if self.result else 0.0
+
+    @property
     def margin(self) -> float | None:
         return self.result["rewards"].get("margin") if self.result else 0.0
 
@@ -176,9 +181,7 @@ class Watch:
     def _safe(self, p: Point) -> bool:
         """Inside the safe bound, within one standard error of the drift (a few desirable rows measure it loosely)."""
         bound = min(self.cfg.watch.best_max_drift, self.cfg.watch.max_drift)
-        if p.drift is None:
-            return False
-        return p.drift + ((evaluate.drift_se(p.result) or 0.0) if p.result else 0.0) >= -bound
+        return p.drift is not None and p.drift + p.drift_se >= -bound
 
     def _key(self, p: Point) -> tuple[bool, float, float]:
         """Inside the safe bound first, then accuracy, then margin."""

@@ -83,10 +83,6 @@ def _paired(rows: list[dict]) -> dict[str, tuple[list[dict], list[dict]]]:
     return {k: g for k, g in groups.items() if g[0] and g[1]}
 
 
-def _pairs(rows: list[dict]) -> list[tuple[list[dict], list[dict]]]:
-    return list(_paired(rows).values())
-
-
 def _win(good: list[dict], bad: list[dict], key: str) -> tuple[float, float]:
     """(share of the prompt's desirable x undesirable combinations where desirable is higher on ``key``, mean
     difference). A tie (an unchanged model gives every reward 0) is half a win, not a loss."""
@@ -172,7 +168,7 @@ def score_result(rows: list[dict], items: list[Tokenized], kept: list[int], skip
             "base_logp": base[j], "tuned_logp": tuned[j], "reward": beta * (tuned[j] - base[j]),
             "_prompt": _prompt_key(r["prompt"]),
         })
-    pairs = _pairs(scored)
+    pairs = list(_paired(scored).values())
     base_acc, _ = _pair_score(pairs, "base_logp")
     tuned_acc, _ = _pair_score(pairs, "tuned_logp")
     reward_acc, pair_margin = _pair_score(pairs, "reward")
