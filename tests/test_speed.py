@@ -21,40 +21,6 @@ def test_length_grouping_is_a_permutation_of_whole_blocks_with_less_padding():
     assert grouped < plain / 3, (grouped, plain)
 
 
-def test_scarce_label_is_spread_over_the_batches_in_length_order():
-    """A 10%-desirable file: random blocks of 16 leave about one batch in four without a desirable row and put 4-5
-    in others; spread, each block holds 1 or 2, and length grouping still pays."""
-    rnd = random.Random(1)
-    n, b = 1368, 16
-    labels = [i < 124 for i in range(n)]
-    rnd.shuffle(labels)
-    lengths = [rnd.randint(50, 3000) for _ in range(n)]
-    counts = lambda order: [sum(labels[i] for i in order[s:s + b]) for s in range(0, n - n % b, b)]  # noqa: E731
-    plain = speed.length_grouped_order(lengths, b, seed=3)
-    assert 0 in counts(plain) and max(counts(plain)) >= 4  # what the fix is for (fails if the data can't show it)
-    order = speed.length_grouped_order(lengths, b, seed=3, labels=labels)
-    assert sorted(order) == list(range(n))
-    assert set(counts(order)) <= {1, 2}, counts(order)
-    assert speed.padding_fraction([lengths[i] for i in order], b) < speed.padding_fraction(lengths, b) / 2
-    # the same with length grouping off: the file's order, each label's rows in their order
-    spread = speed.spread_labels(list(range(n)), labels, b)
-    assert set(counts(spread)) <= {1, 2}
-    assert [i for i in spread if labels[i]] == [i for i in range(n) if labels[i]]
-    # one label only, or nothing to spread: unchanged
-    assert speed.spread_labels([2, 0, 1], [True, True, True], 2) == [2, 0, 1]
-
-
-def test_group_by_length_spreads_the_labels_of_a_dataset():
-    from datasets import Dataset
-
-    labels = [i % 16 == 5 for i in range(160)]
-    ds = Dataset.from_dict({"prompt": ["p" * (i % 37) for i in range(160)], "completion": ["c"] * 160,
-                            "label": labels})
-    for out in (speed.group_by_length(ds, 16, seed=0), speed.spread_by_label(ds, 16)):
-        assert len(out) == 160
-        assert [sum(out[s:s + 16]["label"]) for s in range(0, 160, 16)] == [1] * 10
-
-
 def test_grouped_batches_keep_trl_kl_pairs_inside_each_batch(tmp_path, bundled_model_dir):
     """TRL builds KL completions by rotating inside consecutive blocks; after grouping, every KL completion of a
     batch is still a completion of that same batch (paired with another prompt)."""

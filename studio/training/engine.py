@@ -310,8 +310,6 @@ class Engine:
         job.eval_rows = td.eval.to_list() if td.eval is not None else None
         if cfg.data.length_grouping:
             td.train = speed.group_by_length(td.train, cfg.train.per_device_train_batch_size, cfg.train.seed)
-        else:
-            td.train = speed.spread_by_label(td.train, cfg.train.per_device_train_batch_size)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plan = job.plan = plan.with_data(len(td.train))
         precompute = plan.precompute_ref

@@ -36,45 +36,19 @@ def row_length(row: dict[str, Any]) -> int:
     return size(row.get("prompt")) + size(row.get("completion"))
 
 
-def spread_labels(order: list[int], labels: list[bool], batch_size: int) -> list[int]:
-    """``order`` rearranged so that every consecutive block of ``batch_size`` holds the two labels in the proportion
-    of the whole (1 or 2 desirable rows in each block of 16 when a tenth are desirable, never 0 in one and 5 in the
-    next); each label keeps its relative order. KTO's loss and KL estimate are per batch: with a scarce label
-    weighted up (lambda_D 13 for a 10%-desirable file) a batch that happens to hold several of its rows takes an
-    outsized step and one that holds none only pushes text down."""
-    pos = [i for i in order if labels[i]]
-    neg = [i for i in order if not labels[i]]
-    n = len(order)
-    if not pos or not neg:
-        return list(order)
-    out: list[int] = []
-    p_at = n_at = 0
-    for start in range(0, n, batch_size):
-        end = min(start + batch_size, n)
-        k = round(end * len(pos) / n) - round(start * len(pos) / n)
-        block = pos[p_at:p_at + k] + neg[n_at:n_at + (end - start - k)]
-        p_at, n_at = p_at + k, n_at + (end - start - k)
-        out.extend(block)
-    return out
-
-
-def length_grouped_order(lengths: list[int], batch_size: int, seed: int, mega: int = 64,
-                         labels: list[bool] | None = None) -> list[int]:
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int, mega: int = 64) -> list[int]:
     """Row order whose consecutive blocks of ``batch_size`` hold rows of similar length, in random block order.
 
     Rows are shuffled, cut into windows of ``mega`` batches, sorted by length inside each window (so grouping
     stays local and the epoch stays random), cut into blocks, and the blocks are shuffled. A final partial block
-    stays last: the trainer's last batch is the only short one, as without grouping. With ``labels``, each window's
-    blocks also hold the labels in proportion (``spread_labels``): each label's rows are taken in length order, so
-    a block's scarce-label row is of about the block's length."""
+    stays last: the trainer's last batch is the only short one, as without grouping."""
     rnd = random.Random(seed)
     idx = list(range(len(lengths)))
     rnd.shuffle(idx)
     window = batch_size * mega
     ordered: list[int] = []
     for s in range(0, len(idx), window):
-        part = sorted(idx[s:s + window], key=lambda i: lengths[i], reverse=True)
-        ordered.extend(spread_labels(part, labels, batch_size) if labels is not None else part)
+        ordered.extend(sorted(idx[s:s + window], key=lambda i: lengths[i], reverse=True))
     full = len(ordered) - len(ordered) % batch_size
     blocks = [ordered[s:s + batch_size] for s in range(0, full, batch_size)]
     rnd.shuffle(blocks)
@@ -83,20 +57,9 @@ def length_grouped_order(lengths: list[int], batch_size: int, seed: int, mega: i
 
 
 def group_by_length(dataset, batch_size: int, seed: int):
-    """The dataset reordered by ``length_grouped_order``, labels spread evenly over the batches (a
-    datasets.Dataset in, one out)."""
+    """The dataset reordered by ``length_grouped_order`` (a datasets.Dataset in, one out)."""
     lengths = [row_length(r) for r in dataset]
-    labels = [bool(x) for x in dataset["label"]] if "label" in dataset.column_names else None
-    return dataset.select(length_grouped_order(lengths, batch_size, seed, labels=labels)).flatten_indices()
-
-
-def spread_by_label(dataset, batch_size: int):
-    """The dataset in its own order, but with the labels spread evenly over the batches (``spread_labels``): what
-    the run gets when length grouping is off."""
-    if "label" not in dataset.column_names:
-        return dataset
-    labels = [bool(x) for x in dataset["label"]]
-    return dataset.select(spread_labels(list(range(len(labels))), labels, batch_size)).flatten_indices()
+    return dataset.select(length_grouped_order(lengths, batch_size, seed)).flatten_indices()
 
 
 def padding_fraction(lengths: list[int], batch_size: int) -> float:
