@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import logging
 import os
 import sys
@@ -71,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser(
         "export", help="export a run: its adapter, a merged model, a GGUF file, or a GGUF LoRA adapter",
-        description="Export a run and load the result back to check it (the result, with the checks, as JSON). "
-                    "adapter: the LoRA folder (PEFT). merged: the adapter merged into the base in float32, saved as "
-                    "safetensors in the base's dtype (bf16 for a 4-bit-stored base). gguf: the merged model as one "
-                    "file for llama.cpp / Ollama in --gguf-type, with a Modelfile. gguf-adapter: the LoRA alone as a "
-                    "llama.cpp GGUF adapter (tens of MB) with a Modelfile whose FROM is the base model. The size is "
-                    "printed before anything is written (--estimate prints only that).",
+        description=textwrap.fill(
+            "Export a run and load the result back to check it (the result, with the checks, as JSON). adapter: the "
+            "LoRA folder (PEFT). merged: the adapter merged into the base in float32, saved as safetensors in the "
+            "base's dtype (bf16 for a 4-bit-stored base). gguf: the merged model as one file for llama.cpp / Ollama "
+            "in --gguf-type, with a Modelfile. gguf-adapter: the LoRA alone as a llama.cpp GGUF adapter (tens of "
+            "MB) with a Modelfile whose FROM is the base model. The size is printed before anything is written "
+            "(--estimate prints only that).", 100),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="GGUF types:\n" + "\n".join(f"  {t:7} {DESCRIPTIONS[t]}" for t in TYPES) + "\n\n"
                f"llama.cpp's tools (llama-quantize for q4_k_m, llama-completion to try the file) are looked for on "

@@ -46,8 +46,9 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("gguf_type", ["q8_0", "q4_k_m"])
-def test_quantized_gguf_of_the_bundled_model_loads_back(gguf_type, run_dir, merged_model, tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM
+def test_quantized_gguf_of_the_bundled_model_loads_back(gguf_type, run_dir, merged_model, bundled_model_dir,
+                                                        tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setattr(gguf_quant, "llama_tool", lambda name: None)  # as on a machine without llama.cpp
     size = export.estimate(run_dir, "gguf", gguf_type)
@@ -81,7 +82,10 @@ def test_quantized_gguf_of_the_bundled_model_loads_back(gguf_type, run_dir, merg
         assert err > 0 or kinds[gg] == "F32"
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=path.name, dtype=torch.float32).eval()
-    ids = torch.tensor([list(range(100, 140))])
+    tok = AutoTokenizer.from_pretrained(bundled_model_dir)
+    chat = [{"role": "user", "content": "Name three planets and say which is largest."},
+            {"role": "assistant", "content": "Mercury, Venus and Jupiter; Jupiter is by far the largest planet."}]
+    ids = torch.tensor([tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]])
     with torch.inference_mode():
         got, want = loaded(input_ids=ids).logits, merged_model[0](input_ids=ids).logits
     agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())

@@ -150,9 +150,26 @@ def merged_dtype(path: str | Path):
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+def check_device(n_bytes: int) -> str:
+    """Where a model of ``n_bytes`` runs for an export's check: the GPU when it fits there with room to spare (an
+    H100 holds an 8B model in bf16), else the CPU (an 8 GB card does not)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    free, _ = torch.cuda.mem_get_info()
+    return "cuda" if n_bytes < 0.6 * free else "cpu"
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """The size of a checkpoint's weight files."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
 def load_base_full(cfg, progress: Progress = None):
-    """The run's base model as the adapter saw it, on the CPU, and its tokenizer: a 16/32-bit checkpoint in its own
-    dtype; a 4-bit-stored one as stored, with ``exact_4bit`` computing on its dequantized matrices."""
+    """The run's base model as the adapter saw it, and its tokenizer: a 16/32-bit checkpoint in its own dtype (on the
+    GPU when it fits there, else the CPU); a 4-bit-stored one as stored, ``exact_4bit`` computing on its dequantized
+    matrices."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_source(cfg.model.name_or_path, progress)
@@ -164,6 +181,7 @@ def load_base_full(cfg, progress: Progress = None):
         if progress:
             progress(f"Loading {cfg.model.name_or_path} in {str(dtype).removeprefix('torch.')} (not 4-bit)…")
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype,
+                                                     device_map={"": check_device(checkpoint_bytes(source.path))},
                                                      trust_remote_code=cfg.model.trust_remote_code)
     model.eval()
     return model, prepare_tokenizer(tok)

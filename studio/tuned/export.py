@@ -217,8 +217,8 @@ def _export_merged(src, out: Path, progress: Progress, t0: float) -> ExportResul
         stored = "dequantized from its 4-bit checkpoint, " if run.quantized else ""
         progress(f"Merging {run.choice.label} into {run.cfg.model.name_or_path} ({stored}in float32, saved in "
                  f"{dtype_name}, about {estimate(run, 'merged')['bytes'] / 1e9:.2f} GB) to {out}…")
-    files = write_safetensors(merged.items(), out, dtype, len(merged.names()), progress)
-    files += write_config(run.base_path, out, dtype)
+    write_safetensors(merged.items(), out, dtype, len(merged.names()), progress)
+    write_config(run.base_path, out, dtype)
     tok = run.tokenizer()
     tok.save_pretrained(out)
     del merged
@@ -226,12 +226,17 @@ def _export_merged(src, out: Path, progress: Progress, t0: float) -> ExportResul
     want = reference.reference_logits(run, ids, progress)
     if progress:
         progress("Loading the merged model back to check it…")
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, trust_remote_code=run.cfg.model.trust_remote_code)
+    device = full_precision.check_device(full_precision.checkpoint_bytes(out))
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map={"": device},
+                                                    trust_remote_code=run.cfg.model.trust_remote_code)
     with torch.inference_mode(), full_precision.float32_compute(reloaded):
-        got = reloaded(input_ids=ids).logits.float()
+        got = reloaded(input_ids=ids.to(device)).logits.float().cpu()
     del reloaded
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    precision = "float32" if dtype_name == "float32" else "16-bit"
     checks = {"dtype": dtype_name, "base_stored_in_4bit": run.quantized,
-              "vs_adapter_model": reference.compare(got, want, "float32" if dtype_name == "float32" else "16-bit")}
+              "vs_adapter_model": reference.compare(got, want, precision)}
     if not checks["vs_adapter_model"]["ok"]:
         raise ExportError(f"the merged model's logits differ from the trained model's beyond tolerance: "
                           f"{checks['vs_adapter_model']}")
@@ -315,7 +320,7 @@ def estimate(src, fmt: str, gguf_type: str = "q4_k_m") -> dict[str, Any]:
     if fmt == "adapter":
         folder = src.choice.path if isinstance(src, reference.RunSource) else chat.resolve_adapter(src).path
         size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name not in TRAINING_ONLY)
-        return {"format": fmt, "bytes": int(size), "text": f"about {size / 1e6:.1f} MB: the LoRA adapter folder"}
+        return {"format": fmt, "bytes": int(size), "text": f"about {_human(size)}: the LoRA adapter folder"}
     run = src if isinstance(src, reference.RunSource) else reference.run_source(src, download=False)
     if fmt == "merged":
         base = BaseWeights(run.base_path, device="cpu")
@@ -329,7 +334,11 @@ def estimate(src, fmt: str, gguf_type: str = "q4_k_m") -> dict[str, Any]:
                 if fmt == "gguf" else "GGUF LoRA adapter (f16)") + (f" — {note}" if note else "")
     else:
         raise ExportError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
-    return {"format": fmt, "bytes": int(size), "text": f"about {size / 1e9:.2f} GB: {text}"}
+    return {"format": fmt, "bytes": int(size), "text": f"about {_human(size)}: {text}"}
+
+
+def _human(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def export(src: str | Path, fmt: str, out: str | Path, progress: Progress = None, **kw) -> ExportResult:

@@ -47,8 +47,8 @@ def check_model_file(path: Path, weights, lay, planned: list, n_params: int) -> 
     found = {t.name: t for t in reader.tensors}
     want = {p.gg_name: p for p in planned}
     if set(found) != set(want):
-        raise ExportError(f"the GGUF file's tensors differ from the model's: missing {sorted(set(want) - set(found))[:3]}"
-                          f", unexpected {sorted(set(found) - set(want))[:3]}")
+        missing, extra = sorted(set(want) - set(found))[:3], sorted(set(found) - set(want))[:3]
+        raise ExportError(f"the GGUF file's tensors differ from the model's: missing {missing}, unexpected {extra}")
     for name, t in found.items():
         if tuple(int(x) for x in reversed(t.shape)) != tuple(want[name].shape):
             raise ExportError(f"GGUF tensor {name} has shape {list(t.shape)}, expected {list(want[name].shape)}")
