@@ -46,7 +46,8 @@ def tokenizer():
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")  # BOS never added, but named, as in Qwen's config
     tok.chat_template = CHATML
     return tok
 
@@ -63,8 +64,7 @@ def base_model(arch: str, root: str, spec: dict | None = None, device: str = "cp
     tok = tokenizer()
     spec = dict(spec if spec is not None else dict(TINY[arch], vocab_size=len(tok)))
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
-    config.bos_token_id = None
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
