@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
                          "(to split the run over two device calls: --forms 16-bit, then --forms nf4)")
     args = ap.parse_args(argv)
 
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "gguf", "pydantic", "yaml")
+               if importlib.util.find_spec(m) is None]
+    if missing:  # say so before any device time is spent on building models
+        print(f"missing Python packages: {', '.join(missing)} (carry their wheels)", file=sys.stderr)
+        return 99
     import torch
 
     from bench.export_models import base_model, quantize_nf4, random_lora_run
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def step(name: str, fn, limit: float | None = None):
         t = time.time()
+        print(f"--- {name} ({time.strftime('%H:%M:%S')})", flush=True)
         row = {"step": name, "ok": False}
         try:
             out = fn()
