@@ -338,7 +338,7 @@ def downloads(r) -> list[str]:
 
     if r.format in ("gguf", "gguf-adapter"):
         folder = Path(r.path).parent
-        files = [str(folder / f) for f in r.files if (folder / f).is_file()]
+        files = [str(folder / f) for f in r.files if (folder / f).is_file() and not f.endswith(export.MANIFEST)]
     else:
         folder = Path(r.path)
         zdir = Path(tempfile.mkdtemp(prefix="kto-studio-download-"))
