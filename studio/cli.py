@@ -4,7 +4,7 @@
 - ``data FILE``        convert and clean a data file, print a JSON summary
 - ``fit``              choose sequence length / batch that fit a GPU, print the memory estimate as JSON
 - ``eval RUN_DIR``     held-out evaluation of a run, as JSON
-- ``export RUN_DIR``   export the adapter, a merged model or a GGUF file
+- ``export RUN_DIR``   export the adapter, a merged model, a GGUF file or a GGUF LoRA adapter
 - ``votes``            blind A/B votes: tallies and 95% intervals as JSON, the votes as CSV
 
 Every command fails the same way: one line ``error: <what was wrong and what to do>`` on stderr, no traceback, and
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import logging
 import os
 import sys
@@ -67,12 +68,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many rows/pairs")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="export a run's adapter, a merged model, or a GGUF file")
-    p.add_argument("run_dir")
-    p.add_argument("--format", choices=["adapter", "merged", "gguf"], required=True)
-    p.add_argument("--gguf-type", choices=["f16", "f32"], default="f16",
-                   help="GGUF tensor type: f16 (half the size) or f32 (exact)")
-    p.add_argument("--out", required=True)
+    from studio.tuned.gguf_quant import DEFAULT_TYPE, DESCRIPTIONS, LLAMA_CPP_ENV, TYPES
+
+    p = sub.add_parser(
+        "export", help="export a run: its adapter, a merged model, a GGUF file, or a GGUF LoRA adapter",
+        description=textwrap.fill(
+            "Export a run and load the result back to check it (the result, with the checks, as JSON). adapter: the "
+            "LoRA folder (PEFT). merged: the adapter merged into the base in float32, saved as safetensors in the "
+            "base's dtype (bf16 for a 4-bit-stored base). gguf: the merged model as one file for llama.cpp / Ollama "
+            "in --gguf-type, with a Modelfile. gguf-adapter: the LoRA alone as a llama.cpp GGUF adapter (tens of "
+            "MB) with a Modelfile whose FROM is the base model. The size is printed before anything is written "
+            "(--estimate prints only that).", 100),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="GGUF types:\n" + "\n".join(f"  {t:7} {DESCRIPTIONS[t]}" for t in TYPES) + "\n\n"
+               f"llama.cpp's tools (llama-quantize for q4_k_m, llama-completion to try the file) are looked for on "
+               f"PATH and in ${LLAMA_CPP_ENV}.")
+    p.add_argument("run_dir", help="run folder (its final adapter, else its newest checkpoint) or an adapter folder")
+    p.add_argument("--format", choices=["adapter", "merged", "gguf", "gguf-adapter"], required=True)
+    p.add_argument("--gguf-type", choices=list(TYPES), default=DEFAULT_TYPE,
+                   help=f"tensor type of a gguf export (default {DEFAULT_TYPE}; see below)")
+    p.add_argument("--out", required=False, default=None,
+                   help="folder to write into (new, empty, or an earlier export of this format), or for gguf / "
+                        "gguf-adapter a path ending in .gguf; required unless --estimate")
+    p.add_argument("--base-gguf", default=None, metavar="PATH",
+                   help="gguf-adapter: a GGUF of the base model for the Modelfile's FROM (default: the Ollama "
+                        "library name of a preset model, else a placeholder the Modelfile explains)")
+    p.add_argument("--estimate", action="store_true", help="print how big the export would be and write nothing")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export of the same format at --out (only the files it wrote)")
     p.set_defaults(func=cmd_export)
@@ -250,13 +271,23 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """``python -m studio export RUN_DIR --format adapter|merged|gguf --out PATH``: the result as JSON."""
+    """``python -m studio export RUN_DIR --format FORMAT --out PATH``: the result as JSON."""
     from studio.tuned import export
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
-    extra = {"ftype": args.gguf_type} if args.format == "gguf" and getattr(args, "gguf_type", None) else {}
-    extra["overwrite"] = bool(getattr(args, "overwrite", False))
+    gguf_type = getattr(args, "gguf_type", None) or "q4_k_m"
+    if getattr(args, "estimate", False):
+        print_json(export.estimate(args.run_dir, args.format, gguf_type))
+        return 0
+    if not args.out:
+        raise UsageError("--out is required: the folder (or, for gguf / gguf-adapter, a path ending in .gguf) to "
+                         "write the export into")
+    extra = {"overwrite": bool(getattr(args, "overwrite", False))}
+    if args.format == "gguf":
+        extra["gguf_type"] = gguf_type
+    if args.format == "gguf-adapter" and getattr(args, "base_gguf", None):
+        extra["base_gguf"] = args.base_gguf
     result = export.export(args.run_dir, args.format, args.out,
                            progress=lambda m: print(m, file=sys.stderr, flush=True), **extra)
     print_json(result.as_dict())

@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 
-from studio.models import full_precision
 from studio.tuned import export, gguf_writer
 
 PROBE = [{"role": "user", "content": "Name a planet close to the Sun."}]
@@ -48,7 +47,7 @@ def gguf_export(run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf") / "tiny-gguf"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["export", str(run_dir), "--format", "gguf", "--out", str(out)]) == 0
+        assert main(["export", str(run_dir), "--format", "gguf", "--gguf-type", "f16", "--out", str(out)]) == 0
     return out, json.loads(buf.getvalue())
 
 
@@ -111,9 +110,9 @@ def test_headless_gguf_export_loads_with_transformers_gguf_reader(gguf_export, a
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, printed = gguf_export
-    gguf_file = out / "tiny.gguf"
+    gguf_file = out / "tiny-F16.gguf"
     assert printed["path"] == str(gguf_file) and gguf_file.is_file()
-    assert printed["checks"]["vs_merged_model"]["ok"] and printed["checks"]["tokenizer_same_ids"]
+    assert printed["checks"]["vs_adapter_model"]["ok"] and printed["checks"]["tokenizer_same_ids"]
 
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     want, got = _logits(adapter_model, probe_ids), _logits(loaded, probe_ids)
@@ -126,7 +125,7 @@ def test_headless_gguf_export_loads_with_transformers_gguf_reader(gguf_export, a
     assert gguf_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
 
     modelfile = (out / "Modelfile").read_text(encoding="utf-8")
-    assert "FROM ./tiny.gguf" in modelfile
+    assert "FROM ./tiny-F16.gguf" in modelfile
     assert "<|im_start|>{{ .Role }}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
@@ -137,7 +136,7 @@ def test_gguf_layout_and_tokenizer_match_llama_cpps_own_conversion_of_the_model(
 
     from studio.models import bundled
 
-    ours = GGUFReader(str(gguf_export[0] / "tiny.gguf"))
+    ours = GGUFReader(str(gguf_export[0] / "tiny-F16.gguf"))
     theirs = GGUFReader(str(bundled.gguf_path()))
     assert {t.name: t.shape.tolist() for t in ours.tensors} == {t.name: t.shape.tolist() for t in theirs.tensors}
     assert {t.tensor_type.name for t in ours.tensors} == {"F16", "F32"}
@@ -253,26 +252,3 @@ def test_export_never_overwrites_a_folder_it_did_not_write(run_dir, tmp_path):
     # an earlier studio export in the same place is replaced when asked to
     export.export_adapter(run_dir, tmp_path / "again")
     export.export_adapter(run_dir, tmp_path / "again", overwrite=True)
-
-
-def test_a_dequantized_base_saves_although_its_4bit_load_recorded_a_conversion_without_an_inverse(tmp_path):
-    """Loading a 4-bit checkpoint records bitsandbytes' deserialization among the model's weight conversions, and
-    save_pretrained reverts them: after dequantizing, the merged export must not inherit that record (measured on the
-    GPU: NotImplementedError from save_pretrained; the 4-bit load itself needs CUDA, so the record is attached here)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-    from transformers.core_model_loading import WeightConverter
-    from transformers.integrations.bitsandbytes import Bnb4bitDeserialize
-
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    model._weight_conversions = [WeightConverter(source_patterns=["weight.absmax"], target_patterns="weight",
-                                                 operations=[Bnb4bitDeserialize(None)])]
-    with pytest.raises(NotImplementedError):
-        model.save_pretrained(tmp_path / "fails")
-    full_precision.forget_load_conversions(model)
-    model.save_pretrained(tmp_path / "saved")
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

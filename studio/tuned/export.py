@@ -1,17 +1,23 @@
-"""Exporting a run: the LoRA adapter, a merged full model (safetensors), or a GGUF file for llama.cpp / Ollama.
+"""Exporting a run: the LoRA adapter, a merged full model (safetensors), a GGUF file, or a GGUF LoRA adapter.
 
 - ``adapter``: the adapter folder (config, weights, tokenizer, chat template), without training-only files.
-- ``merged``: the base model reloaded in its own 16/32-bit precision, never in 4-bit, with the adapter merged in by
-  PEFT's ``merge_and_unload``. A run trained in 4-bit (QLoRA) is merged into the original-precision weights, not into
-  the quantized ones; a base checkpoint that is itself stored in 4-bit is dequantized layer by layer first (CUDA).
-- ``gguf``: the merged model written with the ``gguf`` package (llama.cpp's own writer) for the Llama, Mistral and
-  Qwen2 families: llama.cpp tensor names, Q/K rows permuted for llama.cpp's rotary layout, f16 (or f32) weights with
-  f32 norms, the tokenizer (tokens, types, merges, special ids, chat template), plus an Ollama ``Modelfile``.
+- ``merged``: the adapter merged into the base weights one tensor at a time in float32 (``studio.tuned.merge``),
+  saved in the base's own 16/32-bit dtype. A run trained in 4-bit (QLoRA) on a 16-bit checkpoint is merged into the
+  16-bit weights; a checkpoint stored in 4-bit (``unsloth/*-bnb-4bit``) is dequantized exactly as bitsandbytes'
+  kernel does and saved in bf16. An 8B model merges in CPU RAM, on a machine without a GPU too.
+- ``gguf``: the merged model written straight into a GGUF file for llama.cpp / Ollama (Llama, Mistral, Qwen2) in
+  the type asked for (``studio.tuned.gguf_quant``: q4_k_m, q8_0, q4_0, f16, f32), with an Ollama ``Modelfile``.
+- ``gguf-adapter``: the LoRA alone as a llama.cpp GGUF adapter (tens of MB), with a ``Modelfile`` whose ``FROM`` is
+  the base model and ``ADAPTER`` the file.
 
-Every export is loaded back and checked: the adapter by PEFT, the merged model by transformers (its logits against
-the adapter model's), the GGUF file by transformers' GGUF reader (logits against the merged model's, and the
-tokenizer's ids on a chat prompt). The checks land in ``export.json`` beside the export and in the result.
-``python -m studio export RUN_DIR --format adapter|merged|gguf --out PATH`` is the headless way.
+Every export is loaded back and checked. The reference is the model the user trained and chats with: the adapter on
+the base as stored (a 4-bit base through the dequantized matrices its kernel uses), computed in float32. The merged
+model is compared with it on a chat prompt (logits, in float32 arithmetic, so only the saved weights' precision
+counts); a GGUF file by ``gguf``'s reader (every tensor of a small model, a sample of a large one, against the merged
+weights, within its type's error), by transformers' GGUF reader (logits, where the model is small enough to load in
+float32 twice) and by llama.cpp when it is installed; a GGUF adapter against the PEFT adapter's updates. The checks
+land in ``export.json`` beside the export and in the result. ``python -m studio export RUN_DIR --format FORMAT``
+is the headless way; ``estimate`` says how big an export will be before it is written.
 """
 from __future__ import annotations
 
@@ -23,22 +29,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from studio.errors import StudioError
 from studio.runs import folder as run_folder
+from studio.tuned import reference
+from studio.tuned.merge import ExportError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("adapter", "merged", "gguf")
+FORMATS = ("adapter", "merged", "gguf", "gguf-adapter")
 MANIFEST = "export.json"
 # files of an adapter folder that only matter for training or resuming
 TRAINING_ONLY = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
-PROBE = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."},
-         {"role": "assistant", "content": "The capital of France is Paris."}]
 Progress = Callable[[str], None] | None
-
-
-class ExportError(StudioError, RuntimeError):
-    """An export that cannot be made or failed its check; the message says why and what to do."""
 
 
 @dataclass
@@ -174,7 +175,7 @@ def verify_adapter(choice, out: Path, progress: Progress = None) -> dict[str, An
         progress("Checking the exported adapter loads and acts like the run's…")
     cfg = run_folder.read_config(choice.run_dir)
     base, tok = full_precision.load_base_full(cfg)
-    ids = _probe_ids(tok)
+    ids = reference.probe_ids(tok).to(base.device)
     with torch.inference_mode():
         base_logits = base(input_ids=ids).logits.float()
         model = PeftModel.from_pretrained(base, str(out), adapter_name="exported")
@@ -192,61 +193,9 @@ def verify_adapter(choice, out: Path, progress: Progress = None) -> dict[str, An
 
 # ---- merged ----------------------------------------------------------------------------------------------------
 
-def _probe_ids(tok):
-    import torch
-
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template(PROBE, tokenize=True, return_dict=True)["input_ids"]
-    else:
-        ids = tok(PROBE[0]["content"] + " " + PROBE[1]["content"])["input_ids"]
-    return torch.tensor([list(ids)])
-
-
-def _probe_text(tok) -> str:
-    """A chat rendered to text (special tokens included) plus characters that need byte fallback. Compared without
-    adding BOS/EOS: transformers' GGUF reader ignores tokenizer.ggml.add_bos_token, which llama.cpp honours."""
-    extra = " Ünïcödé ☃ 12×8 = 96."
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(PROBE, tokenize=False) + extra
-    return PROBE[0]["content"] + " " + PROBE[1]["content"] + extra
-
-
-def merged_model(src, progress: Progress = None):
-    """(merged model, tokenizer, adapter-model logits on the probe, run config, adapter choice)."""
-    import torch
-    from peft import PeftModel
-
-    from studio.models import full_precision
-    from studio.tuned import chat
-
-    choice = chat.resolve_adapter(src)
-    cfg = run_folder.read_config(choice.run_dir)
-    base, tok = full_precision.load_base_full(cfg, progress)
-    if progress:
-        progress(f"Merging {choice.label} into the base weights…")
-    model = PeftModel.from_pretrained(base, str(choice.path))
-    ids = _probe_ids(tok)
-    with torch.inference_mode():
-        adapter_logits = model(input_ids=ids).logits.float()
-    merged = model.merge_and_unload()
-    merged.eval()
-    return merged, tok, adapter_logits, cfg, choice
-
-
-def _compare(a, b, dtype_name: str) -> dict[str, Any]:
-    """How close two logit tensors are, and whether that is within what the precision allows."""
-    diff = float((a - b).abs().max())
-    scale = float(b.abs().max())
-    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-    # float32 arithmetic in a different order: tiny; 16-bit weights round each value to ~3 significant digits
-    tol = 1e-3 * max(scale, 1.0) if dtype_name == "float32" else 0.02 * max(scale, 1.0)
-    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "top1_agreement": agree, "tolerance": tol,
-            "ok": diff <= tol and agree >= 0.9}
-
-
 def export_merged(src: str | Path, out: str | Path, progress: Progress = None,
                   overwrite: bool = False) -> ExportResult:
-    """Merge the adapter into the 16/32-bit base, save it as safetensors with its tokenizer, load it back."""
+    """Merge the adapter into the base in float32, save safetensors with the tokenizer, load it back and check."""
     t0 = time.time()
     out = _prepare_dir(Path(out).expanduser().resolve(), "merged", overwrite)
     with _Claim(out, "merged"):
@@ -257,120 +206,140 @@ def _export_merged(src, out: Path, progress: Progress, t0: float) -> ExportResul
     import torch
     from transformers import AutoModelForCausalLM
 
-    merged, tok, adapter_logits, cfg, choice = merged_model(src, progress)
-    dtype = next(merged.parameters()).dtype
+    from studio.models import full_precision
+    from studio.tuned.merge import write_config, write_safetensors
+
+    run = reference.run_source(src, progress)
+    merged = reference.merged_weights(run)
+    dtype = full_precision.merged_dtype(run.base_path)
+    dtype_name = str(dtype).removeprefix("torch.")
     if progress:
-        progress(f"Saving the merged model to {out}…")
-    merged.save_pretrained(out, safe_serialization=True)
+        stored = "dequantized from its 4-bit checkpoint, " if run.quantized else ""
+        progress(f"Merging {run.choice.label} into {run.cfg.model.name_or_path} ({stored}in float32, saved in "
+                 f"{dtype_name}, about {estimate(run, 'merged')['bytes'] / 1e9:.2f} GB) to {out}…")
+    write_safetensors(merged.items(), out, dtype, len(merged.names()), progress)
+    write_config(run.base_path, out, dtype)
+    tok = run.tokenizer()
     tok.save_pretrained(out)
     del merged
+    ids = reference.probe_ids(tok)
+    want = reference.reference_logits(run, ids, progress)
     if progress:
         progress("Loading the merged model back to check it…")
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    with torch.inference_mode():
-        logits = reloaded(input_ids=_probe_ids(tok)).logits.float()
-    checks = {"dtype": str(dtype).removeprefix("torch."),
-              "vs_adapter_model": _compare(logits, adapter_logits, str(dtype).removeprefix("torch."))}
+    device = full_precision.check_device(full_precision.checkpoint_bytes(out))
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map={"": device},
+                                                    trust_remote_code=run.cfg.model.trust_remote_code)
+    with torch.inference_mode(), full_precision.float32_compute(reloaded):
+        got = reloaded(input_ids=ids.to(device)).logits.float().cpu()
+    del reloaded
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    precision = "float32" if dtype_name == "float32" else "16-bit"
+    checks = {"dtype": dtype_name, "base_stored_in_4bit": run.quantized,
+              "vs_adapter_model": reference.compare(got, want, precision)}
     if not checks["vs_adapter_model"]["ok"]:
-        raise ExportError(f"the merged model's logits differ from the adapter model's beyond tolerance: "
+        raise ExportError(f"the merged model's logits differ from the trained model's beyond tolerance: "
                           f"{checks['vs_adapter_model']}")
-    files = sorted(f.name for f in out.iterdir())
+    files = sorted(f.name for f in out.iterdir() if f.name != MANIFEST)
     result = ExportResult("merged", str(out), files, checks, round(time.time() - t0, 2))
-    _write_manifest(out, result, {"run": str(choice.run_dir), "adapter": str(choice.path),
-                                  "base_model": cfg.model.name_or_path})
+    _write_manifest(out, result, {"run": str(run.choice.run_dir), "adapter": str(run.choice.path),
+                                  "base_model": run.cfg.model.name_or_path})
     return result
 
 
-def export_gguf(src: str | Path, out: str | Path, *, ftype: str = "f16", progress: Progress = None,
-                overwrite: bool = False) -> ExportResult:
-    """Merge, write ``<run>.gguf`` and a ``Modelfile`` into ``out`` (a folder, or a path ending in .gguf), then load
-    the file back with transformers' GGUF reader and compare it with the merged model. A path ending in .gguf
-    writes ``NAME.gguf``, ``NAME.Modelfile`` and ``NAME.export.json`` beside the user's other files: none of them
-    may exist unless an earlier GGUF export wrote it and ``overwrite`` is set."""
+# ---- GGUF: a merged model, or the LoRA alone -------------------------------------------------------------------
+
+def _gguf_target(out: Path, kind: str, overwrite: bool) -> tuple[Path, str | None, str, str, list[str] | None]:
+    """(folder, file name or None, manifest name, Modelfile name, names claimed) for a GGUF export into a folder,
+    or to a path ending in .gguf: then ``NAME.gguf``, ``NAME.Modelfile`` and ``NAME.export.json`` go beside the
+    user's other files, none of which may exist unless an earlier export of this kind wrote it (and overwrite)."""
     from studio import safepaths
 
-    t0 = time.time()
-    out = Path(out).expanduser().resolve()
     if out.suffix.lower() == ".gguf":
         folder, file_name = out.parent, out.name
-        manifest_name = out.stem + ".export.json"
-        names = [file_name, f"{out.stem}.Modelfile", manifest_name]
+        manifest_name, mf = out.stem + ".export.json", f"{out.stem}.Modelfile"
+        names = [file_name, mf, manifest_name]
         try:
-            safepaths.prepare_files(folder, names, "gguf", manifest_name, overwrite=overwrite)
+            safepaths.prepare_files(folder, names, kind, manifest_name, overwrite=overwrite)
         except safepaths.PathRefused as e:
             raise ExportError(str(e)) from None
-    else:
-        folder, file_name, manifest_name, names = _prepare_dir(out, "gguf", overwrite), None, MANIFEST, None
+        return folder, file_name, manifest_name, mf, names
+    return _prepare_dir(out, kind, overwrite), None, MANIFEST, "Modelfile", None
+
+
+def export_gguf(src: str | Path, out: str | Path, *, gguf_type: str = "q4_k_m", progress: Progress = None,
+                overwrite: bool = False, ftype: str | None = None) -> ExportResult:
+    """Merge and write ``<run>-<TYPE>.gguf`` and a ``Modelfile`` into ``out`` (a folder, or a path ending in .gguf),
+    then read the file back and check it. ``ftype`` is the older name of ``gguf_type``."""
+    from studio.tuned import export_gguf as work
+
+    t0 = time.time()
+    gguf_type = ftype or gguf_type
+    work.resolve_type(gguf_type)  # an unknown type is refused before anything is written
+    folder, file_name, manifest_name, mf, names = _gguf_target(Path(out).expanduser().resolve(), "gguf", overwrite)
     with _Claim(folder, "gguf", manifest_name, names):
-        return _export_gguf(src, folder, file_name, manifest_name, ftype, progress, t0)
+        run = reference.run_source(src, progress)
+        path, files, checks = work.gguf_file(run, folder, file_name, gguf_type, mf, progress)
+        result = ExportResult("gguf", str(path), files + [manifest_name], checks, round(time.time() - t0, 2))
+        _write_manifest(folder, result, {"run": str(run.choice.run_dir), "adapter": str(run.choice.path),
+                                         "base_model": run.cfg.model.name_or_path, "gguf_type": gguf_type},
+                        name=manifest_name)
+        return result
 
 
-def _export_gguf(src, folder: Path, file_name: str | None, manifest_name: str, ftype: str, progress: Progress,
-                 t0: float) -> ExportResult:
-    import gc
+def export_gguf_adapter(src: str | Path, out: str | Path, *, progress: Progress = None, overwrite: bool = False,
+                        base_gguf: str | None = None) -> ExportResult:
+    """Write the LoRA as ``<run>-lora-F16.gguf`` (a llama.cpp adapter) and a ``Modelfile`` (FROM the base model,
+    ADAPTER the file) into ``out`` (a folder, or a path ending in .gguf); read it back and check it."""
+    from studio.tuned import export_gguf as work
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from studio.tuned.gguf_writer import GGUF_ARCHS, modelfile, rope_parameters, write_gguf
-
-    merged, tok, adapter_logits, cfg, choice = merged_model(src, progress)
-    if merged.config.model_type not in GGUF_ARCHS:
-        raise ExportError(f"GGUF export supports the Llama, Mistral and Qwen2 families; this run's model is "
-                          f"'{merged.config.model_type}'. Export 'merged' and convert it with llama.cpp's "
-                          "convert_hf_to_gguf.py")
-    file_name = file_name or f"{cfg.name}.gguf"
-    gguf_path = folder / file_name
-    ids = _probe_ids(tok)
-    with torch.inference_mode():
-        merged_logits = merged(input_ids=ids).logits.float()
-    if progress:
-        progress(f"Writing {gguf_path.name} ({ftype})…")
-    write_gguf(merged, tok, gguf_path, ftype=ftype, name=f"{cfg.name} (KTO)")
-    dtype = next(merged.parameters()).dtype
-    rope_type = rope_parameters(merged.config)[1].get("rope_type", "default")
-    del merged
-    gc.collect()
-    mf = "Modelfile" if manifest_name == MANIFEST else f"{gguf_path.stem}.Modelfile"
-    (folder / mf).write_text(modelfile(gguf_path.name, getattr(tok, "chat_template", None)), encoding="utf-8")
-
-    if progress:
-        progress("Loading the GGUF file back with transformers to check it…")
-    gguf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_path.name, dtype=dtype)
-    with torch.inference_mode():
-        logits = loaded(input_ids=ids).logits.float()
-    architecture = loaded.config.model_type
-    del loaded
-    text = _probe_text(tok)
-    same_ids = (gguf_tok(text, add_special_tokens=False)["input_ids"]
-                == tok(text, add_special_tokens=False)["input_ids"])
-    exact = ftype == "f32" and dtype == torch.float32
-    vs_merged = _compare(logits, merged_logits, "float32" if exact else "16-bit")
-    checks = {
-        "ftype": ftype,
-        "loads_with_transformers": True,
-        "architecture": architecture,
-        "vs_merged_model": vs_merged,
-        "vs_adapter_model": _compare(logits, adapter_logits, "float32" if exact else "16-bit"),
-        "tokenizer_same_ids": same_ids,
-        "modelfile": mf,
-    }
-    if rope_type == "llama3":
-        # transformers' GGUF reader ignores llama.cpp's rope_freqs tensor, so its logits are only a rough check
-        checks["note"] = "llama3 rope scaling: the rope_freqs tensor is for llama.cpp; transformers ignores it"
-    elif not vs_merged["ok"]:
-        raise ExportError(f"the GGUF file, loaded back, does not reproduce the merged model: {vs_merged}")
-    if not same_ids:
-        raise ExportError("the GGUF file's tokenizer splits a chat prompt differently from the model's tokenizer")
-    files = [gguf_path.name, mf, manifest_name]
-    result = ExportResult("gguf", str(gguf_path), files, checks, round(time.time() - t0, 2))
-    _write_manifest(folder, result, {"run": str(choice.run_dir), "adapter": str(choice.path),
-                                     "base_model": cfg.model.name_or_path}, name=manifest_name)
-    return result
+    t0 = time.time()
+    folder, file_name, manifest_name, mf, names = _gguf_target(Path(out).expanduser().resolve(), "gguf-adapter",
+                                                               overwrite)
+    with _Claim(folder, "gguf-adapter", manifest_name, names):
+        run = reference.run_source(src, progress)
+        path, files, checks = work.gguf_adapter(run, folder, file_name, mf, progress, base_gguf)
+        result = ExportResult("gguf-adapter", str(path), files + [manifest_name], checks, round(time.time() - t0, 2))
+        _write_manifest(folder, result, {"run": str(run.choice.run_dir), "adapter": str(run.choice.path),
+                                         "base_model": run.cfg.model.name_or_path}, name=manifest_name)
+        return result
 
 
-# ---- one entry point -------------------------------------------------------------------------------------------
+# ---- before and after ------------------------------------------------------------------------------------------
+
+def estimate(src, fmt: str, gguf_type: str = "q4_k_m") -> dict[str, Any]:
+    """How big an export will be, before writing it (from the checkpoint's shapes: nothing is loaded or
+    downloaded; a base model not downloaded yet raises ModelLoadError)."""
+    import math
+
+    from studio.models.full_precision import BaseWeights, merged_dtype
+    from studio.tuned import export_gguf as work
+
+    from studio.tuned import chat
+
+    if fmt == "adapter":
+        folder = src.choice.path if isinstance(src, reference.RunSource) else chat.resolve_adapter(src).path
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name not in TRAINING_ONLY)
+        return {"format": fmt, "bytes": int(size), "text": f"about {_human(size)}: the LoRA adapter folder"}
+    run = src if isinstance(src, reference.RunSource) else reference.run_source(src, download=False)
+    if fmt == "merged":
+        base = BaseWeights(run.base_path, device="cpu")
+        width = {"float32": 4}.get(str(merged_dtype(run.base_path)).removeprefix("torch."), 2)
+        size = width * sum(math.prod(base.shape(n)) for n in base.names())
+        text = "the merged model (safetensors)"
+    elif fmt in ("gguf", "gguf-adapter"):
+        size = work.estimate_bytes(run, fmt, gguf_type)
+        written, note = work.resolve_type(gguf_type) if fmt == "gguf" else ("f16", None)
+        text = (f"GGUF {written}" + (" (estimated)" if written == "q4_k_m" else "")
+                if fmt == "gguf" else "GGUF LoRA adapter (f16)") + (f" — {note}" if note else "")
+    else:
+        raise ExportError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
+    return {"format": fmt, "bytes": int(size), "text": f"about {_human(size)}: {text}"}
+
+
+def _human(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
 
 def export(src: str | Path, fmt: str, out: str | Path, progress: Progress = None, **kw) -> ExportResult:
     if fmt == "adapter":
@@ -379,4 +348,6 @@ def export(src: str | Path, fmt: str, out: str | Path, progress: Progress = None
         return export_merged(src, out, progress, **kw)
     if fmt == "gguf":
         return export_gguf(src, out, progress=progress, **kw)
+    if fmt == "gguf-adapter":
+        return export_gguf_adapter(src, out, progress=progress, **kw)
     raise ExportError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from studio.tuned import evaluate, export
+from studio.tuned import evaluate, export, gguf_quant
 from studio.data import feedback
 from studio import paths, safepaths
 from studio.tuned.chat import (ChatModel, GenerationSettings, Turn, build_messages, content_text, list_adapters,
@@ -145,19 +145,29 @@ def build(studio):
                                    elem_id="chat-eval-plot", scale=2)
 
     with gr.Accordion("Export", open=False):
-        gr.Markdown("**adapter**: the LoRA folder · **merged**: full model in safetensors (the base reloaded in "
-                    "16/32-bit, never merged into 4-bit weights) · **gguf**: one file for llama.cpp / Ollama "
-                    "(Llama, Mistral, Qwen2 families) with a Modelfile. Each export is loaded back and checked. "
-                    "Headless: `python -m studio export RUN_DIR --format gguf --out PATH`.")
+        gr.Markdown("**adapter**: the LoRA folder · **merged**: full model in safetensors (merged in float32 into "
+                    "the base's 16-bit weights; a 4-bit-stored base dequantized as its kernel does) · **gguf**: one "
+                    "file for llama.cpp / Ollama (Llama, Mistral, Qwen2 families) with a Modelfile, in the type "
+                    "below · **gguf-adapter**: the LoRA alone as a llama.cpp adapter (tens of MB) with a Modelfile "
+                    "that applies it to the base model in Ollama. Each export is loaded back and checked, and "
+                    "offered for download. Headless: `python -m studio export RUN_DIR --format gguf --gguf-type "
+                    "q4_k_m --out PATH`.", elem_id="chat-export-help")
         with gr.Row():
             fmt = gr.Radio(list(export.FORMATS), value="adapter", label="Format", elem_id="chat-export-format")
+            gguf_type = gr.Dropdown([(f"{t} — {gguf_quant.DESCRIPTIONS[t]}", t) for t in gguf_quant.TYPES],
+                                    value=gguf_quant.DEFAULT_TYPE, label="GGUF type", visible=False,
+                                    elem_id="chat-export-gguf-type")
+        with gr.Row():
             out = gr.Textbox(label="Export to", scale=3, elem_id="chat-export-out",
                              placeholder=f"empty: {paths.home() / safepaths.EXPORTS}/<run>-<format>; a name goes "
                                          "there too")
             overwrite = gr.Checkbox(False, label="Replace an earlier export there", elem_id="chat-export-overwrite",
                                     info="only the files that export wrote; never your own files")
             export_btn = gr.Button("Export", scale=0, min_width=110, elem_id="chat-export-run")
+        export_size = gr.Markdown(elem_id="chat-export-size")
         export_md = gr.Markdown(elem_id="chat-export-result")
+        download = gr.File(label="Download", file_count="multiple", interactive=False, visible=False,
+                           elem_id="chat-export-download")
 
     # ---- handlers ----------------------------------------------------------------------------------------------
     def on_refresh(current):
@@ -247,17 +257,30 @@ def build(studio):
             return f"❌ {e}", gr.update(), gr.update()
         return eval_outputs(result)
 
-    def on_export(path, fmt_value, out_value, replace=False, progress=gr.Progress()):
+    def on_export(path, fmt_value, out_value, replace=False, type_value=None, progress=gr.Progress()):
         if not path:
-            return NO_ADAPTER
+            return NO_ADAPTER, gr.update(visible=False, value=None)
         try:
             # the web UI writes only under the studio home (or folders allowed with app.py --allow-path)
             target = safepaths.ui_export_target(out_value, f"{_run_dir(path).name}-{fmt_value}")
+            extra = {"gguf_type": type_value or gguf_quant.DEFAULT_TYPE} if fmt_value == "gguf" else {}
             r = export.export(path, fmt_value, target, progress=lambda m: progress(None, desc=m),
-                              overwrite=bool(replace))
+                              overwrite=bool(replace), **extra)
+            progress(None, desc="Preparing the download…")
+            files = downloads(r)
         except Exception as e:  # noqa: BLE001
-            return f"❌ Export failed: {e}"
-        return _export_md(r)
+            return f"❌ Export failed: {e}", gr.update(visible=False, value=None)
+        return _export_md(r), gr.update(visible=True, value=files)
+
+    def on_size(path, fmt_value, type_value):
+        """Before anything is written: what the export will weigh (read from the checkpoint's shapes)."""
+        visible = gr.update(visible=fmt_value == "gguf")
+        if not path:
+            return visible, ""
+        try:
+            return visible, f"Size: **{export.estimate(path, fmt_value, type_value)['text']}**"
+        except Exception as e:  # noqa: BLE001 - e.g. a base model not downloaded yet
+            return visible, f"Size: known once the export starts ({e})"
 
     def on_tick(seen, current):
         """A run that ended since this page last looked: its adapter joins the list (and is picked when none was)."""
@@ -281,7 +304,9 @@ def build(studio):
     base_box.like(rate("base"), [turns], [fb])
     tuned_box.like(rate("tuned"), [turns], [fb])
     eval_btn.click(on_eval, [adapter, eval_data, eval_limit], [eval_status, eval_table, eval_plot])
-    export_btn.click(on_export, [adapter, fmt, out, overwrite], [export_md])
+    export_btn.click(on_export, [adapter, fmt, out, overwrite, gguf_type], [export_md, download])
+    for trigger in (fmt.change, gguf_type.change, adapter.change):
+        trigger(on_size, [adapter, fmt, gguf_type], [gguf_type, export_size], show_progress="hidden")
 
 
 def _run_dir(adapter_path: str) -> Path:
@@ -298,7 +323,30 @@ def _export_md(r) -> str:
         if isinstance(v, dict):
             v = ", ".join(f"{kk} {vv:.4g}" if isinstance(vv, float) else f"{kk} {vv}" for kk, vv in v.items())
         lines.append(f"- {k}: {v}")
-    if r.format == "gguf":
+    if r.format in ("gguf", "gguf-adapter"):
         folder = Path(r.path).parent
-        lines.append(f"- Ollama: `cd {folder} && ollama create my-model -f {r.checks.get('modelfile', 'Modelfile')}`")
+        mf = next((f for f in r.files if f.endswith("Modelfile")), "Modelfile")
+        lines.append(f"- Ollama: `cd {folder} && ollama create my-model -f {mf}`")
     return "\n".join(lines)
+
+
+def downloads(r) -> list[str]:
+    """The files a browser on another machine downloads: a GGUF export's file and Modelfile; a folder export as one
+    zip (in the temp folder, never beside the user's files). Served from where they are (no second copy)."""
+    import tempfile
+    import zipfile
+
+    if r.format in ("gguf", "gguf-adapter"):
+        folder = Path(r.path).parent
+        files = [str(folder / f) for f in r.files if (folder / f).is_file() and not f.endswith(export.MANIFEST)]
+    else:
+        folder = Path(r.path)
+        zdir = Path(tempfile.mkdtemp(prefix="kto-studio-download-"))
+        zpath = zdir / f"{folder.name}.zip"
+        with zipfile.ZipFile(zpath, "w", zipfile.ZIP_STORED) as z:  # safetensors do not compress: store, fast
+            for f in sorted(folder.iterdir()):
+                if f.is_file():
+                    z.write(f, f"{folder.name}/{f.name}")
+        files = [str(zpath)]
+    gr.set_static_paths(files)  # served in place: a multi-GB GGUF is not hashed and copied into Gradio's cache
+    return files

@@ -1,0 +1,129 @@
+"""The trained model as every export is checked against it, and what a merged export starts from.
+
+The reference is the model the user trained and chats with: the run's adapter on its base as stored (a 4-bit base
+through the matrices its kernel dequantizes, ``studio.models.full_precision.exact_4bit``), computed in float32
+arithmetic so that comparing an export with it measures the export's weights, not 16-bit rounding of activations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from studio.runs import folder as run_folder
+
+Progress = Callable[[str], None] | None
+PROBE = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."},
+         {"role": "assistant", "content": "The capital of France is Paris."}]
+
+
+def probe_ids(tok):
+    import torch
+
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template(PROBE, tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tok(PROBE[0]["content"] + " " + PROBE[1]["content"])["input_ids"]
+    return torch.tensor([list(ids)])
+
+
+def probe_text(tok) -> str:
+    """A chat rendered to text (special tokens included) plus characters that need byte fallback. Compared without
+    adding BOS/EOS: transformers' GGUF reader ignores tokenizer.ggml.add_bos_token, which llama.cpp honours."""
+    extra = " Ünïcödé ☃ 12×8 = 96."
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(PROBE, tokenize=False) + extra
+    return PROBE[0]["content"] + " " + PROBE[1]["content"] + extra
+
+
+@dataclass
+class RunSource:
+    """A run's adapter, its config, and where its base model's files are."""
+
+    choice: Any
+    cfg: Any
+    base_path: Path
+    quantized: bool  # the base checkpoint is stored in 4-bit
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from studio.models.load import prepare_tokenizer
+
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(str(self.base_path),
+                                                               trust_remote_code=self.cfg.model.trust_remote_code))
+
+    def config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(self.base_path), trust_remote_code=self.cfg.model.trust_remote_code)
+
+
+def run_source(src, progress: Progress = None, download: bool = True) -> RunSource:
+    """The run's adapter, config and base model files (downloaded when missing, unless ``download`` is False:
+    then a hub model not in the cache raises instead)."""
+    from studio.models import full_precision
+    from studio.models.load import ModelLoadError, resolve_source
+    from studio.tuned import chat
+
+    choice = chat.resolve_adapter(src)
+    cfg = run_folder.read_config(choice.run_dir)
+    name = cfg.model.name_or_path
+    if not download and name.count("/") == 1 and not Path(name).expanduser().exists():
+        from huggingface_hub import snapshot_download
+
+        from studio.models.hub import ALLOW_PATTERNS
+
+        try:
+            path = Path(snapshot_download(name, local_files_only=True, allow_patterns=ALLOW_PATTERNS))
+        except Exception:  # noqa: BLE001 - not (completely) downloaded
+            raise ModelLoadError(f"{name} is not downloaded yet") from None
+    else:
+        path = Path(resolve_source(name, progress).path)
+    return RunSource(choice, cfg, path, full_precision.is_prequantized(path))
+
+
+def merged_weights(run: RunSource):
+    from studio.models.full_precision import BaseWeights
+    from studio.tuned.merge import MergedWeights, read_lora
+
+    return MergedWeights(BaseWeights(run.base_path), read_lora(run.choice.path))
+
+
+def reference_logits(run: RunSource, ids, progress: Progress = None):
+    """The trained model's logits on ``ids``: the adapter on the base as stored, in float32 arithmetic."""
+    import gc
+
+    import torch
+    from peft import PeftModel
+
+    from studio.models import full_precision
+
+    if progress:
+        progress("Computing the trained model's logits (the adapter on the base as stored) for the check…")
+    base, _ = full_precision.load_base_full(run.cfg)
+    model = PeftModel.from_pretrained(base, str(run.choice.path))
+    with torch.inference_mode(), full_precision.float32_compute(model):
+        logits = model(input_ids=ids.to(base.device)).logits.float().cpu()
+    del model, base
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return logits
+
+
+# how far logits may be from the trained model's, by the precision of the weights that produced them: (max |diff| as
+# a fraction of the largest logit, least share of positions predicting the same next token). float32: arithmetic in
+# another order; 16-bit weights round each value to ~3 significant digits; 8- and 4-bit GGUF types lose more.
+TOLERANCES = {"float32": (1e-3, 0.9), "16-bit": (0.02, 0.9), "8-bit": (0.1, 0.85), "4-bit": (0.5, 0.5)}
+
+
+def compare(a, b, precision: str) -> dict[str, Any]:
+    """How close logits ``a`` are to the reference ``b``, and whether that is within what ``precision`` allows."""
+    diff = float((a - b).abs().max())
+    scale = float(b.abs().max())
+    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    frac, least = TOLERANCES.get(precision, TOLERANCES["16-bit"])
+    tol = frac * max(scale, 1.0)
+    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "top1_agreement": agree, "tolerance": tol,
+            "precision": precision, "ok": diff <= tol and agree >= least}
