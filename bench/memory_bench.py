@@ -276,7 +276,8 @@ def settings_of_point(p: dict):
     return memory.Settings(seq=p["seq"], batch=p["batch"], rank=p.get("rank", 16),
                            targets=targets if isinstance(targets, str) else tuple(targets),
                            optim=p.get("optim", "adamw_8bit"),
-                           micro_batch=p.get("micro_batch"), reference_copy=bool(p.get("reference_copy")))
+                           micro_batch=p.get("micro_batch"), reference_copy=bool(p.get("reference_copy")),
+                           frozen_bytes=p.get("frozen_bytes"))  # 4: PEFT's float32 upcast (bitsandbytes before issue 27)
 
 
 def cmd_fit(a) -> int:

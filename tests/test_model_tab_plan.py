@@ -1,6 +1,7 @@
 """The Model tab's plan text: a note several paths' estimates share is said once (issue 16 point 5)."""
 from __future__ import annotations
 
+from tests.conftest import unsloth_only_8b
 from studio.config.run import RunConfig
 from studio.models.load import DeviceInfo
 from studio.training import plan as planner
@@ -9,10 +10,10 @@ from studio.ui.model_tab import plan_markdown, plan_notes
 NO_UNSLOTH = DeviceInfo(kind="cpu", name="test CPU")
 
 
-def test_a_plan_that_applies_no_path_says_the_gradients_note_once():
-    # Llama-3.1-8B on 8 GB: bitsandbytes (what is installed) does not fit, Unsloth would; both estimates micro-batch,
-    # each with its own row count
-    p = planner.plan(RunConfig(), "8gb", NO_UNSLOTH, model_key="llama-3.1-8b-instruct")
+def test_a_plan_that_applies_no_path_says_the_gradients_note_once(tmp_path):
+    # an 8B with a 256k vocabulary on 8 GB: bitsandbytes (what is installed) does not fit, Unsloth would; both
+    # estimates micro-batch, each with its own row count
+    p = planner.plan(RunConfig().updated({"model.name_or_path": unsloth_only_8b(tmp_path)}), "8gb", NO_UNSLOTH)
     plan = p.card_plan
     assert plan.path is None and plan.fits["unsloth"].ok and not plan.fits["bnb"].ok
     assert sum("Gradients are taken" in n for e in plan.estimates.values() for n in e.notes) == 2
@@ -52,3 +53,4 @@ def test_the_tabs_handlers_return_only_their_own_outputs(monkeypatch):
         assert "Budget: 7.5 GiB" in shown["fit-settings"], trigger
         if "cfg-model-name_or_path" in shown:
             assert shown["cfg-model-name_or_path"] == studio.config.model.name_or_path
+

@@ -17,6 +17,16 @@ class EstimateError(UsageError, ValueError):
     """An estimate that cannot be made (unknown architecture, missing config); the message says what to do."""
 
 
+# bitsandbytes NF4 with double quantization: 4-bit codes + an 8-bit absmax per 64 weights + an fp32 absmax per 256
+# of those blocks (the 4-bit paths' linear layers on the GPU, and on disk in a pre-quantized "bnb-4bit" repo)
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def dtype_bytes(name: str) -> int:
+    return DTYPE_BYTES[str(name).removeprefix("torch.")]
+
+
 # ---- shapes --------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
