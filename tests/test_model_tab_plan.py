@@ -54,3 +54,32 @@ def test_the_tabs_handlers_return_only_their_own_outputs(monkeypatch):
         if "cfg-model-name_or_path" in shown:
             assert shown["cfg-model-name_or_path"] == studio.config.model.name_or_path
 
+
+def test_the_download_size_shown_is_the_repo_the_card_loads(monkeypatch):
+    """Issue 27 point 4: on an 8 GB card the studio loads Unsloth's 4-bit copy, but the tab said "about 15.2 GB to
+    download" (the 16-bit repo's size). Choosing the card, the model or a page load shows the chosen repo's size."""
+    import gradio as gr
+
+    from studio.ui import model_tab
+    from studio.ui.app import Studio
+
+    monkeypatch.setattr(model_tab.models, "detect_device", lambda: NO_UNSLOTH)
+    studio = Studio()
+    with gr.Blocks() as app:
+        model_tab.build(studio)
+    by_trigger = {getattr(app.blocks.get(b), "elem_id", None) or ev: f for f in app.fns.values()
+                  for b, ev in f.targets}
+
+    def shown(trigger, **given):
+        f = by_trigger[trigger]
+        out = f.fn(*[given.get(c.elem_id, c.value) for c in f.inputs])
+        return {c.elem_id: v for c, v in out.items()}["preset-info"]
+
+    model = {"model-preset": "qwen2.5-7b-instruct", "recipe-preset": "standard", "seq-ceiling": 4096}
+    gpu = shown("model-preset", **model, **{"gpu-preset": "8gb"})
+    assert studio.config.model.name_or_path == "unsloth/Qwen2.5-7B-Instruct-bnb-4bit"
+    assert "about 5.5 GB to download (`unsloth/Qwen2.5-7B-Instruct-bnb-4bit`" in gpu and "15.2 GB" not in gpu
+    assert "15.2 GB to download (`Qwen/Qwen2.5-7B-Instruct`)" in shown("gpu-preset", **model, **{"gpu-preset": "cpu"})
+    assert studio.config.model.name_or_path == "Qwen/Qwen2.5-7B-Instruct"
+    shown("gpu-preset", **model, **{"gpu-preset": "8gb"})
+    assert "5.5 GB" in shown("load", **{"seq-ceiling": 4096})

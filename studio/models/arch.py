@@ -98,6 +98,14 @@ class Arch:
     def total_params(self) -> int:
         return self.linear_params() + self.unquantized_params()
 
+    def stored_bytes(self, four_bit: bool = False, param_bytes: int = 2) -> float:
+        """The weights as a checkpoint stores them: every weight at ``param_bytes``, or (``four_bit``: a
+        pre-quantized bitsandbytes repo) the decoder's linear layers in NF4 with double quantization and the
+        embeddings, LM head and norms at ``param_bytes``."""
+        if four_bit:
+            return self.linear_params() * NF4_BYTES_PER_PARAM + self.unquantized_params() * param_bytes
+        return self.total_params() * param_bytes
+
     def lora_params(self, rank: int, targets: str | Iterable[str] = "all-linear") -> int:
         wanted = None if targets == "all-linear" else set(targets)
         per_layer = sum(rank * (a + b) for n, a, b in self.linears() if wanted is None or n in wanted)
