@@ -179,6 +179,18 @@ def test_the_bitsandbytes_path_keeps_embeddings_head_and_norms_16bit_in_the_plan
     assert folder.read_plan(tmp_path)["frozen_dtype"] == p.frozen_dtype
 
 
+def test_a_cuda_run_predicted_not_to_fit_is_refused_by_the_plan_with_the_reason():
+    """model.memory_check's promise: RunWontFit is a ValueError, and plan_run used to file it under 'No memory
+    estimate' and start the run anyway."""
+    cfg = RunConfig().updated({"model.name_or_path": "Qwen/Qwen2.5-7B-Instruct", "model.backend": "bnb",
+                               "kto.max_length": 4096, "train.per_device_train_batch_size": 8})
+    with pytest.raises(memory.RunWontFit, match="predicted not to fit"):
+        planner.plan_run(cfg, cuda(bitsandbytes=True), fetch=False)
+    assert "predicted not to fit" in planner.run_plan_markdown(cfg, planner.DETECTED, cuda(bitsandbytes=True))
+    unchecked = planner.plan_run(cfg.updated({"model.memory_check": False}), cuda(bitsandbytes=True), fetch=False)
+    assert unchecked.peak_gib is None
+
+
 def test_the_model_tab_and_the_cli_show_the_plan():
     md = planner.run_plan_markdown(RunConfig(), "cpu", CPU)
     assert "Run plan" in md and "adamw_torch" in md

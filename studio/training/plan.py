@@ -325,6 +325,8 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
         try:
             arch = memory.arch_for(cfg.model.name_or_path, fetch)
             est = autofit.check(arch, backend, settings(cfg), budget)  # raises RunWontFit with the reason
+        except memory.RunWontFit:
+            raise  # a ValueError too, but the refusal the run needs, not a missing estimate
         except (memory.EstimateError, OSError, ValueError) as e:
             notes.append(f"No memory estimate: {e}")
         else:
