@@ -420,3 +420,20 @@ def test_precompute_rows_fill_the_steps_own_transient_memory_and_no_more(model, 
     assert s.active_rows <= rows <= memory.MAX_FORWARD_ROWS
     assert rows == s.active_rows or memory.forward_bytes(arch, rows, seq, path=path) <= room
     assert rows == memory.MAX_FORWARD_ROWS or memory.forward_bytes(arch, rows + 1, seq, path=path) > room
+
+
+def test_the_bnbfit_bench_judges_each_model_by_the_plans_prediction_within_10_percent_and_the_cap():
+    from bench.memory_bench import bnbfit_table, bnbfit_verdict
+
+    def r(measured, predicted=6.0, **kw):
+        return {"model": "m", "ok": True, "peak_alloc_gib": measured, "planned_peak_gib": predicted,
+                "setup_peak_gib": measured, "train_peak_gib": measured, "batch": 2, "seq": 1024, **kw}
+
+    assert bnbfit_verdict(r(6.5), 7.5) == (pytest.approx(0.5 / 6), "ok")
+    assert bnbfit_verdict(r(5.5), 7.5)[1] == "ok"
+    assert bnbfit_verdict(r(6.7), 7.5)[1].startswith("OFF")  # 11.7% over the prediction
+    assert bnbfit_verdict(r(5.3), 7.5)[1].startswith("OFF")  # 11.7% under: the estimate is off, not the card
+    assert "over the 7.5 GiB cap" in bnbfit_verdict(r(7.6, predicted=7.0), 7.5)[1]
+    assert bnbfit_verdict({"model": "m", "ok": False, "error": "CUDA out of memory"}, 7.5)[1].startswith("FAILED")
+    table = bnbfit_table([r(6.5, micro_batch=1, frozen_dtype="bfloat16")], 7.5)
+    assert "| m | 2 x 1024 (1 row at a time) | bfloat16 | 6.00 | 6.50 (6.50 / 6.50) | +8.3% | ok |" in table
