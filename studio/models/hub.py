@@ -149,13 +149,13 @@ def download_size(repo_id: str) -> DownloadSize | None:
     its linear layers in NF4, a quarter of the 16-bit repo's bytes; any other repo stores every weight in its
     config's dtype (16-bit unless it says float32). None when the architecture is unknown."""
     from studio.config import presets
-    from studio.models.arch import EstimateError, arch_for, model_config
+    from studio.models.arch import Arch, EstimateError, model_config
 
     if not is_hub_id(repo_id):  # the bundled model ships with the studio; a local folder is already here
         return None
     try:
         config, _ = model_config(repo_id, fetch=False)
-        arch = arch_for(repo_id, fetch=False)
+        arch = Arch.from_config(config, name=repo_id)
     except (EstimateError, OSError, ValueError):
         return None
     preset = presets.find_model(repo_id)
