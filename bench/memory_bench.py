@@ -413,7 +413,8 @@ def settings_of_point(p: dict):
                            targets=targets if isinstance(targets, str) else tuple(targets),
                            optim=p.get("optim", "adamw_8bit"),
                            micro_batch=p.get("micro_batch"), reference_copy=bool(p.get("reference_copy")),
-                           frozen_bytes=p.get("frozen_bytes"))  # 4: PEFT's float32 upcast (bitsandbytes before issue 27)
+                           # 4: PEFT's float32 upcast (the bitsandbytes runs before issue 27)
+                           frozen_bytes=p.get("frozen_bytes"))
 
 
 def cmd_fit(a) -> int:

@@ -100,9 +100,9 @@ def kto_pairs(n: int) -> list[dict]:
 
 
 def unsloth_only_8b(tmp_path) -> str:
-    """A model folder (config.json only) that fits an 8 GB card on the Unsloth path but not on bitsandbytes: Llama-3.1-8B
-    with an untied 256k vocabulary, whose 16-bit embedding and head alone take 3.9 GiB (Unsloth moves the embedding
-    to CPU RAM). Every model preset fits on both paths since issue 27."""
+    """A model folder (config.json only) that fits an 8 GB card on the Unsloth path but not on bitsandbytes:
+    Llama-3.1-8B with an untied 256k vocabulary, whose 16-bit embedding and head alone take 3.9 GiB (Unsloth moves
+    the embedding to CPU RAM). Every model preset fits on both paths since issue 27."""
     import json
 
     from studio.config import presets

@@ -22,8 +22,8 @@ or a GGUF header - and adds up what the training step keeps on the GPU:
   reference passes run without gradients, so they add a transient working set, not stored activations.
 - ``logits``: TRL 1.15 scores tokens with a chunked fused LM-head kernel, so the [batch, seq, vocab] logits never
   exist: one [<=4096 tokens, <=32768 vocab] tile at a time, the completion hidden states it saves (in the residual
-  stream's dtype) and their float32 gradient (and, with a float32 head, a bf16 copy of one vocabulary tile of it). The tile sizes are TRL's
-  (``trl_seam.logprob_tiles``).
+  stream's dtype) and their float32 gradient (and, with a float32 head, a bf16 copy of one vocabulary tile of it).
+  The tile sizes are TRL's (``trl_seam.logprob_tiles``).
 - ``overhead``: CUDA workspaces, Unsloth's staging buffers, allocator slack: a calibrated constant per path.
 
 Four numbers are calibrated (the two working-set terms and the two paths' ``overhead_gib``, by ``python
