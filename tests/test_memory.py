@@ -342,6 +342,8 @@ def test_cli_fit_prints_the_chosen_settings_and_the_breakdown_as_json(capsys):
     assert set(comps) == set(memory.COMPONENTS)
     assert sum(comps.values()) == pytest.approx(uns["estimate"]["total_gib"], abs=0.01)
     assert uns["estimate"]["total_gib"] <= 7.5
+    # both 4-bit paths keep embeddings, head and norms 16-bit (issue 27), and say so
+    assert {p["estimate"]["settings"]["frozen_bytes"] for p in out["paths"].values()} == {2}
 
 
 def test_cli_fit_with_a_fixed_length_and_path_and_a_refusal(capsys):

@@ -275,6 +275,7 @@ def estimate(arch: Arch, path: str, settings: Settings | None = None, budget_gib
         notes.append(f"The '{path}' path has no measured points yet: treat this figure as a rough guide.")
     settings_d = asdict(s)
     settings_d["targets"] = s.targets if isinstance(s.targets, str) else list(s.targets)
+    settings_d["frozen_bytes"] = frozen  # as decided (fit's JSON shows the rule's answer, not None)
     return Estimate(path=path, arch=arch.label(), settings=settings_d, components=comps, total_gib=total,
                     budget_gib=budget_gib, notes=notes, calibrated=pm.calibrated)
 
