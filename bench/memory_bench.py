@@ -10,6 +10,8 @@ by `studio.training.engine.Engine`, exactly as the studio does, under an allocat
     python bench/memory_bench.py merge results.jsonl        # measured points -> tests/fixtures/memory_points.json
     python bench/memory_bench.py fit                        # recalibrate the estimate's three constants
     python bench/memory_bench.py table [results.jsonl]      # estimate vs measured, markdown
+    python bench/memory_bench.py bnbfit --out results.jsonl  # issue 27: the 7-8B presets on bitsandbytes, 7.5 GiB
+    python bench/memory_bench.py bnbfit --tiny --cpu --seq 256   # the same script end to end on a CPU, tiny models
 
 `run` prints one line `RESULT {json}`: ok / oom, the setup peak (loading + trainer set-up), the training peak, the
 overall peak allocated and reserved GiB, and the estimate for the same settings and cap. One configuration per
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -34,16 +37,30 @@ TIERS = ("3B", "7B", "8B")
 
 # ---- models and data ---------------------------------------------------------------------------------------------
 
-def make_model_dir(model: str, root: str) -> str:
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=4100, max_position_embeddings=4096)
+
+
+def model_spec(model: str, tiny: bool = False) -> dict:
+    """The preset's architecture (presets/models/MODEL.yaml), or with ``tiny`` a two-layer model of the same type
+    (the CPU dry run of this script)."""
+    from studio.config import presets
+
+    spec = dict(presets.get("models", model).get("config"))
+    if tiny:
+        spec = dict(TINY, model_type=spec["model_type"], tie_word_embeddings=spec.get("tie_word_embeddings", False))
+    return spec
+
+
+def make_model_dir(model: str, root: str, tiny: bool = False) -> str:
     """A checkpoint of the preset's architecture with random bf16 weights and the bench tokenizer
-    (bench/random_models.py)."""
+    (bench/random_models.py), built on the GPU when there is one."""
     import torch
 
     from bench.random_models import make_model_dir as build
-    from studio.config import presets
 
-    return build(model, root=root, device="cuda" if torch.cuda.is_available() else "cpu",
-                 spec=presets.get("models", model).get("config"))
+    return build(model + ("-tiny" if tiny else ""), root=root, device="cuda" if torch.cuda.is_available() else "cpu",
+                 spec=model_spec(model, tiny))
 
 
 def write_rows(path: str, n: int, seq: int, seed: int = 0) -> str:
@@ -52,6 +69,26 @@ def write_rows(path: str, n: int, seq: int, seed: int = 0) -> str:
 
     half = seq // 2 - 2
     return write_dataset(path, n, half, half, seed=seed, desirable=0.6)
+
+
+def allow_bnb_on_cpu() -> None:
+    """The CPU dry run (--cpu): let the bitsandbytes path load on a CPU, in this process only. The studio refuses it
+    there (``choose_backend``: a user's run needs CUDA); bitsandbytes' CPU backend runs NF4, which is enough to check
+    this script end to end before the one GPU call. bitsandbytes' CPU-only inference format is kept off: on a CPU
+    with AVX-512 BF16 it repacks a layer's weights at the first no-gradient pass (the reference or held-out scoring),
+    after which the layer runs an inference kernel in training too (in-place bias add: qwen2 fails)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    from studio.models import load as models
+
+    bnb_modules.has_avx512bf16 = lambda: False
+
+    chosen = models.choose_backend
+
+    def choose(cfg, device):
+        return "bnb" if cfg.model.backend == "bnb" else chosen(cfg, device)
+
+    models.choose_backend = choose
 
 
 # ---- one configuration -------------------------------------------------------------------------------------------
@@ -66,23 +103,25 @@ def cmd_run(a) -> int:
         import unsloth  # noqa: F401  (before transformers, as the studio's unsloth path needs)
     import torch
 
+    from studio.models.arch import dtype_bytes
     from studio.training import autofit, memory
     from studio.config.run import RunConfig
     from studio.training.engine import Engine
 
-    arch = memory.arch_for(a.model)
+    if a.cpu:
+        allow_bnb_on_cpu()
+    arch = memory.Arch.from_config(model_spec(a.model, a.tiny), name=a.model + ("-tiny" if a.tiny else ""))
     result = dict(model=a.model, path=a.path, seq=a.seq, batch=a.batch, rank=a.rank, cap_gib=a.cap_gib,
-                  precompute_ref=a.precompute_ref, steps=a.steps, runner="studio-engine",
+                  precompute_ref=a.precompute_ref, steps=a.steps, runner="studio-engine", tiny=a.tiny,
                   reference_copy=False)  # the engine drops TRL's copy of a fresh adapter
     cuda = torch.cuda.is_available()
     if cuda:
         result["card"] = torch.cuda.get_device_name(0)
-    settings = memory.Settings(seq=a.seq, batch=a.batch, rank=a.rank, precompute_ref=a.precompute_ref,
-                               micro_batch=a.micro_batch)
+    settings = memory.Settings(seq=a.seq, batch=a.batch, rank=a.rank, micro_batch=a.micro_batch)
     accum = a.grad_accum
-    if a.autofit:
-        fit = autofit.auto_fit(arch, a.path, a.cap_gib, seq_ceiling=a.seq_ceiling, effective_batch=a.effective_batch,
-                              settings=settings)
+    if a.autofit:  # as `python -m studio fit` (--fixed-seq: as `fit --seq N`)
+        fit = autofit.auto_fit(arch, a.path, a.cap_gib, seq=a.seq if a.fixed_seq else None,
+                              seq_ceiling=a.seq_ceiling, effective_batch=a.effective_batch, settings=settings)
         result["autofit"] = fit.as_dict()
         if not fit.ok:
             result.update(ok=False, refused=True, error=fit.reason)
@@ -99,17 +138,22 @@ def cmd_run(a) -> int:
     result["estimate_gib"] = round(est.total_gib, 3)
     result["estimate"] = {k: round(v, 3) for k, v in est.components.items()}
 
-    model_dir = make_model_dir(a.model, a.models_dir)
+    model_dir = make_model_dir(a.model, a.models_dir, a.tiny)
     if cuda and a.cap_gib > 0:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap_gib * 2**30 / total))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    data = write_rows(f"/tmp/memory_bench_{settings.seq}.jsonl", settings.batch * accum * (a.steps + 2), settings.seq)
+    tag = f"{a.model}-{a.path}-{settings.seq}" + ("-tiny" if a.tiny else "")
+    data = write_rows(f"/tmp/memory_bench_{tag}.jsonl", settings.batch * accum * (a.steps + 2), settings.seq)
     names = [n for n, _, _ in arch.linears()]
     cfg = RunConfig().updated({
-        "name": "memory-bench", "output_dir": f"/tmp/memory_bench_runs/{a.model}-{a.path}-{settings.seq}",
+        "name": "memory-bench", "output_dir": f"/tmp/memory_bench_runs/{tag}",
         "model.name_or_path": model_dir, "model.backend": a.path, "model.load_in_4bit": a.path != "full",
+        # the CPU dry run in the GPU's dtype (a CPU's plan keeps float32 weights)
+        **({"model.dtype": "bfloat16"} if a.cpu and not cuda else {}),
+        # the run plan checks and plans against the card's budget, not the GPU the cap stands in front of
+        "model.gpu_memory_gib": a.cap_gib if cuda and a.cap_gib > 0 else None,
         "lora.r": a.rank, "lora.lora_alpha": a.rank, "lora.target_modules": names,
         "kto.max_length": settings.seq, "kto.precompute_ref_log_probs": a.precompute_ref,
         "train.per_device_train_batch_size": settings.batch, "train.gradient_accumulation_steps": accum,
@@ -134,19 +178,109 @@ def cmd_run(a) -> int:
     result["wall_s"] = round(time.time() - t0, 1)
     result["backend_used"] = job.backend
     result.update(phases)
+    if job.plan is not None:  # what the studio itself predicted and decided for this run
+        result["planned_peak_gib"] = job.plan.peak_gib
+        result["frozen_dtype"] = job.plan.frozen_dtype
+        result["frozen_bytes"] = dtype_bytes(job.plan.frozen_dtype)
+        result["precompute_rows"] = job.plan.precompute_rows if job.plan.precompute_ref else None
     metrics = [m for m in job.metrics() if "loss" in m]
     result["steps_done"] = metrics[-1]["step"] if metrics else 0
+    result["losses_finite"] = bool(metrics) and all(math.isfinite(m["loss"]) for m in metrics)
     if cuda:
         train_peak = torch.cuda.max_memory_allocated() / 2**30
         result["train_peak_gib"] = round(train_peak, 3) if "setup_peak_gib" in phases else None
         result["peak_alloc_gib"] = round(max(train_peak, phases.get("setup_peak_gib", 0.0)), 3)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    result["ok"] = job.state == "finished" and result["steps_done"] >= a.steps
+    result["ok"] = job.state == "finished" and result["steps_done"] >= a.steps and result["losses_finite"]
     if job.error:
         result["error"] = job.error[:400]
         result["oom"] = "out of memory" in job.error.lower()
     print("RESULT " + json.dumps(result), flush=True)
     return 0
+
+
+# ---- issue 27: the bitsandbytes path on an 8 GB card -------------------------------------------------------------
+
+BNBFIT_MODELS = ("qwen2.5-7b-instruct", "llama-3.1-8b-instruct", "mistral-7b-instruct-v0.3", "gemma-7b-it")
+WITHIN = 0.10  # the measured peak against the prediction
+
+
+def cmd_bnbfit(a) -> int:
+    """Each model's bitsandbytes run as `python -m studio fit --model M --gpu-gib CAP --seq SEQ` plans it (auto-fit's
+    batch and memory savers at that length, reference log-probs precomputed as a one-epoch run does), trained by the
+    engine under the allocator cap, one process per model, ``--parallel`` models at a time (each builds its random
+    checkpoint, runs, deletes it: at most that many 15-17 GB checkpoints on disk). A deadline keeps the whole call
+    inside one device command; unfinished models are reported as such. Prints one RESULT line per model and a table:
+    the run plan's predicted peak against the measured peak (loading, precompute and training), which must be within
+    10% and under the cap."""
+    import concurrent.futures as futures
+
+    models = a.models.split(",") if a.models else list(BNBFIT_MODELS)
+    deadline = time.time() + a.deadline
+    out = open(a.out, "a") if a.out else None
+    results: dict[str, dict] = {}
+
+    def one(model: str) -> dict:
+        left = deadline - time.time()
+        if left < 30:
+            return {"model": model, "ok": False, "error": "not started: the deadline was near"}
+        cmd = [sys.executable, __file__, "run", "--model", model, "--path", "bnb", "--autofit", "--fixed-seq",
+               "--seq", str(a.seq), "--precompute-ref", "--cap-gib", str(a.cap_gib), "--steps", str(a.steps),
+               "--grad-accum", "1", "--models-dir", a.models_dir] + (["--tiny"] if a.tiny else []) + (
+               ["--cpu"] if a.cpu else [])
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            r = json.loads(lines[-1].removeprefix("RESULT ")) if lines else {
+                "model": model, "ok": False, "error": f"no result (rc {proc.returncode})",
+                "stderr_tail": (proc.stderr or "")[-800:]}
+        except subprocess.TimeoutExpired:
+            r = {"model": model, "ok": False, "error": f"stopped at the deadline after {time.time() - t0:.0f} s"}
+        finally:
+            shutil.rmtree(os.path.join(a.models_dir, model + ("-tiny" if a.tiny else "")), ignore_errors=True)
+        r["process_s"] = round(time.time() - t0, 1)
+        return r
+
+    with futures.ThreadPoolExecutor(max_workers=max(1, a.parallel)) as pool:
+        for r in pool.map(one, models):
+            results[r["model"]] = r
+            line = "RESULT " + json.dumps(r)
+            print(line, flush=True)
+            if out:
+                out.write(line.removeprefix("RESULT ") + "\n")
+                out.flush()
+    print(bnbfit_table([results[m] for m in models], a.cap_gib))
+    return 0
+
+
+def bnbfit_verdict(r: dict, cap_gib: float) -> tuple[float | None, str]:
+    """(relative error of the prediction, verdict) for one model's result."""
+    measured, predicted = r.get("peak_alloc_gib"), r.get("planned_peak_gib") or r.get("estimate_gib")
+    if not r.get("ok"):
+        return None, "FAILED: " + str(r.get("error", "see the RESULT line"))[:160]
+    if measured is None:  # the CPU dry run: nothing to measure
+        return None, "ran (no GPU: nothing measured)"
+    err = (measured - predicted) / predicted
+    good = measured <= predicted * (1 + WITHIN) and abs(err) <= WITHIN and measured < cap_gib
+    return err, "ok" if good else (f"OFF: measured {measured:.2f} vs predicted {predicted:.2f} GiB"
+                                   + (f", over the {cap_gib:g} GiB cap" if measured >= cap_gib else ""))
+
+
+def bnbfit_table(rows: list[dict], cap_gib: float) -> str:
+    lines = [f"| model | rows x tokens (gradients) | frozen dtype | predicted GiB | measured GiB (setup / steps) | "
+             f"error | verdict (within {WITHIN:.0%}, under {cap_gib:g} GiB) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        err, verdict = bnbfit_verdict(r, cap_gib)
+        shape = f"{r.get('batch', '?')} x {r.get('seq', '?')}" + (
+            f" ({r['micro_batch']} row at a time)" if r.get("micro_batch") else "")
+        predicted = r.get("planned_peak_gib") or r.get("estimate_gib")
+        measured = "–" if r.get("peak_alloc_gib") is None else (
+            f"{r['peak_alloc_gib']:.2f} ({r.get('setup_peak_gib') or 0:.2f} / {r.get('train_peak_gib') or 0:.2f})")
+        lines.append(f"| {r['model']} | {shape} | {r.get('frozen_dtype', '?')} | "
+                     f"{'–' if predicted is None else format(predicted, '.2f')} | {measured} | "
+                     f"{'–' if err is None else format(err, '+.1%')} | {verdict} |")
+    return "\n".join(lines)
 
 
 # ---- plans -------------------------------------------------------------------------------------------------------
@@ -233,7 +367,7 @@ def _read_results(path: str) -> list[dict]:
 
 def _key(p: dict) -> tuple:
     return (p["model"], p["path"], p["seq"], p["batch"], p.get("rank", 16), bool(p.get("precompute_ref")),
-            p.get("cap_gib", 7.5), p.get("micro_batch"))
+            p.get("cap_gib", 7.5), p.get("micro_batch"), p.get("frozen_bytes"))
 
 
 def cmd_merge(a) -> int:
@@ -243,7 +377,7 @@ def cmd_merge(a) -> int:
     points = {_key(p): p for p in doc["points"]}
     added = 0
     for r in _read_results(a.results):
-        if r.get("refused") or "peak_alloc_gib" not in r or "model" not in r:
+        if r.get("refused") or r.get("tiny") or "peak_alloc_gib" not in r or "model" not in r:
             continue
         if not r.get("ok") and not r.get("oom"):
             continue  # failed for another reason: nothing learned about memory
@@ -253,6 +387,8 @@ def cmd_merge(a) -> int:
              "micro_batch": r.get("micro_batch"), "reference_copy": r.get("reference_copy", False),
              "peak_alloc_gib": r["peak_alloc_gib"], "kind": "measured" if r.get("ok") else "lower_bound",
              "source": f"bench/memory_bench.py ({r.get('runner')}, {r.get('card', 'GPU')})"}
+        if r.get("frozen_bytes") and r["frozen_bytes"] != 2:  # the 16-bit default needs no mark
+            p["frozen_bytes"] = r["frozen_bytes"]
         for k in ("setup_peak_gib", "train_peak_gib", "peak_reserved_gib"):
             if r.get(k) is not None:
                 p[k] = r[k]
@@ -276,7 +412,9 @@ def settings_of_point(p: dict):
     return memory.Settings(seq=p["seq"], batch=p["batch"], rank=p.get("rank", 16),
                            targets=targets if isinstance(targets, str) else tuple(targets),
                            optim=p.get("optim", "adamw_8bit"),
-                           micro_batch=p.get("micro_batch"), reference_copy=bool(p.get("reference_copy")))
+                           micro_batch=p.get("micro_batch"), reference_copy=bool(p.get("reference_copy")),
+                           # 4: PEFT's float32 upcast (the bitsandbytes runs before issue 27)
+                           frozen_bytes=p.get("frozen_bytes"))
 
 
 def cmd_fit(a) -> int:
@@ -359,9 +497,24 @@ def main(argv=None) -> int:
     r.add_argument("--micro-batch", type=int, default=None, help="memory.micro_batch_size (rows per policy pass)")
     r.add_argument("--autofit", action="store_true", help="let studio.autofit.auto_fit choose seq and batch")
     r.add_argument("--seq-ceiling", type=int, default=4096)
+    r.add_argument("--fixed-seq", action="store_true", help="with --autofit: keep --seq, fit the batch (fit --seq)")
     r.add_argument("--effective-batch", type=int, default=16)
     r.add_argument("--models-dir", default="/tmp/models")
+    r.add_argument("--tiny", action="store_true", help="a two-layer model of the preset's type (CPU dry run)")
+    r.add_argument("--cpu", action="store_true", help="let the bitsandbytes path run on a CPU (dry run of this script)")
     r.set_defaults(func=cmd_run)
+    b = sub.add_parser("bnbfit", help="issue 27: the bitsandbytes path of the 7-8B presets under an 8 GB card's cap")
+    b.add_argument("--models", default=None, help=f"comma-separated preset keys (default: {','.join(BNBFIT_MODELS)})")
+    b.add_argument("--seq", type=int, default=1024)
+    b.add_argument("--cap-gib", type=float, default=7.5)
+    b.add_argument("--steps", type=int, default=3)
+    b.add_argument("--parallel", type=int, default=2, help="models at a time (disk: one 15-17 GB checkpoint each)")
+    b.add_argument("--deadline", type=float, default=540, help="seconds for the whole command")
+    b.add_argument("--models-dir", default="/tmp/models")
+    b.add_argument("--out", default=None, help="append result lines (JSON) here, for `merge`")
+    b.add_argument("--tiny", action="store_true", help="two-layer models of the presets' types (CPU dry run)")
+    b.add_argument("--cpu", action="store_true", help="let the bitsandbytes path run on a CPU (dry run)")
+    b.set_defaults(func=cmd_bnbfit)
     s = sub.add_parser("sweep", help="run a plan, one process per configuration")
     s.add_argument("--plan", choices=["autofit", "anchors", "calibrate", "all"], default="autofit")
     s.add_argument("--models", default=None, help="comma-separated preset keys to keep")

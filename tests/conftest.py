@@ -97,3 +97,18 @@ def kto_pairs(n: int) -> list[dict]:
     """``n`` prompts, each with one desirable and one undesirable completion (KTO rows, pairs adjacent)."""
     return [{"prompt": f"question {p}", "completion": c, "label": y}
             for p in range(n) for c, y in ((f"good {p}", True), (f"bad {p}", False))]
+
+
+def unsloth_only_8b(tmp_path) -> str:
+    """A model folder (config.json only) that fits an 8 GB card on the Unsloth path but not on bitsandbytes:
+    Llama-3.1-8B with an untied 256k vocabulary, whose 16-bit embedding and head alone take 3.9 GiB (Unsloth moves
+    the embedding to CPU RAM). Every model preset fits on both paths since issue 27."""
+    import json
+
+    from studio.config import presets
+
+    folder = Path(tmp_path) / "big-vocab-8b"
+    folder.mkdir(exist_ok=True)
+    spec = dict(presets.get("models", "llama-3.1-8b-instruct").get("config"), vocab_size=256_000)
+    (folder / "config.json").write_text(json.dumps(spec))
+    return str(folder)

@@ -143,3 +143,44 @@ def test_a_rejected_or_malformed_token_is_not_repeated_in_the_message(monkeypatc
         hub.login("password123")
     with pytest.raises(hub.HubError, match="paste"):
         hub.login("   ")
+
+
+# ---- how much a download fetches ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("full, four_bit, gb16, gb4", [
+    # the repos' published sizes: 16-bit safetensors, and Unsloth's pre-quantized bitsandbytes NF4 copies
+    ("Qwen/Qwen2.5-7B-Instruct", "unsloth/Qwen2.5-7B-Instruct-bnb-4bit", 15.23, 5.55),
+    ("meta-llama/Llama-3.1-8B-Instruct", "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", 16.06, 5.70),
+    ("mistralai/Mistral-7B-Instruct-v0.3", "unsloth/mistral-7b-instruct-v0.3-bnb-4bit", 14.50, 4.14),
+    ("google/gemma-7b-it", "unsloth/gemma-7b-it-bnb-4bit", 17.08, 5.57),
+])
+def test_the_download_size_is_the_size_of_the_repo_named_16bit_or_4bit(full, four_bit, gb16, gb4):
+    sixteen, four = hub.download_size(full), hub.download_size(four_bit)
+    assert not sixteen.four_bit and four.four_bit
+    assert sixteen.gb == pytest.approx(gb16, rel=0.02) and four.gb == pytest.approx(gb4, rel=0.02)
+    assert f"about {four.gb:.1f} GB to download (`{four_bit}`, stored in 4 bits)" == four.describe()
+
+
+def test_a_cached_repos_size_follows_its_configs_storage_form_and_unknown_or_local_models_have_none(
+        tmp_path, monkeypatch):
+    import json
+
+    from huggingface_hub import constants
+
+    from studio.config import presets
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    spec = dict(presets.get("models", "mistral-7b-instruct-v0.3").get("config"))
+    fake_snapshot(tmp_path, "someone/Plain-7B", {"config.json": json.dumps(spec).encode()})
+    quant = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    fake_snapshot(tmp_path, "someone/Plain-7B-bnb-4bit",
+                  {"config.json": json.dumps({**spec, "quantization_config": quant}).encode()})
+    fake_snapshot(tmp_path, "someone/Plain-7B-fp32",
+                  {"config.json": json.dumps({**spec, "torch_dtype": "float32"}).encode()})
+    plain = hub.download_size("someone/Plain-7B")
+    assert plain.gb == pytest.approx(hub.download_size("mistralai/Mistral-7B-Instruct-v0.3").gb)
+    assert hub.download_size("someone/Plain-7B-bnb-4bit").four_bit
+    assert hub.download_size("someone/Plain-7B-bnb-4bit").gb < plain.gb / 3
+    assert hub.download_size("someone/Plain-7B-fp32").gb == pytest.approx(2 * plain.gb)
+    assert hub.download_size("someone/never-downloaded") is None
+    assert hub.download_size("bundled:smollm2-135m") is None and hub.download_size(str(tmp_path)) is None

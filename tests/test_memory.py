@@ -1,6 +1,7 @@
 """The memory estimate against measured peaks, auto-fit, the run check, and `python -m studio fit`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -97,15 +98,38 @@ def test_lora_parameter_count_matches_peft_on_a_tiny_model(model_type, extra):
     assert arch.total_params() == total - trainable
 
 
-def test_4bit_weights_are_nf4_plus_16bit_embeddings_and_bitsandbytes_upcasts_them():
+def test_4bit_weights_are_nf4_plus_16bit_embeddings_on_both_paths_and_a_float32_upcast_costs_its_bytes():
     arch = memory.arch_for("llama-3.1-8b-instruct")
     unsloth = memory.estimate(arch, "unsloth").components["weights"]
     bnb = memory.estimate(arch, "bnb").components["weights"]
     nf4 = arch.linear_params() * memory.NF4_BYTES_PER_PARAM / memory.GIB
     emb16 = arch.unquantized_params() * 2 / memory.GIB
     assert unsloth == pytest.approx(nf4 + emb16)
-    assert bnb - unsloth == pytest.approx(emb16)  # prepare_model_for_kbit_training: bf16 -> fp32
+    assert bnb == pytest.approx(unsloth)  # the run plan's rule: no float32 upcast on the bitsandbytes path
     assert 3.3 < nf4 < 3.4  # 7B of linear weights at ~4.13 bits
+    # PEFT's prepare_model_for_kbit_training (the older bitsandbytes runs of the fixture): 2 bytes more per weight,
+    # a float32 residual stream for the checkpointed layer inputs, and a 16-bit copy of one head tile
+    s = memory.Settings(seq=1024, batch=2)
+    upcast = memory.estimate(arch, "bnb", dataclasses.replace(s, frozen_bytes=4)).components
+    plain = memory.estimate(arch, "bnb", s).components
+    assert upcast["weights"] - plain["weights"] == pytest.approx(emb16)
+    extra_stream = 2048 * arch.hidden * arch.layers * 2  # 2 rows x 1024 tokens, 2 more bytes per checkpointed unit
+    assert (upcast["activations"] - plain["activations"]) * memory.GIB == pytest.approx(extra_stream)
+    assert upcast["logits"] > plain["logits"]
+
+
+@pytest.mark.parametrize("path", ["unsloth", "bnb", "full"])
+def test_the_estimate_reads_the_run_plans_rule_for_the_frozen_weights(path, monkeypatch):
+    """No second place decides the frozen weights' dtype: the estimate asks models.frozen_dtype_name, as the run
+    plan and the loader do."""
+    from studio.models import load as models
+
+    arch = memory.arch_for("qwen2.5-7b-instruct")
+    sixteen = memory.estimate(arch, path).components["weights"]
+    monkeypatch.setattr(memory, "frozen_dtype_name", lambda backend, compute: "float32")
+    assert models.frozen_dtype_name(path, "bfloat16") == "bfloat16"
+    assert memory.estimate(arch, path).components["weights"] - sixteen == pytest.approx(
+        arch.unquantized_params() * 2 / memory.GIB)
 
 
 def test_unsloth_moves_an_untied_embedding_to_cpu_only_when_memory_is_tight():
@@ -214,12 +238,13 @@ def test_micro_batching_shrinks_activations_to_one_rows_worth():
     assert any("KL still pairs all 2 rows" in n for n in micro.notes)
 
 
-def test_every_3b_model_fits_an_8gb_card_on_both_paths_and_every_7b_8b_on_unsloth():
+def test_every_3b_7b_and_8b_model_fits_an_8gb_card_on_both_paths():
+    """Issue 27: with PEFT's float32 upcast, Qwen2.5-7B, Llama-3.1-8B and Gemma-7B did not fit on bitsandbytes."""
     for key in TIERED:
         arch = memory.arch_for(key)
-        assert autofit.auto_fit(arch, "unsloth", 7.5).ok, key
-        if presets.get("models", key).get("tier") == "3B":
-            assert autofit.auto_fit(arch, "bnb", 7.5).ok, key
+        for path in ("unsloth", "bnb"):
+            assert autofit.auto_fit(arch, path, 7.5).ok, (key, path)
+            assert autofit.auto_fit(arch, path, 7.5, seq=1024).ok, (key, path)
 
 
 def test_a_bigger_card_never_gets_shorter_rows_or_smaller_batches():
@@ -236,7 +261,7 @@ def test_a_fixed_sequence_length_only_searches_the_batch():
 
 
 def test_a_model_too_big_for_the_card_is_refused_with_the_reason():
-    fit = autofit.auto_fit(memory.arch_for("llama-3.1-8b-instruct"), "bnb", 7.5)
+    fit = autofit.auto_fit(memory.arch_for("llama-3.1-8b-instruct"), "bnb", 5.0)
     assert not fit.ok
     assert "frozen weights and the adapter alone take" in fit.reason and "larger card" in fit.reason
 
@@ -264,9 +289,9 @@ def test_a_run_that_fits_passes_the_check_and_close_calls_get_a_warning():
 
 def test_plan_for_card_applies_the_preferred_paths_settings_and_keeps_the_effective_batch():
     cfg = RunConfig().updated({"model.name_or_path": "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"})
-    plan = autofit.plan_for_card(cfg, 7.5, "cuda", preferred_path="bnb", effective_batch=32)
+    plan = autofit.plan_for_card(cfg, 6.0, "cuda", preferred_path="bnb", effective_batch=32)
     assert not plan.fits["bnb"].ok and plan.fits["unsloth"].ok
-    assert plan.path == "unsloth"  # bnb cannot fit an 8B model in 7.5 GiB
+    assert plan.path == "unsloth"  # bnb cannot fit an 8B model in 6 GiB (Unsloth keeps the embedding in CPU RAM)
     new = cfg.updated(plan.changes)
     assert new.train.per_device_train_batch_size * new.train.gradient_accumulation_steps >= 32
     cpu = autofit.plan_for_card(cfg, None, "cpu")
@@ -317,6 +342,8 @@ def test_cli_fit_prints_the_chosen_settings_and_the_breakdown_as_json(capsys):
     assert set(comps) == set(memory.COMPONENTS)
     assert sum(comps.values()) == pytest.approx(uns["estimate"]["total_gib"], abs=0.01)
     assert uns["estimate"]["total_gib"] <= 7.5
+    # both 4-bit paths keep embeddings, head and norms 16-bit (issue 27), and say so
+    assert {p["estimate"]["settings"]["frozen_bytes"] for p in out["paths"].values()} == {2}
 
 
 def test_cli_fit_with_a_fixed_length_and_path_and_a_refusal(capsys):
@@ -328,7 +355,7 @@ def test_cli_fit_with_a_fixed_length_and_path_and_a_refusal(capsys):
     assert list(out["paths"]) == ["bnb"]
     assert out["paths"]["bnb"]["chosen"]["max_length"] == 2048
     assert out["paths"]["bnb"]["estimate"]["settings"]["rank"] == 32
-    assert main(["fit", "--model", "llama-3.1-8b-instruct", "--gpu-gib", "7.5", "--backend", "bnb"]) == 1
+    assert main(["fit", "--model", "llama-3.1-8b-instruct", "--gpu-gib", "5", "--backend", "bnb"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["recommended_path"] is None and "does not fit" in out["paths"]["bnb"]["reason"]
 
@@ -349,7 +376,8 @@ FORWARD_POINTS = json.loads((Path(__file__).parent / "fixtures" / "forward_point
                                    for p in FORWARD_POINTS])
 def test_precompute_pass_estimate_is_within_10_percent_of_the_measured_extra_memory(point):
     arch = memory.arch_for(point["model"])
-    est = memory.forward_bytes(arch, point["rows"], point["seq"], path=point["path"]) / memory.GIB
+    est = memory.forward_bytes(arch, point["rows"], point["seq"], path=point["path"],
+                               stream_bytes=point.get("frozen_bytes")) / memory.GIB
     assert abs(est - point["extra_gib"]) <= 0.10 * point["extra_gib"], (est, point["extra_gib"])
 
 
@@ -357,10 +385,15 @@ def test_bnb_reference_pass_is_sized_under_the_steps_peak_that_5_rows_exceeded()
     """Qwen2.5-3B on bitsandbytes, 4096 x 16 with 1-row gradients: 5 rows per precompute pass peaked at 6.33 GiB
     while the steps peaked at 5.16; the bnb path's own coefficient picks fewer rows, predicted under the steps."""
     p = next(q for q in FORWARD_POINTS if q["path"] == "bnb")
+    assert p["frozen_bytes"] == 4  # measured with PEFT's float32 upcast, which set the residual stream's dtype
     arch = memory.arch_for(p["model"])
-    rows = memory.forward_rows(arch, "bnb", memory.Settings(seq=4096, batch=16, micro_batch=1))
+    rows = memory.forward_rows(arch, "bnb", memory.Settings(seq=4096, batch=16, micro_batch=1, frozen_bytes=4))
     assert 1 <= rows < p["rows"]
-    assert p["load_peak_gib"] + p["ref_adapter_gib"] + memory.forward_bytes(arch, rows, 4096, path="bnb") / memory.GIB < 5.16
+    pass_gib = memory.forward_bytes(arch, rows, 4096, path="bnb", stream_bytes=4) / memory.GIB
+    assert p["load_peak_gib"] + p["ref_adapter_gib"] + pass_gib < 5.16
+    # a 16-bit stream halves the hidden-size tensors of each layer: the pass takes more rows for the same room
+    assert memory.forward_bytes(arch, rows, 4096, path="bnb") / memory.GIB < pass_gib
+    assert memory.forward_rows(arch, "bnb", memory.Settings(seq=4096, batch=16, micro_batch=1)) >= rows
 
 
 def test_four_rows_per_pass_raised_mistral_2048s_peak_and_the_chosen_rows_would_not():
@@ -390,3 +423,20 @@ def test_precompute_rows_fill_the_steps_own_transient_memory_and_no_more(model, 
     assert s.active_rows <= rows <= memory.MAX_FORWARD_ROWS
     assert rows == s.active_rows or memory.forward_bytes(arch, rows, seq, path=path) <= room
     assert rows == memory.MAX_FORWARD_ROWS or memory.forward_bytes(arch, rows + 1, seq, path=path) > room
+
+
+def test_the_bnbfit_bench_judges_each_model_by_the_plans_prediction_within_10_percent_and_the_cap():
+    from bench.memory_bench import bnbfit_table, bnbfit_verdict
+
+    def r(measured, predicted=6.0, **kw):
+        return {"model": "m", "ok": True, "peak_alloc_gib": measured, "planned_peak_gib": predicted,
+                "setup_peak_gib": measured, "train_peak_gib": measured, "batch": 2, "seq": 1024, **kw}
+
+    assert bnbfit_verdict(r(6.5), 7.5) == (pytest.approx(0.5 / 6), "ok")
+    assert bnbfit_verdict(r(5.5), 7.5)[1] == "ok"
+    assert bnbfit_verdict(r(6.7), 7.5)[1].startswith("OFF")  # 11.7% over the prediction
+    assert bnbfit_verdict(r(5.3), 7.5)[1].startswith("OFF")  # 11.7% under: the estimate is off, not the card
+    assert "over the 7.5 GiB cap" in bnbfit_verdict(r(7.6, predicted=7.0), 7.5)[1]
+    assert bnbfit_verdict({"model": "m", "ok": False, "error": "CUDA out of memory"}, 7.5)[1].startswith("FAILED")
+    table = bnbfit_table([r(6.5, micro_batch=1, frozen_dtype="bfloat16")], 7.5)
+    assert "| m | 2 x 1024 (1 row at a time) | bfloat16 | 6.00 | 6.50 (6.50 / 6.50) | +8.3% | ok |" in table

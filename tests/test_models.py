@@ -102,3 +102,51 @@ def test_gemma_after_unsloth_loaded_with_its_compiler_on_is_refused_with_the_way
     with pytest.raises(ModelLoadError, match="Restart the studio") as e:
         models.unsloth_compile_switch("gemma", unsloth_loaded=True, env={})
     assert "UNSLOTH_COMPILE_DISABLE=1 python app.py" in str(e.value) and "model.backend: bnb" in str(e.value)
+
+
+# ---- the bitsandbytes path: NF4 base, nothing upcast (issue 27) ------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma"])
+def test_the_bitsandbytes_path_keeps_embeddings_head_and_norms_16bit_and_trains_only_the_lora(tmp_path, model_type):
+    """Real bitsandbytes NF4 (its CPU backend) through the studio's own loading function for that path. PEFT's
+    prepare_model_for_kbit_training upcast embeddings, head and norms to float32 (4+ GB on a 128k-152k vocabulary),
+    which put 7-8B models over an 8 GB card. choose_backend sends only CUDA runs this way, so the loader is called
+    directly with a CPU device."""
+    import torch
+    from bench.random_models import ARCHS, make_model_dir
+
+    spec = dict(ARCHS["tiny-llama"], model_type=model_type, tie_word_embeddings=model_type == "gemma")
+    path = make_model_dir(f"tiny-{model_type}", root=str(tmp_path), device="cpu", spec=spec)
+    cfg = RunConfig().updated({"model.name_or_path": path, "model.backend": "bnb", "lora.r": 8, "lora.lora_alpha": 16,
+                               "train.gradient_checkpointing": True})
+    frozen = getattr(torch, models.frozen_dtype_name("bnb", "bfloat16"))
+    assert frozen == torch.bfloat16
+    model, _ = models.load_transformers(cfg, path, torch.bfloat16, "bnb", DeviceInfo(kind="cpu", name="cpu"), frozen)
+
+    params = dict(model.named_parameters())
+    four_bit = [n for n, p in params.items() if type(p).__name__ == "Params4bit"]
+    assert len(four_bit) == 2 * 7  # every projection of both layers is NF4
+    unquantized = {n: p.dtype for n, p in params.items() if type(p).__name__ != "Params4bit" and "lora_" not in n}
+    assert any("embed_tokens" in n for n in unquantized) and sum("norm" in n for n in unquantized) == 2 * 2 + 1
+    assert model_type == "gemma" or any("lm_head" in n for n in unquantized)
+    assert set(unquantized.values()) == {torch.bfloat16}, unquantized  # no float32 upcast
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * len(four_bit)
+    assert model.base_model.model.is_gradient_checkpointing
+
+    # two optimizer steps through the checkpointed layers: B gets gradients first (A's are zero while B is zero)
+    model.train()
+    ids = torch.randint(5, 4000, (2, 24), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([params[n] for n in sorted(trainable)], lr=1e-2)
+    grads = []
+    for _ in range(2):
+        opt.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        grads.append({n: params[n].grad is not None and params[n].grad.abs().sum().item() > 0 for n in trainable})
+        opt.step()
+    assert all(v for n, v in grads[0].items() if ".lora_B." in n)
+    assert all(grads[1].values())
+    assert set(unquantized.values()) == {p.dtype for n, p in model.named_parameters() if n in unquantized}

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from tests.conftest import unsloth_only_8b
 from studio.training import duration, memory, plan as planner
 from studio.config.run import RunConfig
 from studio.models.load import DeviceInfo
@@ -140,10 +141,10 @@ def test_autofit_applies_the_path_that_is_installed_and_shows_the_other_as_an_op
     assert "With Unsloth installed" not in plan_markdown(with_unsloth.card_plan, True, unsloth_installed=True)
 
 
-def test_a_model_that_fits_only_with_unsloth_is_not_applied_where_unsloth_is_missing():
+def test_a_model_that_fits_only_with_unsloth_is_not_applied_where_unsloth_is_missing(tmp_path):
     from studio.ui.model_tab import plan_markdown
 
-    p = planner.plan(_hh_config(), "8gb", CPU, model_key="llama-3.1-8b-instruct")
+    p = planner.plan(_hh_config(**{"model.name_or_path": unsloth_only_8b(tmp_path)}), "8gb", CPU)
     assert p.card_plan.path is None and not p.card_plan.changes
     text = plan_markdown(p.card_plan, True)
     assert "Does not fit" in text and "With Unsloth installed you could" in text

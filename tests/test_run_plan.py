@@ -160,6 +160,37 @@ def test_the_joint_pass_and_fused_adamw_are_planned_for_a_small_model_on_a_big_c
     assert chosen.optim == "adamw_8bit" and chosen.joint_pass is True
 
 
+@pytest.mark.parametrize("dtype", ["auto", "float16"])
+def test_the_bitsandbytes_path_keeps_embeddings_head_and_norms_16bit_in_the_plan_the_estimate_and_plan_json(
+        dtype, tmp_path):
+    """Issue 27: PEFT's float32 upcast put 7-8B models over an 8 GB card; one rule (models.frozen_dtype_name)
+    decides the frozen weights' dtype, the plan records it, the estimate counts it."""
+    device = cuda(bitsandbytes=True)
+    cfg = RunConfig().updated({"model.name_or_path": "Qwen/Qwen2.5-7B-Instruct", "model.backend": "bnb",
+                               "model.dtype": dtype, "kto.max_length": 1024, "train.per_device_train_batch_size": 2})
+    p = planner.plan_run(cfg, device, fetch=False)
+    assert p.backend == "bnb" and p.frozen_dtype == p.dtype == ("bfloat16" if dtype == "auto" else "float16")
+    assert p.peak_gib is not None and p.peak_gib < 7.5  # the 16-bit embedding and head fit the 8 GB card's budget
+    arch = memory.arch_for("Qwen/Qwen2.5-7B-Instruct", False)
+    assert p.estimate["components"]["weights"] == pytest.approx(
+        (arch.linear_params() * memory.NF4_BYTES_PER_PARAM + arch.unquantized_params() * 2) / memory.GIB, abs=1e-3)
+    assert "embeddings, LM head and norms " + p.frozen_dtype in planner.describe_plan(p)
+    p.save(tmp_path)
+    assert folder.read_plan(tmp_path)["frozen_dtype"] == p.frozen_dtype
+
+
+def test_a_cuda_run_predicted_not_to_fit_is_refused_by_the_plan_with_the_reason():
+    """model.memory_check's promise: RunWontFit is a ValueError, and plan_run used to file it under 'No memory
+    estimate' and start the run anyway."""
+    cfg = RunConfig().updated({"model.name_or_path": "Qwen/Qwen2.5-7B-Instruct", "model.backend": "bnb",
+                               "kto.max_length": 4096, "train.per_device_train_batch_size": 8})
+    with pytest.raises(memory.RunWontFit, match="predicted not to fit"):
+        planner.plan_run(cfg, cuda(bitsandbytes=True), fetch=False)
+    assert "predicted not to fit" in planner.run_plan_markdown(cfg, planner.DETECTED, cuda(bitsandbytes=True))
+    unchecked = planner.plan_run(cfg.updated({"model.memory_check": False}), cuda(bitsandbytes=True), fetch=False)
+    assert unchecked.peak_gib is None
+
+
 def test_the_model_tab_and_the_cli_show_the_plan():
     md = planner.run_plan_markdown(RunConfig(), "cpu", CPU)
     assert "Run plan" in md and "adamw_torch" in md
@@ -182,8 +213,13 @@ def test_the_engine_builds_the_trainer_from_the_plan_and_writes_it(tmp_path, mon
         dtype = "torch.float32"
         source = models.ModelSource("x")
 
-    monkeypatch.setattr(models, "load_for_training", lambda *a, **k: Loaded())
     seen = {}
+
+    def load(*a, **k):
+        seen["load"] = k
+        return Loaded()
+
+    monkeypatch.setattr(models, "load_for_training", load)
 
     def fake_trainer(*a, **k):
         seen["args"] = k["args"]
@@ -203,6 +239,7 @@ def test_the_engine_builds_the_trainer_from_the_plan_and_writes_it(tmp_path, mon
     assert p.precompute_ref is not None and p.data_rows
     saved = json.loads((job.run_dir / folder.PLAN_FILE).read_text())
     assert saved["optim"] == "adamw_torch_fused" and saved["backend"] == p.backend
+    assert seen["load"]["frozen_dtype"] == p.frozen_dtype == saved["frozen_dtype"]  # the loader reads the plan's
     assert any(e.get("plan") for e in job.events)
 
 

@@ -17,6 +17,16 @@ class EstimateError(UsageError, ValueError):
     """An estimate that cannot be made (unknown architecture, missing config); the message says what to do."""
 
 
+# bitsandbytes NF4 with double quantization: 4-bit codes + an 8-bit absmax per 64 weights + an fp32 absmax per 256
+# of those blocks (the 4-bit paths' linear layers on the GPU, and on disk in a pre-quantized "bnb-4bit" repo)
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def dtype_bytes(name: str) -> int:
+    return DTYPE_BYTES[str(name).removeprefix("torch.")]
+
+
 # ---- shapes --------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -87,6 +97,14 @@ class Arch:
 
     def total_params(self) -> int:
         return self.linear_params() + self.unquantized_params()
+
+    def stored_bytes(self, four_bit: bool = False, param_bytes: int = 2) -> float:
+        """The weights as a checkpoint stores them: every weight at ``param_bytes``, or (``four_bit``: a
+        pre-quantized bitsandbytes repo) the decoder's linear layers in NF4 with double quantization and the
+        embeddings, LM head and norms at ``param_bytes``."""
+        if four_bit:
+            return self.linear_params() * NF4_BYTES_PER_PARAM + self.unquantized_params() * param_bytes
+        return self.total_params() * param_bytes
 
     def lora_params(self, rank: int, targets: str | Iterable[str] = "all-linear") -> int:
         wanted = None if targets == "all-linear" else set(targets)

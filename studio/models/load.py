@@ -3,8 +3,8 @@
 Three loading paths, chosen automatically (``RunConfig.model.backend == 'auto'``) and reported to the user:
 
 - ``unsloth``: CUDA and Unsloth importable: Unsloth ``FastLanguageModel`` 4-bit, its LoRA and gradient checkpointing.
-- ``bnb``: CUDA without Unsloth: transformers + bitsandbytes NF4 (double quant) + PEFT LoRA,
-  ``prepare_model_for_kbit_training``.
+- ``bnb``: CUDA without Unsloth: transformers + bitsandbytes NF4 (double quant) + PEFT LoRA, prepared for training
+  by ``prepare_4bit_for_training`` (embeddings, LM head and norms stay 16-bit: ``frozen_dtype_name``).
 - ``full``: CPU / Apple MPS (or CUDA with 4-bit off): full precision (bf16 where supported) + PEFT LoRA.
 """
 from __future__ import annotations
@@ -150,6 +150,22 @@ def compute_dtype(cfg: RunConfig, device: DeviceInfo):
     return getattr(torch, dtype_name(cfg, device))
 
 
+def frozen_dtype_name(backend: str, compute: str) -> str:
+    """The dtype of the frozen weights a 4-bit load leaves unquantized (embeddings, LM head, norms) on a loading
+    path, given the compute dtype (``dtype_name``): the compute dtype, on every path. The run plan records it
+    (``RunPlan.frozen_dtype``); the loader loads them in it and the memory estimate counts its bytes.
+
+    PEFT's ``prepare_model_for_kbit_training`` would upcast them to float32 on the bitsandbytes path, and with them
+    the residual stream: a 128k-152k vocabulary's embedding and head then take 4+ GB (2+ GB more than in 16 bits),
+    which put Qwen2.5-7B, Llama-3.1-8B and Gemma-7B over an 8 GB card. The float32 copies hold the same 16-bit values,
+    TRL's log-prob kernel casts the head back to the compute dtype tile by tile, and the norms normalise in float32
+    internally either way: what changes is the residual stream's precision, 16-bit as in any 16-bit model (and as
+    Unsloth keeps it)."""
+    if backend not in BACKEND_LABELS:
+        raise ValueError(f"unknown loading path '{backend}'")
+    return compute
+
+
 # ---- model sources ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -278,7 +294,9 @@ def _needs_remote_code(path: str) -> bool:
 
 
 def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress: Progress = None,
-                      resume_adapter: str | None = None) -> LoadedModel:
+                      resume_adapter: str | None = None, frozen_dtype: str | None = None) -> LoadedModel:
+    """Load ``cfg``'s model for training on the path ``choose_backend`` picks. ``frozen_dtype``: the run plan's
+    ``RunPlan.frozen_dtype`` (None: the same rule, ``frozen_dtype_name``, for a caller without a plan)."""
     import torch
 
     device = device or detect_device()
@@ -287,13 +305,14 @@ def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress
     if not cfg.model.trust_remote_code and _needs_remote_code(source.path):
         raise ModelLoadError(REMOTE_CODE_HINT.format(name=cfg.model.name_or_path))
     dtype = compute_dtype(cfg, device)
+    frozen = getattr(torch, frozen_dtype or frozen_dtype_name(backend, dtype_name(cfg, device)))
     if progress:
         progress(f"Loading {cfg.model.name_or_path} with {BACKEND_LABELS[backend]} on {device.name}…")
     try:
         if backend == "unsloth":
             model, tok = _load_unsloth(cfg, source, dtype, progress)
         else:
-            model, tok = _load_transformers(cfg, source, dtype, backend, device)
+            model, tok = load_transformers(cfg, source.path, dtype, backend, device, frozen)
     except torch.OutOfMemoryError:
         raise
     except (OSError, ValueError) as e:
@@ -356,12 +375,17 @@ def _load_unsloth(cfg: RunConfig, source: ModelSource, dtype, progress: Progress
     return model, tok
 
 
-def _load_transformers(cfg: RunConfig, source: ModelSource, dtype, backend: str, device: DeviceInfo):
+def load_transformers(cfg: RunConfig, path: str, dtype, backend: str, device: DeviceInfo, frozen_dtype=None):
+    """The bitsandbytes and full-precision paths: transformers' model from ``path``, prepared for training, with a
+    PEFT LoRA. ``dtype``: the compute dtype; ``frozen_dtype``: the dtype of the weights 4-bit loading leaves
+    unquantized (the run plan's, ``frozen_dtype_name``; default: the compute dtype). On the bitsandbytes path the
+    base goes where the device is (one GPU per process under ``accelerate``; a CPU for tests, bitsandbytes' CPU
+    backend runs NF4 there - ``choose_backend`` still sends only CUDA runs here)."""
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    kw = dict(dtype=frozen_dtype or dtype, trust_remote_code=cfg.model.trust_remote_code)
     if backend == "bnb":
         from transformers import BitsAndBytesConfig
 
@@ -369,22 +393,36 @@ def _load_transformers(cfg: RunConfig, source: ModelSource, dtype, backend: str,
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        kw["device_map"] = {"": local_rank}
-    tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.model.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(source.path, **kw)
+        kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0")) if device.kind == "cuda" else device.kind}
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if backend == "bnb":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    elif device.kind in ("cuda", "mps") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        model.to(device.kind)
-    if cfg.train.gradient_checkpointing:
-        model.enable_input_require_grads()
+        model = prepare_4bit_for_training(model, cfg.train.gradient_checkpointing)
+    else:
+        if device.kind in ("cuda", "mps") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            model.to(device.kind)
+        if cfg.train.gradient_checkpointing:
+            model.enable_input_require_grads()
     model.config.use_cache = False
     lora = cfg.to_lora_config(lora_targets(model, cfg.lora.target_modules))
     torch.manual_seed(cfg.train.seed)  # the same seed gives the same LoRA initialisation
     model = get_peft_model(model, lora)
     del torch
     return model, tok
+
+
+def prepare_4bit_for_training(model, gradient_checkpointing: bool = True):
+    """A 4-bit base made ready for a LoRA on top, keeping its unquantized weights in the dtype they were loaded in
+    (``frozen_dtype_name``; PEFT's ``prepare_model_for_kbit_training`` would upcast them to float32): every base
+    weight frozen and, with gradient checkpointing, non-reentrant checkpointing (LoRA weights inside a checkpointed
+    layer get their gradients without any input requiring one) and gradients on the embedding's output (which
+    TRL's trainer asks for too, and reentrant checkpointing would need)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
 
 
 def free_memory() -> None:

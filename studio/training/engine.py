@@ -341,7 +341,7 @@ class Engine:
             self._emit(job, "status", message=m)
             self._phase(job, "convert" if m.startswith("Converting") else "model", m)
 
-        loaded = models.load_for_training(cfg, device, progress=model_progress)
+        loaded = models.load_for_training(cfg, device, progress=model_progress, frozen_dtype=plan.frozen_dtype)
         if job.stop_requested:
             return None
         if logprob.needs_fallback(device.kind):
@@ -381,9 +381,12 @@ class Engine:
         if precompute and not job.stop_requested:
             self._emit(job, "status", message=f"Computing the reference model's log-probs for {len(td.train)} rows "
                                               f"once ({ref_pass_rows} rows per pass)…")
+            # frozen_dtype: reference log-probs cached while bitsandbytes upcast the embeddings (float32 residual
+            # stream) are not this base's
             fingerprint = speed.reference_fingerprint(
-                loaded.source.path, backend=backend, dtype=str(loaded.dtype), device=device.kind,
-                load_in_4bit=cfg.model.load_in_4bit, trust_remote_code=cfg.model.trust_remote_code) if dropped else None
+                loaded.source.path, backend=backend, dtype=str(loaded.dtype), frozen_dtype=plan.frozen_dtype,
+                device=device.kind, load_in_4bit=cfg.model.load_in_4bit,
+                trust_remote_code=cfg.model.trust_remote_code) if dropped else None
             speed.precompute_reference(trainer, ref_pass_rows, fingerprint, progress=lambda d, t: self._phase(
                 job, "reference", f"Reference model's log-probs, {ref_pass_rows} rows per pass", d, t))
         return trainer

@@ -5,22 +5,25 @@ vocabulary, ...) from a config dict - a model preset's built-in copy, a local fo
 or a GGUF header - and adds up what the training step keeps on the GPU:
 
 - ``weights``: the frozen base. On the 4-bit paths every decoder linear is NF4 with double quantization
-  (4 bits + 0.127 bit of scales per weight); embeddings, the LM head and norms are not quantized and stay 16-bit
-  (Unsloth) or are upcast to float32 by PEFT's ``prepare_model_for_kbit_training`` (bitsandbytes path). Under memory
-  pressure Unsloth moves an untied input embedding to CPU RAM; the estimate applies Unsloth's own rule for that.
+  (4 bits + 0.127 bit of scales per weight); embeddings, the LM head and norms are not quantized and stay in the
+  dtype the run plan's rule gives them (``models.frozen_dtype_name``: 16-bit on every path; ``Settings.frozen_bytes``
+  counts another, e.g. the float32 upcast of PEFT's ``prepare_model_for_kbit_training`` that the bitsandbytes
+  path's older measurements ran with). Under memory pressure Unsloth moves an untied input embedding to CPU RAM;
+  the estimate applies Unsloth's own rule for that.
 - ``lora_optimizer``: the trainable adapter (bf16 on quantized bases, TRL casts it), its gradient and optimizer
   state; with ``reference_copy`` also the frozen fp32 "ref" copy of the adapter that TRL's KTOTrainer keeps for the
   reference pass (the seed's recipes keep it; the engine drops a fresh adapter's copy, studio/training/speed.py).
 - ``activations``: per token, per hidden unit: the checkpointed input of every layer when it stays on the GPU
-  (bitsandbytes path: float32, 4 bytes x layers; Unsloth offloads these to CPU RAM) plus one layer's working set
+  (in the residual stream's dtype, which is the embedding's: 2 bytes x layers, 4 with a float32 embedding; Unsloth
+  offloads these to CPU RAM) plus one layer's working set
   during the backward recompute: ``WORKING_SET_BYTES`` per hidden unit and ``WORKING_SET_INTERMEDIATE_BYTES`` per MLP
   intermediate unit (24.7 and 7.8, calibrated; a wide MLP such as Qwen2.5's needs more than the hidden size says).
   With ``memory.micro_batch_size`` only one micro-batch's tokens count. KTO's KL and
   reference passes run without gradients, so they add a transient working set, not stored activations.
 - ``logits``: TRL 1.15 scores tokens with a chunked fused LM-head kernel, so the [batch, seq, vocab] logits never
-  exist: one [<=4096 tokens, <=32768 vocab] tile at a time, the completion hidden states it saves and their float32
-  gradient (and, with a float32 head, a bf16 copy of one vocabulary tile of it). The tile sizes are TRL's
-  (``trl_seam.logprob_tiles``).
+  exist: one [<=4096 tokens, <=32768 vocab] tile at a time, the completion hidden states it saves (in the residual
+  stream's dtype) and their float32 gradient (and, with a float32 head, a bf16 copy of one vocabulary tile of it).
+  The tile sizes are TRL's (``trl_seam.logprob_tiles``).
 - ``overhead``: CUDA workspaces, Unsloth's staging buffers, allocator slack: a calibrated constant per path.
 
 Four numbers are calibrated (the two working-set terms and the two paths' ``overhead_gib``, by ``python
@@ -41,11 +44,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from studio.config.run import ConfigError, resolve_optim
-from studio.models.arch import Arch, EstimateError, arch_for  # the estimate's inputs (memory.Arch etc. for its users)
+# the estimate's inputs (memory.Arch etc. for its users)
+from studio.models.arch import NF4_BYTES_PER_PARAM, Arch, EstimateError, arch_for, dtype_bytes
+from studio.models.load import frozen_dtype_name
 from studio.training import trl_seam
 
 GIB = 2**30
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 absmax per 256 blocks
 COMPLETION_SHARE = 0.5  # completion tokens / all tokens in a row, for the log-prob kernel (anchors: 0.5)
 DEFAULT_SEQ_CEILING = 4096
 MIN_SEQ = 128
@@ -83,14 +87,14 @@ class PathModel:
 
     name: str
     quantized: bool
-    unquantized_bytes: int | None  # frozen embeddings/head/norms: 2 (bf16), 4 (upcast to fp32); None = compute dtype
     # bytes per token per hidden unit per layer for the checkpointed layer inputs kept on the GPU: 0 when offloaded
-    # to CPU RAM (Unsloth), 4 when the residual stream is float32 (the upcast embedding), None = compute dtype
+    # to CPU RAM (Unsloth), None = the residual stream's dtype (the frozen embedding's, ``Settings.frozen_bytes``)
     checkpoint_bytes: int | None
     overhead_gib: float
     offloads_embedding: bool = False  # Unsloth's offload_embedding="auto"
     calibrated: bool = True
-    # the no-gradient reference pass, bytes per token per hidden unit (FORWARD_BYTES on the Unsloth path)
+    # the no-gradient reference pass, bytes per token per hidden unit at a 16-bit residual stream (twice that at a
+    # float32 one: every hidden-size tensor of a layer is in the stream's dtype); None: FORWARD_BYTES (Unsloth's)
     forward_hidden_bytes: float | None = None
 
 
@@ -111,12 +115,14 @@ FORWARD_BYTES = 26.0
 FORWARD_INTERMEDIATE_BYTES = 4.5
 MAX_FORWARD_ROWS = 128
 PATHS = {
-    "unsloth": PathModel("unsloth", True, 2, checkpoint_bytes=0, overhead_gib=0.448, offloads_embedding=True),
-    # PEFT upcasts the residual stream to float32: the reference pass of Qwen2.5-3B at 5 rows x 4096 tokens needed
-    # 165 kB a token (setup peak 6.33 GiB vs 3.08 without it; docs/results/autofit_gpu.jsonl): one point, 56 B/hidden
-    "bnb": PathModel("bnb", True, 4, checkpoint_bytes=4, overhead_gib=0.183, forward_hidden_bytes=56.0),
+    "unsloth": PathModel("unsloth", True, checkpoint_bytes=0, overhead_gib=0.448, offloads_embedding=True),
+    # Calibrated on runs whose embedding PEFT had upcast to float32 (tests/fixtures/memory_points.json marks them
+    # frozen_bytes 4). The reference pass of Qwen2.5-3B at 5 rows x 4096 tokens with that float32 stream needed 165 kB
+    # a token (setup peak 6.33 GiB vs 3.08 without it; docs/results/autofit_gpu.jsonl): one point, 56 B/hidden, so 28
+    # at a 16-bit stream (not measured yet: `python bench/memory_bench.py bnbfit` re-measures the 16-bit path).
+    "bnb": PathModel("bnb", True, checkpoint_bytes=None, overhead_gib=0.183, forward_hidden_bytes=28.0),
     # No measurements yet: same physics, the base in the compute dtype, layer inputs in the compute dtype.
-    "full": PathModel("full", False, None, checkpoint_bytes=None, overhead_gib=0.0, calibrated=False),
+    "full": PathModel("full", False, checkpoint_bytes=None, overhead_gib=0.0, calibrated=False),
 }
 
 
@@ -135,6 +141,9 @@ class Settings:
     compute_bytes: int = 2  # bf16/fp16 on CUDA; 4 for float32 (CPU, MPS)
     micro_batch: int | None = None  # rows per policy pass (studio/training/microbatch.py); None = the whole batch
     reference_copy: bool = False  # TRL's frozen fp32 copy of the adapter (studio.speed.drop_reference_copy)
+    # bytes per unquantized frozen weight (embeddings, LM head, norms); they set the residual stream's dtype too.
+    # None: the run plan's rule for the path (models.frozen_dtype_name); the run plan passes its decision here
+    frozen_bytes: int | None = None
 
     @property
     def active_rows(self) -> int:
@@ -163,6 +172,13 @@ class Estimate:
         d["total_gib"] = round(self.total_gib, 3)
         d["fits"] = self.fits
         return d
+
+
+def frozen_bytes(path: str, s: Settings) -> int:
+    """Bytes per unquantized frozen weight on ``path``: the settings' own figure, else the run plan's rule."""
+    if s.frozen_bytes:
+        return s.frozen_bytes
+    return dtype_bytes(frozen_dtype_name(path, "float32" if s.compute_bytes == 4 else "bfloat16"))
 
 
 def _lora_training_state_bytes(pm: PathModel, optim: str) -> tuple[int, float]:
@@ -213,7 +229,7 @@ def estimate(arch: Arch, path: str, settings: Settings | None = None, budget_gib
     if s.micro_batch and s.micro_batch < s.batch:
         notes.append(f"Gradients are taken {s.active_rows} row(s) at a time (memory.micro_batch_size); KTO's KL "
                      f"still pairs all {s.batch} rows.")
-    frozen_bytes = pm.unquantized_bytes or s.compute_bytes
+    frozen = frozen_bytes(path, s)  # also the residual stream's bytes: the embedding's output starts it
 
     # weights
     lora_n = arch.lora_params(s.rank, s.targets)
@@ -223,19 +239,19 @@ def estimate(arch: Arch, path: str, settings: Settings | None = None, budget_gib
         weights = arch.linear_params() * s.compute_bytes
     on_gpu_embedding = True
     if pm.offloads_embedding and budget_gib is not None:
-        resident = weights + arch.unquantized_params() * frozen_bytes
+        resident = weights + arch.unquantized_params() * frozen
         if unsloth_offloads_embedding(arch, s.seq, budget_gib, resident, lora_n):
             on_gpu_embedding = False
-            notes.append(f"Unsloth keeps the input embedding ({arch.embedding_params() * frozen_bytes / GIB:.2f} GiB) "
+            notes.append(f"Unsloth keeps the input embedding ({arch.embedding_params() * frozen / GIB:.2f} GiB) "
                          "in CPU RAM at this budget (its offload_embedding='auto').")
-    weights += arch.unquantized_params(on_gpu_embedding) * frozen_bytes
+    weights += arch.unquantized_params(on_gpu_embedding) * frozen
 
     # LoRA: trainable copy + gradient + optimizer (+ TRL's frozen fp32 "ref" copy where it is kept)
     lora_bytes, training_state = _lora_training_state_bytes(pm, s.optim)
     lora = lora_n * (lora_bytes + training_state + (4 if s.reference_copy else 0))
 
     # activations: the checkpointed layer inputs (unless offloaded) and one layer's working set
-    ckpt_bytes = s.compute_bytes if pm.checkpoint_bytes is None else pm.checkpoint_bytes
+    ckpt_bytes = frozen if pm.checkpoint_bytes is None else pm.checkpoint_bytes
     acts = n_tok * (h * (arch.layers * ckpt_bytes + WORKING_SET_BYTES) + arch.intermediate * WORKING_SET_INTERMEDIATE_BYTES)
     if not s.gradient_checkpointing:
         # every layer keeps its intermediate tensors: norm outputs, q/k/v, attention output, MLP (gate, up, act, product)
@@ -248,8 +264,8 @@ def estimate(arch: Arch, path: str, settings: Settings | None = None, budget_gib
     n_comp = math.ceil(n_tok * COMPLETION_SHARE)
     token_tile, vocab_tile = trl_seam.logprob_tiles()
     logits = min(n_comp, token_tile) * min(arch.vocab, vocab_tile) * s.compute_bytes
-    logits += n_comp * h * (s.compute_bytes + 4)
-    if frozen_bytes != s.compute_bytes:  # an fp32 head is cast tile by tile to the compute dtype
+    logits += n_comp * h * (frozen + 4)
+    if frozen != s.compute_bytes:  # an fp32 head is cast tile by tile to the compute dtype
         logits += min(arch.vocab, vocab_tile) * h * s.compute_bytes
 
     comps = {"weights": weights / GIB, "lora_optimizer": lora / GIB, "activations": acts / GIB, "logits": logits / GIB,
@@ -259,19 +275,23 @@ def estimate(arch: Arch, path: str, settings: Settings | None = None, budget_gib
         notes.append(f"The '{path}' path has no measured points yet: treat this figure as a rough guide.")
     settings_d = asdict(s)
     settings_d["targets"] = s.targets if isinstance(s.targets, str) else list(s.targets)
+    settings_d["frozen_bytes"] = frozen  # as decided (fit's JSON shows the rule's answer, not None)
     return Estimate(path=path, arch=arch.label(), settings=settings_d, components=comps, total_gib=total,
                     budget_gib=budget_gib, notes=notes, calibrated=pm.calibrated)
 
 
 # ---- the precompute pass ------------------------------------------------------------------------------------------
 
-def forward_bytes(arch: Arch, rows: int, seq: int, compute_bytes: int = 2, path: str = "unsloth") -> float:
+def forward_bytes(arch: Arch, rows: int, seq: int, compute_bytes: int = 2, path: str = "unsloth",
+                  stream_bytes: int | None = None) -> float:
     """Transient memory of one forward pass without gradients over ``rows`` x ``seq`` tokens (KTO's reference and
-    KL passes): one layer's tensors at a time (the LM head's work has a floor); nothing is kept for a backward."""
+    KL passes): one layer's tensors at a time (the LM head's work has a floor); nothing is kept for a backward.
+    ``stream_bytes``: the residual stream's bytes (``frozen_bytes``; default the compute dtype's)."""
     n_tok = rows * seq
     scale = compute_bytes / 2
+    stream = (stream_bytes or compute_bytes) / 2
     hidden_bytes = PATHS[path].forward_hidden_bytes or FORWARD_BYTES
-    per_token = scale * (hidden_bytes * arch.hidden + FORWARD_INTERMEDIATE_BYTES * arch.intermediate)
+    per_token = stream * hidden_bytes * arch.hidden + scale * FORWARD_INTERMEDIATE_BYTES * arch.intermediate
     return max(n_tok * per_token, scale * arch.vocab * arch.hidden)
 
 
@@ -286,7 +306,9 @@ def forward_rows(arch: Arch, path: str, settings: Settings, max_rows: int = MAX_
     not_yet = arch.lora_params(settings.rank, settings.targets) * training_state
     room = (e.components["activations"] + e.components["logits"]) * GIB + not_yet
     rows = settings.active_rows
-    while rows < max_rows and forward_bytes(arch, rows + 1, settings.seq, settings.compute_bytes, path) <= room:
+    stream = frozen_bytes(path, settings)
+    while rows < max_rows and forward_bytes(arch, rows + 1, settings.seq, settings.compute_bytes, path,
+                                            stream) <= room:
         rows += 1
     return rows
 

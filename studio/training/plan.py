@@ -3,7 +3,8 @@
 - ``plan_run`` -> ``RunPlan``: what a run config becomes on this machine with this data - the loading path, dtype,
   optimizer, reference precompute and its rows per pass, batch / accumulation / micro-batch (after ``memory.fill_card``),
   gradient checkpointing and the planned peak, each with the reason. Every ``auto`` of the run config is decided
-  here (or by the one rule it calls: ``models.choose_backend``, ``models.dtype_name``, ``config.run.resolve_optim``,
+  here (or by the one rule it calls: ``models.choose_backend``, ``models.dtype_name``, ``models.frozen_dtype_name``,
+  ``config.run.resolve_optim``,
   ``speed.should_precompute_ref``, ``speed.fill_card_changes``, ``memory.forward_rows``); the engine builds the trainer
   from the plan and writes it to the run folder (``plan.json``), the Model tab and ``python -m studio train`` show it.
 - ``plan`` -> ``Plan``: a card, a model and a recipe applied to the config: what the Model tab applies, the Train tab
@@ -187,6 +188,8 @@ class RunPlan:
     device_name: str
     backend: str  # the loading path actually taken: unsloth | bnb | full
     dtype: str  # bfloat16 | float16 | float32
+    # embeddings, LM head and norms (unquantized on 4-bit paths): the loader loads them in it, the estimate counts it
+    frozen_dtype: str
     optim: str  # 'auto' resolved
     batch: int  # per-device rows per pass
     accumulation: int
@@ -303,6 +306,7 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
     if cfg.train.optim == "auto":
         notes.append(f"Optimizer: {optim} ('auto': 8-bit AdamW needs CUDA and bitsandbytes)")
     dtype = models.dtype_name(cfg, device)
+    frozen = models.frozen_dtype_name(backend, dtype)
     autocast = "bfloat16" if models.cpu_autocast(cfg, device) else None
     if autocast:
         notes.append("Compute: bfloat16 autocast on this CPU (native bf16 matmuls; weights stay float32). Set "
@@ -315,11 +319,14 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
         budget = cfg.model.gpu_memory_gib or device.free_gib
 
         def settings(c: RunConfig) -> memory.Settings:
-            return memory.settings_from_run(c, device.kind, device.bitsandbytes)
+            return replace(memory.settings_from_run(c, device.kind, device.bitsandbytes),
+                           frozen_bytes=memory.dtype_bytes(frozen))
 
         try:
             arch = memory.arch_for(cfg.model.name_or_path, fetch)
             est = autofit.check(arch, backend, settings(cfg), budget)  # raises RunWontFit with the reason
+        except memory.RunWontFit:
+            raise  # a ValueError too, but the refusal the run needs, not a missing estimate
         except (memory.EstimateError, OSError, ValueError) as e:
             notes.append(f"No memory estimate: {e}")
         else:
@@ -353,7 +360,8 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
     rows = setting if isinstance(setting, int) and setting > 0 else (ref_rows or t.per_device_train_batch_size)
     micro = cfg.memory.micro_batch_size
     out = RunPlan(
-        device_kind=device.kind, device_name=device.name, backend=backend, dtype=dtype, autocast=autocast, optim=optim,
+        device_kind=device.kind, device_name=device.name, backend=backend, dtype=dtype, frozen_dtype=frozen,
+        autocast=autocast, optim=optim,
         batch=t.per_device_train_batch_size, accumulation=t.gradient_accumulation_steps,
         micro_batch=micro if microbatch.is_active(micro, t.per_device_train_batch_size) else None, gradient_checkpointing=t.gradient_checkpointing,
         max_length=cfg.kto.max_length, precompute_ref=None, precompute_rows=int(rows),
@@ -383,8 +391,9 @@ def describe_plan(p: RunPlan) -> str:
     if p.micro_batch:
         split += f", gradients **{p.micro_batch}** row{'s' if p.micro_batch > 1 else ''} at a time"
     peak = f"; planned peak **{p.peak_gib:.2f} GiB** of {p.budget_gib:g} GiB" if p.peak_gib is not None else ""
+    frozen = f" (embeddings, LM head and norms {p.frozen_dtype})" if p.backend in ("bnb", "unsloth") else ""
     lines = [f"**Run plan on {p.device_name} ({p.device_kind}):** {models.BACKEND_LABELS[p.backend]}, {p.dtype}"
-             f"{' weights with bfloat16 autocast' if p.autocast else ''}, "
+             f"{' weights with bfloat16 autocast' if p.autocast else ''}{frozen}, "
              f"optimizer {p.optim}{peak}.",
              f"{split}, max_length **{p.max_length}**, gradient checkpointing "
              f"**{'on' if p.gradient_checkpointing else 'off'}**; reference log-probs {pre}."]

@@ -61,13 +61,17 @@ def recipe_choices() -> list[tuple[str, str]]:
     return [(p.title, p.key) for p in presets.list_presets("recipes")]
 
 
-def preset_info(model_key: str, recipe_key: str) -> str:
+def preset_info(model_key: str, recipe_key: str, source: str | None = None) -> str:
+    """The model preset and the recipe in words; ``source``: the repo the run config will load (the preset's 4-bit
+    copy on a CUDA card, its 16-bit repo elsewhere), whose download size is shown."""
     lines = []
     if model_key and model_key != presets.OTHER_MODEL:
         p = presets.get("models", model_key)
         gate = (" **Gated:** accept the licence on the hub and add a token below — or use Unsloth's pre-quantized "
                 f"copy `{p.get('unsloth_id')}` on a CUDA GPU (no token)." if p.get("gated") else "")
-        size = f", about {p.get('download_gb')} GB to download" if p.get("download_gb") else ""
+        repo = source if source and presets.find_model(source) == p else p.get("hub_id")
+        size = hub.download_size(repo) if repo else None
+        size = f", {size.describe()}" if size else ""
         lines.append(f"**{p.title}** — hub `{p.get('hub_id')}`"
                      + (f", 4-bit `{p.get('unsloth_id')}`" if p.get("unsloth_id") else "")
                      + f"; licence: {p.get('licence')}{size}.{gate}")
@@ -235,7 +239,7 @@ def build(studio):
                                  elem_id="model-preset")
         recipe = gr.Dropdown(recipe_choices(), value=start_recipe, label="KTO recipe",
                              info="Learning rate, beta and the effective batch.", elem_id="recipe-preset")
-    info = gr.Markdown(preset_info(start_model, start_recipe), elem_id="preset-info")
+    info = gr.Markdown(preset_info(start_model, start_recipe, studio.config.model.name_or_path), elem_id="preset-info")
     comps = [field_component(studio.config, s, n) for s, n in FIELDS]
     with gr.Row():
         ceiling = gr.Number(memory.DEFAULT_SEQ_CEILING, label="Longest sequence to allow (tokens)", precision=0,
@@ -270,20 +274,22 @@ def build(studio):
         md, frame = md_and_chart
         return {fit_md: md, chart_plot: frame}
 
+    def info_view(model_key, recipe_key) -> str:  # after the plan: the card decides which repo is downloaded
+        return preset_info(model_key, recipe_key, studio.config.model.name_or_path)
+
     # every choice re-plans the whole card (studio.training.plan): nothing planned for an earlier card or model stays
     def on_gpu(gpu_key, model_key, recipe_key, seq_ceiling):
-        return {**plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key)),
-                **field_values()}
+        view = plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key))
+        return {**view, info: info_view(model_key, recipe_key), **field_values()}
 
     def on_model(model_key, gpu_key, recipe_key, seq_ceiling):
-        return {info: preset_info(model_key, recipe_key),
-                **plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key)),
-                **field_values()}
+        view = plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key))
+        return {**view, info: info_view(model_key, recipe_key), **field_values()}
 
     def on_recipe(recipe_key, model_key, gpu_key, seq_ceiling):
         studio.recipe = recipe_key
-        return {info: preset_info(model_key, recipe_key),
-                **plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, recipe_changed=True))}
+        view = plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, recipe_changed=True))
+        return {**view, info: info_view(model_key, recipe_key)}
 
     def on_fit(gpu_key, recipe_key, seq_ceiling):
         return fit_view(studio, device, gpu_key, recipe_key, seq_ceiling)
@@ -298,7 +304,7 @@ def build(studio):
     def on_download(progress=gr.Progress()):
         name = studio.config.model.name_or_path
         try:
-            if not _is_hub_id(name):
+            if not hub.is_hub_id(name):
                 src = models.resolve_source(name)
                 return f"`{name}` is a {src.kind} model: nothing to download.", *cache_view()
             path = hub.download(name, progress=lambda done, total, m: progress(
@@ -322,7 +328,7 @@ def build(studio):
         except hub.HubError as e:
             return f"**{e}**", *cache_view()
 
-    gpu.input(on_gpu, [gpu, model_pick, recipe, ceiling], [fit_md, chart_plot, *comps])
+    gpu.input(on_gpu, [gpu, model_pick, recipe, ceiling], [info, fit_md, chart_plot, *comps])
     model_pick.input(on_model, [model_pick, gpu, recipe, ceiling], [info, fit_md, chart_plot, *comps])
     recipe.input(on_recipe, [recipe, model_pick, gpu, ceiling], [info, fit_md, chart_plot])
     fit_btn.click(on_fit, [gpu, recipe, ceiling], [fit_md, chart_plot])
@@ -340,16 +346,8 @@ def build(studio):
             card = studio.card or default_gpu(device)
             model_key = model_choice_for(studio.config.model.name_or_path)
             return {**field_values(), gpu: card, model_pick: model_key, recipe: studio.recipe,
-                    info: preset_info(model_key, studio.recipe),
+                    info: info_view(model_key, studio.recipe),
                     **plan_view(fit_view(studio, device, card, studio.recipe, seq_ceiling, apply=False))}
 
         app.load(on_load, ceiling, [*comps, gpu, model_pick, recipe, info, fit_md, chart_plot])
 
-
-def _is_hub_id(name: str) -> bool:
-    from pathlib import Path
-
-    from studio.config.run import BUNDLED_MODEL
-
-    return (name != BUNDLED_MODEL and name.count("/") == 1 and not name.startswith(("/", ".", "~"))
-            and not Path(name).expanduser().exists())
