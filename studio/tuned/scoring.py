@@ -72,19 +72,54 @@ def _batches(items: list[Tokenized], max_tokens: int) -> Iterable[list[int]]:
         yield batch
 
 
-HEAD_CHUNK = 2048  # completion tokens per LM-head product (2048 x a 50k vocabulary: 400 MB of fp32 logits)
+# The LM head is applied in tiles so no [tokens, vocab] float32 logits and no float32 copy of the head exist at once:
+# at most TOKEN_CHUNK x VOCAB_TILE logits and a VOCAB_TILE x hidden slice of the head (64 MB for a 4096-wide model),
+# whatever the vocabulary (152k for Qwen2.5, 256k for Gemma). A head that is not a plain Linear (LoRA-wrapped,
+# quantized) is called as a module on as few tokens as keep its [tokens, vocab] output near HEAD_BYTES.
+TOKEN_CHUNK = 1024
+VOCAB_TILE = 4096
+HEAD_BYTES = 64 * 2**20
 
 
-def _head_logits(head, h, plain_head: bool):
-    """The LM head's logits of hidden states ``h``, in float32."""
+def _head_logprobs(head, h, target, plain_head: bool, scale: float, softcap):
+    """log p(target) of hidden states ``h`` [n, hidden] under the LM head, in float32, with a streaming logsumexp
+    over vocabulary tiles."""
     import torch
 
-    if plain_head:
-        z = h.float() @ head.weight.float().t()
-        if head.bias is not None:
-            z = z + head.bias.float()
-        return z
-    return head(h).float()
+    n = h.shape[0]
+    if not plain_head:
+        vocab = head.weight.shape[0] if hasattr(head, "weight") else 1
+        step = max(1, HEAD_BYTES // max(1, vocab * 4))
+        out = torch.empty(n, dtype=torch.float32, device=h.device)
+        for s in range(0, n, step):
+            z = _transform(head(h[s : s + step]).float(), scale, softcap)
+            out[s : s + step] = z.gather(1, target[s : s + step, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+        return out
+    weight, bias = head.weight, head.bias
+    hf = h.float()
+    lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=h.device)
+    tgt = torch.zeros(n, dtype=torch.float32, device=h.device)
+    for v0 in range(0, weight.shape[0], VOCAB_TILE):
+        v1 = min(v0 + VOCAB_TILE, weight.shape[0])
+        z = hf @ weight[v0:v1].float().t()
+        if bias is not None:
+            z = z + bias[v0:v1].float()
+        z = _transform(z, scale, softcap)
+        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+        inside = (target >= v0) & (target < v1)
+        if inside.any():
+            rows = inside.nonzero().squeeze(1)
+            tgt[rows] = z[rows, target[rows] - v0]
+    return tgt - lse
+
+
+def _transform(z, scale: float, softcap):
+    import torch
+
+    z = z * scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return z
 
 
 def completion_logps(model, items: list[Tokenized], *, pad_token_id: int, max_tokens: int = 2048,
@@ -121,12 +156,10 @@ def completion_logps(model, items: list[Tokenized], *, pad_token_id: int, max_to
             row_of = torch.arange(len(idx))[:, None].expand(-1, width)[predicts].to(hidden.device)
             h = hidden[predicts.to(hidden.device)]
             sums = torch.zeros(len(idx), dtype=torch.float32, device=hidden.device)
-            for s in range(0, h.shape[0], HEAD_CHUNK):
-                z = _head_logits(head, h[s : s + HEAD_CHUNK], plain_head) * scale
-                if softcap:
-                    z = softcap * torch.tanh(z / softcap)
-                lp = z.gather(1, target[s : s + HEAD_CHUNK, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
-                sums.index_add_(0, row_of[s : s + HEAD_CHUNK], lp)
+            for s in range(0, h.shape[0], TOKEN_CHUNK):
+                lp = _head_logprobs(head, h[s : s + TOKEN_CHUNK], target[s : s + TOKEN_CHUNK], plain_head, scale,
+                                    softcap)
+                sums.index_add_(0, row_of[s : s + TOKEN_CHUNK], lp)
             for r, value in enumerate(sums.tolist()):
                 out[idx[r]] = value
             if on_batch:
