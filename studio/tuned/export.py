@@ -223,7 +223,7 @@ def _export_merged(src, out: Path, progress: Progress, t0: float) -> ExportResul
     tok.save_pretrained(out)
     del merged
     ids = reference.probe_ids(tok)
-    want = reference.reference_logits(run, ids, progress)
+    want, floor = reference.reference_logits(run, ids, progress, rounded_to=dtype)
     if progress:
         progress("Loading the merged model back to check it…")
     device = full_precision.check_device(full_precision.checkpoint_bytes(out))
@@ -236,7 +236,7 @@ def _export_merged(src, out: Path, progress: Progress, t0: float) -> ExportResul
         torch.cuda.empty_cache()
     precision = "float32" if dtype_name == "float32" else "16-bit"
     checks = {"dtype": dtype_name, "base_stored_in_4bit": run.quantized,
-              "vs_adapter_model": reference.compare(got, want, precision)}
+              "vs_adapter_model": reference.compare(got, want, precision, floor)}
     if not checks["vs_adapter_model"]["ok"]:
         raise ExportError(f"the merged model's logits differ from the trained model's beyond tolerance: "
                           f"{checks['vs_adapter_model']}")

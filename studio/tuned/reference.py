@@ -6,6 +6,8 @@ arithmetic so that comparing an export with it measures the export's weights, no
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -90,8 +92,12 @@ def merged_weights(run: RunSource):
     return MergedWeights(BaseWeights(run.base_path), read_lora(run.choice.path))
 
 
-def reference_logits(run: RunSource, ids, progress: Progress = None):
-    """The trained model's logits on ``ids``: the adapter on the base as stored, in float32 arithmetic."""
+def reference_logits(run: RunSource, ids, progress: Progress = None, rounded_to=None):
+    """The trained model's logits on ``ids``: the adapter on the base as stored, in float32 arithmetic.
+
+    With ``rounded_to`` (a dtype), also the logits of the same model with each adapted layer's matrix merged by PEFT
+    (``get_delta_weight``, in float32) and rounded once to that dtype: the unavoidable error of saving a merge in it,
+    computed independently of the export's own merge; returned as (logits, floor)."""
     import gc
 
     import torch
@@ -103,13 +109,52 @@ def reference_logits(run: RunSource, ids, progress: Progress = None):
         progress("Computing the trained model's logits (the adapter on the base as stored) for the check…")
     base, _ = full_precision.load_base_full(run.cfg)
     model = PeftModel.from_pretrained(base, str(run.choice.path))
+    floor = None
     with torch.inference_mode(), full_precision.float32_compute(model):
         logits = model(input_ids=ids.to(base.device)).logits.float().cpu()
+        if rounded_to is not None:
+            with merged_and_rounded(model, rounded_to):
+                floor = model(input_ids=ids.to(base.device)).logits.float().cpu()
     del model, base
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return logits
+    return logits if rounded_to is None else (logits, floor)
+
+
+@contextlib.contextmanager
+def merged_and_rounded(model, dtype):
+    """Within: every LoRA layer of the PEFT ``model`` computes in float32 with its base matrix (dequantized when
+    stored in 4 bits) plus PEFT's own delta, the sum rounded to ``dtype``, as a merged model saved in ``dtype`` is."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    def weight_of(layer):
+        w = layer.weight
+        if hasattr(w, "quant_state"):
+            import bitsandbytes as bnb
+
+            return bnb.functional.dequantize_4bit(w.data, w.quant_state)
+        return w
+
+    def forward(mod, x, *args, **kwargs):
+        base = mod.get_base_layer()
+        w = weight_of(base).to(torch.float32)
+        for name in mod.active_adapters:
+            if name in mod.lora_A:
+                w = w + mod.get_delta_weight(name).to(torch.float32)
+        w = w.to(dtype).to(torch.float32)
+        bias = None if base.bias is None else base.bias.to(dtype).to(torch.float32)
+        return torch.nn.functional.linear(x.to(torch.float32), w, bias).to(x.dtype)
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        m.forward = forward.__get__(m)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            del m.forward  # back to the class's
 
 
 # how far logits may be from the trained model's, by the precision of the weights that produced them: (max |diff| as
@@ -118,12 +163,29 @@ def reference_logits(run: RunSource, ids, progress: Progress = None):
 TOLERANCES = {"float32": (1e-3, 0.9), "16-bit": (0.02, 0.9), "8-bit": (0.1, 0.85), "4-bit": (0.5, 0.5)}
 
 
-def compare(a, b, precision: str) -> dict[str, Any]:
-    """How close logits ``a`` are to the reference ``b``, and whether that is within what ``precision`` allows."""
+# how many times the measured floor (the reference merged and rounded as the output must be) a result
+# may be off, and how much less often it may agree on the next token: a wrong merge is off by the adapter's effect
+# or the weights' scale, far beyond rounding, while an exact merge saved in 16 bits sits at about the floor
+FLOOR_FACTOR, FLOOR_AGREEMENT_SLACK = 2.0, 0.05
+
+
+def compare(a, b, precision: str, floor=None) -> dict[str, Any]:
+    """How close logits ``a`` are to the reference ``b``, and whether that is within what ``precision`` allows.
+
+    ``floor``: the reference's logits with its weights rounded as ``a``'s had to be (``reference_logits``'s
+    ``rounded_to``): a deep 4-bit-stored base rounded to 16 bits moves the logits by more than a fixed share of their
+    scale, so the tolerance is the larger of the two."""
     diff = float((a - b).abs().max())
     scale = float(b.abs().max())
     agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
     frac, least = TOLERANCES.get(precision, TOLERANCES["16-bit"])
     tol = frac * max(scale, 1.0)
-    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "top1_agreement": agree, "tolerance": tol,
-            "precision": precision, "ok": diff <= tol and agree >= least}
+    out = {"max_abs_logit_diff": diff, "max_abs_logit": scale, "top1_agreement": agree, "precision": precision}
+    if floor is not None:
+        floor_diff = float((floor - b).abs().max())
+        floor_agree = float((floor.argmax(-1) == b.argmax(-1)).float().mean())
+        tol = max(tol, FLOOR_FACTOR * floor_diff)
+        least = min(least, floor_agree - FLOOR_AGREEMENT_SLACK)
+        out.update(rounding_floor_diff=floor_diff, rounding_floor_top1=floor_agree)
+    out.update(tolerance=tol, least_top1_agreement=least, ok=diff <= tol and agree >= least)
+    return out
