@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return _finish(rows, info)
     step("NF4 copy (double quant)", lambda: {"bytes": _size(bases.setdefault(
         "nf4", quantize_nf4(bases["16-bit"], str(work / "models" / f"{arch}-nf4"), double_quant=True)))})
+    if "16-bit" not in args.forms.split(",") and "nf4" in bases and not args.work:
+        shutil.rmtree(bases.pop("16-bit"), ignore_errors=True)  # the disk holds the NF4 copy and one export
     for form, base in bases.items():
         if form not in args.forms.split(","):
             continue

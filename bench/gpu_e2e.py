@@ -207,11 +207,12 @@ def child(arch: str, form: str, base: str, work: Path, cap_gib: float, steps_tot
         fresh.fire_timers()
         seen = _md(fresh.get("train-status"))
         _need("training" in seen or "🏃" in seen, f"a reloaded page shows {seen[:200]}")
-        wait((), until=lambda: _step() >= 4, timeout=600)
         page.fire("train-stop")
         text = wait(("⏹ stopped", "❌ failed", "✅ finished"))
         _need("stopped" in text, f"stop ended as {text[:300]}")
-        return {"stopped_at": _step(), "reload_saw": seen[:120]}
+        stopped = _step()
+        _need(stopped < steps_total, f"stopped only at the end (step {stopped} of {steps_total})")
+        return {"stopped_at": stopped, "reload_saw": seen[:120]}
 
     def _step() -> int:
         m = [e for e in metrics() if "loss" in e]
@@ -233,6 +234,7 @@ def child(arch: str, form: str, base: str, work: Path, cap_gib: float, steps_tot
 
         gc.collect()
         after = torch.cuda.memory_allocated() if cuda else None
+        _need(_step() == steps_total, f"resumed run ended at step {_step()}, not {steps_total}")
         out = {"steps": _step(), "watch_checks": len(checks), "train_peak_gib": round(peak, 2) if peak else None,
                "planned_peak_gib": info["plan"].peak_gib,
                "allocated_before_mib": None if after is None else round(info["mem_before"] / 2**20, 1),
@@ -241,9 +243,15 @@ def child(arch: str, form: str, base: str, work: Path, cap_gib: float, steps_tot
             _need(peak <= cap_gib, f"training peaked at {peak:.2f} GiB, over the {cap_gib} GiB card")
             _need(peak <= info["plan"].peak_gib * 1.10, f"training peaked at {peak:.2f} GiB, more than the "
                                                          f"predicted {info['plan'].peak_gib} + 10%")
-            _need(after - info["mem_before"] <= 64 * 2**20, "the finished run left "
-                  f"{(after - info['mem_before']) / 2**20:.0f} MiB allocated")
+        info["mem_after"] = after
         return out
+
+    def memory_given_back():
+        if not cuda:
+            return {"skipped": "no GPU"}
+        left = (info["mem_after"] - info["mem_before"]) / 2**20
+        _need(left <= 64, f"the finished run left {left:.0f} MiB allocated")
+        return {"allocated_before_mib": round(info["mem_before"] / 2**20, 1), "left_mib": round(left, 1)}
 
     def chat():
         page.fire("chat-refresh")
@@ -298,7 +306,8 @@ def child(arch: str, form: str, base: str, work: Path, cap_gib: float, steps_tot
         return go
 
     for name, fn in (("data", data), ("plan", plan), ("train tab", train_tab), ("start, reload, stop", start_stop),
-                     ("resume to the end", resume), ("chat base vs tuned", chat), ("A/B vote", ab_vote),
+                     ("resume to the end", resume), ("GPU memory given back", memory_given_back),
+                     ("chat base vs tuned", chat), ("A/B vote", ab_vote),
                      ("evaluation", evaluate), ("export adapter", export("adapter")),
                      ("export merged", export("merged")), ("export gguf q8_0", export("gguf", "q8_0")),
                      ("export gguf 4-bit", export("gguf", "q4_k_m")), ("export gguf-adapter", export("gguf-adapter"))):
@@ -320,6 +329,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps of the run (stopped at 4, resumed)")
     ap.add_argument("--parallel", type=int, default=2, help="combinations at once (each capped at --cap-gib)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs on a CPU (a test of this script)")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds: stop what still runs then, and say so")
     ap.add_argument("--child", nargs=3, metavar=("ARCH", "FORM", "BASE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     work = Path(args.work)
@@ -343,6 +353,17 @@ def main(argv=None) -> int:
     running: list = []
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     while jobs or running:
+        if args.deadline and time.time() - t0 > args.deadline:
+            for arch, form, proc, log in running:
+                proc.kill()
+                log.close()
+                rows.append({"combo": f"{arch}/{form}", "step": "process", "ok": False, "s": None, "peak_gib": None,
+                             "error": f"stopped at the {args.deadline:.0f} s deadline"})
+            for arch, form, _ in jobs:
+                rows.append({"combo": f"{arch}/{form}", "step": "process", "ok": False, "s": None, "peak_gib": None,
+                             "error": "not started before the deadline"})
+            running, jobs = [], []
+            break
         while jobs and len(running) < args.parallel:
             arch, form, base = jobs.pop(0)
             log = open(work / f"log-{arch}-{form}.txt", "w")

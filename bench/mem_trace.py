@@ -81,7 +81,10 @@ def main() -> None:
         by_site[_where(frames, 1)] += size
         by_stack[_where(frames, a.depth)] += size
     mib = 2**20
-    out = dict(script=argv, events=len(trace), peak_event=i, peak_gib=round(best / 2**30, 3),
+    # an allocation that failed (CUDA out of memory): how much it asked for and the code that asked
+    ooms = [{"size_mib": round(e.get("size", 0) / mib, 1), "where": _where(e.get("frames", []), a.depth)}
+            for e in trace if e["action"] == "oom"]
+    out = dict(script=argv, ooms=ooms, events=len(trace), peak_event=i, peak_gib=round(best / 2**30, 3),
                max_memory_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                live_blocks=len(live), history_full=len(trace) >= a.max_entries,
                by_site={k: round(v / mib, 1) for k, v in by_site.most_common(a.top)},
