@@ -42,7 +42,7 @@ ALIASES = {
     "completion": ["completion", "response", "answer", "output", "reply", "assistant", "generation", "completion_text",
                    "model_response"],
     "label": ["label", "labels", "desirable", "is_desirable", "is_good", "good", "thumbs", "thumb", "feedback",
-              "rating", "kto_label", "preference"],
+              "rating", "kto_label", "preference", "verdict", "judgement", "judgment", "grade", "approved"],
     "chosen": ["chosen", "preferred", "better", "winner", "chosen_response", "response_chosen", "accepted",
                "positive"],
     "rejected": ["rejected", "dispreferred", "worse", "loser", "rejected_response", "response_rejected",
