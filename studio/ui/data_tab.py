@@ -37,6 +37,14 @@ def _numbers(rows: list[int]) -> str:
     return shown + (f" … and {len(rows) - MAX_LISTED} more" if len(rows) > MAX_LISTED else "")
 
 
+NO_COLUMN = ("(not in my file)", "")  # the empty choice with words: an empty label shows only the picker's "✓"
+
+
+def map_choices(columns: list[str]) -> list[tuple[str, str]]:
+    """Choices of a Column mapping dropdown: "not in my file" first, then the file's own columns."""
+    return [NO_COLUMN] + [(c, c) for c in columns]
+
+
 def _options(dupes: bool, empty: bool, long: bool) -> CleanOptions:
     return CleanOptions(drop_duplicates=bool(dupes), drop_empty=bool(empty), drop_over_length=bool(long))
 
@@ -174,7 +182,7 @@ def build(studio):
         gr.Markdown("When the columns can't be told apart, say which of your columns holds what. Leave a field "
                     "empty when your file has no such column.")
         with gr.Row():
-            map_dd = [gr.Dropdown(choices=[""], value="", label=f, allow_custom_value=True,
+            map_dd = [gr.Dropdown(choices=[NO_COLUMN], value="", label=f, allow_custom_value=True,
                                   elem_id=f"data-map-{f}") for f in FIELDS]
         map_btn = gr.Button("Load with this mapping", elem_id="data-map-apply")
     summary = gr.Markdown(elem_id="data-summary")
@@ -261,8 +269,12 @@ def build(studio):
 
     view_in = [page, only_issues, *filters, auto_w, wd, wu]
 
-    def load(file, source, model, max_length, *rest, progress=gr.Progress()):
+    def load(file, source, model, max_length, *rest, progress=gr.Progress(), use_mapping=False):
+        """Load ``file`` (else ``source``). Only "Load with this mapping" applies the dropdowns: any other load reads
+        the file with its own column names (the dropdowns may still hold the previous file's columns)."""
         mapping_values, view_args = rest[:len(FIELDS)], rest[len(FIELDS):]
+        if not use_mapping:
+            mapping_values = [""] * len(FIELDS)
         mapping = {theirs: ours for ours, theirs in zip(FIELDS, mapping_values) if theirs}
         src = file if file else (source or SAMPLE_DATA)
         try:
@@ -276,12 +288,13 @@ def build(studio):
             wb = Workbench.load(src, name=name, mapping=mapping or None,
                                 progress=lambda f, msg: progress(f, desc=msg))
         except ColumnError as e:
-            choices = [""] + list(e.columns)
-            map_updates = {dd: gr.update(choices=choices, value=v if v in choices else "")
+            columns = list(e.columns)
+            map_updates = {dd: gr.update(choices=map_choices(columns), value=v if v in columns else "")
                            for dd, v in zip(map_dd, mapping_values)}
-            where = ("Pick the column that holds the label in **Column mapping** below (opened for you), then press "
+            # the Column mapping box sits above this message, under the file pickers
+            where = ("Pick the column that holds the label in **Column mapping** above (opened for you), then press "
                      "**Load with this mapping**." if e.missing_label else
-                     "Say which of your columns holds what in **Column mapping** below (opened for you), then press "
+                     "Say which of your columns holds what in **Column mapping** above (opened for you), then press "
                      "**Load with this mapping**.")
             return {**_refused(f"**Cannot use this data:** {e}  \n{where}"), map_box: gr.update(open=True),
                     **map_updates}
@@ -289,7 +302,7 @@ def build(studio):
             return _refused(f"**Cannot use this data:** {e}")
         except Exception as e:  # a reader we don't know failing: say so, keep the app up
             return _refused(f"**Cannot use this data:** {type(e).__name__}: {e}")
-        choices = [""] + wb.norm.columns
+        choices = map_choices(wb.norm.columns)
         ours_to_theirs = {ours: theirs for theirs, ours in wb.norm.mapping.items()}
         map_updates = {dd: gr.update(choices=choices, value=ours_to_theirs.get(f, f if f in wb.norm.columns else ""))
                        for dd, f in zip(map_dd, FIELDS)}
@@ -330,17 +343,21 @@ def build(studio):
 
     load_btn.click(load, load_in, load_out)
 
-    def use_ratings():
+    def use_ratings(file, source, *rest, progress=gr.Progress()):
+        """The ratings file, read with its own columns (never the mapping left from another file)."""
         from studio.data import feedback
 
         f = feedback.feedback_path()
         if not f.is_file():
             raise gr.Error("No ratings yet: rate replies with 👍/👎 or vote in A/B (blind) in the Chat tab first; "
                            f"they are collected in {f}.")
-        return None, str(f)
+        return {upload: None, path: str(f), **load(None, str(f), *rest, progress=progress)}
 
-    ratings_btn.click(use_ratings, None, [upload, path]).success(load, load_in, load_out)
-    map_btn.click(load, load_in, load_out)
+    def load_mapped(*args, progress=gr.Progress()):
+        return load(*args, progress=progress, use_mapping=True)
+
+    ratings_btn.click(use_ratings, load_in, [upload, path, *load_out])
+    map_btn.click(load_mapped, load_in, load_out)
     upload.upload(load, load_in, load_out)
 
     def measure(wb, model, max_length, *args, progress=gr.Progress()):
