@@ -204,7 +204,7 @@ def test_prepare_training_reads_the_cleaned_file_and_warns_about_weights(tmp_pat
                                "data.eval_fraction": 0.0})  # every row trains (a run holds out 5% by default)
     td = prepare_training(cfg)
     assert (len(td.train), td.n_desirable, td.n_undesirable) == (9, 6, 3)
-    assert "outside the KTO paper's [1, 1.33]" in td.notes[0]
+    assert "weigh 2.00 times as much as the undesirable ones, more than the KTO paper advises" in td.notes[0]
     cfg = cfg.updated({"kto.undesirable_weight": 1.5})
     assert prepare_training(cfg).notes == []
 

@@ -13,7 +13,7 @@ from studio import safepaths
 from studio.config.run import SAMPLE_DATA
 from studio.data import DataError, resolve
 from studio.data.balance import ratio as weighted_ratio
-from studio.data.balance import suggest_weights
+from studio.data.balance import in_range, in_words, suggest_weights
 from studio.data.clean import CleanOptions
 from studio.data.normalize import FIELDS, ColumnError
 from studio.data.plots import gauge_figure, length_figure
@@ -159,8 +159,12 @@ def balance_md(wb: Workbench, options: CleanOptions, wd: float, wu: float) -> st
             f"{s.desirable_weight}, undesirable_weight = {s.undesirable_weight}. ")
     if r is None:
         return head + s.note
-    verdict = "in the KTO range [1, 4/3]" if 1 - 1e-9 <= r <= 4 / 3 + 1e-9 else "**outside** the KTO range [1, 4/3]"
-    return head + f"With your weights ({wd} / {wu}) the ratio is {r:.2f}, {verdict}."
+    verdict = ("in the range the studio accepts (0.9 to 1.33 times; the KTO paper advises 1 to 1.33)"
+               if in_range(r) else
+               f"**{'less' if r < 1 else 'more'}** than the KTO paper advises (1 to 1.33 times): use the suggested "
+               "weights, or raise the weight of the scarcer label")
+    return head + (f"With your weights ({wd:g} / {wu:g}) all desirable rows together weigh {in_words(r)} the "
+                   f"undesirable ones, {verdict}.")
 
 
 def build(studio):
