@@ -98,3 +98,22 @@ def test_mapping_dropdowns_name_every_choice_and_the_message_points_up_to_them(s
         assert all(label.strip() for label in labels) and {"a", "b", "c"} <= set(labels)
     built = [b for b in app.blocks.values() if getattr(b, "elem_id", "") == "data-map-prompt"][0]
     assert all(label.strip() for label in _labels(built.choices))
+
+
+def test_a_broken_jsonl_offers_to_skip_the_bad_lines_and_lists_them(studio_home):
+    """Issue 30, item 9: a broken JSONL is not all-or-nothing: the Data tab offers to skip the bad lines and lists
+    them."""
+    broken = studio_home / "data" / "broken.jsonl"
+    broken.parent.mkdir(parents=True, exist_ok=True)
+    good = '{"prompt": "q%d", "completion": "a%d", "label": %s}\n'
+    broken.write_text(good % (1, 1, "true") + '{"prompt": "q2", "completion": \n' + good % (3, 3, "false")
+                      + "[1, 2]\n" + good % (5, 5, "true"))
+    app = _tab(Studio())
+    given = {"data-path": str(broken), "data-model": ""}
+    out = _call(_event(app, "data-load", "click"), **given)
+    assert out["state"] is None and "line 2 is not valid JSON" in out["data-summary"]
+    assert out["data-skip-bad"]["visible"] is True
+    out = _call(_event(app, "data-skip-bad", "click"), **given)
+    assert out["state"] is not None and out["state"].report.n_rows == 3
+    assert "2 broken lines skipped (line 2, 4;" in out["data-summary"]
+    assert out["data-skip-bad"]["visible"] is False

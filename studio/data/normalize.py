@@ -80,6 +80,7 @@ class Normalized:
     shape: str = ""  # "unpaired" | "messages" | "paired" | "hh"
     n_records: int = 0
     unlabeled: list[dict[str, Any]] = field(default_factory=list)  # {"row": n, "value": raw} (non-strict mode)
+    skipped_lines: list[dict[str, Any]] = field(default_factory=list)  # {"line": n, "error": why}: bad JSONL lines
 
 
 # ---- labels --------------------------------------------------------------------------------------------------------

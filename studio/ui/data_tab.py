@@ -16,6 +16,7 @@ from studio.data.balance import ratio as weighted_ratio
 from studio.data.balance import in_range, in_words, suggest_weights
 from studio.data.clean import CleanOptions
 from studio.data.normalize import FIELDS, ColumnError
+from studio.data.readers import BadLineError
 from studio.data.plots import gauge_figure, length_figure
 from studio.data.workbench import Workbench, parse_row_numbers
 
@@ -182,6 +183,8 @@ def build(studio):
             with gr.Row():
                 load_btn = gr.Button("Load", variant="primary", elem_id="data-load")
                 ratings_btn = gr.Button("Use my chat ratings (👍/👎, A/B votes)", elem_id="data-use-ratings")
+            # shown when a JSONL file has broken lines: load the others, listing the skipped ones in the summary
+            skip_btn = gr.Button("Skip the bad lines and load", visible=False, elem_id="data-skip-bad")
     with gr.Accordion("Column mapping", open=False, elem_id="data-mapping") as map_box:
         gr.Markdown("When the columns can't be told apart, say which of your columns holds what. Leave a field "
                     "empty when your file has no such column.")
@@ -273,7 +276,8 @@ def build(studio):
 
     view_in = [page, only_issues, *filters, auto_w, wd, wu]
 
-    def load(file, source, model, max_length, *rest, progress=gr.Progress(), use_mapping=False):
+    def load(file, source, model, max_length, *rest, progress=gr.Progress(), use_mapping=False,
+             skip_bad_lines=False):
         """Load ``file`` (else ``source``). Only "Load with this mapping" applies the dropdowns: any other load reads
         the file with its own column names (the dropdowns may still hold the previous file's columns)."""
         mapping_values, view_args = rest[:len(FIELDS)], rest[len(FIELDS):]
@@ -290,7 +294,7 @@ def build(studio):
         try:
             progress(0, desc="reading")
             wb = Workbench.load(src, name=name, mapping=mapping or None,
-                                progress=lambda f, msg: progress(f, desc=msg))
+                                progress=lambda f, msg: progress(f, desc=msg), skip_bad_lines=skip_bad_lines)
         except ColumnError as e:
             columns = list(e.columns)
             map_updates = {dd: gr.update(choices=map_choices(columns), value=v if v in columns else "")
@@ -302,6 +306,10 @@ def build(studio):
                      "**Load with this mapping**.")
             return {**_refused(f"**Cannot use this data:** {e}  \n{where}"), map_box: gr.update(open=True),
                     **map_updates}
+        except BadLineError as e:
+            return {**_refused(f"**Cannot use this data:** {e}.  \nPress **Skip the bad lines and load** (next to "
+                               "Load) to load the other lines; the skipped ones are listed here."),
+                    skip_btn: gr.update(visible=True)}
         except DataError as e:
             return _refused(f"**Cannot use this data:** {e}")
         except Exception as e:  # a reader we don't know failing: say so, keep the app up
@@ -321,7 +329,8 @@ def build(studio):
             if own != (int(max_length) if max_length else None):
                 _measure(wb, model, own)
                 box = {max_len: own}
-        return {wb_state: wb, **map_updates, **box, **view(wb, 1, *view_args, new_lengths=True)}
+        return {wb_state: wb, skip_btn: gr.update(visible=False), **map_updates, **box,
+                **view(wb, 1, *view_args, new_lengths=True)}
 
     def _cpu_card() -> bool:
         from studio.models import load as models
@@ -332,7 +341,7 @@ def build(studio):
     def _refused(message: str) -> dict:
         # the summary carries the error; the views are emptied so nothing stale from an earlier file is shown (the
         # weights stay as they are)
-        return {wb_state: None, summary: message, problems: gr.update(value=""), label_plot: None, length_plot: None,
+        return {wb_state: None, skip_btn: gr.update(visible=False), summary: message, problems: gr.update(value=""), label_plot: None, length_plot: None,
                 lengths: None, table: None, page: 1, page_info: "", gauge: None, balance: ""}
 
     def _measure(wb, model, max_length, progress=None):
@@ -342,7 +351,7 @@ def build(studio):
             progress(0, desc=f"loading the tokenizer of {model}")
         wb.measure(model, ml, (lambda f, msg: progress(f, desc=msg)) if progress else None)
 
-    load_out = [wb_state, summary, map_box, *map_dd, max_len, *view_out[1:]]
+    load_out = [wb_state, summary, map_box, skip_btn, *map_dd, max_len, *view_out[1:]]
     load_in = [upload, path, model_box, max_len, *map_dd, *view_in[1:]]
 
     load_btn.click(load, load_in, load_out)
@@ -360,7 +369,11 @@ def build(studio):
     def load_mapped(*args, progress=gr.Progress()):
         return load(*args, progress=progress, use_mapping=True)
 
+    def load_skipping(*args, progress=gr.Progress()):
+        return load(*args, progress=progress, skip_bad_lines=True)
+
     ratings_btn.click(use_ratings, load_in, [upload, path, *load_out])
+    skip_btn.click(load_skipping, load_in, load_out)
     map_btn.click(load_mapped, load_in, load_out)
     upload.upload(load, load_in, load_out)
 
