@@ -488,11 +488,13 @@ def build(studio):
         if not _cpu_card():
             return ""
         device = models.detect_device()
+        version = studio.begin()
         try:
             p = planner.plan(studio.config, "cpu", device, recipe_key=getattr(studio, "recipe", None))
         except Exception:  # a plan that cannot be made leaves the settings as they are
             return ""
-        studio.replace(p.config)
+        if not studio.apply(p.config, version):  # a newer choice came while planning: it wins
+            return ""
         c = p.config
         steps = f"{c.train.max_steps} steps" if c.train.max_steps > 0 else "all rows"
         when = f", expected {p.duration.describe()}" if p.duration else ""

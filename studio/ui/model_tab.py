@@ -187,14 +187,19 @@ def cpu_markdown(p: planner.Plan, applied: bool) -> str:
 # ---- the tab -----------------------------------------------------------------------------------------------------
 
 def fit_view(studio, device, gpu_key: str, recipe_key: str | None, seq_ceiling, apply: bool = True,
-             model_key: str | None = None, recipe_changed: bool = False):
+             model_key: str | None = None, recipe_changed: bool = False, version: int | None = None):
     """(markdown, chart update) of the plan for the current config on the chosen card (``studio.training.plan``, the
     same plan the Train tab shows); ``apply`` re-plans everything the card decides (path, budget, max_length,
-    batch, accumulation, memory savers; on a CPU checkpointing and a step cap) and writes it into the config."""
+    batch, accumulation, memory savers; on a CPU checkpointing and a step cap) and writes it into the config.
+    ``version``: the user choice this plan is for (``Studio.begin``); None when a newer choice came while it was
+    planned (a slow lookup): the result is dropped, neither written nor shown."""
+    if version is None:
+        version = studio.begin()
+    studio.card = gpu_key  # the choice itself is known at once; only its plan takes time
     p = planner.plan(studio.config, gpu_key, device, model_key=model_key, recipe_key=recipe_key,
                      seq_ceiling=seq_ceiling, apply=apply, apply_recipe=recipe_changed)
-    if apply and p.config != studio.config:
-        studio.replace(p.config)
+    if not (studio.apply(p.config, version) if apply else studio.current(version)):
+        return None
     studio.card = gpu_key
     run_plan = planner.run_plan_markdown(p.config, gpu_key, device)  # what a run here will use
     run_plan = f"\n\n{run_plan}" if run_plan else ""
@@ -270,7 +275,9 @@ def build(studio):
         c = studio.config
         return {comp: getattr(getattr(c, s), n) for comp, (s, n) in zip(comps, FIELDS)}
 
-    def plan_view(md_and_chart) -> dict:
+    def plan_view(md_and_chart) -> dict | None:
+        if md_and_chart is None:  # a newer choice came while this one was planned: it wins
+            return None
         md, frame = md_and_chart
         return {fit_md: md, chart_plot: frame}
 
@@ -280,19 +287,25 @@ def build(studio):
     # every choice re-plans the whole card (studio.training.plan): nothing planned for an earlier card or model stays
     def on_gpu(gpu_key, model_key, recipe_key, seq_ceiling):
         view = plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key))
+        if view is None:
+            return gr.skip()
         return {**view, info: info_view(model_key, recipe_key), **field_values()}
 
     def on_model(model_key, gpu_key, recipe_key, seq_ceiling):
         view = plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key))
+        if view is None:
+            return gr.skip()
         return {**view, info: info_view(model_key, recipe_key), **field_values()}
 
     def on_recipe(recipe_key, model_key, gpu_key, seq_ceiling):
         studio.recipe = recipe_key
         view = plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, recipe_changed=True))
+        if view is None:
+            return gr.skip()
         return {**view, info: info_view(model_key, recipe_key)}
 
     def on_fit(gpu_key, recipe_key, seq_ceiling):
-        return fit_view(studio, device, gpu_key, recipe_key, seq_ceiling)
+        return fit_view(studio, device, gpu_key, recipe_key, seq_ceiling) or gr.skip()
 
     def on_fields(*values):
         try:
@@ -347,7 +360,8 @@ def build(studio):
             model_key = model_choice_for(studio.config.model.name_or_path)
             return {**field_values(), gpu: card, model_pick: model_key, recipe: studio.recipe,
                     info: info_view(model_key, studio.recipe),
-                    **plan_view(fit_view(studio, device, card, studio.recipe, seq_ceiling, apply=False))}
+                    **(plan_view(fit_view(studio, device, card, studio.recipe, seq_ceiling, apply=False,
+                                          version=studio.version)) or {})}
 
         app.load(on_load, ceiling, [*comps, gpu, model_pick, recipe, info, fit_md, chart_plot])
 
