@@ -28,6 +28,34 @@ FIELDS = [
     ("lora", "r"), ("lora", "lora_alpha"), ("train", "save_steps"), ("train", "gradient_checkpointing"),
     ("memory", "micro_batch_size"),
 ]
+# ---- the run card: what Start will train (issue 30) ------------------------------------------------------------------
+def run_card_md(studio, run_name, values) -> str:
+    """The run card of the config Start would pass to the engine now: the shared config with the form's values,
+    rendered by ``studio.training.run_card`` from that config with the run plan's changes (what run.yaml holds)."""
+    from studio.training.run_card import run_card
+
+    try:
+        cfg = studio.config.updated(form_changes(run_name, values))
+    except (ConfigError, ValueError) as e:
+        return f"### What Start will train\n**Not startable as set:** {e}"
+    return run_card(cfg)[0].markdown()
+
+
+def build_run_card(studio, tab, name, comps) -> None:
+    """The card's block and its events: shown when the tab is, and after any change of the form."""
+    card = gr.Markdown(elem_id="train-card")
+    show = dict(fn=lambda n, *v: run_card_md(studio, n, v), inputs=[name, *comps], outputs=card,
+                show_progress="hidden", concurrency_limit=1, concurrency_id="train-run-card",
+                trigger_mode="always_last")
+    for c in (name, *comps):
+        c.change(**show)
+    if tab is not None:
+        tab.select(**show)
+    app = gr.context.Context.root_block
+    if app is not None:
+        app.load(**show)
+
+
 RELOADED_NOTICE = "Settings updated from the other tabs (Model & preset, Data) since this form was last shown."
 # title -> (elem_id suffix, logged keys drawn as series)
 PLOTS = {
@@ -464,6 +492,7 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
         with gr.Row():
             comps = [field_component(studio.config, s, n, label=f"{n.replace('_', ' ')}", min_width=200)
                      for s, n in FIELDS]
+    build_run_card(studio, tab, name, comps)
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         stop = gr.Button("Stop (saves the adapter)", variant="secondary", interactive=False, elem_id="train-stop")
