@@ -96,14 +96,14 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
                 data_tab.build(studio)
-            with gr.Tab("Model & preset", id="model"):
-                model_tab.build(studio)
+            with gr.Tab("Model & preset", id="model") as model:
+                model_tab.build(studio, tab=model)
             with gr.Tab("Train", id="train") as train:
                 train_tab.build(studio, tab=train)
             with gr.Tab("Chat", id="chat"):
                 with gr.Tabs():
-                    with gr.Tab("Side by side", id="chat-side"):
-                        chat_tab.build(studio)
+                    with gr.Tab("Side by side", id="chat-side") as side:
+                        chat_tab.build(studio, tab=side)
                     with gr.Tab("A/B (blind)", id="chat-ab"):
                         ab_tab.build(studio)
     app.studio = studio

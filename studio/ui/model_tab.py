@@ -228,7 +228,7 @@ def cache_view():
     return hub.describe_cache(items) + token_line, frame, gr.update(choices=[m.name for m in items], value=None)
 
 
-def build(studio):
+def build(studio, tab: gr.Tab | None = None):
     device = models.detect_device()
     start_gpu, start_recipe = studio.card or default_gpu(device), studio.recipe
     start_model = model_choice_for(studio.config.model.name_or_path)
@@ -352,16 +352,19 @@ def build(studio):
     del_btn.click(on_delete, to_delete, [dl_md, cache_md, cache_table, to_delete])
 
     # a refreshed page (or a run opened from the history) shows the studio's current config, not the one at start
+    def on_load(seq_ceiling):
+        """The card, model and recipe the studio holds, and the plan of its current config (not a re-plan)."""
+        card = studio.card or default_gpu(device)
+        model_key = model_choice_for(studio.config.model.name_or_path)
+        return {**field_values(), gpu: card, model_pick: model_key, recipe: studio.recipe,
+                info: info_view(model_key, studio.recipe),
+                **(plan_view(fit_view(studio, device, card, studio.recipe, seq_ceiling, apply=False,
+                                      version=studio.version)) or {})}
+
+    shown = [*comps, gpu, model_pick, recipe, info, fit_md, chart_plot]
     app = gr.context.Context.root_block
     if app is not None:
-        def on_load(seq_ceiling):
-            """The card, model and recipe the studio holds, and the plan of its current config (not a re-plan)."""
-            card = studio.card or default_gpu(device)
-            model_key = model_choice_for(studio.config.model.name_or_path)
-            return {**field_values(), gpu: card, model_pick: model_key, recipe: studio.recipe,
-                    info: info_view(model_key, studio.recipe),
-                    **(plan_view(fit_view(studio, device, card, studio.recipe, seq_ceiling, apply=False,
-                                          version=studio.version)) or {})}
-
-        app.load(on_load, ceiling, [*comps, gpu, model_pick, recipe, info, fit_md, chart_plot])
+        app.load(on_load, ceiling, shown)
+    if tab is not None:  # shown again: the plan of the config as it is now (the Data tab's save re-plans it)
+        tab.select(on_load, ceiling, shown, show_progress="hidden")
 

@@ -44,7 +44,7 @@ def run_card_md(studio, run_name, values) -> str:
 def build_run_card(studio, tab, name, comps) -> None:
     """The card's block and its events: shown when the tab is, and after any change of the form."""
     card = gr.Markdown(elem_id="train-card")
-    show = dict(fn=lambda n, *v: run_card_md(studio, n, v), inputs=[name, *comps], outputs=card,
+    show = dict(fn=lambda n, *v: {card: run_card_md(studio, n, v)}, inputs=[name, *comps], outputs=[card],
                 show_progress="hidden", concurrency_limit=1, concurrency_id="train-run-card",
                 trigger_mode="always_last")
     for c in (name, *comps):
@@ -178,8 +178,10 @@ def progress_html(job, now: float | None = None) -> str:
                 phase=ph["phase"])
 
 
-def duration_markdown(cfg) -> str:
-    """The Train tab's line: how long the config in the form takes here (CPU only; a GPU run shows its steps)."""
+def duration_markdown(cfg, card: str | None = "cpu") -> str:
+    """The Train tab's line: how long the config in the form takes here (CPU only; a GPU run shows its steps).
+    ``card``: the Model tab's card (None: not picked yet, so the tab shows this machine's, CPU only): the advice to
+    pick the CPU only card is given only when another card is picked."""
     if models.detect_device().kind != "cpu":
         return ""
     lengths = duration.data_lengths(cfg)
@@ -188,8 +190,12 @@ def duration_markdown(cfg) -> str:
         why = ("the training data's token lengths could not be measured with this model's tokenizer" if lengths is None
                else "the model's size cannot be read before it is downloaded")
         return f"Expected duration on this CPU: unknown ({why})."
-    slow = " Over 10 minutes: pick the **CPU only** card in the Model & preset tab for a plan that fits." \
-        if d.total_s > 600 else ""
+    if d.total_s <= 600:
+        slow = ""
+    elif card in (None, "cpu"):
+        slow = " Over 10 minutes: lower max steps or max_length for a shorter run."
+    else:
+        slow = " Over 10 minutes: pick the **CPU only** card in the Model & preset tab for a plan that fits."
     return f"Expected duration: **{d.describe()}**.{slow}"
 
 
@@ -457,7 +463,7 @@ def edit_field(studio, section: str, field_name: str, value) -> dict:
         studio.update(collect([(section, field_name)], [value]), source="train-form")
     except (ConfigError, ValueError):
         return {}
-    return {"expected": duration_markdown(studio.config)}
+    return {"expected": duration_markdown(studio.config, getattr(studio, "card", None))}
 
 
 def load_form(studio) -> dict:
@@ -477,7 +483,7 @@ def show_form(studio, seen) -> dict:
 def expected_duration(studio) -> dict:
     """The expected duration: its own event, so that measuring the data's lengths (seconds, the first time) never
     delays the form's reload (a late reload would overwrite what the user types meanwhile)."""
-    return {"expected": duration_markdown(studio.config)}
+    return {"expected": duration_markdown(studio.config, getattr(studio, "card", None))}
 
 
 # ---- the tab -------------------------------------------------------------------------------------------------------
