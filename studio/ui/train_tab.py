@@ -172,7 +172,7 @@ def progress_html(job, now: float | None = None) -> str:
     else:
         text = f"<b>{ph['label']}</b>: {ph['message']}" + (f" · <b>{done} / {total}</b>" if counted else "")
     eta = ph["eta_s"] if counted else None
-    text += (f" · ETA {_fmt_s(eta) if eta is not None else '–'}" if counted else "")
+    text += (f" · ETA {_fmt_s(eta) if eta is not None else ph.get('eta_note') or '–'}" if counted else "")
     text += f" · this phase {_fmt_s(ph['elapsed_s'])} · elapsed {_fmt_s(elapsed)}"
     return _bar(done / total if counted else None, text, "train-progress-bar", moving=not counted,
                 phase=ph["phase"])
