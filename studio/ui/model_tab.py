@@ -195,7 +195,8 @@ def fit_view(studio, device, gpu_key: str, recipe_key: str | None, seq_ceiling, 
     planned (a slow lookup): the result is dropped, neither written nor shown."""
     if version is None:
         version = studio.begin()
-    studio.card = gpu_key  # the choice itself is known at once; only its plan takes time
+    if apply:
+        studio.card = gpu_key  # the user's choice itself is known at once; only its plan takes time
     p = planner.plan(studio.config, gpu_key, device, model_key=model_key, recipe_key=recipe_key,
                      seq_ceiling=seq_ceiling, apply=apply, apply_recipe=recipe_changed)
     if not (studio.apply(p.config, version) if apply else studio.current(version)):
@@ -353,13 +354,16 @@ def build(studio, tab: gr.Tab | None = None):
 
     # a refreshed page (or a run opened from the history) shows the studio's current config, not the one at start
     def on_load(seq_ceiling):
-        """The card, model and recipe the studio holds, and the plan of its current config (not a re-plan)."""
+        """The card, model and recipe the studio holds, and the plan of its current config (not a re-plan); nothing
+        when the user made a choice while it was drawn (that choice's handler shows its own result)."""
+        version = studio.version
         card = studio.card or default_gpu(device)
         model_key = model_choice_for(studio.config.model.name_or_path)
+        view = plan_view(fit_view(studio, device, card, studio.recipe, seq_ceiling, apply=False, version=version))
+        if view is None:
+            return gr.skip()
         return {**field_values(), gpu: card, model_pick: model_key, recipe: studio.recipe,
-                info: info_view(model_key, studio.recipe),
-                **(plan_view(fit_view(studio, device, card, studio.recipe, seq_ceiling, apply=False,
-                                      version=studio.version)) or {})}
+                info: info_view(model_key, studio.recipe), **view}
 
     shown = [*comps, gpu, model_pick, recipe, info, fit_md, chart_plot]
     app = gr.context.Context.root_block
