@@ -84,7 +84,7 @@ def test_the_later_choice_wins_over_a_slow_handler_in_the_page_and_in_run_yaml(s
         pick(page, "gpu-preset", "CPU only")
         assert s["entered"].wait(120)  # the CPU plan is waiting on the hub
         pick(page, "model-preset", "SmolLM2-135M-Instruct (bundled) · 135M")
-        expect(name_box).to_have_value(BUNDLED_MODEL)
+        expect(name_box).to_have_value(BUNDLED_MODEL, timeout=180_000)
         assert s["studio"].config.model.name_or_path == BUNDLED_MODEL
 
         s["release"].set()  # the late answer arrives
@@ -94,7 +94,7 @@ def test_the_later_choice_wins_over_a_slow_handler_in_the_page_and_in_run_yaml(s
         page.get_by_role("tab", name="Train").click()
         expect(page.locator("#train-message")).to_contain_text("Settings updated from the other tabs")
         page.get_by_role("tab", name="Model & preset").click()
-        expect(name_box).to_have_value(BUNDLED_MODEL)
+        expect(name_box).to_have_value(BUNDLED_MODEL, timeout=60_000)
         assert "SmolLM2" in page.locator("#model-preset input").input_value()
         shot(page, "pending-run-later-choice-wins")
 
