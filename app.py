@@ -80,10 +80,25 @@ def main(argv=None) -> int:
         # the login page carries no API description, and reset/cancel need the login too
         app_kwargs["middleware"] = [Middleware(LoginGuard)]
     app = build_app(Studio(cfg))
+    # quiet: Gradio's own start text tells to "set `share=True` in `launch()`"; the studio's flag is --share
     app.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=args.share,
                                                   auth=auth, css=CSS, i18n=I18N, show_error=True,
-                                                  app_kwargs=app_kwargs)
+                                                  app_kwargs=app_kwargs, quiet=True, prevent_thread_lock=True)
+    print(start_message(app.local_url, getattr(app, "share_url", None), args.share), flush=True)
+    app.block_thread()
     return 0
+
+
+def start_message(local_url: str, share_url: str | None, share_asked: bool) -> str:
+    """Where the studio is served, and how to share it with the studio's own flags."""
+    lines = [f"* KTO Studio is running on {local_url}"]
+    if share_url:
+        lines.append(f"* Public link (for up to a week): {share_url}")
+    elif share_asked:
+        lines.append("* No public link could be made (no internet, or gradio.live is unreachable)")
+    else:
+        lines.append("* To open a public link, start it with --share (and --auth USER:PASS for a login)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

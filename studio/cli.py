@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=None, help="token limit: longer rows are reported/dropped")
     p.add_argument("--map", action="append", default=[], metavar="THEIRS=OURS",
                    help="column mapping, e.g. --map question=prompt --map answer=completion --map rating=label")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="leave out JSONL lines that are not JSON objects (listed in the summary) instead of refusing")
     p.add_argument("--keep-duplicates", action="store_true", help="keep repeated rows and rows labelled both ways")
     p.add_argument("--keep-empty", action="store_true", help="keep rows whose completion is empty")
     p.add_argument("--drop-over-length", action="store_true",
@@ -198,6 +200,7 @@ def cmd_data(args) -> int:
     """``python -m studio data FILE --out CLEAN.jsonl``: the JSON summary on stdout."""
     from studio.data import clean
     from studio.data.normalize import ColumnError, DataError
+    from studio.data.readers import BadLineError
 
     mapping = _usage(clean.parse_mapping, args.map)
     # filter flags are optional on the parser: the defaults are the Data tab's
@@ -207,9 +210,13 @@ def cmd_data(args) -> int:
     bar = _LoadBar()
     try:
         summary = clean.run(args.file, args.out, model=args.model, max_length=args.max_length, mapping=mapping,
-                            options=options, overwrite=getattr(args, "overwrite", False), progress=bar)
+                            options=options, overwrite=getattr(args, "overwrite", False), progress=bar,
+                            skip_bad_lines=getattr(args, "skip_bad_lines", False))
     except ColumnError as e:
         raise DataError(f"{e} {e.cli_hint()}.") from None
+    except BadLineError as e:
+        raise DataError(f"{e}. Add --skip-bad-lines to load the other lines (the skipped ones are listed in the "
+                        "summary).") from None
     except StudioError:
         raise
     except Exception as e:  # never a traceback for a user's file; the type helps a bug report

@@ -112,3 +112,15 @@ def unsloth_only_8b(tmp_path) -> str:
     spec = dict(presets.get("models", "llama-3.1-8b-instruct").get("config"), vocab_size=256_000)
     (folder / "config.json").write_text(json.dumps(spec))
     return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def hub_taken_as_online(monkeypatch):
+    """Tests stub the hub's calls; the one-time reachability probe (studio.models.hub.offline) is taken as answered
+    "online" unless a test sets it. huggingface_hub's offline switch is restored after each test."""
+    from huggingface_hub import constants
+
+    from studio.models import hub
+
+    monkeypatch.setattr(hub, "_offline", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)

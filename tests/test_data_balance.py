@@ -43,7 +43,7 @@ def test_one_label_only_says_kto_can_still_train():
 def test_check_warns_only_outside_the_range():
     assert check(10, 10, 1.0, 1.0) is None
     warning = check(10, 40, 1.0, 1.0)
-    assert "= 0.25, outside the KTO paper's [1, 1.33]" in warning
+    assert "weigh 0.25 times as much as the undesirable ones, less than the KTO paper advises" in warning
     assert "desirable_weight=5.2" in warning  # the ratio 1.3, near the top of the range (balance.TARGET)
     assert check(10, 0, 1.0, 1.0) is None
     assert ratio(10, 40, 5.2, 1.0) == pytest.approx(1.3)
@@ -66,3 +66,27 @@ def test_length_histograms_count_rows_and_draw_max_length():
     assert [line.get_xdata()[0] for line in total_ax.get_lines()] == [50]
     far = length_figure(lengths, max_length=4096).axes[2]
     assert "0 over max_length=4096" in far.get_title() and len(far.get_lines()) == 0
+
+
+@pytest.mark.parametrize("nd,nu", [(247, 250), (240, 250), (250, 246), (230, 250)])
+def test_an_about_balanced_file_keeps_the_measured_defaults(nd, nu):
+    """Issue 30, item 10: a balanced file whose filters or a few flipped labels leave slightly fewer desirable rows
+    keeps 1.0 / 1.0 (what README and RECIPES measured), and the check does not warn about it."""
+    b = suggest_weights(nd, nu)
+    assert (b.desirable_weight, b.undesirable_weight) == (1.0, 1.0) and b.in_range
+    assert check(nd, nu, 1.0, 1.0) is None
+
+
+def test_suggested_weights_do_not_jump_when_a_few_labels_flip():
+    """Issue 30, item 3: flipping 4 labels of a balanced file used to move the suggestion between 1.3 and 1.0."""
+    seen = {(suggest_weights(123 + k, 125 - k).desirable_weight, suggest_weights(123 + k, 125 - k).undesirable_weight)
+            for k in range(-4, 5)}
+    assert seen == {(1.0, 1.0)}
+
+
+def test_imbalance_advice_is_said_in_words():
+    """Issue 30, item 9: the advice says what the weights do, not only the formula."""
+    b = suggest_weights(100, 1000)
+    assert "λ" not in b.note and "each desirable row counts" in b.note
+    assert "together weigh 1.3" in b.note and "times as much as the undesirable ones" in b.note
+    assert "λ" not in check(10, 40, 1.0, 1.0)

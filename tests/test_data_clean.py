@@ -190,7 +190,8 @@ def test_cli_as_a_process_exits_nonzero_with_one_line_for_a_broken_file(tmp_path
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "error: cut.jsonl line 2 is not valid JSON: Unterminated string starting at column 17 "
-        "(it is the last line: the file may be truncated)"]
+        "(it is the last line: the file may be truncated). Add --skip-bad-lines to load the other lines (the skipped "
+        "ones are listed in the summary)."]
     assert not (tmp_path / "o.jsonl").exists()
 
 
@@ -204,7 +205,7 @@ def test_prepare_training_reads_the_cleaned_file_and_warns_about_weights(tmp_pat
                                "data.eval_fraction": 0.0})  # every row trains (a run holds out 5% by default)
     td = prepare_training(cfg)
     assert (len(td.train), td.n_desirable, td.n_undesirable) == (9, 6, 3)
-    assert "outside the KTO paper's [1, 1.33]" in td.notes[0]
+    assert "weigh 2.00 times as much as the undesirable ones, more than the KTO paper advises" in td.notes[0]
     cfg = cfg.updated({"kto.undesirable_weight": 1.5})
     assert prepare_training(cfg).notes == []
 
@@ -221,3 +222,15 @@ def test_cli_filter_flags_when_the_parser_offers_them(tmp_path, capsys):
     s = json.loads(capsys.readouterr().out)
     assert s["rows_out"] == 16 and s["dropped"] == {}
     assert {p["kind"]: p["action"] for p in s["problems"]}["duplicate"] == "kept"
+
+
+def test_cli_skip_bad_lines_loads_the_rest_and_lists_them(tmp_path, capsys):
+    """Issue 30, item 9: `python -m studio data --skip-bad-lines` loads the good lines of a broken JSONL."""
+    src = tmp_path / "broken.jsonl"
+    src.write_text('{"prompt": "q", "completion": "a", "label": true}\nnot json\n'
+                   '{"prompt": "r", "completion": "b", "label": false}\n')
+    code, _, err = run_cli(capsys, src, "--out", tmp_path / "out.jsonl")
+    assert code != 0 and "line 2 is not valid JSON" in err and "--skip-bad-lines" in err
+    code, stdout, _ = run_cli(capsys, src, "--out", tmp_path / "out.jsonl", "--skip-bad-lines")
+    s = json.loads(stdout)
+    assert code == 0 and s["rows_out"] == 2 and [x["line"] for x in s["skipped_lines"]] == [2]

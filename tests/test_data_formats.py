@@ -261,3 +261,11 @@ def test_unknown_labels_are_listed_row_by_row():
     assert [r["label"] for r in norm.rows] == [True, None, False, None]
     assert norm.unlabeled == [{"row": 2, "value": "maybe"}, {"row": 4, "value": 4}]
     assert "row 2: 'maybe'; row 4: 4" in norm.problems[0]
+
+
+def test_question_answer_verdict_columns_are_mapped():
+    # 'verdict' is a word people use for the label column (issue 30, item 9)
+    norm = normalize([{"question": "q", "answer": "a", "verdict": "good"},
+                      {"question": "q2", "answer": "b", "verdict": "bad"}])
+    assert norm.mapping == {"question": "prompt", "answer": "completion", "verdict": "label"}
+    assert [r["label"] for r in norm.rows] == [True, False]

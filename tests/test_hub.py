@@ -184,3 +184,49 @@ def test_a_cached_repos_size_follows_its_configs_storage_form_and_unknown_or_loc
     assert hub.download_size("someone/Plain-7B-fp32").gb == pytest.approx(2 * plain.gb)
     assert hub.download_size("someone/never-downloaded") is None
     assert hub.download_size("bundled:smollm2-135m") is None and hub.download_size(str(tmp_path)) is None
+
+
+# ---- offline known once (issue 30, item 1) ---------------------------------------------------------------------------
+
+def test_offline_is_probed_once_and_then_lookups_answer_from_the_cache(monkeypatch):
+    """One failed probe decides "offline" for the process: later lookups neither probe again nor reach for the hub
+    (a stubbed hub call that would retry is never made), and they fail at once with what to do."""
+    import transformers
+    from huggingface_hub import constants
+
+    from studio.data.inspect import _tokenizers, load_tokenizer
+    from studio.data.normalize import DataError
+    from studio.models.arch import EstimateError, model_config
+
+    probes, hub_calls = [], []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # tests run with HF_HUB_OFFLINE=1: the probe decides
+    monkeypatch.setattr(hub, "_offline", None)
+    monkeypatch.setattr(hub, "_probe", lambda timeout: probes.append(timeout) or False)
+
+    def from_pretrained(name, **kw):
+        if not kw.get("local_files_only"):
+            hub_calls.append(name)  # the real one retries the hub for up to a minute here
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: hub_calls.append(a) or "")
+    _tokenizers.pop("mistralai/Mistral-7B-Instruct-v0.3", None)
+    assert hub.offline() and hub.offline()
+    assert probes == [hub.PROBE_TIMEOUT_S] and probes[0] <= 5
+    assert constants.HF_HUB_OFFLINE  # huggingface_hub itself answers from the cache from now on
+    with pytest.raises(DataError, match="not in the local cache and the hub cannot be reached"):
+        load_tokenizer("mistralai/Mistral-7B-Instruct-v0.3")
+    with pytest.raises(EstimateError, match="not downloaded yet"):
+        model_config("someorg/uncached-model", fetch=True)
+    with pytest.raises(hub.HubError, match="hub cannot be reached"):
+        hub.download("someorg/uncached-model", root=Path("/nonexistent-cache"))
+    assert hub_calls == [] and len(probes) == 1
+
+
+def test_hf_hub_offline_decides_without_a_probe(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(hub, "_offline", None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "_probe", lambda timeout: pytest.fail("probed although HF_HUB_OFFLINE is set"))
+    assert hub.offline()

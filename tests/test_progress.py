@@ -136,3 +136,28 @@ def test_a_real_run_emits_each_phase_in_order_with_counts(tmp_path, bundled_mode
     assert [e["done"] for e in train][-1] == 2 and all(e["total"] == 2 for e in train)
     for e in phases:
         assert set(e) >= {"phase", "message", "done", "total", "time"} and e["message"]
+
+
+# ---- honest ETAs (issue 30, item 6) ------------------------------------------------------------------------------------
+
+def test_the_eta_says_measuring_while_the_first_step_runs_never_0_00():
+    from studio.ui.train_tab import progress_html
+
+    events = [_phase(1000.0, "reference", "Reference pass", 0, 48), _phase(1030.0, "reference", "Reference pass", 48, 48),
+              _phase(1031.0, "training", "Training", 0, 48)]
+    text = _text(progress_html(_job(events), now=1100.0))  # step 1 has run 69 s
+    assert "ETA measuring…" in text and "0:00" not in text.split("this phase")[0]
+    # a finished count waiting for the next phase is not "ETA 0:00" either
+    done = _text(progress_html(_job(events[:2]), now=1100.0))
+    assert "ETA finishing…" in done
+
+
+def test_the_eta_is_re_estimated_from_the_steps_after_the_slow_first_one():
+    # step 1 took 60 s (warm-up), the next ones 10 s each: 43 steps left at 10 s, not at the 20 s average
+    events = [_phase(0.0, "training", "Training", 0, 48), _phase(60.0, "training", "Training", 1, 48)]
+    events += [_phase(60.0 + 10 * k, "training", "Training", 1 + k, 48) for k in range(1, 5)]
+    ph = current_phase(events, now=100.0)
+    assert ph["eta_s"] == pytest.approx(430.0)
+    # a step running longer than the ones before counts down to "measuring…", not to 0:00
+    late = current_phase(events, now=100.0 + 500.0)
+    assert late["eta_s"] is None and late["eta_note"] == "measuring…"

@@ -191,7 +191,7 @@ def test_tick_offers_the_checkpoints_of_the_named_run(studio):
 
 # ---- the form ---------------------------------------------------------------------------------------------------
 def test_edits_go_into_the_config_and_an_invalid_one_waits(studio, monkeypatch):
-    monkeypatch.setattr(tt, "duration_markdown", lambda cfg: f"steps {cfg.train.max_steps}")
+    monkeypatch.setattr(tt, "duration_markdown", lambda cfg, card=None: f"steps {cfg.train.max_steps}")
     assert tt.edit_field(studio, "train", "max_steps", 12.0) == {"expected": "steps 12"}
     assert studio.config.train.max_steps == 12 and studio.outside_changes == 0
     assert tt.edit_field(studio, "train", "per_device_train_batch_size", 1) == {}
@@ -200,7 +200,7 @@ def test_edits_go_into_the_config_and_an_invalid_one_waits(studio, monkeypatch):
 
 def test_epochs_typed_as_a_number_or_auto_round_trip_through_the_form(studio, monkeypatch):
     """num_train_epochs is a number or 'auto' (a one-line textbox): '2' is 2 passes and shows as 2, not 2.0."""
-    monkeypatch.setattr(tt, "duration_markdown", lambda cfg: "")
+    monkeypatch.setattr(tt, "duration_markdown", lambda cfg, card=None: "")
     assert tt.form_values(studio.config)["train.num_train_epochs"] == "auto"  # the default
     tt.edit_field(studio, "train", "num_train_epochs", "2")
     assert studio.config.train.num_train_epochs == 2.0
@@ -238,7 +238,7 @@ def test_a_new_page_shows_the_running_jobs_settings(studio):
 def test_every_part_a_handler_returns_is_an_output_of_its_event(studio, monkeypatch):
     """Built in a Blocks (no server): each event's handler, called as Gradio calls it, returns components of its
     own outputs, or gr.skip() where nothing changes."""
-    monkeypatch.setattr(tt, "duration_markdown", lambda cfg: "expected")
+    monkeypatch.setattr(tt, "duration_markdown", lambda cfg, card=None: "expected")
     with gr.Blocks() as app:
         with gr.Tab("Train") as tab:
             tt.build(studio, app=app, tab=tab)

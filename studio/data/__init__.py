@@ -23,8 +23,11 @@ def resolve(source: str) -> str:
 
 
 def load_kto(source: str, mapping: dict[str, str] | None = None, *, strict: bool = True, seed: int = 42,
-             progress=None) -> Normalized:
+             progress=None, skip_bad_lines: bool = False) -> Normalized:
     """KTO rows (prompt, completion, label) from any supported file, folder or hub id.
+
+    ``skip_bad_lines``: JSONL lines that are not JSON objects are left out and listed (``skipped_lines`` and a note
+    in ``conversions``) instead of refusing the whole file.
 
     ``strict``: rows with an unknown label raise DataError (training); otherwise they come back with label None and
     are listed in ``unlabeled`` for a person to fix (Data tab, CLI)."""
@@ -36,8 +39,15 @@ def load_kto(source: str, mapping: dict[str, str] | None = None, *, strict: bool
     was_on = gc.isenabled()
     gc.disable()
     try:
-        records = read_records(resolve(source), read_p)
-        return normalize(records, mapping, strict=strict, seed=seed, progress=conv_p)
+        skipped: list | None = [] if skip_bad_lines else None
+        records = read_records(resolve(source), read_p, skipped)
+        norm = normalize(records, mapping, strict=strict, seed=seed, progress=conv_p)
+        if skipped:
+            norm.skipped_lines = skipped
+            shown = ", ".join(str(s["line"]) for s in skipped[:20]) + (" …" if len(skipped) > 20 else "")
+            norm.conversions.insert(0, f"{len(skipped)} broken line{'s' if len(skipped) != 1 else ''} skipped "
+                                       f"(line {shown}; line {skipped[0]['line']} is {skipped[0]['error']})")
+        return norm
     finally:
         if was_on:
             gc.enable()

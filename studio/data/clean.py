@@ -233,6 +233,7 @@ def summarize(norm: Normalized, report: Report, dropped: dict[str, list[int]], k
         "problems": problems,
         "filters": asdict(options),
         "notes": notes,
+        "skipped_lines": norm.skipped_lines,
     }
     if report.lengths:
         out["token_lengths"] = {"model": model, "max_length": report.max_length, **report.lengths.stats(),
@@ -243,7 +244,7 @@ def summarize(norm: Normalized, report: Report, dropped: dict[str, list[int]], k
 
 def run(file: str, out: str, model: str | None = None, max_length: int | None = None,
         mapping: dict[str, str] | None = None, options: CleanOptions | None = None,
-        overwrite: bool = False, progress=None) -> dict[str, Any]:
+        overwrite: bool = False, progress=None, skip_bad_lines: bool = False) -> dict[str, Any]:
     """Load ``file``, convert, inspect, clean, write ``out``; the summary as a dict. DataError when unusable."""
     from studio.config.run import BUNDLED_MODEL
     from studio.data import load_kto, resolve
@@ -253,7 +254,7 @@ def run(file: str, out: str, model: str | None = None, max_length: int | None = 
     if Path(out).expanduser().resolve() == Path(source).expanduser().resolve():
         raise DataError(f"refusing to write over the input file {file}: choose another --out path")
     check_out(out, overwrite)  # before the (maybe long) reading
-    norm = load_kto(source, mapping, strict=False, progress=progress)
+    norm = load_kto(source, mapping, strict=False, progress=progress, skip_bad_lines=skip_bad_lines)
     if max_length and not model:
         model = BUNDLED_MODEL  # the studio's default model: lengths need some tokenizer
     report = inspect_rows(norm.rows, model, max_length, row_numbers=norm.sources)

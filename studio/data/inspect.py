@@ -35,15 +35,23 @@ def load_tokenizer(model: Any) -> Any:
     from studio.config.run import BUNDLED_MODEL
     from studio.models.load import ModelLoadError, resolve_source
 
+    from studio.models import hub
+
+    kw = {}
     try:
         if model == BUNDLED_MODEL or Path(model).expanduser().exists():
             path = resolve_source(model).path
         else:
             path = model
-        tok = AutoTokenizer.from_pretrained(path)
+            if hub.offline():  # the cache answers at once; the hub would be retried for a minute
+                kw["local_files_only"] = True
+        tok = AutoTokenizer.from_pretrained(path, **kw)
     except ModelLoadError as e:
         raise DataError(f"cannot load the tokenizer of {model}: {e}") from None
     except Exception as e:  # hub/offline/corrupt-folder errors come in many types
+        if kw.get("local_files_only"):
+            raise DataError(f"cannot load the tokenizer of {model}: it is not in the local cache and the hub cannot "
+                            "be reached (download the model when online, or pick the bundled model)") from None
         raise DataError(f"cannot load the tokenizer of {model} ({type(e).__name__}): check the model id or folder, "
                         "and that you are online for hub models") from None
     _tokenizers[model] = tok

@@ -42,7 +42,7 @@ ALIASES = {
     "completion": ["completion", "response", "answer", "output", "reply", "assistant", "generation", "completion_text",
                    "model_response"],
     "label": ["label", "labels", "desirable", "is_desirable", "is_good", "good", "thumbs", "thumb", "feedback",
-              "rating", "kto_label", "preference"],
+              "rating", "kto_label", "preference", "verdict", "judgement", "judgment", "grade", "approved"],
     "chosen": ["chosen", "preferred", "better", "winner", "chosen_response", "response_chosen", "accepted",
                "positive"],
     "rejected": ["rejected", "dispreferred", "worse", "loser", "rejected_response", "response_rejected",
@@ -80,6 +80,7 @@ class Normalized:
     shape: str = ""  # "unpaired" | "messages" | "paired" | "hh"
     n_records: int = 0
     unlabeled: list[dict[str, Any]] = field(default_factory=list)  # {"row": n, "value": raw} (non-strict mode)
+    skipped_lines: list[dict[str, Any]] = field(default_factory=list)  # {"line": n, "error": why}: bad JSONL lines
 
 
 # ---- labels --------------------------------------------------------------------------------------------------------

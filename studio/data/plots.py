@@ -48,8 +48,8 @@ def gauge_figure(ratio: float | None) -> Figure:
     ax.axvspan(lo, LOW, color=WARN, alpha=0.25)
     ax.axvspan(LOW, HIGH, color=GOOD, alpha=0.45)
     ax.axvspan(HIGH, hi, color=WARN, alpha=0.25)
-    ticks = [0.25, 0.5, 1, 4 / 3, 2, 4]
-    ax.set_xticks(ticks, ["¼", "½", "1", "4/3", "2", "4"])
+    ticks = [0.25, 0.5, LOW, 4 / 3, 2, 4]
+    ax.set_xticks(ticks, ["¼", "½", f"{LOW:g}", "4/3", "2", "4"])
     ax.minorticks_off()
     ax.set_yticks([])
     if ratio is None:
@@ -58,7 +58,7 @@ def gauge_figure(ratio: float | None) -> Figure:
         shown = min(max(ratio, lo * 1.02), hi / 1.02)  # keep far-off ratios visible at the edge
         ok = LOW - 1e-9 <= ratio <= HIGH + 1e-9
         ax.plot([shown], [0.5], marker="v" if ok else "X", markersize=16, color=GOOD if ok else BAD)
-        ax.set_title(f"(λD·nD)/(λU·nU) = {ratio:.2f}  {'in' if ok else 'OUTSIDE'} the KTO range [1, 4/3]",
+        ax.set_title(f"desirable rows weigh {ratio:.2f}× the undesirable: {'in' if ok else 'OUTSIDE'} the KTO range",
                      fontsize=10)
     ax.set_xlabel("desirable : undesirable, weighted")
     return fig

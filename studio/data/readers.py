@@ -12,13 +12,23 @@ from typing import Any
 
 from studio.data.normalize import DataError
 
+
+class BadLineError(DataError):
+    """A line of a JSONL file that is not a JSON object; the other lines can still be loaded with bad lines skipped
+    (``read_records(..., skipped=[])``, the Data tab's "Skip the bad lines", ``--skip-bad-lines``)."""
+
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
 # Loading a file as Python records takes several times its size in memory (strings, dicts, then a datasets copy).
 MEMORY_PER_FILE_BYTE = 5
 
 
-def read_records(source: str | Path, progress=None) -> list[dict[str, Any]]:
+def read_records(source: str | Path, progress=None, skipped: list | None = None) -> list[dict[str, Any]]:
     """Records from a file, a saved dataset folder or a hub id; DataError with a plain reason otherwise.
-    ``progress(fraction, message)``, if given, hears how far reading a JSONL file got."""
+    ``progress(fraction, message)``, if given, hears how far reading a JSONL file got. ``skipped``: a list to collect
+    JSONL lines that are not JSON objects ({"line": n, "error": why}) instead of refusing the file (BadLineError)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return _read_saved_dataset(path)
@@ -35,9 +45,9 @@ def read_records(source: str | Path, progress=None) -> list[dict[str, Any]]:
     if gz:
         name = name[:-3]
     if name.endswith((".jsonl", ".ndjson")):
-        return _read_jsonl(path, gz, progress)
+        return _read_jsonl(path, gz, progress, skipped)
     if name.endswith(".json"):
-        return _read_json(path, gz)
+        return _read_json(path, gz, skipped)
     if name.endswith((".csv", ".tsv")):
         return _read_table(path, sep="\t" if name.endswith(".tsv") else ",")
     if name.endswith((".parquet", ".pq")):
@@ -159,7 +169,7 @@ def _guess_encoding(raw: bytes) -> str:
     return f", it looks like {best.encoding}" if best is not None and best.encoding != "utf_8" else ""
 
 
-def _read_jsonl(path: Path, gz: bool, progress=None) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, gz: bool, progress=None, skipped: list | None = None) -> list[dict[str, Any]]:
     if progress:
         progress(0.0, f"reading {path.name}")
     text = _open_text(path, gz)
@@ -172,17 +182,26 @@ def _read_jsonl(path: Path, gz: bool, progress=None) -> list[dict[str, Any]]:
             progress(n / len(lines), f"reading line {n:,} of {len(lines):,}")
         if not line.strip():
             continue
+        msg = None  # the whole message, as when the file is refused
         try:
             obj = _loads(line)
         except _NotJson as e:
-            raise DataError(f"{path.name} line {n}: {e}") from None
+            msg = f"{path.name} line {n}: {e}"
         except json.JSONDecodeError as e:
             last = not any(rest.strip() for rest in lines[n:])
             hint = " (it is the last line: the file may be truncated)" if last else ""
-            raise DataError(f"{path.name} line {n} is not valid JSON: {_where(e.msg)} column {e.colno}{hint}") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path.name} line {n} is a {type(obj).__name__}, expected an object with named fields")
+            msg = f"{path.name} line {n} is not valid JSON: {_where(e.msg)} column {e.colno}{hint}"
+        else:
+            if not isinstance(obj, dict):
+                msg = f"{path.name} line {n} is a {type(obj).__name__}, expected an object with named fields"
+        if msg is not None:
+            if skipped is None:
+                raise BadLineError(msg, n)
+            skipped.append({"line": n, "error": msg.removeprefix(f"{path.name} line {n}").lstrip(": ")})
+            continue
         rows.append(obj)
+    if not rows and skipped:
+        raise DataError(f"{path.name} holds no readable line: all {len(skipped)} are broken")
     if not rows:
         raise DataError(f"{path.name} holds no rows")
     return rows
@@ -210,7 +229,7 @@ def _where(msg: str) -> str:
     return msg if msg.endswith(" at") else msg + " at"
 
 
-def _read_json(path: Path, gz: bool) -> list[dict[str, Any]]:
+def _read_json(path: Path, gz: bool, skipped: list | None = None) -> list[dict[str, Any]]:
     text = _open_text(path, gz)
     try:
         obj = _loads(text)
@@ -218,7 +237,7 @@ def _read_json(path: Path, gz: bool) -> list[dict[str, Any]]:
         raise DataError(f"{path.name}: {e}") from None
     except json.JSONDecodeError as e:
         if text.lstrip().startswith("{") and "\n{" in text:
-            return _read_jsonl(path, gz)  # JSON Lines saved as .json
+            return _read_jsonl(path, gz, skipped=skipped)  # JSON Lines saved as .json
         hint = " (the text stops early: the file may be truncated)" if e.pos >= len(text.rstrip()) - 1 else ""
         raise DataError(f"{path.name} is not valid JSON: {_where(e.msg)} line {e.lineno} column {e.colno}{hint}") from None
     if isinstance(obj, dict):

@@ -55,11 +55,12 @@ class Workbench:
 
     @classmethod
     def load(cls, source: str, name: str | None = None, mapping: dict[str, str] | None = None,
-             seed: int = 42, progress=None) -> "Workbench":
-        """``progress(fraction, message)`` hears how far reading and converting got (large files)."""
+             seed: int = 42, progress=None, skip_bad_lines: bool = False) -> "Workbench":
+        """``progress(fraction, message)`` hears how far reading and converting got (large files).
+        ``skip_bad_lines``: broken JSONL lines are left out and listed instead of refusing the file."""
         from studio.data import load_kto
 
-        norm = load_kto(source, mapping, strict=False, seed=seed, progress=progress)
+        norm = load_kto(source, mapping, strict=False, seed=seed, progress=progress, skip_bad_lines=skip_bad_lines)
         rows = [dict(r) for r in norm.rows]
         return cls(name=name or Path(source).name, source=source, norm=norm, rows=rows)
 

@@ -147,7 +147,9 @@ def model_config(name_or_path: str, fetch: bool = True) -> tuple[dict[str, Any],
     cached = try_to_load_from_cache(name_or_path, "config.json")
     if isinstance(cached, str):
         return json.loads(Path(cached).read_text(encoding="utf-8")), cached
-    if not fetch:
+    from studio.models import hub
+
+    if not fetch or hub.offline():
         raise EstimateError(f"{name_or_path} is not downloaded yet, so its architecture is unknown: download it "
                             "(Model & preset tab) or pick a model preset")
     try:

@@ -7,6 +7,9 @@
   never writes it into run configs or the run history.
 - ``cached_models`` / ``delete_cached``: what the HF cache and the studio's converted-models folder hold, and
   deleting one of them.
+- ``offline``: whether the hub can be reached, decided once per process (``HF_HUB_OFFLINE``, or one probe with a
+  short timeout). Offline, lookups answer from the cache at once: huggingface_hub's offline mode is switched on, so
+  no handler sits in a retry loop against a hub it cannot reach.
 """
 from __future__ import annotations
 
@@ -27,6 +30,49 @@ ByteProgress = Callable[[int, int, str], None] | None
 
 class HubError(StudioError, RuntimeError):
     """A download or login that failed; the message says what to do (and never contains a token)."""
+
+
+# ---- online or not, decided once ---------------------------------------------------------------------------------
+
+PROBE_TIMEOUT_S = 3.0
+_offline: bool | None = None
+_offline_lock = threading.Lock()
+
+
+def _probe(timeout: float) -> bool:
+    """True when the hub answers within ``timeout`` seconds (any HTTP status: it is reachable)."""
+    import httpx
+    from huggingface_hub import constants
+
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout, follow_redirects=False)
+        return True
+    except Exception:  # no route, DNS, proxy, timeout: unreachable
+        return False
+
+
+def offline() -> bool:
+    """Whether the hub is out of reach, decided once per process: ``HF_HUB_OFFLINE`` set, else one probe with a
+    short timeout. Once offline, huggingface_hub's offline mode is on too, so every later lookup (tokenizers,
+    configs, snapshots) reads the cache and fails at once instead of retrying."""
+    global _offline
+    with _offline_lock:
+        if _offline is None:
+            from huggingface_hub import constants
+
+            _offline = bool(constants.HF_HUB_OFFLINE) or not _probe(PROBE_TIMEOUT_S)
+            if _offline and not constants.HF_HUB_OFFLINE:
+                constants.HF_HUB_OFFLINE = True
+                log.info("the hub (%s) cannot be reached: models and tokenizers come from the local cache only",
+                         constants.ENDPOINT)
+        return _offline
+
+
+def reset_offline() -> None:
+    """Forget the decision (tests; a machine that came online can restart the studio instead)."""
+    global _offline
+    with _offline_lock:
+        _offline = None
 
 
 def cache_dir() -> Path:
@@ -79,6 +125,10 @@ def download(repo_id: str, progress: ByteProgress = None, token: str | None = No
         return snapshot_download(repo_id, local_files_only=True, **kw)
     except Exception:  # not (completely) in the cache yet
         pass
+    if offline():
+        raise HubError(f"{repo_id} is not in the local cache and the hub cannot be reached: connect to the internet "
+                       "and restart the studio (the download resumes where it stopped), or point at a local folder / "
+                       ".gguf file")
     try:
         try:
             plan = snapshot_download(repo_id, dry_run=True, token=token, **kw)

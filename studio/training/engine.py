@@ -366,6 +366,7 @@ class Engine:
         trainer = trainer_cls(model=loaded.model, args=kto_args, train_dataset=td.train, eval_dataset=td.eval,
                               processing_class=loaded.tokenizer,
                               callbacks=[make_callback(self, job), *self.extra_callbacks])
+        _no_log_printing(trainer)
         if watching:
             from studio.training.watch import Watch
 
@@ -407,3 +408,13 @@ def _quiet_libraries() -> None:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _no_log_printing(trainer) -> None:
+    """transformers adds a PrinterCallback (disable_tqdm) or a ProgressCallback that print TRL's raw log dicts
+    ({'loss': '0.52', 'grad_norm': …}) to stdout; the front ends show the engine's events instead (CLI bars, UI)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+

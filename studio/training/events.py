@@ -93,14 +93,24 @@ def current_phase(events: list[dict[str, Any]], now: float | None = None) -> dic
             same = same[i:]
             break
     counted = [e for e in same if e.get("done") is not None]
-    eta = None
+    eta, note = None, None
     if counted and last.get("total") and last.get("done") is not None:
-        first, latest = counted[0], counted[-1]
-        if latest["done"] > first["done"] and latest["time"] > first["time"]:
+        # the rate of the units measured so far; once a few are, without the first one, which carries the warm-up
+        # (a first training step on a CPU can take several times the next ones)
+        measured = counted[1:] if len(counted) >= 3 else counted
+        first, latest = measured[0], measured[-1]
+        left = last["total"] - latest["done"]
+        if left <= 0:
+            note = "finishing…"  # all counted: the phase ends (and the next one starts) any moment
+        elif latest["done"] > first["done"] and latest["time"] > first["time"]:
             per_unit = (latest["time"] - first["time"]) / (latest["done"] - first["done"])
-            eta = max(0.0, per_unit * (last["total"] - latest["done"]) - (now - latest["time"]))
+            eta = per_unit * left - (now - latest["time"])
+            if eta <= 0:  # the current unit takes longer than the ones before: not 0:00, re-measuring
+                eta, note = None, "measuring…"
+        else:
+            note = "measuring…"  # no unit measured yet (the first step is running)
     last.update(label=PHASE_LABELS.get(last["phase"], last["phase"].capitalize()),
-                elapsed_s=max(0.0, now - same[0]["time"]), eta_s=eta)
+                elapsed_s=max(0.0, now - same[0]["time"]), eta_s=eta, eta_note=note)
     return last
 
 

@@ -114,12 +114,15 @@ def build(studio):
         csv_file = gr.File(label="votes.csv", interactive=False, visible=False, elem_id="ab-csv", scale=3)
 
     # ---- handlers ----------------------------------------------------------------------------------------------
-    def on_refresh(a, b):
+    def on_refresh(a, b, said):
         ch, pick = model_choices()
         values = [v for _, v in ch]
         a = a if a in values else votes.BASE
         b = b if b in values else pick
-        return gr.update(choices=ch, value=a), gr.update(choices=ch, value=b), *tally_views(studio.history, a, b)
+        # "no adapter yet" goes once ↻ (or opening a picker) has found one, and comes back when none is left
+        note = NO_ADAPTER if pick is None else ("" if said == NO_ADAPTER else gr.update())
+        return (gr.update(choices=ch, value=a), gr.update(choices=ch, value=b), *tally_views(studio.history, a, b),
+                note)
 
     def on_pair(a, b):
         return tally_views(studio.history, a, b)
@@ -221,9 +224,9 @@ def build(studio):
 
         return gr.update(value=str(votes.export_csv(all_votes, paths.data_dir() / "votes.csv")), visible=True)
 
-    refresh.click(on_refresh, [first, second], [first, second, tally_md, plot])
+    refresh.click(on_refresh, [first, second, status], [first, second, tally_md, plot, status])
     for dd in (first, second):
-        dd.focus(on_refresh, [first, second], [first, second, tally_md, plot])
+        dd.focus(on_refresh, [first, second, status], [first, second, tally_md, plot, status])
         dd.input(on_pair, [first, second], [tally_md, plot])
     gen_in = [msg, first, second, prompt_file, system, max_new, temperature, top_p, seed]
     gen_out = [msg, box_a, box_b, status, reveal, pending, *vote_btns]

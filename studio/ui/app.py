@@ -29,10 +29,35 @@ class Studio:
         self.outside_changes = 0
         self.card: str | None = None  # the Model tab's card (GPU preset key), shared by every browser tab
         self.recipe: str = "standard"
+        # the pending run's version: every user choice takes a new one (``begin``) and every direct change makes a
+        # new one, so a slow handler's result that arrives after a newer choice is dropped (``apply``), never
+        # written over it
+        self.version = 0
+
+    def begin(self) -> int:
+        """A new user choice starts: its version. Results of handlers that started before it are now stale."""
+        with self.lock:
+            self.version += 1
+            return self.version
+
+    def current(self, version: int) -> bool:
+        return version == self.version
+
+    def apply(self, cfg: RunConfig, version: int) -> bool:
+        """Set the config a handler computed for the choice of ``version``; False (nothing set) when a newer choice
+        or change came since: the newer one wins."""
+        with self.lock:
+            if version != self.version:
+                return False
+            if cfg != self.config:
+                self.config = cfg
+                self.outside_changes += 1
+            return True
 
     def update(self, changes: dict, source: str | None = None) -> RunConfig:
         with self.lock:
             self.config = self.config.updated(changes)
+            self.version += 1  # a newer change: results still being computed from the old config are dropped
             if source != "train-form":
                 self.outside_changes += 1
             return self.config
@@ -42,6 +67,7 @@ class Studio:
         the Train tab's form shows already (a run opened from the history or resumed: ``source="train-form"``)."""
         with self.lock:
             self.config = cfg
+            self.version += 1
             if source != "train-form":
                 self.outside_changes += 1
             return cfg
@@ -70,14 +96,14 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
                 data_tab.build(studio)
-            with gr.Tab("Model & preset", id="model"):
-                model_tab.build(studio)
+            with gr.Tab("Model & preset", id="model") as model:
+                model_tab.build(studio, tab=model)
             with gr.Tab("Train", id="train") as train:
                 train_tab.build(studio, tab=train)
             with gr.Tab("Chat", id="chat"):
                 with gr.Tabs():
-                    with gr.Tab("Side by side", id="chat-side"):
-                        chat_tab.build(studio)
+                    with gr.Tab("Side by side", id="chat-side") as side:
+                        chat_tab.build(studio, tab=side)
                     with gr.Tab("A/B (blind)", id="chat-ab"):
                         ab_tab.build(studio)
     app.studio = studio

@@ -52,10 +52,15 @@ def _plain(history) -> list[dict]:
 
 
 def feedback_md() -> str:
+    """The ratings counter: every row of the ratings file, those the A/B (blind) votes added included."""
+    from studio.tuned.votes import FEEDBACK_SIDE
+
     c = feedback.counts()
+    from_votes = sum(1 for r in feedback.load_rows() if r.get("side") == FEEDBACK_SIDE)
+    votes_part = f", {from_votes} of them from A/B votes" if from_votes else ""
     return (f"Rate any reply with 👍 / 👎: it becomes a KTO row in `{feedback.feedback_path()}` "
-            f"(**{c['rows']}** rows so far: {c['desirable']} 👍, {c['undesirable']} 👎). Load that file in the "
-            "**Data** tab for the next run.")
+            f"(**{c['rows']}** rows so far: {c['desirable']} 👍, {c['undesirable']} 👎{votes_part}). Load that "
+            "file in the **Data** tab for the next run.")
 
 
 def eval_views(result):
@@ -95,7 +100,7 @@ def eval_outputs(result):
     return head, table, gr.update(value=_chart_value(chart), y_lim=_y_lim(chart))
 
 
-def build(studio):
+def build(studio, tab: gr.Tab | None = None):
     chat = _chat(studio)
     choices, first = adapter_choices()
     turns = gr.State({"base": {}, "tuned": {}})
@@ -125,6 +130,8 @@ def build(studio):
         clear = gr.Button("Clear", scale=0, min_width=90, elem_id="chat-clear")
     gr.Markdown(MULTI_TURN, elem_id="chat-multi-turn")
     fb = gr.Markdown(feedback_md(), elem_id="chat-feedback")
+    if tab is not None:  # A/B votes add rows to the same file: count again whenever this tab is shown
+        tab.select(feedback_md, None, fb, show_progress="hidden")
 
     with gr.Accordion("Held-out evaluation: base vs tuned", open=False):
         gr.Markdown("Scores the held-out rows with the adapter off and on: mean log-prob of desirable and "

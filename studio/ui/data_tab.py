@@ -13,9 +13,10 @@ from studio import safepaths
 from studio.config.run import SAMPLE_DATA
 from studio.data import DataError, resolve
 from studio.data.balance import ratio as weighted_ratio
-from studio.data.balance import suggest_weights
+from studio.data.balance import in_range, in_words, suggest_weights
 from studio.data.clean import CleanOptions
 from studio.data.normalize import FIELDS, ColumnError
+from studio.data.readers import BadLineError
 from studio.data.plots import gauge_figure, length_figure
 from studio.data.workbench import Workbench, parse_row_numbers
 
@@ -35,6 +36,14 @@ MAX_LISTED = 25
 def _numbers(rows: list[int]) -> str:
     shown = ", ".join(f"#{n}" for n in rows[:MAX_LISTED])
     return shown + (f" … and {len(rows) - MAX_LISTED} more" if len(rows) > MAX_LISTED else "")
+
+
+NO_COLUMN = ("(not in my file)", "")  # the empty choice with words: an empty label shows only the picker's "✓"
+
+
+def map_choices(columns: list[str]) -> list[tuple[str, str]]:
+    """Choices of a Column mapping dropdown: "not in my file" first, then the file's own columns."""
+    return [NO_COLUMN] + [(c, c) for c in columns]
 
 
 def _options(dupes: bool, empty: bool, long: bool) -> CleanOptions:
@@ -151,8 +160,12 @@ def balance_md(wb: Workbench, options: CleanOptions, wd: float, wu: float) -> st
             f"{s.desirable_weight}, undesirable_weight = {s.undesirable_weight}. ")
     if r is None:
         return head + s.note
-    verdict = "in the KTO range [1, 4/3]" if 1 - 1e-9 <= r <= 4 / 3 + 1e-9 else "**outside** the KTO range [1, 4/3]"
-    return head + f"With your weights ({wd} / {wu}) the ratio is {r:.2f}, {verdict}."
+    verdict = ("in the range the studio accepts (0.9 to 1.33 times; the KTO paper advises 1 to 1.33)"
+               if in_range(r) else
+               f"**{'less' if r < 1 else 'more'}** than the KTO paper advises (1 to 1.33 times): use the suggested "
+               "weights, or raise the weight of the scarcer label")
+    return head + (f"With your weights ({wd:g} / {wu:g}) all desirable rows together weigh {in_words(r)} the "
+                   f"undesirable ones, {verdict}.")
 
 
 def build(studio):
@@ -170,11 +183,13 @@ def build(studio):
             with gr.Row():
                 load_btn = gr.Button("Load", variant="primary", elem_id="data-load")
                 ratings_btn = gr.Button("Use my chat ratings (👍/👎, A/B votes)", elem_id="data-use-ratings")
+            # shown when a JSONL file has broken lines: load the others, listing the skipped ones in the summary
+            skip_btn = gr.Button("Skip the bad lines and load", visible=False, elem_id="data-skip-bad")
     with gr.Accordion("Column mapping", open=False, elem_id="data-mapping") as map_box:
         gr.Markdown("When the columns can't be told apart, say which of your columns holds what. Leave a field "
                     "empty when your file has no such column.")
         with gr.Row():
-            map_dd = [gr.Dropdown(choices=[""], value="", label=f, allow_custom_value=True,
+            map_dd = [gr.Dropdown(choices=[NO_COLUMN], value="", label=f, allow_custom_value=True,
                                   elem_id=f"data-map-{f}") for f in FIELDS]
         map_btn = gr.Button("Load with this mapping", elem_id="data-map-apply")
     summary = gr.Markdown(elem_id="data-summary")
@@ -261,8 +276,13 @@ def build(studio):
 
     view_in = [page, only_issues, *filters, auto_w, wd, wu]
 
-    def load(file, source, model, max_length, *rest, progress=gr.Progress()):
+    def load(file, source, model, max_length, *rest, progress=gr.Progress(), use_mapping=False,
+             skip_bad_lines=False):
+        """Load ``file`` (else ``source``). Only "Load with this mapping" applies the dropdowns: any other load reads
+        the file with its own column names (the dropdowns may still hold the previous file's columns)."""
         mapping_values, view_args = rest[:len(FIELDS)], rest[len(FIELDS):]
+        if not use_mapping:
+            mapping_values = [""] * len(FIELDS)
         mapping = {theirs: ours for ours, theirs in zip(FIELDS, mapping_values) if theirs}
         src = file if file else (source or SAMPLE_DATA)
         try:
@@ -274,22 +294,27 @@ def build(studio):
         try:
             progress(0, desc="reading")
             wb = Workbench.load(src, name=name, mapping=mapping or None,
-                                progress=lambda f, msg: progress(f, desc=msg))
+                                progress=lambda f, msg: progress(f, desc=msg), skip_bad_lines=skip_bad_lines)
         except ColumnError as e:
-            choices = [""] + list(e.columns)
-            map_updates = {dd: gr.update(choices=choices, value=v if v in choices else "")
+            columns = list(e.columns)
+            map_updates = {dd: gr.update(choices=map_choices(columns), value=v if v in columns else "")
                            for dd, v in zip(map_dd, mapping_values)}
-            where = ("Pick the column that holds the label in **Column mapping** below (opened for you), then press "
+            # the Column mapping box sits above this message, under the file pickers
+            where = ("Pick the column that holds the label in **Column mapping** above (opened for you), then press "
                      "**Load with this mapping**." if e.missing_label else
-                     "Say which of your columns holds what in **Column mapping** below (opened for you), then press "
+                     "Say which of your columns holds what in **Column mapping** above (opened for you), then press "
                      "**Load with this mapping**.")
             return {**_refused(f"**Cannot use this data:** {e}  \n{where}"), map_box: gr.update(open=True),
                     **map_updates}
+        except BadLineError as e:
+            return {**_refused(f"**Cannot use this data:** {e}.  \nPress **Skip the bad lines and load** (next to "
+                               "Load) to load the other lines; the skipped ones are listed here."),
+                    skip_btn: gr.update(visible=True)}
         except DataError as e:
             return _refused(f"**Cannot use this data:** {e}")
         except Exception as e:  # a reader we don't know failing: say so, keep the app up
             return _refused(f"**Cannot use this data:** {type(e).__name__}: {e}")
-        choices = [""] + wb.norm.columns
+        choices = map_choices(wb.norm.columns)
         ours_to_theirs = {ours: theirs for theirs, ours in wb.norm.mapping.items()}
         map_updates = {dd: gr.update(choices=choices, value=ours_to_theirs.get(f, f if f in wb.norm.columns else ""))
                        for dd, f in zip(map_dd, FIELDS)}
@@ -304,7 +329,8 @@ def build(studio):
             if own != (int(max_length) if max_length else None):
                 _measure(wb, model, own)
                 box = {max_len: own}
-        return {wb_state: wb, **map_updates, **box, **view(wb, 1, *view_args, new_lengths=True)}
+        return {wb_state: wb, skip_btn: gr.update(visible=False), **map_updates, **box,
+                **view(wb, 1, *view_args, new_lengths=True)}
 
     def _cpu_card() -> bool:
         from studio.models import load as models
@@ -315,7 +341,7 @@ def build(studio):
     def _refused(message: str) -> dict:
         # the summary carries the error; the views are emptied so nothing stale from an earlier file is shown (the
         # weights stay as they are)
-        return {wb_state: None, summary: message, problems: gr.update(value=""), label_plot: None, length_plot: None,
+        return {wb_state: None, skip_btn: gr.update(visible=False), summary: message, problems: gr.update(value=""), label_plot: None, length_plot: None,
                 lengths: None, table: None, page: 1, page_info: "", gauge: None, balance: ""}
 
     def _measure(wb, model, max_length, progress=None):
@@ -325,22 +351,30 @@ def build(studio):
             progress(0, desc=f"loading the tokenizer of {model}")
         wb.measure(model, ml, (lambda f, msg: progress(f, desc=msg)) if progress else None)
 
-    load_out = [wb_state, summary, map_box, *map_dd, max_len, *view_out[1:]]
+    load_out = [wb_state, summary, map_box, skip_btn, *map_dd, max_len, *view_out[1:]]
     load_in = [upload, path, model_box, max_len, *map_dd, *view_in[1:]]
 
     load_btn.click(load, load_in, load_out)
 
-    def use_ratings():
+    def use_ratings(file, source, *rest, progress=gr.Progress()):
+        """The ratings file, read with its own columns (never the mapping left from another file)."""
         from studio.data import feedback
 
         f = feedback.feedback_path()
         if not f.is_file():
             raise gr.Error("No ratings yet: rate replies with 👍/👎 or vote in A/B (blind) in the Chat tab first; "
                            f"they are collected in {f}.")
-        return None, str(f)
+        return {upload: None, path: str(f), **load(None, str(f), *rest, progress=progress)}
 
-    ratings_btn.click(use_ratings, None, [upload, path]).success(load, load_in, load_out)
-    map_btn.click(load, load_in, load_out)
+    def load_mapped(*args, progress=gr.Progress()):
+        return load(*args, progress=progress, use_mapping=True)
+
+    def load_skipping(*args, progress=gr.Progress()):
+        return load(*args, progress=progress, skip_bad_lines=True)
+
+    ratings_btn.click(use_ratings, load_in, [upload, path, *load_out])
+    skip_btn.click(load_skipping, load_in, load_out)
+    map_btn.click(load_mapped, load_in, load_out)
     upload.upload(load, load_in, load_out)
 
     def measure(wb, model, max_length, *args, progress=gr.Progress()):
@@ -454,11 +488,13 @@ def build(studio):
         if not _cpu_card():
             return ""
         device = models.detect_device()
+        version = studio.begin()
         try:
             p = planner.plan(studio.config, "cpu", device, recipe_key=getattr(studio, "recipe", None))
         except Exception:  # a plan that cannot be made leaves the settings as they are
             return ""
-        studio.replace(p.config)
+        if not studio.apply(p.config, version):  # a newer choice came while planning: it wins
+            return ""
         c = p.config
         steps = f"{c.train.max_steps} steps" if c.train.max_steps > 0 else "all rows"
         when = f", expected {p.duration.describe()}" if p.duration else ""

@@ -187,14 +187,20 @@ def cpu_markdown(p: planner.Plan, applied: bool) -> str:
 # ---- the tab -----------------------------------------------------------------------------------------------------
 
 def fit_view(studio, device, gpu_key: str, recipe_key: str | None, seq_ceiling, apply: bool = True,
-             model_key: str | None = None, recipe_changed: bool = False):
+             model_key: str | None = None, recipe_changed: bool = False, version: int | None = None):
     """(markdown, chart update) of the plan for the current config on the chosen card (``studio.training.plan``, the
     same plan the Train tab shows); ``apply`` re-plans everything the card decides (path, budget, max_length,
-    batch, accumulation, memory savers; on a CPU checkpointing and a step cap) and writes it into the config."""
+    batch, accumulation, memory savers; on a CPU checkpointing and a step cap) and writes it into the config.
+    ``version``: the user choice this plan is for (``Studio.begin``); None when a newer choice came while it was
+    planned (a slow lookup): the result is dropped, neither written nor shown."""
+    if version is None:
+        version = studio.begin()
+    if apply:
+        studio.card = gpu_key  # the user's choice itself is known at once; only its plan takes time
     p = planner.plan(studio.config, gpu_key, device, model_key=model_key, recipe_key=recipe_key,
                      seq_ceiling=seq_ceiling, apply=apply, apply_recipe=recipe_changed)
-    if apply and p.config != studio.config:
-        studio.replace(p.config)
+    if not (studio.apply(p.config, version) if apply else studio.current(version)):
+        return None
     studio.card = gpu_key
     run_plan = planner.run_plan_markdown(p.config, gpu_key, device)  # what a run here will use
     run_plan = f"\n\n{run_plan}" if run_plan else ""
@@ -223,7 +229,7 @@ def cache_view():
     return hub.describe_cache(items) + token_line, frame, gr.update(choices=[m.name for m in items], value=None)
 
 
-def build(studio):
+def build(studio, tab: gr.Tab | None = None):
     device = models.detect_device()
     start_gpu, start_recipe = studio.card or default_gpu(device), studio.recipe
     start_model = model_choice_for(studio.config.model.name_or_path)
@@ -270,7 +276,9 @@ def build(studio):
         c = studio.config
         return {comp: getattr(getattr(c, s), n) for comp, (s, n) in zip(comps, FIELDS)}
 
-    def plan_view(md_and_chart) -> dict:
+    def plan_view(md_and_chart) -> dict | None:
+        if md_and_chart is None:  # a newer choice came while this one was planned: it wins
+            return None
         md, frame = md_and_chart
         return {fit_md: md, chart_plot: frame}
 
@@ -280,19 +288,25 @@ def build(studio):
     # every choice re-plans the whole card (studio.training.plan): nothing planned for an earlier card or model stays
     def on_gpu(gpu_key, model_key, recipe_key, seq_ceiling):
         view = plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key))
+        if view is None:
+            return gr.skip()
         return {**view, info: info_view(model_key, recipe_key), **field_values()}
 
     def on_model(model_key, gpu_key, recipe_key, seq_ceiling):
         view = plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, model_key=model_key))
+        if view is None:
+            return gr.skip()
         return {**view, info: info_view(model_key, recipe_key), **field_values()}
 
     def on_recipe(recipe_key, model_key, gpu_key, seq_ceiling):
         studio.recipe = recipe_key
         view = plan_view(fit_view(studio, device, gpu_key, recipe_key, seq_ceiling, recipe_changed=True))
+        if view is None:
+            return gr.skip()
         return {**view, info: info_view(model_key, recipe_key)}
 
     def on_fit(gpu_key, recipe_key, seq_ceiling):
-        return fit_view(studio, device, gpu_key, recipe_key, seq_ceiling)
+        return fit_view(studio, device, gpu_key, recipe_key, seq_ceiling) or gr.skip()
 
     def on_fields(*values):
         try:
@@ -339,15 +353,22 @@ def build(studio):
     del_btn.click(on_delete, to_delete, [dl_md, cache_md, cache_table, to_delete])
 
     # a refreshed page (or a run opened from the history) shows the studio's current config, not the one at start
+    def on_load(seq_ceiling):
+        """The card, model and recipe the studio holds, and the plan of its current config (not a re-plan); nothing
+        when the user made a choice while it was drawn (that choice's handler shows its own result)."""
+        version = studio.version
+        card = studio.card or default_gpu(device)
+        model_key = model_choice_for(studio.config.model.name_or_path)
+        view = plan_view(fit_view(studio, device, card, studio.recipe, seq_ceiling, apply=False, version=version))
+        if view is None:
+            return gr.skip()
+        return {**field_values(), gpu: card, model_pick: model_key, recipe: studio.recipe,
+                info: info_view(model_key, studio.recipe), **view}
+
+    shown = [*comps, gpu, model_pick, recipe, info, fit_md, chart_plot]
     app = gr.context.Context.root_block
     if app is not None:
-        def on_load(seq_ceiling):
-            """The card, model and recipe the studio holds, and the plan of its current config (not a re-plan)."""
-            card = studio.card or default_gpu(device)
-            model_key = model_choice_for(studio.config.model.name_or_path)
-            return {**field_values(), gpu: card, model_pick: model_key, recipe: studio.recipe,
-                    info: info_view(model_key, studio.recipe),
-                    **plan_view(fit_view(studio, device, card, studio.recipe, seq_ceiling, apply=False))}
-
-        app.load(on_load, ceiling, [*comps, gpu, model_pick, recipe, info, fit_md, chart_plot])
+        app.load(on_load, ceiling, shown)
+    if tab is not None:  # shown again: the plan of the config as it is now (the Data tab's save re-plans it)
+        tab.select(on_load, ceiling, shown, show_progress="hidden")
 

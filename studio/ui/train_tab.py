@@ -28,6 +28,34 @@ FIELDS = [
     ("lora", "r"), ("lora", "lora_alpha"), ("train", "save_steps"), ("train", "gradient_checkpointing"),
     ("memory", "micro_batch_size"),
 ]
+# ---- the run card: what Start will train (issue 30) ------------------------------------------------------------------
+def run_card_md(studio, run_name, values) -> str:
+    """The run card of the config Start would pass to the engine now: the shared config with the form's values,
+    rendered by ``studio.training.run_card`` from that config with the run plan's changes (what run.yaml holds)."""
+    from studio.training.run_card import run_card
+
+    try:
+        cfg = studio.config.updated(form_changes(run_name, values))
+    except (ConfigError, ValueError) as e:
+        return f"### What Start will train\n**Not startable as set:** {e}"
+    return run_card(cfg)[0].markdown()
+
+
+def build_run_card(studio, tab, name, comps) -> None:
+    """The card's block and its events: shown when the tab is, and after any change of the form."""
+    card = gr.Markdown(elem_id="train-card")
+    show = dict(fn=lambda n, *v: {card: run_card_md(studio, n, v)}, inputs=[name, *comps], outputs=[card],
+                show_progress="hidden", concurrency_limit=1, concurrency_id="train-run-card",
+                trigger_mode="always_last")
+    for c in (name, *comps):
+        c.change(**show)
+    if tab is not None:
+        tab.select(**show)
+    app = gr.context.Context.root_block
+    if app is not None:
+        app.load(**show)
+
+
 RELOADED_NOTICE = "Settings updated from the other tabs (Model & preset, Data) since this form was last shown."
 # title -> (elem_id suffix, logged keys drawn as series)
 PLOTS = {
@@ -144,14 +172,16 @@ def progress_html(job, now: float | None = None) -> str:
     else:
         text = f"<b>{ph['label']}</b>: {ph['message']}" + (f" · <b>{done} / {total}</b>" if counted else "")
     eta = ph["eta_s"] if counted else None
-    text += (f" · ETA {_fmt_s(eta) if eta is not None else '–'}" if counted else "")
+    text += (f" · ETA {_fmt_s(eta) if eta is not None else ph.get('eta_note') or '–'}" if counted else "")
     text += f" · this phase {_fmt_s(ph['elapsed_s'])} · elapsed {_fmt_s(elapsed)}"
     return _bar(done / total if counted else None, text, "train-progress-bar", moving=not counted,
                 phase=ph["phase"])
 
 
-def duration_markdown(cfg) -> str:
-    """The Train tab's line: how long the config in the form takes here (CPU only; a GPU run shows its steps)."""
+def duration_markdown(cfg, card: str | None = "cpu") -> str:
+    """The Train tab's line: how long the config in the form takes here (CPU only; a GPU run shows its steps).
+    ``card``: the Model tab's card (None: not picked yet, so the tab shows this machine's, CPU only): the advice to
+    pick the CPU only card is given only when another card is picked."""
     if models.detect_device().kind != "cpu":
         return ""
     lengths = duration.data_lengths(cfg)
@@ -160,8 +190,12 @@ def duration_markdown(cfg) -> str:
         why = ("the training data's token lengths could not be measured with this model's tokenizer" if lengths is None
                else "the model's size cannot be read before it is downloaded")
         return f"Expected duration on this CPU: unknown ({why})."
-    slow = " Over 10 minutes: pick the **CPU only** card in the Model & preset tab for a plan that fits." \
-        if d.total_s > 600 else ""
+    if d.total_s <= 600:
+        slow = ""
+    elif card in (None, "cpu"):
+        slow = " Over 10 minutes: lower max steps or max_length for a shorter run."
+    else:
+        slow = " Over 10 minutes: pick the **CPU only** card in the Model & preset tab for a plan that fits."
     return f"Expected duration: **{d.describe()}**.{slow}"
 
 
@@ -429,7 +463,7 @@ def edit_field(studio, section: str, field_name: str, value) -> dict:
         studio.update(collect([(section, field_name)], [value]), source="train-form")
     except (ConfigError, ValueError):
         return {}
-    return {"expected": duration_markdown(studio.config)}
+    return {"expected": duration_markdown(studio.config, getattr(studio, "card", None))}
 
 
 def load_form(studio) -> dict:
@@ -449,7 +483,7 @@ def show_form(studio, seen) -> dict:
 def expected_duration(studio) -> dict:
     """The expected duration: its own event, so that measuring the data's lengths (seconds, the first time) never
     delays the form's reload (a late reload would overwrite what the user types meanwhile)."""
-    return {"expected": duration_markdown(studio.config)}
+    return {"expected": duration_markdown(studio.config, getattr(studio, "card", None))}
 
 
 # ---- the tab -------------------------------------------------------------------------------------------------------
@@ -464,6 +498,7 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
         with gr.Row():
             comps = [field_component(studio.config, s, n, label=f"{n.replace('_', ' ')}", min_width=200)
                      for s, n in FIELDS]
+    build_run_card(studio, tab, name, comps)
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         stop = gr.Button("Stop (saves the adapter)", variant="secondary", interactive=False, elem_id="train-stop")
