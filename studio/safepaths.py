@@ -35,6 +35,62 @@ class PathRefused(StudioError, ValueError):
     """A path the studio will not read or write; the message says why and what to do instead."""
 
 
+# ---- the one type a path from a person arrives as ---------------------------------------------------------------
+
+_KEY = object()
+
+
+class UserPath:
+    """A path (or hub id) a person typed, made only by this module: by the web UI's checks (:func:`ui_read`,
+    :func:`ui_model`, :func:`ui_write`), which bound it to the allowed folders, or by :func:`typed` for the command
+    line (not bounded: the user typed it in their own shell). Core functions that read a user-given path take a
+    ``UserPath`` (see :func:`require`), so a UI box wired straight to them fails instead of reading anything."""
+
+    __slots__ = ("text", "hub", "origin")
+
+    def __init__(self, text: str, *, hub: bool = False, origin: str = "ui", _key=None):
+        if _key is not _KEY:
+            raise TypeError("a UserPath is made only by studio.safepaths (ui_read, ui_model, ui_write, typed)")
+        self.text, self.hub, self.origin = text, hub, origin
+
+    @property
+    def path(self) -> Path:
+        if self.hub:
+            raise TypeError(f"{self.text} is a hub id, not a path")
+        return Path(self.text)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"UserPath({self.text!r}, {self.origin})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, UserPath) and (self.text, self.hub) == (other.text, other.hub)
+
+    def __hash__(self) -> int:
+        return hash((self.text, self.hub))
+
+
+def require(value, what: str) -> UserPath | None:
+    """``value`` if it is a UserPath (or None); a plain string is a programming error: pass it through safepaths."""
+    if value is None or isinstance(value, UserPath):
+        return value
+    raise TypeError(f"{what} must be a studio.safepaths.UserPath (from safepaths.ui_read / typed), not "
+                    f"{type(value).__name__}")
+
+
+def typed(text: str | Path | None) -> UserPath | None:
+    """A path or hub id typed on the command line: not bounded (the user runs the command on their own files)."""
+    if text is None or not str(text).strip():
+        return None
+    s = str(text).strip()
+    return UserPath(s, hub=not looks_local(s), origin="cli", _key=_KEY)
+
+
 # ---- the allow-list ----------------------------------------------------------------------------------------------
 
 def allow(paths: Iterable[str | Path]) -> list[Path]:
@@ -109,6 +165,38 @@ def check_read(source: str) -> str:
     raise PathRefused(f"the web UI only reads files in the studio home, uploads, the bundled sample"
                       f"{' and ' + ', '.join(str(a) for a in _allowed) if _allowed else ''}: upload the file "
                       f"instead, or start the studio with --allow-path FOLDER to let it read that folder")
+
+
+def ui_read(text: str | None, *, hub: bool = True) -> UserPath | None:
+    """A file or folder (or, with ``hub``, a hub dataset id) typed into a web UI box: None when empty, a bounded
+    UserPath when inside the read roots, else PathRefused (which tells nothing about the file)."""
+    if text is None or not str(text).strip():
+        return None
+    s = str(text).strip()
+    if hub and not looks_local(s):
+        return UserPath(s, hub=True, _key=_KEY)
+    return UserPath(check_read(s if looks_local(s) else "./" + s), _key=_KEY)
+
+
+def ui_model(text: str | None) -> UserPath | None:
+    """A model typed into a web UI box: the bundled model or a hub id as given; a local folder or .gguf file only
+    inside the read roots (else PathRefused)."""
+    from studio.config.run import BUNDLED_MODEL
+
+    if text is None or not str(text).strip():
+        return None
+    s = str(text).strip()
+    if s == BUNDLED_MODEL:
+        return UserPath(s, hub=True, _key=_KEY)
+    if s.count("/") == 1 and not s.startswith(("/", ".", "~", "\\")) and ".." not in s and \
+            not Path(s).suffix.lower() == ".gguf" and not (Path.cwd() / s).exists():
+        return UserPath(s, hub=True, _key=_KEY)  # owner/name: a hub id (nothing on disk is read)
+    return UserPath(check_read(s if looks_local(s) else "./" + s), _key=_KEY)
+
+
+def ui_write(text: str | None, default_name: str) -> UserPath:
+    """:func:`ui_export_target` as a UserPath."""
+    return UserPath(str(ui_export_target(text, default_name)), _key=_KEY)
 
 
 def ui_export_target(text: str | None, default_name: str) -> Path:

@@ -59,6 +59,7 @@ class Workbench:
         """``progress(fraction, message)`` hears how far reading and converting got (large files)."""
         from studio.data import load_kto
 
+        source = str(source)  # a safepaths.UserPath from the web UI, or a path the caller was given
         norm = load_kto(source, mapping, strict=False, seed=seed, progress=progress)
         rows = [dict(r) for r in norm.rows]
         return cls(name=name or Path(source).name, source=source, norm=norm, rows=rows)

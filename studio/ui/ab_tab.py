@@ -11,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from studio import safepaths
 from studio.tuned import votes
 from studio.tuned.chat import ChatModel, GenerationSettings, build_messages, list_adapters, newest
 from studio.tuned.votes import VoteError
@@ -125,7 +126,8 @@ def build(studio):
         return tally_views(studio.history, a, b)
 
     def _pool(ref, cand, file):
-        file = (file or "").strip() or None
+        """``file``: a UserPath from safepaths.ui_read (bounded to the studio home, uploads and --allow-path), or
+        None."""
         run = None if file else next((Path(c.adapter).parent for c in (cand, ref) if c.tuned), None)
         key = (str(run), file)
         if key not in pools:
@@ -137,6 +139,8 @@ def build(studio):
             """Yields {component: value} for what changes (the vote buttons stay off until both have answered)."""
             buttons = {btn: gr.update(interactive=False) for btn in vote_btns}
             try:
+                # the prompt file box reads only what the web UI may read (the studio home, uploads, --allow-path)
+                file = safepaths.ui_read(file, hub=False)
                 ref, cand = votes.contenders(a_spec, b_spec)
                 if draw_one:
                     pool, source = _pool(ref, cand, file)

@@ -245,11 +245,14 @@ def build(studio):
         return [], [], {"base": {}, "tuned": {}}, ""
 
     def on_eval(path, data_file, limit, progress=gr.Progress()):
+        try:
+            data_file = safepaths.ui_read(data_file)  # a bounded UserPath, or None
+        except safepaths.PathRefused as e:
+            return f"❌ {e}", gr.update(), gr.update()
         if not path:
             return NO_ADAPTER, gr.update(), gr.update()
         run_dir = _run_dir(path)
         try:
-            data_file = safepaths.check_read(data_file) if (data_file or "").strip() else None
             result = evaluate.evaluate_run(run_dir, data=data_file,
                                            limit=int(limit) if limit else None, adapter=path, chat_model=chat,
                                            progress=lambda m, f: progress(f, desc=m))
@@ -258,11 +261,14 @@ def build(studio):
         return eval_outputs(result)
 
     def on_export(path, fmt_value, out_value, replace=False, type_value=None, progress=gr.Progress()):
+        try:
+            # the web UI writes only under the studio home (or folders allowed with app.py --allow-path)
+            target = safepaths.ui_write(out_value, f"{_run_dir(path).name if path else 'adapter'}-{fmt_value}").path
+        except safepaths.PathRefused as e:
+            return f"❌ Export failed: {e}", gr.update(visible=False, value=None)
         if not path:
             return NO_ADAPTER, gr.update(visible=False, value=None)
         try:
-            # the web UI writes only under the studio home (or folders allowed with app.py --allow-path)
-            target = safepaths.ui_export_target(out_value, f"{_run_dir(path).name}-{fmt_value}")
             extra = {"gguf_type": type_value or gguf_quant.DEFAULT_TYPE} if fmt_value == "gguf" else {}
             r = export.export(path, fmt_value, target, progress=lambda m: progress(None, desc=m),
                               overwrite=bool(replace), **extra)
