@@ -40,9 +40,17 @@ def load_tokenizer(model: Any) -> Any:
             path = resolve_source(model).path
         else:
             path = model
-        tok = AutoTokenizer.from_pretrained(path)
+        # never transformers' "[y/N]" question (printed on stdout, into the CLI's JSON): custom code is not run
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except ModelLoadError as e:
         raise DataError(f"cannot load the tokenizer of {model}: {e}") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise DataError(f"cannot load the tokenizer of {model} (ValueError): check the model id or folder, "
+                            "and that you are online for hub models") from None
+        raise DataError(f"the tokenizer of {model} needs custom code from its repository (trust_remote_code), which "
+                        "the studio does not run to measure lengths: measure with another model of the same "
+                        "tokenizer family, or leave the model out") from None
     except Exception as e:  # hub/offline/corrupt-folder errors come in many types
         raise DataError(f"cannot load the tokenizer of {model} ({type(e).__name__}): check the model id or folder, "
                         "and that you are online for hub models") from None

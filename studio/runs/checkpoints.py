@@ -169,9 +169,14 @@ def disk_full(folder: Path, needed: int | None) -> DiskFull:
         free = None
     need = f"; a checkpoint needs about {_gib(needed)}" if needed else ""
     have = f" (the disk holding it has {_gib(free)} free)" if free is not None else ""
+    try:
+        done = latest(folder)[0] if folder.is_dir() else None
+    except OSError:
+        done = None
+    then = (f"then resume the run: it continues from its newest complete checkpoint ({done.name})" if done else
+            "then start the run again: no checkpoint was complete yet, so there is nothing to resume from")
     return DiskFull(28, f"The disk is full: saving into {folder} failed{have}{need}. Free some space there (or "
-                        "delete old runs' files in the run history), then resume the run: it continues from its "
-                        "newest complete checkpoint")
+                        f"delete old runs' files in the run history), {then}")
 
 
 def _needed(trainer, run_dir: Path) -> int | None:
