@@ -12,6 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from studio import safepaths
+from studio.ui import inert
 from studio.tuned import votes
 from studio.tuned.chat import ChatModel, GenerationSettings, build_messages, list_adapters, newest
 from studio.tuned.votes import VoteError
@@ -43,6 +44,11 @@ def model_choices() -> tuple[list[tuple[str, str]], str | None]:
 
 def _shown(messages: list[dict]) -> list[dict]:
     return [dict(m) for m in messages if m["role"] in ("user", "assistant")]
+
+
+def _show(hist: list[dict]) -> list[dict]:
+    """A conversation as the Chatbot shows it: prompts as literal text, replies without HTML or images."""
+    return inert.shown(hist)
 
 
 def tally_views(history, first, second):
@@ -167,7 +173,8 @@ def build(studio):
             hist = {"A": _shown(messages) + [{"role": "assistant", "content": ""}],
                     "B": _shown(messages) + [{"role": "assistant", "content": ""}]}
             note = "⏳ Loading the model…" if not chat.loaded else "⏳ Writing A…"
-            yield {msg: "", box_a: gr.update(value=hist["A"], label="A"), box_b: gr.update(value=hist["B"], label="B"),
+            yield {msg: "", box_a: gr.update(value=_show(hist["A"]), label="A"),
+                   box_b: gr.update(value=_show(hist["B"]), label="B"),
                    status: note, reveal: "", pending: None, **buttons}
             replies = {}
             for letter, who in (("A", a), ("B", b)):
@@ -175,11 +182,11 @@ def build(studio):
                 try:
                     for reply in votes.stream_reply(chat, who, messages, settings):
                         hist[letter][-1]["content"] = reply
-                        yield {msg: "", box_a: hist["A"], box_b: hist["B"], status: f"⏳ Writing {letter}…", reveal: "",
+                        yield {msg: "", box_a: _show(hist["A"]), box_b: _show(hist["B"]), status: f"⏳ Writing {letter}…", reveal: "",
                                pending: None, **buttons}
                 except Exception as e:  # noqa: BLE001
                     hist[letter][-1]["content"] = f"(generation failed: {e})"
-                    yield {msg: "", box_a: hist["A"], box_b: hist["B"], status: f"❌ {e}", reveal: "", pending: None,
+                    yield {msg: "", box_a: _show(hist["A"]), box_b: _show(hist["B"]), status: f"❌ {e}", reveal: "", pending: None,
                            **buttons}
                     return
                 replies[letter] = reply
@@ -189,7 +196,7 @@ def build(studio):
             done = "Both have answered. Which is better? (The names are shown after your vote.)"
             if studio.engine.busy:
                 done += "  \n⚠️ A training run is going on: chat shares the machine with it and is slower."
-            yield {msg: "", box_a: hist["A"], box_b: hist["B"], status: done, reveal: "", pending: state,
+            yield {msg: "", box_a: _show(hist["A"]), box_b: _show(hist["B"]), status: done, reveal: "", pending: state,
                    **{btn: gr.update(interactive=True) for btn in vote_btns}}
         return handler
 

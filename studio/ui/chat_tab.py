@@ -13,6 +13,7 @@ import pandas as pd
 from studio.tuned import evaluate, export, gguf_quant
 from studio.data import feedback
 from studio import paths, safepaths
+from studio.ui import inert
 from studio.tuned.chat import (ChatModel, GenerationSettings, Turn, build_messages, content_text, list_adapters,
                          newest)
 
@@ -47,8 +48,11 @@ def adapter_choices() -> tuple[list[tuple[str, str]], str | None]:
 
 
 def _plain(history) -> list[dict]:
-    return [{"role": m["role"], "content": _strip_mark(content_text(m.get("content")))} for m in (history or [])
-            if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+    """What was said, from what the Chatbots show (user text escaped, replies' HTML and images escaped:
+    studio.ui.inert)."""
+    return [{"role": m["role"], "content": _strip_mark(content_text(m.get("content")))}
+            for m in inert.said([m for m in (history or []) if isinstance(m, dict)
+                                 and m.get("role") in ("user", "assistant")])]
 
 
 def feedback_md() -> str:
@@ -182,17 +186,18 @@ def build(studio):
         text = (text or "").strip()
         base_hist, tuned_hist = _plain(base_hist), _plain(tuned_hist)
         if not text:
-            yield gr.update(), base_hist, tuned_hist, state, gr.update()
+            yield gr.update(), inert.shown(base_hist), inert.shown(tuned_hist), state, gr.update()
             return
         if not path:
-            yield gr.update(), base_hist, tuned_hist, state, NO_ADAPTER
+            yield gr.update(), inert.shown(base_hist), inert.shown(tuned_hist), state, NO_ADAPTER
             return
         try:
             if chat.active is None or str(chat.active.path) != path:
-                yield gr.update(), base_hist, tuned_hist, state, "⏳ Loading the model and the adapter…"
+                yield (gr.update(), inert.shown(base_hist), inert.shown(tuned_hist), state,
+                       "⏳ Loading the model and the adapter…")
             chat.use(path)
         except Exception as e:  # noqa: BLE001 - shown to the user (ChatError says what to do)
-            yield gr.update(), base_hist, tuned_hist, state, f"❌ {e}"
+            yield gr.update(), inert.shown(base_hist), inert.shown(tuned_hist), state, f"❌ {e}"
             return
         note = chat.describe()
         if studio.engine.busy:
@@ -204,25 +209,25 @@ def build(studio):
         hist = {"base": base_hist + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}],
                 "tuned": tuned_hist + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}
         state = {k: dict(v) for k, v in (state or {"base": {}, "tuned": {}}).items()}
-        yield "", hist["base"], hist["tuned"], state, note
+        yield "", inert.shown(hist["base"]), inert.shown(hist["tuned"]), state, note
         for side in ("base", "tuned"):
             reply = ""
             try:
                 chat.use(path)  # another browser tab may have switched the adapter meanwhile
                 for reply in chat.stream(prompt[side], tuned=side == "tuned", settings=settings):
                     hist[side][-1]["content"] = reply
-                    yield "", hist["base"], hist["tuned"], state, note
+                    yield "", inert.shown(hist["base"]), inert.shown(hist["tuned"]), state, note
                 if chat.cut_off:
                     hist[side][-1]["content"] = reply + cut_mark(settings.max_new_tokens)
             except Exception as e:  # noqa: BLE001
                 hist[side][-1]["content"] = f"(generation failed: {e})"
-                yield "", hist["base"], hist["tuned"], state, f"❌ {e}"
+                yield "", inert.shown(hist["base"]), inert.shown(hist["tuned"]), state, f"❌ {e}"
                 return
             state[side][len(hist[side]) - 1] = Turn(
                 side=side, messages=prompt[side], reply=reply, adapter=chat.active.label,
                 base_model=chat.key.name_or_path, settings=vars(settings).copy(),
                 prompt=chat.feedback_prompt(prompt[side]))
-        yield "", hist["base"], hist["tuned"], state, note
+        yield "", inert.shown(hist["base"]), inert.shown(hist["tuned"]), state, note
 
     def rate(side):
         def handler(state, data: gr.LikeData):

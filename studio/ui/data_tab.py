@@ -10,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from studio import safepaths
+from studio.ui import inert
 from studio.config.run import SAMPLE_DATA
 from studio.data import DataError, resolve
 from studio.data.balance import ratio as weighted_ratio
@@ -134,10 +135,10 @@ def row_md(wb: Workbench | None, number: int | None) -> str:
         why = reasons.get(ISSUE_KINDS.get(tag, tag), "")
         lines.append(f"- ⚠️ **{tag}**" + (f": {why}" if why else ""))
 
-    def text(v) -> str:
+    def text(v) -> str:  # the user's text is shown as text: no HTML, link or image is made of it (studio.ui.inert)
         if isinstance(v, list):
-            return "\n\n".join(f"**{m.get('role')}:** {m.get('content')}" for m in v)
-        return completion_text(v)
+            return "\n\n".join(f"**{inert.text(m.get('role'))}:** {inert.text(m.get('content'))}" for m in v)
+        return inert.text(completion_text(v))
 
     lines += ["", "**Prompt**", "", text(row["prompt"]), "", "**Completion**", "", text(row["completion"])]
     return "\n".join(lines)
