@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from studio import paths
+from studio.config import strict
 from studio.errors import UsageError
 
 BUNDLED_MODEL = "bundled:smollm2-135m"
@@ -28,32 +29,9 @@ class ConfigError(UsageError, ValueError):
     """A run config that cannot be used. The message names the field and says what to change."""
 
 
-def _takes_bool(ann) -> bool:
-    import typing
-
-    if ann is bool or ann is Any:
-        return True
-    if typing.get_origin(ann) is Literal:
-        return any(isinstance(a, bool) for a in typing.get_args(ann))
-    return any(_takes_bool(a) for a in typing.get_args(ann))
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_yes_no_for_a_number(cls, v, info):
-        """pydantic reads true as 1 and 1.0: `--set train.max_steps=true` would quietly train one step."""
-        if isinstance(v, bool) and info.field_name in cls.model_fields \
-                and not _takes_bool(cls.model_fields[info.field_name].annotation):
-            import typing
-
-            ann = cls.model_fields[info.field_name].annotation
-            kind = "a number" if ann in (int, float) or {int, float} & set(typing.get_args(ann)) else "text"
-            raise ValueError(f"is {str(v).lower()}, a yes/no value, but this field takes {kind}: write "
-                             f"{'the number' if kind == 'a number' else 'the text'} itself")
-        return v
+    _no_yes_no = field_validator("*", mode="before")(classmethod(strict.no_yes_no_for_a_number))
 
 
 class ModelSettings(_Section):

@@ -176,8 +176,10 @@ class Engine:
                                                 if p.requires_grad)
                 if bad:
                     job.diverged = {"step": trainer.state.global_step, "what": "adapter weights", "names": bad}
-            if job.diverged is not None:
-                self._diverged(job, trainer)
+            if job.diverged is not None:  # stopped at a NaN/inf: the last good checkpoint, and the run failed
+                from studio.training.diverged import roll_back
+
+                roll_back(self, job, trainer)
                 return
             # the held-out watch scores the last step and loads the adapter to keep (best step, or rolled back)
             watched = job.watch.finish(trainer.model, trainer.state.global_step, job.stop_requested) \
@@ -218,51 +220,6 @@ class Engine:
             from studio.models.load import free_memory
 
             free_memory()
-
-    def _diverged(self, job: Job, trainer) -> None:
-        """The run hit NaN/inf: roll back to its last good checkpoint (its adapter becomes adapter/, checked
-        finite), or save no adapter when there is none; either way the run failed and says why and what to do."""
-        import shutil
-
-        from studio.runs import checkpoints
-        from studio.training import health
-
-        d = job.diverged
-        cfg = job.config
-        where = f" ({', '.join(d['names'])})" if d.get("names") else ""
-        text = (f"Training stopped at step {d['step']}: the {d['what'] or 'training'} became NaN or infinite"
-                f"{where}, so every later update would be garbage.")
-        adapter = None
-        good, skipped = folder.latest_checkpoint(job.run_dir) if _is_main_process() else (None, [])
-        if good is not None:
-            self._phase(job, "saving", f"Rolling back to {good.name}…")
-            out = folder.adapter_dir(job.run_dir)
-            trainer.save_model(str(out))  # the tokenizer and config; the weights come from the good checkpoint
-            for f in good.glob("adapter_model*.safetensors"):
-                shutil.copy2(f, out / f.name)
-            weights = list(out.glob("adapter_model*.safetensors"))
-            if weights and not any(checkpoints.non_finite_problem(f) for f in weights):
-                adapter = str(out)
-            else:  # never expected: the checkpoint was checked; never leave a non-finite adapter as the result
-                shutil.rmtree(out, ignore_errors=True)
-        if adapter:
-            text += (f" The adapter was rolled back to {good.name} (the last good checkpoint) and saved to "
-                     f"{adapter}; the run did not train to the end, so it is marked failed. To go on: "
-                     f"{health.diverged_fix(cfg.train.learning_rate)}, then resume from {good.name}.")
-        else:
-            text += (" No finite checkpoint was saved before it, so no adapter was saved. "
-                     f"{health.diverged_fix(cfg.train.learning_rate)}, then start the run again.")
-        if _is_main_process():
-            self._report_health(job)
-        job.adapter_path = adapter
-        job.state = "failed"
-        job.error = text
-        try:
-            folder.write_error(job.run_dir, text + "\n")
-        except OSError:
-            pass
-        self._emit(job, "error", message=text)
-        self._emit(job, "done", state="failed", adapter=adapter, step=d["step"], message=text)
 
     def _report_watch(self, job: Job, watched: dict[str, Any]) -> str:
         """Store the kept adapter's held-out evaluation (eval.json) and say in words what the watch saw."""
