@@ -169,11 +169,11 @@ class Engine:
             job.state = "stopping" if job.stop_requested else "running"
             self._emit(job, "status", message="Resuming training…" if job.resume_from else "Training…")
             trainer.train(resume_from_checkpoint=job.resume_from)
-            if job.diverged is None:  # the last guard: an adapter that is not finite is never saved as the result
+            model = getattr(trainer, "model", None)
+            if job.diverged is None and model is not None:  # the last guard: never a non-finite adapter as the result
                 from studio.training import health
 
-                bad = health.non_finite_tensors((n, p) for n, p in trainer.model.named_parameters()
-                                                if p.requires_grad)
+                bad = health.non_finite_tensors((n, p) for n, p in model.named_parameters() if p.requires_grad)
                 if bad:
                     job.diverged = {"step": trainer.state.global_step, "what": "adapter weights", "names": bad}
             if job.diverged is not None:  # stopped at a NaN/inf: the last good checkpoint, and the run failed
