@@ -71,14 +71,15 @@ def main(argv=None) -> int:
     warning = exposure_warning(args.host, args.share, auth is not None)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    app_kwargs = {}
+    from starlette.middleware import Middleware
+
+    from studio.ui.guard import LoginGuard, SecurityHeaders
+
+    # no remote images, no form posting elsewhere (user text is shown escaped too: studio.ui.inert)
+    app_kwargs = {"middleware": [Middleware(SecurityHeaders)]}
     if auth:
-        from starlette.middleware import Middleware
-
-        from studio.ui.guard import LoginGuard
-
         # the login page carries no API description, and reset/cancel need the login too
-        app_kwargs["middleware"] = [Middleware(LoginGuard)]
+        app_kwargs["middleware"].append(Middleware(LoginGuard))
     app = build_app(Studio(cfg))
     # quiet: Gradio's own start text tells to "set `share=True` in `launch()`"; the studio's flag is --share
     app.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, share=args.share,

@@ -259,6 +259,7 @@ def cmd_eval(args) -> int:
     """``python -m studio eval RUN_DIR [--data FILE] [--limit N]``: the evaluation as JSON on stdout."""
     from pathlib import Path
 
+    from studio import safepaths
     from studio.tuned import evaluate
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -268,7 +269,8 @@ def cmd_eval(args) -> int:
         print(f"[{frac:4.0%}] {msg}", file=sys.stderr, flush=True)
 
     try:
-        result = evaluate.evaluate_run(args.run_dir, data=args.data, limit=args.limit, progress=show)
+        result = evaluate.evaluate_run(args.run_dir, data=safepaths.typed(args.data), limit=args.limit,
+                                       progress=show)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     print_json({k: v for k, v in result.items() if k != "rows"})

@@ -125,3 +125,47 @@ def test_unreachable_model_leaves_lengths_out_with_a_reason():
     assert rep.lengths is None
     assert rep.tokenizer_note.startswith("cannot load the tokenizer of nobody/no-such-model")
     assert rep.n_desirable == 1
+
+
+# ---- issue 28, case 3: measuring one huge row costs a bounded amount ------------------------------------------
+
+class _Recording:
+    """A tokenizer that records the longest text it was given (to tokenize or to render as a chat)."""
+
+    def __init__(self, tok):
+        self._tok, self.longest = tok, 0
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def _seen(self, texts):
+        for t in texts if isinstance(texts, list) else [texts]:
+            n = len(t) if isinstance(t, str) else sum(len(m.get("content") or "") for m in t)
+            self.longest = max(self.longest, n)
+
+    def __call__(self, texts, *a, **kw):
+        self._seen(texts)
+        return self._tok(texts, *a, **kw)
+
+    def apply_chat_template(self, conversations, *a, **kw):
+        self._seen(conversations)
+        return self._tok.apply_chat_template(conversations, *a, **kw)
+
+
+def test_a_row_of_several_megabytes_is_measured_from_a_bounded_slice(bundled_model_dir):
+    from transformers import AutoTokenizer
+
+    from studio.data import inspect
+
+    tok = _Recording(AutoTokenizer.from_pretrained(bundled_model_dir))
+    huge = "lorem ipsum dolor sit amet " * 200_000  # 5.4 MB in one completion
+    rows = [{"prompt": "Say it all.", "completion": huge, "label": True},
+            {"prompt": "Hi", "completion": "Hello!", "label": False},
+            {"prompt": "Say it all.", "completion": huge + "  ", "label": True}]  # the same words: a duplicate
+    rep = inspect.inspect_rows(rows, tok, max_length=128)
+    assert tok.longest <= 2 * inspect.CHAR_CAP + 100  # prompt + cut completion, never the whole row
+    assert rep.lengths.too_long == [0, 2]
+    assert rep.lengths.total[0] >= inspect.TOKEN_CAP and rep.lengths.total[1] < 20
+    assert rep.truncated == [0, 2] and rep.duplicates == [2]
+    kinds = {p["kind"]: p for p in rep.problems()}
+    assert kinds["too_long"]["rows"] == [1, 3] and "far beyond any usable length" in kinds["too_long"]["message"]

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from studio import safepaths
 from studio.tuned import evaluate, scoring
 from studio.data import load_kto
 from studio.data.normalize import is_conversation
@@ -187,7 +188,7 @@ def test_a_run_without_held_out_data_gets_a_clear_message(run_dir, tmp_path, cap
 def test_held_out_file_loads_with_the_data_tabs_loader(tmp_path):
     f = tmp_path / "held.jsonl"
     f.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}) + "\n", encoding="utf-8")
-    rows, source = evaluate.held_out_rows(tmp_path, str(f))
+    rows, source = evaluate.held_out_rows(tmp_path, safepaths.typed(str(f)))
     assert source == str(f) and rows == load_kto(str(f)).rows and len(rows) == 2
 
 

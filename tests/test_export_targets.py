@@ -80,8 +80,11 @@ def test_a_manifest_listing_paths_outside_its_folder_removes_nothing_there(tmp_p
     folder = tmp_path / "exp"
     folder.mkdir()
     (folder / "a.bin").write_text("x")
+    rec = safepaths.file_record(folder / "a.bin")
     (folder / "export.json").write_text(json.dumps({"written_by": "kto-studio", "format": "adapter",
-                                                    "files": ["a.bin", "../thesis.txt", str(outside)]}))
+                                                    "files": ["a.bin", "../thesis.txt", str(outside)],
+                                                    "hashes": {"a.bin": rec, "../thesis.txt": rec,
+                                                               str(outside): rec}}))
     safepaths.prepare_folder(folder, "adapter", overwrite=True)
     assert outside.read_text() == "keep" and not any(folder.iterdir())
 
@@ -142,3 +145,67 @@ def test_ui_reads_only_the_home_uploads_sample_and_allowed_folders(studio_home, 
     assert safepaths.check_read(str(studio_home / "data" / "ok.jsonl"))
     safepaths.allow([tmp_path])
     assert safepaths.check_read(str(secret)) == str(secret.resolve())
+
+
+# ---- issue 28, case 2: deletion only of what the studio can prove it wrote ------------------------------------
+
+def _old_format_folder(root):
+    """notes.txt, sub/f.txt and an export.json shaped like an older studio manifest (no sizes, no hashes)."""
+    d = root / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "notes.txt").write_text("my notes")
+    (d / "sub" / "f.txt").write_text("mine too")
+    (d / "export.json").write_text(json.dumps({"format": "adapter", "path": str(d), "files": ["notes.txt", "sub"],
+                                               "checks": {}, "source": {}}))
+    return d
+
+
+def test_an_old_format_manifest_never_gets_the_users_files_deleted(tmp_path):
+    d = _old_format_folder(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(safepaths.PathRefused, match="older studio.*sizes and hashes.*delete or move.*new or empty"):
+            safepaths.prepare_folder(d, "adapter", overwrite=overwrite)
+    assert (d / "notes.txt").read_text() == "my notes" and (d / "sub" / "f.txt").read_text() == "mine too"
+    # alone in its folder, an old manifest only lets the export write there (it is replaced by the new one)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "export.json").write_text(json.dumps({"format": "adapter", "path": "x", "files": ["a"], "checks": {},
+                                                   "source": {}}))
+    assert safepaths.prepare_folder(alone, "adapter", overwrite=True) == alone
+
+
+def test_cli_export_over_an_old_format_manifest_deletes_nothing(run_dir, tmp_path):
+    from studio.cli import main
+
+    d = _old_format_folder(tmp_path)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["export", str(run_dir), "--format", "adapter", "--out", str(d), "--overwrite"])
+    assert code != 0 and "sizes and hashes" in err.getvalue()
+    assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) == ["export.json", "notes.txt", "sub",
+                                                                         "sub/f.txt"]
+
+
+def test_replace_deletes_only_files_whose_size_and_hash_match_the_manifest(run_dir, tmp_path):
+    out = tmp_path / "exp"
+    first = export.export_adapter(run_dir, out)
+    m = json.loads((out / "export.json").read_text())
+    assert set(m["hashes"]) == set(first.files) - {"export.json"}
+    assert all(len(r["sha256"]) == 64 and r["size"] > 0 for r in m["hashes"].values())
+    # a file changed since (same name, other bytes): nothing is deleted
+    cfg = out / "adapter_config.json"
+    kept = cfg.read_text()
+    cfg.write_text(kept.replace("{", "{ ", 1))
+    with pytest.raises(export.ExportError, match="changed since.*adapter_config.json"):
+        export.export_adapter(run_dir, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted({*first.files, "export.json"})
+    cfg.write_text(kept)
+    # a sub-folder is never taken wholesale: a file in it that the manifest does not record keeps it all
+    (out / "extra").mkdir()
+    (out / "extra" / "mine.txt").write_text("keep")
+    with pytest.raises(export.ExportError, match="extra/mine.txt"):
+        export.export_adapter(run_dir, out, overwrite=True)
+    (out / "extra" / "mine.txt").unlink()
+    (out / "extra").rmdir()
+    again = export.export_adapter(run_dir, out, overwrite=True)
+    assert sorted(again.files) == sorted(first.files)

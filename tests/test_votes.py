@@ -9,6 +9,7 @@ import sqlite3
 
 import pytest
 
+from studio import safepaths
 from studio.data import feedback
 from studio.tuned import votes
 from studio.data import load_kto
@@ -185,7 +186,7 @@ def test_prompt_pool_from_a_file_keeps_each_prompt_once(tmp_path):
     f.write_text("".join(json.dumps({"prompt": p, "completion": c, "label": lab}) + "\n" for p, c, lab in [
         ("Capital of France?", " Paris.", True), ("Capital of France?", " Lyon.", False),
         ("Two plus two?", " Four.", True)]))
-    pool, source = votes.prompt_pool(data=str(f))
+    pool, source = votes.prompt_pool(data=safepaths.typed(str(f)))
     assert pool == ["Capital of France?", "Two plus two?"] and source == str(f)
     with pytest.raises(VoteError, match="no prompts"):
         votes.prompt_pool()

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from studio import paths
+from studio.config import strict
 from studio.errors import UsageError
 
 BUNDLED_MODEL = "bundled:smollm2-135m"
@@ -30,6 +31,7 @@ class ConfigError(UsageError, ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _no_yes_no = field_validator("*", mode="before")(classmethod(strict.no_yes_no_for_a_number))
 
 
 class ModelSettings(_Section):

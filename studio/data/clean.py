@@ -13,6 +13,7 @@ from typing import Any
 from studio.data.balance import suggest_weights
 from studio.data.inspect import Report, inspect_rows
 from studio.data.normalize import FIELDS, DataError, Normalized
+from studio.errors import StudioError
 
 # reasons a row is left out, in the order they are checked (a row is counted under its first reason)
 REASONS = ("unlabeled", "empty_completion", "conflicting_labels", "duplicate", "prompt_too_long", "over_length")
@@ -108,6 +109,16 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": row["prompt"], "completion": row["completion"], "label": bool(row["label"])}
 
 
+class OutputError(StudioError):
+    """The output file cannot be written (a read-only folder, no permission, a full disk): the input was fine."""
+
+
+def _cannot_write(out: Path, e: OSError) -> OutputError:
+    why = e.strerror or str(e)
+    return OutputError(f"cannot write the output {out} ({why}); the input was read fine: choose an --out path in a "
+                       "folder you can write to, or fix that folder's permissions")
+
+
 def check_out(out: str | Path, overwrite: bool = False) -> Path:
     """Where ``write_jsonl`` may write: a new file, or (with ``overwrite``) an existing regular file. A folder, a
     device (/dev/full), a pipe or a socket is refused: replacing it by renaming a file over it would destroy it."""
@@ -121,6 +132,13 @@ def check_out(out: str | Path, overwrite: bool = False) -> Path:
         raise DataError(f"{out} is a link to a file that does not exist: give another --out path")
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists: pass --overwrite to replace it, or choose another --out path")
+    import os
+
+    folder = out.resolve().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):  # before the (maybe long) reading
+        raise _cannot_write(out, PermissionError(13, f"{folder} is not writable for you"))
     return out
 
 
@@ -142,8 +160,11 @@ def write_jsonl(rows: list[dict[str, Any]], out: str | Path, protect: list[str |
     if out.exists():
         out = out.resolve()  # a link stays a link; the file it points to is replaced
         mode = stat.S_IMODE(out.stat().st_mode)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    except OSError as e:
+        raise _cannot_write(out, e) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -155,6 +176,9 @@ def write_jsonl(rows: list[dict[str, Any]], out: str | Path, protect: list[str |
             mode = 0o666 & ~umask
         os.chmod(tmp, mode)
         tmp.replace(out)  # a crash mid-write never leaves a half file under the real name
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(out, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -45,9 +45,17 @@ def load_tokenizer(model: Any) -> Any:
             path = model
             if hub.offline():  # the cache answers at once; the hub would be retried for a minute
                 kw["local_files_only"] = True
-        tok = AutoTokenizer.from_pretrained(path, **kw)
+        # never transformers' "[y/N]" question (printed on stdout, into the CLI's JSON): custom code is not run
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kw)
     except ModelLoadError as e:
         raise DataError(f"cannot load the tokenizer of {model}: {e}") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise DataError(f"cannot load the tokenizer of {model} (ValueError): check the model id or folder, "
+                            "and that you are online for hub models") from None
+        raise DataError(f"the tokenizer of {model} needs custom code from its repository (trust_remote_code), which "
+                        "the studio does not run to measure lengths: measure with another model of the same "
+                        "tokenizer family, or leave the model out") from None
     except Exception as e:  # hub/offline/corrupt-folder errors come in many types
         if kw.get("local_files_only"):
             raise DataError(f"cannot load the tokenizer of {model}: it is not in the local cache and the hub cannot "
@@ -59,6 +67,38 @@ def load_tokenizer(model: Any) -> Any:
 
 
 # ---- token lengths -------------------------------------------------------------------------------------------------
+# Tokenizing costs about 95 bytes of memory per byte of text (a 50 MiB row: 4.8 GB), so no row is tokenized whole:
+# each prompt and completion is cut at CHAR_CAP characters first (8 characters a token, far above any usable
+# max_length), a row that was cut is reported as "too long" with at least TOKEN_CAP tokens, and rows are tokenized in
+# batches of at most BATCH_CHARS characters. Measuring costs O(rows), not O(the longest row).
+TOKEN_CAP = 32768  # the longest max_length the studio plans for
+CHARS_PER_TOKEN = 8  # well above what any tokenizer packs into a token of real text
+CHAR_CAP = TOKEN_CAP * CHARS_PER_TOKEN
+BATCH_CHARS = 4 * CHAR_CAP
+
+
+def _cut(value: Any, cap: int) -> tuple[Any, bool]:
+    """``value`` (text or a list of messages) with at most ``cap`` characters of text, and whether it was cut."""
+    if isinstance(value, str):
+        return (value[:cap], True) if len(value) > cap else (value, False)
+    if is_conversation(value):
+        out, left, cut = [], cap, False
+        for m in value:
+            content = m.get("content")
+            if isinstance(content, str) and len(content) > left:
+                m, cut = {**m, "content": content[:left]}, True
+            left = max(0, left - (len(m["content"]) if isinstance(m.get("content"), str) else 0))
+            out.append(m)
+        return out, cut
+    return value, False
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if is_conversation(value):
+        return sum(len(m["content"]) for m in value if isinstance(m.get("content"), str))
+    return 0
 
 @dataclass
 class TokenLengths:
@@ -69,6 +109,7 @@ class TokenLengths:
     total: list[int]
     mismatched: list[int]  # rows whose tokenized prompt is not a prefix of the tokenized prompt+completion
     mismatch_example: str | None = None  # the prompt tail that gets lost, decoded, for the first such row
+    too_long: list[int] = field(default_factory=list)  # rows cut at CHAR_CAP before measuring: >= TOKEN_CAP tokens
 
     def stats(self) -> dict[str, dict[str, int]]:
         out = {}
@@ -92,20 +133,38 @@ def token_lengths(rows: list[dict[str, Any]], tokenizer: Any, progress: Progress
     if conv and not getattr(tokenizer, "chat_template", None):
         raise DataError("the rows are conversations but this model's tokenizer has no chat template: pick an "
                         "instruct/chat model, or use text prompts")
-    for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
+    start = 0
+    while start < len(rows):
+        # a batch: at most ``chunk`` rows and BATCH_CHARS characters; each prompt and completion cut at CHAR_CAP
+        part, cut, chars = [], [], 0
+        while start + len(part) < len(rows) and len(part) < chunk and (not part or chars < BATCH_CHARS):
+            r = rows[start + len(part)]
+            prompt, p_cut = _cut(r["prompt"], CHAR_CAP)
+            completion, c_cut = _cut(r["completion"], CHAR_CAP)
+            part.append({"prompt": prompt, "completion": completion})
+            cut.append((p_cut, c_cut))
+            chars += _size(prompt) + _size(completion)
         prompt_ids, full_ids = kto_token_ids(tokenizer, part, conv)
-        for i, (p, f) in enumerate(zip(prompt_ids, full_ids), start=start):
+        for i, (p, f, (p_cut, c_cut)) in enumerate(zip(prompt_ids, full_ids, cut), start=start):
             k = common_prefix_length(p, f)
-            out.prompt.append(k)
-            out.completion.append(len(f) - k)
-            out.total.append(len(f))
-            if k < len(p):
+            prompt_n, completion_n = k, len(f) - k
+            if p_cut:
+                prompt_n = max(prompt_n, TOKEN_CAP)
+            if c_cut:
+                completion_n = max(completion_n, TOKEN_CAP)
+            out.prompt.append(prompt_n)
+            out.completion.append(completion_n)
+            out.total.append(prompt_n + completion_n)
+            if p_cut or c_cut:
+                out.too_long.append(i)
+            elif k < len(p):
                 out.mismatched.append(i)
                 if out.mismatch_example is None:
                     out.mismatch_example = tokenizer.decode(p[k:])
+        del prompt_ids, full_ids
+        start += len(part)
         if progress:
-            progress(min(1.0, (start + len(part)) / len(rows)), "measuring token lengths")
+            progress(min(1.0, start / len(rows)), "measuring token lengths")
     return out
 
 
@@ -153,6 +212,10 @@ class Report:
                 f"longer than max_length={self.max_length} tokens: the trainer cuts off the end of the completion")
             add("prompt_too_long", self.dropped,
                 f"the prompt alone fills max_length={self.max_length} tokens: the trainer drops these rows")
+        if self.lengths and self.lengths.too_long:
+            add("too_long", self.lengths.too_long,
+                f"far beyond any usable length (a prompt or completion over {CHAR_CAP:,} characters, at least "
+                f"{TOKEN_CAP:,} tokens): measured only up to there; such rows are dropped or cut by the trainer")
         if self.lengths and self.lengths.mismatched:
             add("chat_template_mismatch", self.lengths.mismatched,
                 "the tokenized prompt is not a prefix of the tokenized prompt+completion (chat template renders the "
@@ -161,11 +224,38 @@ class Report:
         return out
 
 
+def _blank(text: str) -> bool:
+    return not text or text.isspace()  # as ``not text.strip()``, without copying a long text
+
+
+def _words(text: str) -> str:
+    """``text`` with its whitespace normalised; a very long text as a digest of its words, read a block at a time
+    (splitting it whole would cost many times its size)."""
+    if len(text) <= CHAR_CAP:
+        return " ".join(text.split())
+    import hashlib
+
+    h, carry, pos, block = hashlib.sha256(), "", 0, 1 << 20
+    while pos < len(text):
+        piece = carry + text[pos:pos + block]
+        pos += block
+        words = piece.split()
+        carry = words.pop() if words and pos < len(text) and not piece[-1].isspace() else ""
+        if len(carry) > block:  # one "word" of megabytes: hashed as it comes
+            h.update(carry.encode("utf-8", "surrogatepass"))
+            carry = ""
+        if words:
+            h.update((" ".join(words) + " ").encode("utf-8", "surrogatepass"))
+    if carry:
+        h.update((carry + " ").encode("utf-8", "surrogatepass"))
+    return "\x00sha256:" + h.hexdigest()
+
+
 def _key(value: Any) -> str:
     """Comparable text of a prompt or completion; whitespace differences don't make a row unique."""
     if is_conversation(value):
-        return "\x1e".join(f"{m.get('role')}\x1f{' '.join(str(m.get('content')).split())}" for m in value)
-    return " ".join(completion_text(value).split())
+        return "\x1e".join(f"{m.get('role')}\x1f{_words(str(m.get('content')))}" for m in value)
+    return _words(completion_text(value))
 
 
 def inspect_rows(rows: list[dict[str, Any]], tokenizer: Any = None, max_length: int | None = None,
@@ -194,9 +284,9 @@ def inspect_rows(rows: list[dict[str, Any]], tokenizer: Any = None, max_length: 
             by_label[r.get("label")] = i
     rep.duplicates.sort()
     for i, r in enumerate(rows):
-        if not completion_text(r["completion"]).strip():
+        if _blank(completion_text(r["completion"])):
             rep.empty_completions.append(i)
-        if not completion_text(r["prompt"]).strip():
+        if _blank(completion_text(r["prompt"])):
             rep.empty_prompts.append(i)
     for i, r in enumerate(rows):
         by_label = seen[(_key(r["prompt"]), _key(r["completion"]))]

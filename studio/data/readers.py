@@ -216,9 +216,24 @@ def _no_constant(name: str):
                    "or put the text in quotes")
 
 
+def _one_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's fields; a key given twice is an error (json keeps the last silently: "label": true, "label":
+    false would become false)."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen, twice = set(), []
+        for k, _ in pairs:
+            if k in seen and k not in twice:
+                twice.append(k)
+            seen.add(k)
+        raise _NotJson(f"the key {', '.join(repr(k) for k in twice)} appears more than once in one object, so "
+                       "which value is meant is unclear: keep one of them")
+    return d
+
+
 def _loads(text: str):
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_one_each)
     except RecursionError:
         raise _NotJson("the JSON is nested too deeply to read (thousands of levels of [ or {): a data row holds "
                        "text, a label and at most a list of messages") from None

@@ -60,6 +60,7 @@ class Workbench:
         ``skip_bad_lines``: broken JSONL lines are left out and listed instead of refusing the file."""
         from studio.data import load_kto
 
+        source = str(source)  # a safepaths.UserPath from the web UI, or a path the caller was given
         norm = load_kto(source, mapping, strict=False, seed=seed, progress=progress, skip_bad_lines=skip_bad_lines)
         rows = [dict(r) for r in norm.rows]
         return cls(name=name or Path(source).name, source=source, norm=norm, rows=rows)

@@ -4,8 +4,8 @@ transformers' Trainer (5.17) writes ``checkpoint-N`` in place, file by file: a c
 folder under the real name, and resuming "from the latest" then picks it. ``atomic_saves(trainer)`` makes each
 checkpoint go to ``.saving-checkpoint-N/checkpoint-N`` and be renamed to ``checkpoint-N`` once complete; a save that
 fails removes its partial folder, and a full disk raises ``DiskFull`` with the folder, the free space and about how
-much a checkpoint needs. ``problem(path)`` says what is wrong with a checkpoint folder (None when it is readable),
-and ``latest(run_dir)`` picks the newest readable one, with the ones it skipped and why.
+much a checkpoint needs. ``problem(path)`` says what is wrong with a checkpoint folder (None when it is readable
+and its weights are finite), and ``latest(run_dir)`` picks the newest readable one, with the ones it skipped and why.
 """
 from __future__ import annotations
 
@@ -60,6 +60,26 @@ def _safetensors_problem(f: Path) -> str | None:
     return None
 
 
+def non_finite_problem(f: Path) -> str | None:
+    """A whole safetensors file whose tensors hold NaN or infinity (a damaged or diverged checkpoint)."""
+    try:
+        import torch
+        from safetensors import safe_open
+
+        bad = []
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad.append(name)
+    except Exception as e:  # noqa: BLE001 - a file safetensors cannot read is damaged too
+        return f"{f.name} cannot be read ({e})"
+    if bad:
+        return (f"{f.name} holds NaN or infinite values in {len(bad)} tensor{'s' if len(bad) > 1 else ''} "
+                f"(first: {bad[0]})")
+    return None
+
+
 def _torch_file_problem(f: Path) -> str | None:
     """torch.save writes a zip archive: check it is whole (every member's CRC)."""
     try:
@@ -89,7 +109,7 @@ def problem(path: str | Path) -> str | None:
         return "it holds no model weights"
     for f in sorted(path.iterdir()):
         if f.suffix == ".safetensors":
-            why = _safetensors_problem(f)
+            why = _safetensors_problem(f) or non_finite_problem(f)
         elif f.suffix in (".pt", ".pth", ".bin"):
             why = _torch_file_problem(f)
         else:
@@ -149,9 +169,14 @@ def disk_full(folder: Path, needed: int | None) -> DiskFull:
         free = None
     need = f"; a checkpoint needs about {_gib(needed)}" if needed else ""
     have = f" (the disk holding it has {_gib(free)} free)" if free is not None else ""
+    try:
+        done = latest(folder)[0] if folder.is_dir() else None
+    except OSError:
+        done = None
+    then = (f"then resume the run: it continues from its newest complete checkpoint ({done.name})" if done else
+            "then start the run again: no checkpoint was complete yet, so there is nothing to resume from")
     return DiskFull(28, f"The disk is full: saving into {folder} failed{have}{need}. Free some space there (or "
-                        "delete old runs' files in the run history), then resume the run: it continues from its "
-                        "newest complete checkpoint")
+                        f"delete old runs' files in the run history), {then}")
 
 
 def _needed(trainer, run_dir: Path) -> int | None:

@@ -60,6 +60,8 @@ class Job:
     eval_rows: list[dict[str, Any]] | None = None  # held-out rows, scored after training
     watch: Any = None  # studio.watch.Watch: the held-out rows scored during training
     plan: Any = None  # studio.training.plan.RunPlan: every `auto` of the config decided for this machine and data
+    # the first non-finite gradient, weight or logged number: {"step", "what", "names"} (studio.training.events)
+    diverged: dict[str, Any] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -167,6 +169,18 @@ class Engine:
             job.state = "stopping" if job.stop_requested else "running"
             self._emit(job, "status", message="Resuming training…" if job.resume_from else "Training…")
             trainer.train(resume_from_checkpoint=job.resume_from)
+            model = getattr(trainer, "model", None)
+            if job.diverged is None and model is not None:  # the last guard: never a non-finite adapter as the result
+                from studio.training import health
+
+                bad = health.non_finite_tensors((n, p) for n, p in model.named_parameters() if p.requires_grad)
+                if bad:
+                    job.diverged = {"step": trainer.state.global_step, "what": "adapter weights", "names": bad}
+            if job.diverged is not None:  # stopped at a NaN/inf: the last good checkpoint, and the run failed
+                from studio.training.diverged import roll_back
+
+                roll_back(self, job, trainer)
+                return
             # the held-out watch scores the last step and loads the adapter to keep (best step, or rolled back)
             watched = job.watch.finish(trainer.model, trainer.state.global_step, job.stop_requested) \
                 if job.watch is not None else None

@@ -119,6 +119,8 @@ def make_callback(engine, job):
     imported before transformers, so this module does not import transformers at import time)."""
     from transformers import TrainerCallback
 
+    from studio.training import health
+
     class EngineCallback(TrainerCallback):
         def __init__(self):
             self.t0 = self.last_t = time.time()
@@ -136,9 +138,34 @@ def make_callback(engine, job):
             if path.is_dir():
                 engine._emit(job, "checkpoint", step=state.global_step, path=str(path))
 
-        def on_step_end(self, args, state, control, **kw):
+        def _diverged(self, control, step: int, what: str, names: list[str]) -> None:
+            if job.diverged is None:
+                job.diverged = {"step": step, "what": what, "names": names}
+            control.should_training_stop = True
+            control.should_save = False  # a checkpoint of this step would not be finite (or not this step's)
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            """The first non-finite gradient stops the run before the optimizer applies it (its grads are dropped,
+            so AdamW skips the step and the weights stay as they were)."""
+            if model is None or job.diverged is not None:
+                return control
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            bad = health.non_finite_tensors((n, p.grad) for n, p in params)
+            if bad:
+                for _, p in params:
+                    p.grad = None
+                self._diverged(control, state.global_step + 1, "gradient", bad)
+            return control
+
+        def on_step_end(self, args, state, control, model=None, **kw):
             engine._phase(job, "training", "Training", state.global_step, state.max_steps)
-            if job.stop_requested:
+            if model is not None and job.diverged is None:
+                bad = health.non_finite_tensors((n, p) for n, p in model.named_parameters() if p.requires_grad)
+                if bad:
+                    self._diverged(control, state.global_step, "adapter weights", bad)
+            if job.diverged is not None:
+                self._diverged(control, state.global_step, "", [])
+            elif job.stop_requested:
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -158,6 +185,9 @@ def make_callback(engine, job):
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
+            bad = health.non_finite_logs(logs)
+            if bad:
+                self._diverged(control, state.global_step, " and ".join(bad), [])
             if "loss" not in logs and "eval_loss" not in logs:
                 return
             now = time.time()

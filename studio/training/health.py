@@ -129,6 +129,30 @@ def _beta(beta: float | None) -> str:
     return f" (now {beta:g})" if beta else ""
 
 
+# ---- the divergence guard (studio.training.events stops a run at the first non-finite value) ----------------------
+def non_finite_tensors(named: Iterable[tuple[str, Any]], limit: int = 3) -> list[str]:
+    """The names (at most ``limit``) of tensors holding NaN or infinity; None entries are skipped."""
+    import torch
+
+    bad = []
+    for name, t in named:
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+            if len(bad) >= limit:
+                break
+    return bad
+
+
+def non_finite_logs(logs: dict) -> list[str]:
+    """The logged numbers (loss, grad_norm) that are NaN or infinite."""
+    return [k for k in ("loss", "grad_norm") if isinstance(logs.get(k), (int, float)) and not math.isfinite(logs[k])]
+
+
+def diverged_fix(learning_rate: float | None) -> str:
+    return (f"Lower train.learning_rate about 10x{_lr(learning_rate)}; keep train.max_grad_norm at 1.0; on an older "
+            "card (no bfloat16) try model.dtype float32; check the Data tab for empty rows")
+
+
 # ---- the rules ---------------------------------------------------------------------------------------------------
 def non_finite(steps, learning_rate=None, **_) -> Finding | None:
     for m in steps:

@@ -206,13 +206,15 @@ def score_result(rows: list[dict], items: list[Tokenized], kept: list[int], skip
     return result
 
 
-def held_out_rows(run_dir: str | Path, data: str | None = None) -> tuple[list[dict], str]:
+def held_out_rows(run_dir: str | Path, data=None) -> tuple[list[dict], str]:
     """The held-out rows of a run (``data`` if given, else the run's eval file or eval split) and where they came
     from."""
     from studio import data as data_mod
+    from studio import safepaths
 
-    if data:
-        return data_mod.load_kto(data).rows, str(data)
+    # a file a person named arrives as a UserPath: bounded by safepaths in the web UI, as typed on the command line
+    if safepaths.require(data, "the held-out file") is not None:
+        return data_mod.load_kto(str(data)).rows, str(data)
     cfg = folder.read_config(run_dir)
     if cfg.data.eval_file:
         return data_mod.load_kto(cfg.data.eval_file).rows, cfg.data.eval_file
@@ -223,7 +225,7 @@ def held_out_rows(run_dir: str | Path, data: str | None = None) -> tuple[list[di
                     "held-out file (`--data FILE` on the command line, or the file box in the Chat tab)")
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None, limit: int | None = None, *,
+def evaluate_run(run_dir: str | Path, data=None, limit: int | None = None, *,
                  adapter: str | Path | None = None, chat_model=None, save: bool = True,
                  progress: Progress = None) -> dict[str, Any]:
     """Evaluate a run's adapter (default: its final adapter, else its newest checkpoint) on held-out data and store

@@ -70,8 +70,10 @@ def _prepare_dir(out: Path, kind: str, overwrite: bool = False) -> Path:
 def _write_manifest(folder: Path, result: ExportResult, source: dict[str, Any], name: str = MANIFEST) -> None:
     from studio import safepaths
 
+    # each file with its size and SHA-256: a later replace deletes only files that still match (safepaths)
     data = {"written_by": safepaths.MARKER, **result.as_dict(), "source": source,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "hashes": safepaths.file_records(folder, [f for f in result.files if f != name])}
     (folder / name).write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
 
 

@@ -138,10 +138,13 @@ def as_messages(prompt: Any) -> list[dict]:
     return msgs
 
 
-def prompt_pool(run_dir: str | Path | None = None, data: str | None = None) -> tuple[list[Any], str]:
-    """The distinct prompts to vote on, in file order: from ``data`` if given, else the run's held-out rows."""
+def prompt_pool(run_dir: str | Path | None = None, data=None) -> tuple[list[Any], str]:
+    """The distinct prompts to vote on, in file order: from ``data`` (a ``safepaths.UserPath``: the A/B tab's box
+    passes through ``safepaths.ui_read``) if given, else the run's held-out rows."""
+    from studio import safepaths
     from studio.tuned import evaluate
 
+    safepaths.require(data, "the prompt file")
     if not data and not run_dir:
         raise VoteError("no prompts: give a prompt file, or compare a run's adapter (its held-out prompts are used)")
     try:

@@ -11,6 +11,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from studio import safepaths
+from studio.ui import inert
 from studio.tuned import votes
 from studio.tuned.chat import ChatModel, GenerationSettings, build_messages, list_adapters, newest
 from studio.tuned.votes import VoteError
@@ -42,6 +44,11 @@ def model_choices() -> tuple[list[tuple[str, str]], str | None]:
 
 def _shown(messages: list[dict]) -> list[dict]:
     return [dict(m) for m in messages if m["role"] in ("user", "assistant")]
+
+
+def _show(hist: list[dict]) -> list[dict]:
+    """A conversation as the Chatbot shows it: prompts as literal text, replies without HTML or images."""
+    return inert.shown(hist)
 
 
 def tally_views(history, first, second):
@@ -128,7 +135,8 @@ def build(studio):
         return tally_views(studio.history, a, b)
 
     def _pool(ref, cand, file):
-        file = (file or "").strip() or None
+        """``file``: a UserPath from safepaths.ui_read (bounded to the studio home, uploads and --allow-path), or
+        None."""
         run = None if file else next((Path(c.adapter).parent for c in (cand, ref) if c.tuned), None)
         key = (str(run), file)
         if key not in pools:
@@ -140,6 +148,8 @@ def build(studio):
             """Yields {component: value} for what changes (the vote buttons stay off until both have answered)."""
             buttons = {btn: gr.update(interactive=False) for btn in vote_btns}
             try:
+                # the prompt file box reads only what the web UI may read (the studio home, uploads, --allow-path)
+                file = safepaths.ui_read(file, hub=False)
                 ref, cand = votes.contenders(a_spec, b_spec)
                 if draw_one:
                     pool, source = _pool(ref, cand, file)
@@ -166,7 +176,8 @@ def build(studio):
             hist = {"A": _shown(messages) + [{"role": "assistant", "content": ""}],
                     "B": _shown(messages) + [{"role": "assistant", "content": ""}]}
             note = "⏳ Loading the model…" if not chat.loaded else "⏳ Writing A…"
-            yield {msg: "", box_a: gr.update(value=hist["A"], label="A"), box_b: gr.update(value=hist["B"], label="B"),
+            yield {msg: "", box_a: gr.update(value=_show(hist["A"]), label="A"),
+                   box_b: gr.update(value=_show(hist["B"]), label="B"),
                    status: note, reveal: "", pending: None, **buttons}
             replies = {}
             for letter, who in (("A", a), ("B", b)):
@@ -174,11 +185,11 @@ def build(studio):
                 try:
                     for reply in votes.stream_reply(chat, who, messages, settings):
                         hist[letter][-1]["content"] = reply
-                        yield {msg: "", box_a: hist["A"], box_b: hist["B"], status: f"⏳ Writing {letter}…", reveal: "",
+                        yield {msg: "", box_a: _show(hist["A"]), box_b: _show(hist["B"]), status: f"⏳ Writing {letter}…", reveal: "",
                                pending: None, **buttons}
                 except Exception as e:  # noqa: BLE001
                     hist[letter][-1]["content"] = f"(generation failed: {e})"
-                    yield {msg: "", box_a: hist["A"], box_b: hist["B"], status: f"❌ {e}", reveal: "", pending: None,
+                    yield {msg: "", box_a: _show(hist["A"]), box_b: _show(hist["B"]), status: f"❌ {e}", reveal: "", pending: None,
                            **buttons}
                     return
                 replies[letter] = reply
@@ -188,7 +199,7 @@ def build(studio):
             done = "Both have answered. Which is better? (The names are shown after your vote.)"
             if studio.engine.busy:
                 done += "  \n⚠️ A training run is going on: chat shares the machine with it and is slower."
-            yield {msg: "", box_a: hist["A"], box_b: hist["B"], status: done, reveal: "", pending: state,
+            yield {msg: "", box_a: _show(hist["A"]), box_b: _show(hist["B"]), status: done, reveal: "", pending: state,
                    **{btn: gr.update(interactive=True) for btn in vote_btns}}
         return handler
 

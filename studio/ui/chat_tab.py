@@ -13,6 +13,7 @@ import pandas as pd
 from studio.tuned import evaluate, export, gguf_quant
 from studio.data import feedback
 from studio import paths, safepaths
+from studio.ui import inert
 from studio.tuned.chat import (ChatModel, GenerationSettings, Turn, build_messages, content_text, list_adapters,
                          newest)
 
@@ -47,8 +48,11 @@ def adapter_choices() -> tuple[list[tuple[str, str]], str | None]:
 
 
 def _plain(history) -> list[dict]:
-    return [{"role": m["role"], "content": _strip_mark(content_text(m.get("content")))} for m in (history or [])
-            if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+    """What was said, from what the Chatbots show (user text escaped, replies' HTML and images escaped:
+    studio.ui.inert)."""
+    return [{"role": m["role"], "content": _strip_mark(content_text(m.get("content")))}
+            for m in inert.said([m for m in (history or []) if isinstance(m, dict)
+                                 and m.get("role") in ("user", "assistant")])]
 
 
 def feedback_md() -> str:
@@ -189,17 +193,18 @@ def build(studio, tab: gr.Tab | None = None):
         text = (text or "").strip()
         base_hist, tuned_hist = _plain(base_hist), _plain(tuned_hist)
         if not text:
-            yield gr.update(), base_hist, tuned_hist, state, gr.update()
+            yield gr.update(), inert.shown(base_hist), inert.shown(tuned_hist), state, gr.update()
             return
         if not path:
-            yield gr.update(), base_hist, tuned_hist, state, NO_ADAPTER
+            yield gr.update(), inert.shown(base_hist), inert.shown(tuned_hist), state, NO_ADAPTER
             return
         try:
             if chat.active is None or str(chat.active.path) != path:
-                yield gr.update(), base_hist, tuned_hist, state, "⏳ Loading the model and the adapter…"
+                yield (gr.update(), inert.shown(base_hist), inert.shown(tuned_hist), state,
+                       "⏳ Loading the model and the adapter…")
             chat.use(path)
         except Exception as e:  # noqa: BLE001 - shown to the user (ChatError says what to do)
-            yield gr.update(), base_hist, tuned_hist, state, f"❌ {e}"
+            yield gr.update(), inert.shown(base_hist), inert.shown(tuned_hist), state, f"❌ {e}"
             return
         note = chat.describe()
         if studio.engine.busy:
@@ -211,25 +216,25 @@ def build(studio, tab: gr.Tab | None = None):
         hist = {"base": base_hist + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}],
                 "tuned": tuned_hist + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}
         state = {k: dict(v) for k, v in (state or {"base": {}, "tuned": {}}).items()}
-        yield "", hist["base"], hist["tuned"], state, note
+        yield "", inert.shown(hist["base"]), inert.shown(hist["tuned"]), state, note
         for side in ("base", "tuned"):
             reply = ""
             try:
                 chat.use(path)  # another browser tab may have switched the adapter meanwhile
                 for reply in chat.stream(prompt[side], tuned=side == "tuned", settings=settings):
                     hist[side][-1]["content"] = reply
-                    yield "", hist["base"], hist["tuned"], state, note
+                    yield "", inert.shown(hist["base"]), inert.shown(hist["tuned"]), state, note
                 if chat.cut_off:
                     hist[side][-1]["content"] = reply + cut_mark(settings.max_new_tokens)
             except Exception as e:  # noqa: BLE001
                 hist[side][-1]["content"] = f"(generation failed: {e})"
-                yield "", hist["base"], hist["tuned"], state, f"❌ {e}"
+                yield "", inert.shown(hist["base"]), inert.shown(hist["tuned"]), state, f"❌ {e}"
                 return
             state[side][len(hist[side]) - 1] = Turn(
                 side=side, messages=prompt[side], reply=reply, adapter=chat.active.label,
                 base_model=chat.key.name_or_path, settings=vars(settings).copy(),
                 prompt=chat.feedback_prompt(prompt[side]))
-        yield "", hist["base"], hist["tuned"], state, note
+        yield "", inert.shown(hist["base"]), inert.shown(hist["tuned"]), state, note
 
     def rate(side):
         def handler(state, data: gr.LikeData):
@@ -252,11 +257,14 @@ def build(studio, tab: gr.Tab | None = None):
         return [], [], {"base": {}, "tuned": {}}, ""
 
     def on_eval(path, data_file, limit, progress=gr.Progress()):
+        try:
+            data_file = safepaths.ui_read(data_file)  # a bounded UserPath, or None
+        except safepaths.PathRefused as e:
+            return f"❌ {e}", gr.update(), gr.update()
         if not path:
             return NO_ADAPTER, gr.update(), gr.update()
         run_dir = _run_dir(path)
         try:
-            data_file = safepaths.check_read(data_file) if (data_file or "").strip() else None
             result = evaluate.evaluate_run(run_dir, data=data_file,
                                            limit=int(limit) if limit else None, adapter=path, chat_model=chat,
                                            progress=lambda m, f: progress(f, desc=m))
@@ -265,11 +273,14 @@ def build(studio, tab: gr.Tab | None = None):
         return eval_outputs(result)
 
     def on_export(path, fmt_value, out_value, replace=False, type_value=None, progress=gr.Progress()):
+        try:
+            # the web UI writes only under the studio home (or folders allowed with app.py --allow-path)
+            target = safepaths.ui_write(out_value, f"{_run_dir(path).name if path else 'adapter'}-{fmt_value}").path
+        except safepaths.PathRefused as e:
+            return f"❌ Export failed: {e}", gr.update(visible=False, value=None)
         if not path:
             return NO_ADAPTER, gr.update(visible=False, value=None)
         try:
-            # the web UI writes only under the studio home (or folders allowed with app.py --allow-path)
-            target = safepaths.ui_export_target(out_value, f"{_run_dir(path).name}-{fmt_value}")
             extra = {"gguf_type": type_value or gguf_quant.DEFAULT_TYPE} if fmt_value == "gguf" else {}
             r = export.export(path, fmt_value, target, progress=lambda m: progress(None, desc=m),
                               overwrite=bool(replace), **extra)

@@ -10,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from studio import safepaths
+from studio.ui import inert
 from studio.config.run import SAMPLE_DATA
 from studio.data import DataError, resolve
 from studio.data.balance import ratio as weighted_ratio
@@ -143,10 +144,10 @@ def row_md(wb: Workbench | None, number: int | None) -> str:
         why = reasons.get(ISSUE_KINDS.get(tag, tag), "")
         lines.append(f"- ⚠️ **{tag}**" + (f": {why}" if why else ""))
 
-    def text(v) -> str:
+    def text(v) -> str:  # the user's text is shown as text: no HTML, link or image is made of it (studio.ui.inert)
         if isinstance(v, list):
-            return "\n\n".join(f"**{m.get('role')}:** {m.get('content')}" for m in v)
-        return completion_text(v)
+            return "\n\n".join(f"**{inert.text(m.get('role'))}:** {inert.text(m.get('content'))}" for m in v)
+        return inert.text(completion_text(v))
 
     lines += ["", "**Prompt**", "", text(row["prompt"]), "", "**Completion**", "", text(row["completion"])]
     return "\n".join(lines)
@@ -287,13 +288,15 @@ def build(studio):
         src = file if file else (source or SAMPLE_DATA)
         try:
             # the web UI reads only the studio home, uploads, the sample and folders allowed with --allow-path
-            src = safepaths.check_read(resolve(src))
+            user_src = safepaths.ui_read(resolve(src))
+            model = safepaths.ui_model(model)
         except safepaths.PathRefused as e:
             return _refused(f"**Cannot use this data:** {e}")
+        src = str(user_src)
         name = Path(file).name if file else Path(src).name
         try:
             progress(0, desc="reading")
-            wb = Workbench.load(src, name=name, mapping=mapping or None,
+            wb = Workbench.load(user_src, name=name, mapping=mapping or None,
                                 progress=lambda f, msg: progress(f, desc=msg), skip_bad_lines=skip_bad_lines)
         except ColumnError as e:
             columns = list(e.columns)
@@ -345,8 +348,9 @@ def build(studio):
                 lengths: None, table: None, page: 1, page_info: "", gauge: None, balance: ""}
 
     def _measure(wb, model, max_length, progress=None):
+        """``model``: a UserPath from safepaths.ui_model (or None: the run config's model)."""
         ml = int(max_length) if max_length else None
-        model = model or studio.config.model.name_or_path
+        model = str(safepaths.require(model, "the model to measure with") or studio.config.model.name_or_path)
         if progress:
             progress(0, desc=f"loading the tokenizer of {model}")
         wb.measure(model, ml, (lambda f, msg: progress(f, desc=msg)) if progress else None)
@@ -378,6 +382,10 @@ def build(studio):
     upload.upload(load, load_in, load_out)
 
     def measure(wb, model, max_length, *args, progress=gr.Progress()):
+        try:
+            model = safepaths.ui_model(model)
+        except safepaths.PathRefused as e:
+            return {summary: f"**Cannot measure with this model:** {e}"}
         if wb is None:
             return gr.skip()
         _measure(wb, model, max_length, progress)

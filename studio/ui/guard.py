@@ -81,3 +81,33 @@ class LoginGuard:
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, capture)
+
+
+# ---- what the page may load and where its forms may send (issue 28, case 4) ---------------------------------------
+# User text is shown escaped (studio.ui.inert); the policy makes sure that even text that slipped through cannot
+# fetch a remote image (tracking) or submit a form to another host (phishing). Scripts, styles, fonts and
+# connections are left to Gradio (its page and themes need inline scripts and web fonts).
+CONTENT_SECURITY_POLICY = ("img-src 'self' data: blob:; media-src 'self' data: blob:; form-action 'self'; "
+                           "object-src 'none'; base-uri 'self'; frame-ancestors 'self'")
+
+
+class SecurityHeaders:
+    """ASGI middleware: every HTTP response carries the Content-Security-Policy above (and nosniff)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if k.lower() not in (b"content-security-policy", b"x-content-type-options")]
+                headers += [(b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+                            (b"x-content-type-options", b"nosniff")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_headers)

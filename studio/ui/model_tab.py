@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
+from studio import safepaths
 from studio.models import hub, load as models
 from studio.training import autofit, memory, plan as planner
 from studio.config import presets
@@ -310,7 +311,11 @@ def build(studio, tab: gr.Tab | None = None):
 
     def on_fields(*values):
         try:
-            cfg = studio.update(collect(FIELDS, values))
+            changes = collect(FIELDS, values)
+            # a local model folder or .gguf file only where the web UI may read (a hub id or the bundled model as is)
+            model = safepaths.ui_model(changes["model.name_or_path"])
+            changes["model.name_or_path"] = str(model) if model is not None else changes["model.name_or_path"]
+            cfg = studio.update(changes)
             return f"Model: `{cfg.model.name_or_path}`", gr.update(value=model_choice_for(cfg.model.name_or_path))
         except ValueError as e:
             return f"**{e}**", gr.update()
