@@ -360,10 +360,15 @@ def build(studio):
 
     load_btn.click(load, load_in, load_out)
 
-    def use_ratings(file, source, *rest, progress=gr.Progress()):
-        """The ratings file, read with its own columns (never the mapping left from another file)."""
+    def use_ratings(*rest, progress=gr.Progress()):
+        """The ratings file, read with its own columns (never the mapping left from another file); the file and path
+        boxes are not its inputs (it reads no path the page sends)."""
         from studio.data import feedback
 
+        try:
+            safepaths.ui_model(rest[0])  # the model box is checked before anything else is said
+        except safepaths.PathRefused as e:
+            return _refused(f"**Cannot use this data:** {e}")
         f = feedback.feedback_path()
         if not f.is_file():
             raise gr.Error("No ratings yet: rate replies with 👍/👎 or vote in A/B (blind) in the Chat tab first; "
@@ -376,7 +381,7 @@ def build(studio):
     def load_skipping(*args, progress=gr.Progress()):
         return load(*args, progress=progress, skip_bad_lines=True)
 
-    ratings_btn.click(use_ratings, load_in, [upload, path, *load_out])
+    ratings_btn.click(use_ratings, load_in[2:], [upload, path, *load_out])
     skip_btn.click(load_skipping, load_in, load_out)
     map_btn.click(load_mapped, load_in, load_out)
     upload.upload(load, load_in, load_out)
