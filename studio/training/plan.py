@@ -133,8 +133,10 @@ def plan(cfg: RunConfig, card: str, device, *, model_key: str | None = None, rec
         if apply:
             if lengths is None:
                 lengths = duration.data_lengths(cfg)
-            out.config = cfg = cfg.updated(duration.cpu_plan(cfg, lengths, duration.ram_gib(), eff))
-        out.duration = duration.estimate(cfg, lengths if lengths is not None else duration.data_lengths(cfg))
+            out.config = cfg = cfg.updated(duration.cpu_plan(cfg, lengths, duration.ram_gib(), eff,
+                                                             device=_cpu_of(device)))
+        out.duration = duration.estimate(cfg, lengths if lengths is not None else duration.data_lengths(cfg),
+                                         device=_cpu_of(device))
     elif kind != "cuda" and apply:  # Apple MPS: no GPU budget, no CPU step cap
         out.config = cfg = cfg.updated({"model.gpu_memory_gib": None, "memory.micro_batch_size": None,
                                         **_not_cpu(cfg)})
@@ -155,6 +157,12 @@ def plan(cfg: RunConfig, card: str, device, *, model_key: str | None = None, rec
     if apply and out.card_plan.changes:
         out.config = out.config.updated(out.card_plan.changes)
     return out
+
+
+def _cpu_of(device):
+    """The CPU a 'cpu' card plans for: this DeviceInfo when it is one, else (planning a CPU run on a GPU machine) a
+    CPU without native bf16 - the plan never asks the host CPU."""
+    return device if getattr(device, "kind", None) == "cpu" else None
 
 
 def _not_cpu(cfg: RunConfig) -> dict[str, Any]:

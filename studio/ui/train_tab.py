@@ -152,10 +152,11 @@ def progress_html(job, now: float | None = None) -> str:
 
 def duration_markdown(cfg) -> str:
     """The Train tab's line: how long the config in the form takes here (CPU only; a GPU run shows its steps)."""
-    if models.detect_device().kind != "cpu":
+    device = models.detect_device()
+    if device.kind != "cpu":
         return ""
     lengths = duration.data_lengths(cfg)
-    d = duration.estimate(cfg, lengths)
+    d = duration.estimate(cfg, lengths, device=device)
     if d is None:
         why = ("the training data's token lengths could not be measured with this model's tokenizer" if lengths is None
                else "the model's size cannot be read before it is downloaded")
