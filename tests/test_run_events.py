@@ -117,3 +117,55 @@ def test_cli_stop_stops_a_cpu_run_trained_by_another_process(tmp_path, studio_ho
     again = subprocess.run([sys.executable, "-m", "studio", "stop", str(run_dir)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "not training (stopped)" in again.stderr
+
+
+def test_a_killed_trainer_reads_interrupted_in_the_history_and_the_train_tab_and_resume_continues(
+        tmp_path, studio_home, bundled_model_dir):
+    """SIGKILL the process training a CPU run (the app killed mid-run): a restarted app's history and Train tab show
+    the run as interrupted, not running, and Resume continues it from its last checkpoint."""
+    import signal
+
+    from studio.runs.history import History
+    from studio.ui import train_tab as tt
+    from studio.ui.app import Studio
+
+    cfg = tiny_run_config(tmp_path, name="killed", output_dir=None,
+                          **{"train.max_steps": 50, "train.save_steps": 1, "kto.precompute_ref_log_probs": False,
+                             "kto.max_length": 64, "data.eval_fraction": 0.0})
+    yaml_path = tmp_path / "run.yaml"
+    cfg.save(yaml_path)
+    env = dict(os.environ, KTO_STUDIO_HOME=str(studio_home))
+    proc = subprocess.Popen([sys.executable, "-m", "studio", "train", str(yaml_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = studio_home / "runs" / "killed"
+    try:
+        assert wait_for(lambda: folder.run_checkpoints(run_dir) or proc.poll() is not None, timeout=WAIT, every=0.5)
+        assert proc.poll() is None, proc.stderr.read()
+        assert History().runs()[0]["status"] in ("running", "stopping")  # live: another process trains it
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not runlock.held(run_dir)  # the kernel let go with the process
+
+    history = History()  # the restarted app's
+    [run] = [r for r in history.runs() if r["name"] == "killed"]
+    assert run["status"] == "interrupted" and "Resume" in run["error"]
+    saved = folder.read_config(run_dir)
+    studio = Studio(saved, history=history)
+    shown = tt.watched(studio)
+    assert shown.state == "interrupted" and shown.done and not shown.live
+    page = tt.tick(studio, None, "killed", tt.LATEST)
+    assert "interrupted" in page["status"] and page["stop"]["interactive"] is False  # no viewer waits on it
+    assert "interrupted" in list(page["history"]["status"])
+
+    latest = folder.run_checkpoints(run_dir)[-1][0]
+    values = {**tt.form_values(saved), "train.max_steps": latest + 1}
+    out = tt.resume_run(studio, "killed", tt.LATEST, [values[k] for k in tt.FORM_KEYS[1:]])
+    assert out["message"].startswith("Resuming `killed`"), out["message"]
+    job = studio.engine.wait(WAIT)
+    assert job.state == "finished", job.error
+    view = live.RunView(run_dir)
+    assert view.state == "finished" and view.resume_from.endswith(f"checkpoint-{latest}")
+    steps = [m["step"] for m in view.metrics() if "loss" in m]
+    assert steps == list(range(1, latest + 2))  # one curve: the killed attempt's steps, then the resumed one's
+    assert history.get(run["id"])["status"] == "finished"
