@@ -169,3 +169,48 @@ def test_a_killed_trainer_reads_interrupted_in_the_history_and_the_train_tab_and
     steps = [m["step"] for m in view.metrics() if "loss" in m]
     assert steps == list(range(1, latest + 2))  # one curve: the killed attempt's steps, then the resumed one's
     assert history.get(run["id"])["status"] == "finished"
+
+
+def test_an_exception_inside_the_trainer_fails_the_run_with_its_reason_and_the_app_keeps_serving(
+        tmp_path, bundled_model_dir):
+    """An exception raised in a trainer callback mid-run (a real KTOTrainer on the CPU): the run ends 'failed' with
+    error.log and a plain reason, in the engine, the event log and the Train tab; the model is released; the next
+    request is answered."""
+    import gc
+    import weakref
+
+    from transformers import TrainerCallback
+
+    from studio.runs.history import History
+    from studio.ui import train_tab as tt
+    from studio.ui.app import Studio
+
+    seen = {}
+
+    class Faulty(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen["model"] = weakref.ref(model)
+
+        def on_step_end(self, args, state, control, **kw):
+            raise RuntimeError("injected fault in a callback at step %d" % state.global_step)
+
+    cfg = tiny_run_config(tmp_path, **{"train.max_steps": 5, "kto.precompute_ref_log_probs": False,
+                                       "kto.max_length": 64, "data.eval_fraction": 0.0})
+    studio = Studio(cfg, history=History(tmp_path / "history.sqlite"))
+    studio.engine.extra_callbacks.append(Faulty())
+    job = studio.engine.start(cfg)
+    studio.engine.wait(WAIT)
+    assert job.state == "failed" and not studio.engine.busy
+    assert job.error.startswith("RuntimeError: injected fault in a callback at step 1") and "error.log" in job.error
+    assert "injected fault" in folder.read_error(cfg.run_dir()) and "Traceback" in folder.read_error(cfg.run_dir())
+    view = live.RunView(cfg.run_dir())
+    assert view.state == "failed" and view.error == job.error and not view.live
+    assert [e["type"] for e in view.events][-2:] == ["error", "done"]
+    # the model, optimizer and caches were released at the run's end (the engine's gc, before this test's)
+    assert seen["model"]() is None
+    # the app answers the next request: the Train tab shows the failure and its reason; the history has it
+    page = tt.tick(studio, None, cfg.name, tt.LATEST)
+    assert "failed" in page["status"] and "injected fault" in page["status"]
+    assert studio.history.runs()[0]["status"] == "failed" and "injected fault" in studio.history.runs()[0]["error"]
+    assert tt.stop_run(studio) == {"message": "No training is running."}
+    gc.collect()

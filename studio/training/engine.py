@@ -188,40 +188,17 @@ class Engine:
         self.emit(job, "phase", phase=phase, message=message, done=done, total=total)
 
     def _run(self, job: Job) -> None:
-        cfg = job.config
+        """The job's thread: any failure ends the run as 'failed' (error.log, a plain-words reason, the events) and
+        the process keeps serving; at the end the model, optimizer and caches are released (the trainer lives only
+        in ``_train``'s frame, gone by then) and the run folder is let go."""
         try:
-            job.run_dir.mkdir(parents=True, exist_ok=True)
-            self.emit(job, "status", message=f"Run folder: {job.run_dir}")
-            trainer = self._build(job)
-            if trainer is None:  # stopped while loading
-                job.state = "stopped"
-                self.emit(job, "done", state="stopped", adapter=None, message="Stopped before training began.")
-                return
-            job.state = "stopping" if job.should_stop() else "running"
-            self.emit(job, "status", message="Resuming training…" if job.resume_from else "Training…")
-            trainer.train(resume_from_checkpoint=job.resume_from)
-            # the held-out watch scores the last step and loads the adapter to keep (best step, or rolled back)
-            watched = job.watch.finish(trainer.model, trainer.state.global_step, job.stop_requested) \
-                if job.watch is not None else None
-            adapter = folder.adapter_dir(job.run_dir)
-            self.phase(job, "saving", "Saving the adapter…")
-            trainer.save_model(str(adapter))
-            job.adapter_path = str(adapter)
-            verdict = ""
-            if watched is not None:
-                verdict = self._report_watch(job, watched)
-            elif not job.stop_requested and cfg.data.evaluate_after and job.eval_rows and _is_main_process():
-                verdict = self._evaluate(job, trainer)
-            if _is_main_process():
-                self._report_health(job, collapsed=bool(watched and watched["collapsed"]))
-            job.state = "stopped" if job.stop_requested else "finished"
-            step = trainer.state.global_step
-            self.emit(job, "done", state=job.state, adapter=str(adapter), step=step,
-                       message=f"{'Stopped' if job.stop_requested else 'Finished'} at step {step}. "
-                               f"Adapter saved to {adapter}" + verdict)
+            self._train(job)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an event; the process stays up
             job.state = "failed"
-            job.error = explain_error(exc, cfg)
+            try:
+                job.error = explain_error(exc, job.config)
+            except Exception:  # noqa: BLE001 - explaining must not fail the failure report
+                job.error = f"{type(exc).__name__}: {exc}. The full traceback is in the run folder's error.log."
             try:
                 folder.write_error(job.run_dir, traceback.format_exc())
             except OSError:
@@ -230,16 +207,52 @@ class Engine:
             log.debug("training failed: %s", traceback.format_exc())
             self.emit(job, "error", message=job.error)
             self.emit(job, "done", state="failed", adapter=None, message=job.error)
+            del exc  # its traceback holds the trainer's frame
         finally:
             job.ended_at = time.time()
             if _is_main_process():
                 from studio.runs import lock as runlock
 
-                folder.clear_stop(job.run_dir)
-                runlock.release(job.lock or job.run_dir)
-            from studio.models.load import free_memory
+                try:
+                    folder.clear_stop(job.run_dir)
+                finally:
+                    runlock.release(job.lock or job.run_dir)
+        job.watch = None  # it holds the tuned model's scorer and the best step's adapter weights
+        from studio.models.load import free_memory
 
-            free_memory()
+        free_memory()  # gc, then torch.cuda.empty_cache(): the GPU memory goes back to the card
+
+    def _train(self, job: Job) -> None:
+        cfg = job.config
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        self.emit(job, "status", message=f"Run folder: {job.run_dir}")
+        trainer = self._build(job)
+        if trainer is None:  # stopped while loading
+            job.state = "stopped"
+            self.emit(job, "done", state="stopped", adapter=None, message="Stopped before training began.")
+            return
+        job.state = "stopping" if job.should_stop() else "running"
+        self.emit(job, "status", message="Resuming training…" if job.resume_from else "Training…")
+        trainer.train(resume_from_checkpoint=job.resume_from)
+        # the held-out watch scores the last step and loads the adapter to keep (best step, or rolled back)
+        watched = job.watch.finish(trainer.model, trainer.state.global_step, job.stop_requested) \
+            if job.watch is not None else None
+        adapter = folder.adapter_dir(job.run_dir)
+        self.phase(job, "saving", "Saving the adapter…")
+        trainer.save_model(str(adapter))
+        job.adapter_path = str(adapter)
+        verdict = ""
+        if watched is not None:
+            verdict = self._report_watch(job, watched)
+        elif not job.stop_requested and cfg.data.evaluate_after and job.eval_rows and _is_main_process():
+            verdict = self._evaluate(job, trainer)
+        if _is_main_process():
+            self._report_health(job, collapsed=bool(watched and watched["collapsed"]))
+        job.state = "stopped" if job.stop_requested else "finished"
+        step = trainer.state.global_step
+        self.emit(job, "done", state=job.state, adapter=str(adapter), step=step,
+                  message=f"{'Stopped' if job.stop_requested else 'Finished'} at step {step}. "
+                          f"Adapter saved to {adapter}" + verdict)
 
     def _report_watch(self, job: Job, watched: dict[str, Any]) -> str:
         """Store the kept adapter's held-out evaluation (eval.json) and say in words what the watch saw."""
