@@ -108,7 +108,8 @@ def _view(studio, run_dir) -> live.RunView:
 
 def watched(studio):
     """The run this studio shows: its engine's job while it runs, else a run another process on this studio home
-    trains now (a second app, the CLI), else its engine's last job, else the newest run if its trainer is gone
+    trains now (a second app, the CLI), else its engine's last job or the other process's run it showed last, else
+    the newest run if its trainer is gone
     (interrupted: resumable). Rendered from the run folder's event log; a job whose folder has none (a trainer of an
     older studio) from the job itself. None: nothing to show."""
     job = studio.engine.job
@@ -117,9 +118,12 @@ def watched(studio):
     runs = studio.history.runs()
     for r in runs:
         if r["status"] in ACTIVE and live.is_live(r["run_dir"]) and folder.has_events(r["run_dir"]):
+            studio.__dict__["_watched_run"] = r["run_dir"]  # kept in view once it ends
             return _view(studio, r["run_dir"])
     if job is not None:
         return _from_folder(studio, job)
+    if studio.__dict__.get("_watched_run"):
+        return _view(studio, studio.__dict__["_watched_run"])
     if runs and runs[0]["status"] == "interrupted" and folder.has_events(runs[0]["run_dir"]):
         return _view(studio, runs[0]["run_dir"])
     return None
