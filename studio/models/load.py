@@ -75,8 +75,8 @@ def detect_device() -> DeviceInfo:
         )
         if info.count > 1:
             info.notes.append(
-                f"{info.count} GPUs: the studio trains on one. For data-parallel training on all of them run "
-                "`accelerate launch -m studio train RUN.yaml` with the bitsandbytes path (Unsloth trains on one GPU)."
+                f"{info.count} GPUs: the Train tab trains on one, or on all of them (data-parallel, its 'GPUs' "
+                "choice: `accelerate launch -m studio train RUN.yaml`, the bitsandbytes path; Unsloth trains on one)."
             )
         return info
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

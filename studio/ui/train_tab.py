@@ -347,13 +347,23 @@ def busy_message(studio, verb: str) -> str:
     return f"**Not {verb}:** a training job is running (`{job.config.name}`): stop it or wait for it to end."
 
 
-def start_run(studio, run_name, values) -> dict:
+def start_run(studio, run_name, values, processes: int = 1) -> dict:
+    """Start the form's run: in this process (the engine's thread), or with ``processes`` > 1 on all GPUs through
+    ``accelerate launch`` (studio/training/launcher.py), watched through its run folder like any other process's."""
     if studio.engine.busy:
         return {"message": busy_message(studio, "started")}
     try:
         changes = form_changes(run_name, values)
         cfg, note = folder.new_run(studio.config.updated(changes))
         cfg = studio.update({**changes, "name": cfg.name}, source="train-form")
+        if int(processes or 1) > 1:
+            from studio.training import launcher
+
+            launched = launcher.launch(cfg, int(processes))
+            studio.__dict__["_watched_run"] = str(launched.run_dir)
+            return {"message": f"{note + '  ' + chr(10) if note else ''}Started run `{cfg.name}` on {processes} GPUs "
+                               f"(data-parallel) → `{cfg.run_dir()}`; console log `{launched.log}`",
+                    "name": cfg.name}
         studio.engine.start(cfg)
         return {"message": f"{note + '  ' + chr(10) if note else ''}Started run `{cfg.name}` → `{cfg.run_dir()}`",
                 "name": cfg.name}
@@ -515,6 +525,14 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
         with gr.Row():
             comps = [field_component(studio.config, s, n, label=f"{n.replace('_', ' ')}", min_width=200)
                      for s, n in FIELDS]
+    gpu_count = models.detect_device().count if models.detect_device().kind == "cuda" else 1
+    gpus = None
+    if gpu_count > 1:  # several GPUs: this process on one, or all of them through accelerate launch
+        from studio.training import launcher
+
+        gpus = gr.Dropdown(label="GPUs", choices=launcher.gpu_choices(gpu_count), value=gpu_count,
+                           elem_id="train-gpus", info="All GPUs: data-parallel processes (accelerate launch), "
+                                                      "watched and stopped through the run folder.")
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         stop = gr.Button("Stop (saves the adapter)", variant="secondary", interactive=False, elem_id="train-stop")
@@ -575,7 +593,11 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
         return {"fn": handler, "outputs": [ui[k] for k in keys]}
 
     form = [name, *comps]
-    start.click(**on(lambda n, *v: start_run(studio, n, v), "message", "name"), inputs=form, concurrency_limit=1)
+    if gpus is None:
+        start.click(**on(lambda n, *v: start_run(studio, n, v), "message", "name"), inputs=form, concurrency_limit=1)
+    else:
+        start.click(**on(lambda g, n, *v: start_run(studio, n, v, g), "message", "name"), inputs=[gpus, *form],
+                    concurrency_limit=1)
     resume.click(**on(lambda n, c, *v: resume_run(studio, n, c, v), "message"), inputs=[name, ckpt, *comps],
                  concurrency_limit=1)
     stop.click(**on(lambda: stop_run(studio), "message"))
