@@ -118,8 +118,13 @@ class Engine:
                         folder.start_fresh(cfg.run_dir())
                     folder.clear_stop(cfg.run_dir())  # a request a finished run left is not this job's
                     folder.write_config(cfg.run_dir(), cfg)
-                except BaseException:
+                except BaseException as e:
                     runlock.release(claim)
+                    if isinstance(e, OSError):
+                        from studio.config.run import ConfigError
+
+                        raise ConfigError(f"cannot write the run folder {cfg.run_dir()}: {e.strerror or e}. Free "
+                                          "some space or choose another output_dir") from e
                     raise
             job = Job(id=uuid.uuid4().hex[:12], config=cfg, resume_from=resume_from, lock=claim)
             self.job = job
@@ -331,7 +336,7 @@ class Engine:
     def _build(self, job: Job):
         from studio import data as data_mod
         from studio.runs import checkpoints
-        from studio.training import logprob, microbatch, speed, plan as planner
+        from studio.training import logprob, microbatch, speed, plan as planner, trl_seam
         from studio.models import load as models
 
         cfg = job.config
@@ -423,7 +428,7 @@ class Engine:
             trainer.add_callback(job.watch.callback(
                 cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps))
         # checkpoint-N appears only once complete, saying which run saved it
-        checkpoints.atomic_saves(trainer, mark=lambda p: folder.mark_checkpoint(job.run_dir, p))
+        checkpoints.atomic_saves(trainer, trl_seam, mark=lambda p: folder.mark_checkpoint(job.run_dir, p))
         dropped = speed.drop_reference_copy(trainer.model)
         if precompute and not job.stop_requested:
             self.emit(job, "status", message=f"Computing the reference model's log-probs for {len(td.train)} rows "
