@@ -15,6 +15,7 @@ PKG = ROOT / "studio"
 # lowest first: a unit may import only from units before it (or itself)
 LAYERS = [
     ("errors",),            # the error base class
+    ("atomic",),            # the one atomic-write helper
     ("paths",),             # the studio home
     ("config",),            # the run description and presets
     ("models",),            # models and where they come from
@@ -163,6 +164,10 @@ MAX_LINES = 450
 COHESIVE = {
     "studio/ui/train_tab.py": "one tab, one file (the UI's rule): its layout, handlers and run-history views",
     "studio/ui/data_tab.py": "one tab, one file (the UI's rule): upload, inspect, fix labels, balance, save",
+    "studio/runs/folder.py": "the one reader and writer of every file in a run folder (one section per file, the "
+                             "event log and the stop request included): the rule is one module for them",
+    "studio/cli.py": "the headless front end: one parser, one command function per subcommand and its progress bar",
+    "studio/training/engine.py": "one training job from Start to 'done': build, train, report, fail, release",
 }
 
 

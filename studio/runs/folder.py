@@ -39,6 +39,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import ValidationError
 
+from studio import atomic
 from studio.config.run import ConfigError, RunConfig
 from studio.runs import checkpoints
 from studio.runs.lock import LOCK
@@ -69,12 +70,8 @@ def _now() -> str:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    """Write under a temporary name, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """A crash never leaves half a file (studio.atomic: temporary file, fsync, rename)."""
+    return atomic.write(path, text)
 
 
 def _read_json(path: Path) -> Any:
@@ -368,7 +365,7 @@ def _with_defaults(data: dict[str, Any], run_dir: Path, derive: Derive | None = 
 # ---- error.log, plan.json ------------------------------------------------------------------------------------------
 
 def write_error(run_dir: str | Path, text: str) -> None:
-    (Path(run_dir) / ERROR_FILE).write_text(text, encoding="utf-8")
+    _write_atomic(Path(run_dir) / ERROR_FILE, text)
 
 
 def read_error(run_dir: str | Path) -> str | None:
