@@ -155,7 +155,9 @@ def cmd_train(args) -> int:
             raise UsageError(f"{e} (python -m studio train {args.config} --resume continues it; "
                              "--set output_dir=NEW_FOLDER starts afresh)") from None
         if note:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from studio.training.plan import world_size
+
+            if world_size() > 1:
                 raise UsageError(f"run folder {used.run_dir()} already holds a run: add --resume to continue it, or "
                                  "--set name=NEW_NAME")
             print(f"note: run name '{used.name}' is used (--resume continues that run); this run is "

@@ -205,9 +205,7 @@ def test_the_held_out_file_counts_its_watch_checks_and_its_scoring(tmp_path, bun
     capped = duration.estimate(cfg.updated({"data.eval_max_rows": 4}), duration.data_lengths(cfg), converted=True)
     assert 0 < capped.eval_s < d.eval_s  # the engine scores at most data.eval_max_rows of the file's rows
     assert d.total_s == pytest.approx(d.startup_s + d.reference_s + d.train_s + d.eval_loss_s + d.eval_s + d.save_s)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert duration.estimate(cfg, duration.data_lengths(cfg), converted=True).eval_loss_s > 0
-    monkeypatch.delenv("WORLD_SIZE")
+    assert duration.estimate(cfg, duration.data_lengths(cfg), converted=True, world=2).eval_loss_s > 0
     no_eval = duration.estimate(cfg.updated({"data.eval_file": None, "data.eval_fraction": 0.0}),
                                 duration.data_lengths(cfg), converted=True)
     assert no_eval.eval_loss_s == 0 and no_eval.eval_s == 0

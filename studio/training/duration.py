@@ -146,11 +146,12 @@ def cores() -> int:
 # ---- the estimate ---------------------------------------------------------------------------------------------------
 
 def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
-             n_cores: int | None = None, converted: bool | None = None, device=None) -> Duration | None:
+             n_cores: int | None = None, converted: bool | None = None, device=None,
+             world: int = 1) -> Duration | None:
     """The predicted duration of ``cfg`` on the CPU ``device`` (a ``models.DeviceInfo``; its ``bf16`` decides the
     time constant, the host CPU is never asked; None: a CPU without native bf16); None when the model's size is
     unknown. ``lengths``: the training rows' token lengths (``data_lengths``); without them every row counts as
-    max_length."""
+    max_length. ``world``: the processes training it (the run plan's ``world``; the Train tab's process: 1)."""
     from studio.training import speed
     from studio.config.run import BUNDLED_MODEL, resolve_epochs
 
@@ -202,7 +203,7 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
         eval_rows = min(EVAL_LIMIT, n_eval)
     eval_s = eval_rows * mean_tok * per_token * EVAL_SHARE
     eval_loss_s = 0.0
-    if n_eval and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if n_eval and world > 1:
         # without the held-out watch (several processes) transformers evaluates every save_steps and once more at
         # the last step (TrainerControl's end-of-training eval)
         passes = steps // t.save_steps + (1 if steps % t.save_steps else 0)

@@ -362,7 +362,7 @@ class Engine:
         job.eval_rows = td.eval.to_list() if td.eval is not None else None
         if cfg.data.length_grouping:
             td.train = speed.group_by_length(td.train, cfg.train.per_device_train_batch_size, cfg.train.seed)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = plan.world  # the plan's process count (plan.world_size: the one reader of WORLD_SIZE)
         plan = job.plan = plan.with_data(len(td.train))
         precompute = plan.precompute_ref
         if _is_main_process():
@@ -393,7 +393,8 @@ class Engine:
             self.emit(job, "status", message=m)
             self.phase(job, "convert" if m.startswith("Converting") else "model", m)
 
-        loaded = models.load_for_training(cfg, device, progress=model_progress, frozen_dtype=plan.frozen_dtype)
+        loaded = models.load_for_training(cfg, device, progress=model_progress, frozen_dtype=plan.frozen_dtype,
+                                          world=plan.world)
         if job.should_stop():
             return None
         if logprob.needs_fallback(device.kind):
