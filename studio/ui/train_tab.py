@@ -525,7 +525,8 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
         with gr.Row():
             comps = [field_component(studio.config, s, n, label=f"{n.replace('_', ' ')}", min_width=200)
                      for s, n in FIELDS]
-    gpu_count = models.detect_device().count if models.detect_device().kind == "cuda" else 1
+    here = models.detect_device()
+    gpu_count = here.count if here.kind == "cuda" else 1
     gpus = None
     if gpu_count > 1:  # several GPUs: this process on one, or all of them through accelerate launch
         from studio.training import launcher
