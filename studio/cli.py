@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a field, e.g. --set train.max_steps=10 (YAML value syntax)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("stop", help="stop a running run (started here, in the app or in another shell): its trainer "
+                                   "saves a checkpoint and the adapter after the current step")
+    p.add_argument("run", help="the run's name (a folder under the studio home's runs/) or its run folder")
+    p.add_argument("--wait", action="store_true", help="wait until the run has stopped, then print its last line")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    p.set_defaults(func=cmd_stop)
+
     p = sub.add_parser("data", help="convert and clean a data file; print a JSON summary "
                                    "(exit 1: the file can't be used; 2: a flag named wrongly)")
     p.add_argument("file")
@@ -150,7 +157,9 @@ def cmd_train(args) -> int:
             raise UsageError(f"{e} (python -m studio train {args.config} --resume continues it; "
                              "--set output_dir=NEW_FOLDER starts afresh)") from None
         if note:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from studio.training.plan import world_size
+
+            if world_size() > 1:
                 raise UsageError(f"run folder {used.run_dir()} already holds a run: add --resume to continue it, or "
                                  "--set name=NEW_NAME")
             print(f"note: run name '{used.name}' is used (--resume continues that run); this run is "
@@ -167,14 +176,14 @@ def cmd_train(args) -> int:
     engine = Engine(on_event=History().record if rank == 0 else None)
     job = engine.start(cfg, resume_from=args.resume)
     bar = _Progress(enabled=rank == 0)
-    seen = 0
+    # the progress is the run folder's event log, as every viewer reads it (other ranks write none: their own)
+    source = _FolderEvents(job.run_dir) if rank == 0 else _EngineEvents(engine)
     try:
         while True:
-            events = engine.events(seen)
-            seen += len(events)
-            for ev in events:
+            ended = job.done and (job.thread is None or not job.thread.is_alive())  # its last event is written
+            for ev in source.new():
                 bar.show(ev)
-            if job.done and seen >= len(job.events):
+            if ended:
                 break
             bar.tick()
             time.sleep(0.5)
@@ -182,7 +191,7 @@ def cmd_train(args) -> int:
         print("\nstopping: saving a checkpoint and the adapter (Ctrl-C again to abort)…", file=sys.stderr)
         engine.stop()
         engine.wait()
-        for ev in engine.events(seen):
+        for ev in source.new():
             bar.show(ev)
     bar.close()
     engine.wait()  # let the training thread finish cleaning up before the interpreter exits
@@ -193,6 +202,70 @@ def cmd_train(args) -> int:
     if rank == 0:
         print(f"adapter: {job.adapter_path}")
         print(f"run folder: {job.run_dir} (run.yaml, metrics.jsonl, checkpoints)")
+    return 0
+
+
+class _FolderEvents:
+    """The new events of a run folder's event log, from this job's ``started`` event on."""
+
+    def __init__(self, run_dir):
+        from studio.runs import live
+
+        self.view = live.RunView(run_dir)
+        self.seen = 0
+
+    def new(self) -> list[dict]:
+        events = self.view.refresh().events
+        if len(events) < self.seen:  # a new attempt began in the log
+            self.seen = 0
+        out, self.seen = events[self.seen:], len(events)
+        return out
+
+
+class _EngineEvents:
+    def __init__(self, engine):
+        self.engine, self.seen = engine, 0
+
+    def new(self) -> list[dict]:
+        out = self.engine.events(self.seen)
+        self.seen += len(out)
+        return out
+
+
+def run_folder_of(run: str):
+    """A run named on the command line: a run folder, or a run's name under the studio home's runs/."""
+    from pathlib import Path
+
+    from studio import paths
+    from studio.runs import folder
+
+    for candidate in (Path(run).expanduser(), paths.home() / "runs" / run):
+        if candidate.is_dir() and (folder.is_run_folder(candidate) or folder.has_events(candidate)):
+            return candidate.resolve()
+    raise UsageError(f"no run '{run}': give a run folder, or the name of a run under {paths.home() / 'runs'} "
+                     "(the Train tab's run history lists them)")
+
+
+def cmd_stop(args) -> int:
+    """``python -m studio stop RUN``: the run folder's stop request, which the run's trainer (this machine's app, a
+    second app, a shell) turns into a checkpoint and the adapter after the current step."""
+    from studio.runs import live
+
+    run_dir = run_folder_of(args.run)
+    view = live.RunView(run_dir)
+    if not live.request_stop(run_dir, by=f"python -m studio stop (process {os.getpid()})"):
+        state = view.state if view.has_log else "not running"
+        raise UsageError(f"run '{run_dir.name}' is not training ({state}): nothing to stop")
+    print(f"stop requested: {run_dir.name} saves a checkpoint and the adapter after the current step", file=sys.stderr)
+    if not args.wait:
+        return 0
+    t0 = time.time()
+    while not view.refresh().done:
+        if args.timeout is not None and time.time() - t0 > args.timeout:
+            print(f"still stopping after {args.timeout:.0f} s", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    print(f"{view.state}: {view.message}")
     return 0
 
 

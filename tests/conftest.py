@@ -14,6 +14,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+# ---- the host CPU's bf16 probe, forced both ways ----------------------------------------------------------------
+# Behaviour that depends on the device takes a DeviceInfo; a test module that plans or estimates runs declares
+# `pytestmark = pytest.mark.usefixtures("host_bf16")` and runs twice, with the host probe (models.cpu_bf16 and torch's
+# own CPU probes) forced to "bf16" and to "no bf16", so it passes on a CPU with AVX-512 BF16/AMX and on one without.
+# `--host-bf16 yes|no` (or KTO_TEST_HOST_BF16) keeps one of the two (CI forces "no").
+
+def pytest_addoption(parser):
+    parser.addoption("--host-bf16", choices=("both", "yes", "no"),
+                     default=os.environ.get("KTO_TEST_HOST_BF16", "both"),
+                     help="force the host CPU's bf16 probe in the device-dependent tests: both (default), yes, no")
+
+
+def pytest_generate_tests(metafunc):
+    if "host_bf16" in metafunc.fixturenames:
+        want = metafunc.config.getoption("--host-bf16", default="both")
+        values = {"both": [True, False], "yes": [True], "no": [False]}[want]
+        metafunc.parametrize("host_bf16", values, ids=["host-bf16" if v else "host-no-bf16" for v in values],
+                             indirect=True)
+
+
+@pytest.fixture
+def host_bf16(request, monkeypatch):
+    """The host CPU's bf16 probe forced to ``request.param`` (True: AVX-512 BF16/AMX, False: none)."""
+    import torch
+
+    from studio.models import load
+
+    value = bool(getattr(request, "param", False))
+    monkeypatch.setattr(load, "cpu_bf16", lambda: value)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: value, raising=False)
+    return value
+
+
 @pytest.fixture(autouse=True)
 def studio_home(tmp_path, monkeypatch):
     home = tmp_path / "studio_home"

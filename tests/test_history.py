@@ -119,20 +119,25 @@ def test_memory_use_reports_the_card_beside_what_training_holds(monkeypatch):
 
 # ---- restarts, deleting, comparing -----------------------------------------------------------------------------------
 def test_after_a_restart_runs_of_a_dead_process_read_interrupted(tmp_path):
+    from studio.runs import lock as runlock
+
     cfg = tiny_run_config(tmp_path)
     history = History()
-    dead, alive = _fake_job(cfg, "dead"), _fake_job(cfg.updated({"name": "other"}), "alive")
+    other = cfg.updated({"name": "other", "output_dir": str(tmp_path / "other")})
+    dead, alive = _fake_job(cfg, "dead"), _fake_job(other, "alive")
+    claim = runlock.claim(other.run_dir())  # the live one's trainer holds its run folder
     _emit(history, dead, "started")
     _emit(history, dead, "metrics", step=1, max_steps=3, loss=0.5)
     _emit(history, alive, "started")
-    history._write("UPDATE runs SET pid=? WHERE id='dead'", (2**22 + 12345,))  # no such process
     history.close()
 
     reopened = History()
     assert reopened.get("dead")["status"] == "interrupted"
     assert "Resume it" in reopened.get("dead")["error"]
-    assert reopened.get("alive")["status"] == "starting"  # this process is alive: left alone
+    assert reopened.get("alive")["status"] == "starting"  # its trainer lives: left alone
     assert [m["step"] for m in reopened.metrics("dead")] == [1]
+    runlock.release(claim)  # the trainer is gone: any reader of the history now says so
+    assert [r["status"] for r in reopened.runs() if r["id"] == "alive"] == ["interrupted"]
 
 
 def test_deleting_a_run_removes_only_the_studio_files_and_keeps_the_record(tmp_path):
@@ -143,18 +148,23 @@ def test_deleting_a_run_removes_only_the_studio_files_and_keeps_the_record(tmp_p
         (out / d / "weights.bin").write_bytes(b"x")
     for f in ("metrics.jsonl", "run.yaml", "my-notes.txt"):
         (out / f).write_text("x")
+    from studio.runs import lock as runlock
+
     history = History()
     job = _fake_job(cfg)
+    claim = runlock.claim(out)
     _emit(history, job, "started")
     job.state = "running"
     _emit(history, job, "status", message="Training…")
     with pytest.raises(HistoryError, match="is training"):
         history.delete_files(job.id)
+    runlock.release(claim)
 
     job.state = "stopped"
     _emit(history, job, "done", state="stopped", adapter=str(out / "adapter"), step=4)
     removed = history.delete_files(job.id)
-    assert {Path(p).name for p in removed} == {"checkpoint-2", "checkpoint-4", "adapter", "metrics.jsonl", "run.yaml"}
+    assert {Path(p).name for p in removed} == {"checkpoint-2", "checkpoint-4", "adapter", "metrics.jsonl", "run.yaml",
+                                               ".run.lock"}
     assert sorted(p.name for p in out.iterdir()) == ["my-notes.txt"]  # the user's file stays
     run = history.get(job.id)
     assert run["files_deleted_at"] is not None and run["status"] == "stopped"

@@ -15,6 +15,7 @@ PKG = ROOT / "studio"
 # lowest first: a unit may import only from units before it (or itself)
 LAYERS = [
     ("errors",),            # the error base class
+    ("atomic",),            # the one atomic-write helper
     ("paths",),             # the studio home
     ("config",),            # the run description and presets
     ("models",),            # models and where they come from
@@ -97,6 +98,53 @@ def test_no_import_circle_between_subpackages():
             visit(u)
 
 
+def _module_edges() -> dict[str, set[str]]:
+    """module -> the project's modules it imports from the same subpackage (imports inside functions too)."""
+    mods = set(_modules())
+    graph: dict[str, set[str]] = {}
+    for f in sorted(PKG.rglob("*.py")):
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        src = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "studio":
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.split(".")[0] == "studio"]
+            else:
+                continue
+            for t in targets:
+                if t in mods and t != src and len(t.split(".")) > 2 and len(src.split(".")) > 2 \
+                        and t.split(".")[1] == src.split(".")[1]:
+                    graph.setdefault(src, set()).add(t)
+    return graph
+
+
+def test_no_import_circle_between_modules_of_one_subpackage():
+    """Inside a subpackage too, imports run one way (e.g. tuned/gguf_writer.py takes ExportError from
+    tuned/merge.py, not from tuned/export.py, which imports gguf_writer)."""
+    graph = _module_edges()
+    circles: list[str] = []
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(u: str) -> None:
+        state[u] = 1
+        path.append(u)
+        for v in sorted(graph.get(u, ())):
+            if state.get(v) == 1:
+                circles.append(" -> ".join(path[path.index(v):] + [v]))
+            elif v not in state:
+                visit(v)
+        path.pop()
+        state[u] = 2
+
+    for u in sorted(graph):
+        if u not in state:
+            visit(u)
+    assert graph, "no imports found between modules of one subpackage: the test reads nothing"
+    assert not circles, "import circles inside a subpackage:\n" + "\n".join(circles)
+
+
 def test_each_module_imports_on_its_own():
     """A fresh interpreter per module: an import that only works after another module was imported fails here."""
     mods = [m for m in _modules() if m != "studio.__main__"]
@@ -116,6 +164,10 @@ MAX_LINES = 450
 COHESIVE = {
     "studio/ui/train_tab.py": "one tab, one file (the UI's rule): its layout, handlers and run-history views",
     "studio/ui/data_tab.py": "one tab, one file (the UI's rule): upload, inspect, fix labels, balance, save",
+    "studio/runs/folder.py": "the one reader and writer of every file in a run folder (one section per file, the "
+                             "event log and the stop request included): the rule is one module for them",
+    "studio/cli.py": "the headless front end: one parser, one command function per subcommand and its progress bar",
+    "studio/training/engine.py": "one training job from Start to 'done': build, train, report, fail, release",
 }
 
 

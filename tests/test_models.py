@@ -25,9 +25,28 @@ def test_backend_is_chosen_from_the_device_and_what_is_installed(device, backend
 
 
 def test_several_processes_never_take_unsloth(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    """The process count comes from the run plan (plan.world_size reads WORLD_SIZE once), not from the env here."""
+    from studio.training import plan as planner
+
     cfg = RunConfig().updated({"model.name_or_path": "Qwen/Qwen2.5-3B-Instruct"})
-    assert models.choose_backend(cfg, cuda(unsloth=True, bitsandbytes=True)) == "bnb"
+    device = cuda(unsloth=True, bitsandbytes=True)
+    assert models.choose_backend(cfg, device, world=2) == "bnb"
+    assert models.choose_backend(cfg, device) == "unsloth"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert models.choose_backend(cfg, device) == "unsloth"  # the loader never reads the env itself
+    p = planner.plan_run(cfg, device, fetch=False)
+    assert p.world == 2 and p.backend == "bnb"
+
+
+def test_only_the_run_plan_reads_world_size():
+    import ast
+    from pathlib import Path
+
+    studio = Path(models.__file__).resolve().parents[1]
+    readers = sorted(f.relative_to(studio).as_posix() for f in studio.rglob("*.py")
+                     if any(isinstance(n, ast.Constant) and n.value == "WORLD_SIZE"
+                            for n in ast.walk(ast.parse(f.read_text(encoding="utf-8")))))
+    assert readers == ["training/plan.py"]
 
 
 @pytest.mark.parametrize("backend,device,message", [

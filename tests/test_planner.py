@@ -13,7 +13,12 @@ from studio.training import duration, memory, plan as planner
 from studio.config.run import RunConfig
 from studio.models.load import DeviceInfo
 
+# every test here runs twice, the host CPU's bf16 probe forced on and off: the plan and the duration follow the
+# DeviceInfo they are given, never the machine the suite runs on
+pytestmark = pytest.mark.usefixtures("host_bf16")
+
 CPU = DeviceInfo(kind="cpu", name="test CPU")
+CPU_BF16 = DeviceInfo(kind="cpu", name="test CPU with AVX-512 BF16", bf16=True)
 CPU_WITH_UNSLOTH = DeviceInfo(kind="cpu", name="test CPU", unsloth=True)
 HH_LIKE = [60 + (i * 37) % 400 for i in range(3000)]  # token lengths of 3,000 rows, 60-459 tokens
 
@@ -49,14 +54,15 @@ def test_the_cpu_card_plans_minutes_not_hours_from_the_datas_own_lengths():
 def test_the_step_cap_fills_the_time_budget_with_the_scoring_counted_at_the_cap():
     # a cleaned HH file (1,417 short rows): the watch would check many times over the whole data, only once or twice
     # over the capped run; the cap is counted with the latter, so the run gets the steps its budget pays for
+    # (on a CPU with native bf16, whose steps are fast enough for more than the minimum)
     cfg = _hh_config(**{"data.eval_fraction": 0.1})
     lengths = [105] * 1417
-    p = planner.plan(cfg, "cpu", CPU, lengths=lengths)
+    p = planner.plan(cfg, "cpu", CPU_BF16, lengths=lengths)
     steps = p.config.train.max_steps
     assert steps > duration.CPU_MIN_STEPS
 
     def work(n):
-        d = duration.estimate(p.config.updated({"train.max_steps": n}), lengths, converted=True)
+        d = duration.estimate(p.config.updated({"train.max_steps": n}), lengths, converted=True, device=CPU_BF16)
         return d.train_s + d.reference_s + d.eval_s + d.eval_loss_s
 
     assert work(steps) <= duration.CPU_TARGET_TRAIN_S < work(steps + 1)
@@ -78,27 +84,24 @@ def test_the_cpu_plan_turns_checkpointing_on_when_the_model_would_fill_the_ram()
     assert changes["train.gradient_checkpointing"] is True
 
 
-def test_the_duration_model_reproduces_its_measured_cpu_runs(monkeypatch):
+def test_the_duration_model_reproduces_its_measured_cpu_runs():
     """`python bench/cpu_duration.py --data hh-harmless-dev.jsonl.gz --max-length 384 --batch 2 --accum 4` on the
     idle 2-core machine (2026-12-02): 4 steps of 8 HH rows (~183 tokens each), reference in every step: 110.9 s in
     float32, 35.6 s in bf16 autocast (model.dtype 'auto' on that CPU, which multiplies bf16 natively)."""
-    from studio.models import load as models
-
-    monkeypatch.setattr(models, "cpu_bf16", lambda: True)
     auto = RunConfig().updated({"kto.max_length": 384, "train.per_device_train_batch_size": 2,
                                 "train.gradient_accumulation_steps": 4, "train.max_steps": 4,
                                 "train.gradient_checkpointing": False, "data.evaluate_after": False,
                                 "data.eval_fraction": 0.0, "kto.precompute_ref_log_probs": False})
-    fast = duration.estimate(auto, [183] * 3000, n_cores=2, converted=True)
+    fast = duration.estimate(auto, [183] * 3000, n_cores=2, converted=True, device=CPU_BF16)
     assert fast.train_s == pytest.approx(35.6, rel=0.15)
-    monkeypatch.setattr(models, "cpu_bf16", lambda: False)  # a CPU without bf16: float32 math
-    assert duration.estimate(auto, [183] * 3000, n_cores=2, converted=True).train_s == pytest.approx(110.9, rel=0.15)
-    monkeypatch.setattr(models, "cpu_bf16", lambda: True)
+    # a CPU without bf16: float32 math
+    assert duration.estimate(auto, [183] * 3000, n_cores=2, converted=True, device=CPU).train_s == \
+        pytest.approx(110.9, rel=0.15)
     cfg = RunConfig().updated({"model.dtype": "float32", "kto.max_length": 384, "train.per_device_train_batch_size": 2,
                                "train.gradient_accumulation_steps": 4, "train.max_steps": 4,
                                "train.gradient_checkpointing": False, "data.evaluate_after": False,
                                "data.eval_fraction": 0.0, "kto.precompute_ref_log_probs": False})
-    d = duration.estimate(cfg, [183] * 3000, n_cores=2, converted=True)
+    d = duration.estimate(cfg, [183] * 3000, n_cores=2, converted=True, device=CPU_BF16)  # float32 asked for
     assert d.reference_s == 0 and d.eval_s == 0
     assert d.train_s == pytest.approx(110.9, rel=0.15)
     # and it scales: twice the steps, twice the training time; checkpointing costs more
@@ -107,6 +110,23 @@ def test_the_duration_model_reproduces_its_measured_cpu_runs(monkeypatch):
     slow = duration.estimate(cfg.updated({"train.gradient_checkpointing": True}), [183] * 3000, n_cores=2,
                              converted=True)
     assert slow.train_s > d.train_s
+
+
+def test_the_plan_and_duration_follow_the_device_info_not_the_host_cpu(host_bf16):
+    """The host probe is forced both ways (conftest's host_bf16); the plan for a CPU with native bf16 and for one
+    without is the same either way, and differs between the two devices as the time constants say."""
+    cfg = _hh_config(**{"data.eval_fraction": 0.1})
+    fast = planner.plan(cfg, "cpu", CPU_BF16, lengths=[105] * 1417)
+    slow = planner.plan(cfg, "cpu", CPU, lengths=[105] * 1417)
+    ratio = duration.SECONDS_PER_TOKEN_GPARAM / duration.SECONDS_PER_TOKEN_GPARAM_BF16
+    assert fast.config.train.max_steps > slow.config.train.max_steps
+    a = duration.estimate(slow.config, HH_LIKE, converted=True, n_cores=2, device=CPU_BF16)
+    b = duration.estimate(slow.config, HH_LIKE, converted=True, n_cores=2, device=CPU)
+    assert b.step_s == pytest.approx(ratio * a.step_s)
+    assert duration.seconds_per_token_gparam(cfg, CPU_BF16) == duration.SECONDS_PER_TOKEN_GPARAM_BF16
+    assert duration.seconds_per_token_gparam(cfg, CPU) == duration.SECONDS_PER_TOKEN_GPARAM
+    # no device given: a CPU without native bf16, whatever the host says
+    assert duration.seconds_per_token_gparam(cfg) == duration.SECONDS_PER_TOKEN_GPARAM
 
 
 def test_switching_to_a_gpu_card_and_a_7b_then_back_to_cpu_replans_everything():
@@ -185,9 +205,7 @@ def test_the_held_out_file_counts_its_watch_checks_and_its_scoring(tmp_path, bun
     capped = duration.estimate(cfg.updated({"data.eval_max_rows": 4}), duration.data_lengths(cfg), converted=True)
     assert 0 < capped.eval_s < d.eval_s  # the engine scores at most data.eval_max_rows of the file's rows
     assert d.total_s == pytest.approx(d.startup_s + d.reference_s + d.train_s + d.eval_loss_s + d.eval_s + d.save_s)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert duration.estimate(cfg, duration.data_lengths(cfg), converted=True).eval_loss_s > 0
-    monkeypatch.delenv("WORLD_SIZE")
+    assert duration.estimate(cfg, duration.data_lengths(cfg), converted=True, world=2).eval_loss_s > 0
     no_eval = duration.estimate(cfg.updated({"data.eval_file": None, "data.eval_fraction": 0.0}),
                                 duration.data_lengths(cfg), converted=True)
     assert no_eval.eval_loss_s == 0 and no_eval.eval_s == 0

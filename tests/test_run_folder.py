@@ -117,7 +117,7 @@ class FakeTrainer:
             if step == self.crash_at:
                 raise RuntimeError("the machine went away")
             self.state.global_step = step
-            self.engine._emit(self.job, "metrics", step=step, loss=1.0 / step)
+            self.engine.emit(self.job, "metrics", step=step, loss=1.0 / step)
             tmp = self.job.run_dir / f".saving-{step}"
             _whole_checkpoint(tmp, step)
             folder.mark_checkpoint(self.job.run_dir, tmp)  # as checkpoints.atomic_saves does before publishing

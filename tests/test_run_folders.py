@@ -28,10 +28,11 @@ def _holder(run_dir):
     return proc
 
 
-def test_a_run_folder_held_by_a_live_process_is_refused_and_a_dead_ones_lock_is_cleared(tmp_path):
+def test_a_run_folder_held_by_a_live_process_is_refused_and_freed_by_the_kernel_when_it_is_killed(tmp_path):
     run = tmp_path / "run"
     proc = _holder(run)
     try:
+        assert runlock.held(run)
         with pytest.raises(runlock.RunBusy, match=f"in use by process {proc.pid}"):
             runlock.claim(run)
         # the engine refuses before starting anything, as a ConfigError the CLI and the UI already report
@@ -41,21 +42,25 @@ def test_a_run_folder_held_by_a_live_process_is_refused_and_a_dead_ones_lock_is_
     finally:
         proc.kill()
         proc.wait()
-    # kill -9 left the lock behind: its process is gone, so the next claim clears it
+    # kill -9: the kernel let go of the lock with the process; the file only says who trained here last
+    assert not runlock.held(run)
     assert runlock.read(run)["pid"] == proc.pid
-    runlock.claim(run)
-    assert runlock.read(run)["pid"] == os.getpid()
-    runlock.release(run)
-    assert runlock.read(run) is None
+    claim = runlock.claim(run)
+    assert runlock.held(run) and runlock.read(run)["pid"] == os.getpid()
+    with pytest.raises(runlock.RunBusy):  # this process holds it: a second job here is refused too
+        runlock.claim(run)
+    runlock.release(claim)
+    assert not runlock.held(run)
 
 
-def test_a_lock_whose_pid_now_belongs_to_another_process_is_stale(tmp_path):
+def test_a_lock_file_left_without_its_process_is_not_a_live_run(tmp_path):
+    """A lock file whose pid lives (even this very process) holds nothing unless the kernel lock is taken."""
     run = tmp_path / "run"
     run.mkdir()
-    info = {"pid": os.getpid(), "started": time.time() - 10_000, "host": __import__("socket").gethostname()}
+    info = {"pid": os.getpid(), "host": __import__("socket").gethostname(), "claimed": "2026-01-01T00:00:00"}
     (run / runlock.LOCK).write_text(json.dumps(info))
-    runlock.claim(run)
-    assert runlock.read(run)["started"] != info["started"]
+    assert not runlock.held(run)
+    runlock.release(runlock.claim(run))
 
 
 def _fake_used_run(run_dir):
@@ -85,7 +90,7 @@ def test_cli_reusing_a_run_name_without_resume_trains_under_a_fresh_name(tmp_pat
     assert [m["step"] for m in read_metrics(used)] == list(range(1, 14))
     fresh = studio_home / "runs" / "mine-2"
     assert [m["step"] for m in read_metrics(fresh) if "loss" in m] == [1]
-    assert not (fresh / runlock.LOCK).exists()  # released at the end
+    assert not runlock.held(fresh)  # released at the end
 
 
 def test_cli_reusing_a_custom_output_folder_is_refused_with_the_choices(tmp_path, studio_home):
@@ -119,7 +124,7 @@ def trained_two(tmp_path_factory, bundled_model_dir):
     assert job.state == "finished", job.error
     names = sorted(p.name for p in cfg.run_dir().iterdir())
     assert "checkpoint-1" in names and "checkpoint-2" in names
-    assert not [n for n in names if n.startswith(checkpoints.STAGING_PREFIX)] and runlock.LOCK not in names
+    assert not [n for n in names if n.startswith(checkpoints.STAGING_PREFIX)] and not runlock.held(cfg.run_dir())
     return cfg.run_dir()
 
 

@@ -13,6 +13,9 @@ from studio.models.load import DeviceInfo
 from studio.runs import folder
 from studio.training import memory, plan as planner, trl_seam
 
+# run twice, the host CPU's bf16 probe forced on and off (tests/conftest.py): the plan follows its DeviceInfo only
+pytestmark = pytest.mark.usefixtures("host_bf16")
+
 QWEN3B = "Qwen/Qwen2.5-3B-Instruct"
 
 

@@ -147,42 +147,20 @@ def write_jsonl(rows: list[dict[str, Any]], out: str | Path, protect: list[str |
     """Write KTO rows as UTF-8 JSONL to ``out``; refuses to write over any path in ``protect`` (the user's input),
     over anything but a regular file, and over an existing file unless ``overwrite`` (which keeps its permissions
     and, for a link, writes the file it points to)."""
-    import os
-    import stat
-    import tempfile
+    from studio import atomic
 
     out = Path(out).expanduser()
     for p in protect:
         if p and Path(p).expanduser().exists() and out.resolve() == Path(p).expanduser().resolve():
             raise DataError(f"refusing to write over the input file {p}: choose another --out path")
     out = check_out(out, overwrite)
-    mode = None
-    if out.exists():
-        out = out.resolve()  # a link stays a link; the file it points to is replaced
-        mode = stat.S_IMODE(out.stat().st_mode)
+    # a crash mid-write never leaves a half file under the real name; a link's target is written, its mode kept
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+        return atomic.write(out, lambda f: f.writelines(json.dumps(_plain(r), ensure_ascii=False) + "\n"
+                                                        for r in rows))
     except OSError as e:
         raise _cannot_write(out, e) from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(_plain(r), ensure_ascii=False) + "\n")
-        if mode is None:  # a new file: the permissions a plain open() would give
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
-        tmp.replace(out)  # a crash mid-write never leaves a half file under the real name
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _cannot_write(out, e) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
 
 
 def new_data_path(source_name: str, suffix: str = "") -> Path:

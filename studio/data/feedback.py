@@ -107,8 +107,6 @@ def counts(path: str | Path | None = None) -> dict[str, int]:
 
 def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
     # write a new file and swap it in, so a crash mid-write never leaves a truncated file
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    from studio import atomic
+
+    atomic.write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

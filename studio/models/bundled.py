@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -100,8 +99,9 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
             if (target / "done").is_file():  # another process finished first: keep its checkpoint
                 shutil.rmtree(tmp)
                 return target
-            shutil.rmtree(target)  # an unfinished one from an older version
-        os.replace(tmp, target)
+        from studio import atomic
+
+        atomic.publish_dir(tmp, target)  # replaces an unfinished one from an older version
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

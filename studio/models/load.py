@@ -75,8 +75,8 @@ def detect_device() -> DeviceInfo:
         )
         if info.count > 1:
             info.notes.append(
-                f"{info.count} GPUs: the studio trains on one. For data-parallel training on all of them run "
-                "`accelerate launch -m studio train RUN.yaml` with the bitsandbytes path (Unsloth trains on one GPU)."
+                f"{info.count} GPUs: the Train tab trains on one, or on all of them (data-parallel, its 'GPUs' "
+                "choice: `accelerate launch -m studio train RUN.yaml`, the bitsandbytes path; Unsloth trains on one GPU)."
             )
         return info
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -101,7 +101,7 @@ def cpu_bf16() -> bool:
         return False
 
 
-def choose_backend(cfg: RunConfig, device: DeviceInfo) -> str:
+def choose_backend(cfg: RunConfig, device: DeviceInfo, world: int = 1) -> str:
     want = cfg.model.backend
     if device.kind != "cuda":
         if want in ("unsloth", "bnb"):
@@ -119,7 +119,9 @@ def choose_backend(cfg: RunConfig, device: DeviceInfo) -> str:
     if not cfg.model.load_in_4bit or cfg.model.name_or_path == BUNDLED_MODEL:
         # a 135M model fits any card in 16-bit; quantizing it would only cost quality and speed
         return "full"
-    if device.unsloth and os.environ.get("KTO_STUDIO_NO_UNSLOTH") != "1" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    # ``world``: the run plan's process count (training.plan.world_size, the one reader of WORLD_SIZE): Unsloth
+    # trains on one GPU
+    if device.unsloth and os.environ.get("KTO_STUDIO_NO_UNSLOTH") != "1" and world == 1:
         return "unsloth"
     if device.bitsandbytes:
         return "bnb"
@@ -294,13 +296,15 @@ def _needs_remote_code(path: str) -> bool:
 
 
 def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress: Progress = None,
-                      resume_adapter: str | None = None, frozen_dtype: str | None = None) -> LoadedModel:
+                      resume_adapter: str | None = None, frozen_dtype: str | None = None,
+                      world: int = 1) -> LoadedModel:
     """Load ``cfg``'s model for training on the path ``choose_backend`` picks. ``frozen_dtype``: the run plan's
-    ``RunPlan.frozen_dtype`` (None: the same rule, ``frozen_dtype_name``, for a caller without a plan)."""
+    ``RunPlan.frozen_dtype`` (None: the same rule, ``frozen_dtype_name``, for a caller without a plan); ``world``:
+    the plan's process count (``RunPlan.world``)."""
     import torch
 
     device = device or detect_device()
-    backend = choose_backend(cfg, device)
+    backend = choose_backend(cfg, device, world)
     source = resolve_source(cfg.model.name_or_path, progress)
     if not cfg.model.trust_remote_code and _needs_remote_code(source.path):
         raise ModelLoadError(REMOTE_CODE_HINT.format(name=cfg.model.name_or_path))
@@ -312,7 +316,7 @@ def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress
         if backend == "unsloth":
             model, tok = _load_unsloth(cfg, source, dtype, progress)
         else:
-            model, tok = load_transformers(cfg, source.path, dtype, backend, device, frozen)
+            model, tok = load_transformers(cfg, source.path, dtype, backend, device, frozen, world=world)
     except torch.OutOfMemoryError:
         raise
     except (OSError, ValueError) as e:
@@ -375,7 +379,8 @@ def _load_unsloth(cfg: RunConfig, source: ModelSource, dtype, progress: Progress
     return model, tok
 
 
-def load_transformers(cfg: RunConfig, path: str, dtype, backend: str, device: DeviceInfo, frozen_dtype=None):
+def load_transformers(cfg: RunConfig, path: str, dtype, backend: str, device: DeviceInfo, frozen_dtype=None,
+                      world: int = 1):
     """The bitsandbytes and full-precision paths: transformers' model from ``path``, prepared for training, with a
     PEFT LoRA. ``dtype``: the compute dtype; ``frozen_dtype``: the dtype of the weights 4-bit loading leaves
     unquantized (the run plan's, ``frozen_dtype_name``; default: the compute dtype). On the bitsandbytes path the
@@ -399,7 +404,7 @@ def load_transformers(cfg: RunConfig, path: str, dtype, backend: str, device: De
     if backend == "bnb":
         model = prepare_4bit_for_training(model, cfg.train.gradient_checkpointing)
     else:
-        if device.kind in ("cuda", "mps") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if device.kind in ("cuda", "mps") and world == 1:
             model.to(device.kind)
         if cfg.train.gradient_checkpointing:
             model.enable_input_require_grads()

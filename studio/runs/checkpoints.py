@@ -10,7 +10,6 @@ and its weights are finite), and ``latest(run_dir)`` picks the newest readable o
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import zipfile
@@ -192,35 +191,35 @@ def _needed(trainer, run_dir: Path) -> int | None:
 
 # ---- atomic checkpoint saves ------------------------------------------------------------------------------------
 
-def atomic_saves(trainer, mark=None) -> None:
+def atomic_saves(trainer, seam, mark=None) -> None:
     """Make ``trainer`` write each checkpoint under a temporary name and rename it when it is complete.
-    ``mark(folder)``, when given, adds to each complete checkpoint before it is published (the run's id)."""
+    ``seam``: studio.training.trl_seam, the one module that reaches the Trainer's private members (this module sits
+    below training/). ``mark(folder)``, when given, adds to each complete checkpoint before it is published (the
+    run's id)."""
     from transformers.trainer_utils import rotate_checkpoints
 
-    original = trainer._save_checkpoint
+    original = seam.checkpoint_save(trainer)
     if trainer.args.should_save:  # saves a killed process left half done (the run folder is claimed: ours)
         for p in Path(trainer.args.output_dir).glob(f"{STAGING_PREFIX}{PREFIX}*"):
             shutil.rmtree(p, ignore_errors=True)
 
     def save(model, trial=None):
-        run_dir = Path(trainer._get_output_dir(trial=trial))
+        run_dir = Path(seam.output_dir(trainer, trial))
         step = trainer.state.global_step
         final = checkpoint_dir(run_dir, step)
         staging = run_dir / f"{STAGING_PREFIX}{final.name}"
         main = trainer.args.should_save
         if main and staging.exists():
             shutil.rmtree(staging)
-        trainer._get_output_dir = lambda trial=None: str(staging)
         try:
-            original(model, trial)
+            with seam.output_dir_as(trainer, staging):
+                original(model, trial)
         except BaseException as exc:
             if main:
                 shutil.rmtree(staging, ignore_errors=True)
             if is_disk_full(exc):
                 raise disk_full(run_dir, _needed(trainer, run_dir)) from exc
             raise
-        finally:
-            del trainer._get_output_dir  # back to the class's method
         trainer.accelerator.wait_for_everyone()
         if main:
             tmp = staging / final.name
@@ -229,12 +228,12 @@ def atomic_saves(trainer, mark=None) -> None:
                 trainer.state.save_to_json(str(tmp / "trainer_state.json"))
             if mark is not None:
                 mark(tmp)
-            if final.exists():  # a folder of the same step from an earlier, replayed save
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            from studio import atomic
+
+            atomic.publish_dir(tmp, final)  # replaces a folder of the same step from an earlier, replayed save
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=trainer.args.save_total_limit,
                                best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
         trainer.accelerator.wait_for_everyone()
 
-    trainer._save_checkpoint = save
+    seam.replace_checkpoint_save(trainer, save)

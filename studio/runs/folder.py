@@ -4,6 +4,13 @@ A run folder (``<studio home>/runs/NAME`` or a custom ``output_dir``) holds:
 
 - ``run.yaml``       the run's config (``write_config`` / ``read_config``; a key a newer studio removed is dropped);
 - ``metrics.jsonl``  one logged entry per line (``append_metrics`` / ``read_metrics``; a cut-off line is skipped);
+- ``events.jsonl``   everything the trainer tells the world, one typed event a line (``append_event`` /
+                     ``read_events``): started, status, phase, metrics, checkpoint, watch checks, evaluation, health,
+                     error, done. Each start or resume begins with a ``started`` event; every viewer (the Train tab of
+                     any app on this home, the CLI, the history) renders from it (``studio.runs.live``). Older run
+                     folders have none: viewers fall back to metrics.jsonl and the history;
+- ``stop.request``   a request to stop (``request_stop``), written by any viewer; the trainer checks it every step and
+                     turns it into a checkpoint and the adapter, then removes it;
 - ``checkpoint-N/``  resumable checkpoints, written whole by ``studio.runs.checkpoints`` (``run_checkpoints``,
                      ``latest_checkpoint``);
 - ``adapter/``       the final LoRA adapter (``adapter_dir``, ``adapters``);
@@ -32,6 +39,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import ValidationError
 
+from studio import atomic
 from studio.config.run import ConfigError, RunConfig
 from studio.runs import checkpoints
 from studio.runs.lock import LOCK
@@ -46,8 +54,10 @@ README_FILE = "README.md"
 RUN_ID_FILE = ".run-id"
 # What the studio writes into a run folder (besides checkpoint-N/): deleting a run removes these and nothing else,
 # so a user's own files in a custom output folder survive.
+EVENTS_FILE = "events.jsonl"
+STOP_FILE = "stop.request"
 STUDIO_FILES = (ADAPTER_DIR, METRICS_FILE, CONFIG_FILE, EVAL_FILE, ERROR_FILE, PLAN_FILE, README_FILE, RUN_ID_FILE,
-                LOCK)
+                LOCK, EVENTS_FILE, STOP_FILE)
 # What a resume keeps as saved: the adapter's shape, the base model and the data the run trains on.
 RESUME_KEEPS = ("lora.", "model.", "data.")
 
@@ -60,12 +70,8 @@ def _now() -> str:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    """Write under a temporary name, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """A crash never leaves half a file (studio.atomic: temporary file, fsync, rename)."""
+    return atomic.write(path, text)
 
 
 def _read_json(path: Path) -> Any:
@@ -115,23 +121,18 @@ def read_config(run_dir: str | Path) -> RunConfig:
 
 # ---- metrics.jsonl -------------------------------------------------------------------------------------------------
 
-def append_metrics(run_dir: str | Path, entry: dict[str, Any]) -> None:
-    """Add one entry as a line; after a line a crash cut off, on a line of its own (the cut one stays skipped)."""
-    with open(Path(run_dir) / METRICS_FILE, "a+b") as f:
+def _append_line(path: Path, entry: dict[str, Any]) -> None:
+    """Add ``entry`` as one JSON line; after a line a crash cut off, on a line of its own (the cut one stays
+    skipped). One write call, so a reader in another process sees whole lines (or a cut last one it skips)."""
+    with open(path, "a+b") as f:
         cut = False
         if f.seek(0, 2) > 0:
             f.seek(-1, 2)
             cut = f.read(1) != b"\n"
-        f.write((("\n" if cut else "") + json.dumps(entry) + "\n").encode("utf-8"))
+        f.write((("\n" if cut else "") + json.dumps(entry, default=str) + "\n").encode("utf-8"))
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The logged entries; a line that is not a whole JSON object (a crash mid-write) is skipped."""
-    f = Path(run_dir) / METRICS_FILE
-    try:
-        text = f.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
+def _json_lines(text: str) -> list[dict[str, Any]]:
     out = []
     for line in text.splitlines():
         try:
@@ -141,6 +142,68 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         if isinstance(entry, dict):
             out.append(entry)
     return out
+
+
+def append_metrics(run_dir: str | Path, entry: dict[str, Any]) -> None:
+    """Add one entry as a line; after a line a crash cut off, on a line of its own (the cut one stays skipped)."""
+    _append_line(Path(run_dir) / METRICS_FILE, entry)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The logged entries; a line that is not a whole JSON object (a crash mid-write) is skipped."""
+    f = Path(run_dir) / METRICS_FILE
+    try:
+        text = f.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return _json_lines(text)
+
+
+# ---- events.jsonl, stop.request --------------------------------------------------------------------------------------
+
+def append_event(run_dir: str | Path, event: dict[str, Any]) -> None:
+    """Add one trainer event (a dict with ``type`` and ``time``) to the run's event log."""
+    _append_line(Path(run_dir) / EVENTS_FILE, event)
+
+
+def read_events(run_dir: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The events written since byte ``offset`` and the offset to read on from. Only whole lines are read (a line
+    being written is left for the next read); a line that is not a JSON object is skipped. A file that shrank (a
+    fresh start reset it) is read again from the start: compare the offset you pass with the one you get."""
+    f = Path(run_dir) / EVENTS_FILE
+    try:
+        size = f.stat().st_size
+        if size < offset:
+            offset = 0
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size - offset)
+    except OSError:
+        return [], offset
+    end = data.rfind(b"\n") + 1  # up to the last whole line
+    return _json_lines(data[:end].decode("utf-8", errors="replace")), offset + end
+
+
+def has_events(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / EVENTS_FILE).is_file()
+
+
+def reset_events(run_dir: str | Path) -> None:
+    """A new run takes the folder: the event log starts empty."""
+    (Path(run_dir) / EVENTS_FILE).unlink(missing_ok=True)
+
+
+def request_stop(run_dir: str | Path, by: str = "") -> Path:
+    """Ask the run's trainer to stop: it saves a checkpoint and the adapter after the current step."""
+    return _write_atomic(Path(run_dir) / STOP_FILE, json.dumps({"requested": _now(), "by": by}))
+
+
+def stop_requested(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / STOP_FILE).is_file()
+
+
+def clear_stop(run_dir: str | Path) -> None:
+    (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
 
 
 def _line_step(line: str) -> int | None:
@@ -175,6 +238,7 @@ def start_fresh(run_dir: str | Path) -> str:
     """A new run takes the folder: a new id, so checkpoints an older run left here are never resumed."""
     new = uuid.uuid4().hex[:12]
     _write_atomic(Path(run_dir) / RUN_ID_FILE, new + "\n")
+    reset_events(run_dir)
     return new
 
 
@@ -301,7 +365,7 @@ def _with_defaults(data: dict[str, Any], run_dir: Path, derive: Derive | None = 
 # ---- error.log, plan.json ------------------------------------------------------------------------------------------
 
 def write_error(run_dir: str | Path, text: str) -> None:
-    (Path(run_dir) / ERROR_FILE).write_text(text, encoding="utf-8")
+    _write_atomic(Path(run_dir) / ERROR_FILE, text)
 
 
 def read_error(run_dir: str | Path) -> str | None:

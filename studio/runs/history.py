@@ -6,7 +6,8 @@ from the training thread while the UI reads from request threads: one connection
 A *run* is one run folder. Starting a job creates a run; resuming continues the run whose folder holds the
 checkpoint (status, curves and adapter are updated in place), and each start or resume is also kept as an
 *attempt*. Resuming from an earlier checkpoint forks the curve: the logged steps after that checkpoint are dropped
-and re-logged by the resumed job. Runs whose process died while training are shown as 'interrupted'.
+and re-logged by the resumed job. Runs whose trainer is gone (its run folder's kernel lock is free: the app was
+closed or killed mid-run) are shown as 'interrupted', whichever app on this studio home looks.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import yaml
 from studio import paths
 from studio.config.run import RunConfig
 from studio.errors import StudioError
-from studio.runs import folder
+from studio.runs import folder, lock as runlock
 
 ACTIVE = ("starting", "running", "stopping")
 FINAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "learning_rate", "grad_norm",
@@ -92,25 +93,6 @@ class HistoryError(StudioError, RuntimeError):
 
 def default_path() -> Path:
     return paths.home() / "history.sqlite"
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        import psutil
-
-        return psutil.pid_exists(pid)
-    except ImportError:
-        if os.name != "posix":
-            return True  # can't tell without psutil; never guess a live run dead
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 class History:
@@ -241,10 +223,11 @@ class History:
         self._write("UPDATE attempts SET status=?, ended_at=? WHERE job_id=?", (state, now, job.id))
 
     def mark_interrupted(self) -> int:
-        """Runs left 'running' by a process that no longer exists (the studio was closed or crashed mid-run)."""
+        """Runs left 'running' whose trainer is gone (the studio was closed or killed mid-run): nobody holds their
+        run folder's lock (``studio.runs.lock``; the kernel frees it with the process)."""
         active = ",".join("?" * len(ACTIVE))
-        stale = [r for r in self._rows(f"SELECT id, pid FROM runs WHERE status IN ({active})", ACTIVE)
-                 if not _pid_alive(r["pid"])]
+        stale = [r for r in self._rows(f"SELECT id, run_dir FROM runs WHERE status IN ({active})", ACTIVE)
+                 if not runlock.held(r["run_dir"])]
         for r in stale:
             self._write("UPDATE runs SET status='interrupted', error=COALESCE(error, ?) WHERE id=?",
                         ("The studio stopped while this run was training. Resume it from its latest checkpoint.",
@@ -255,7 +238,8 @@ class History:
 
     # ---- reading -----------------------------------------------------------------------------------------------
     def runs(self) -> list[dict[str, Any]]:
-        """All runs, newest first."""
+        """All runs, newest first (a run whose trainer is gone shows as interrupted)."""
+        self.mark_interrupted()
         return [self._decode(r) for r in self._rows("SELECT * FROM runs ORDER BY created_at DESC")]
 
     def get(self, run_id: str) -> dict[str, Any] | None:
@@ -300,7 +284,7 @@ class History:
         run = self.get(run_id)
         if run is None:
             raise HistoryError(f"no run with id {run_id}")
-        if run["status"] in ACTIVE and _pid_alive(run["pid"]):
+        if runlock.held(run["run_dir"]):
             raise HistoryError(f"run '{run['name']}' is training: stop it before deleting its files")
         run_dir = Path(run["run_dir"])
         removed: list[str] = []

@@ -1,9 +1,10 @@
-"""Claiming a run folder: one training process at a time writes into it.
+"""Claiming a run folder: one training process at a time writes into it, and whether its trainer still lives.
 
-``claim(run_dir)`` creates ``run_dir/.run.lock`` atomically (O_EXCL) holding the owner's pid, its start time and the
-host. A second claim while the owner lives is refused with who holds it; a lock left by a process that is gone (a
-crash, kill -9) is recognised by its pid and start time on this host and replaced. ``release`` removes it only if
-it is still ours.
+``claim(run_dir)`` takes an exclusive ``flock`` on ``run_dir/.run.lock`` and writes the owner (pid, host, when) into
+it; the trainer holds it for the whole run. The kernel releases the lock when the holding process ends, however it
+ends (a crash, kill -9, the machine's power), so there is no stale lock to recognise: ``held(run_dir)`` is true
+exactly while a trainer lives, which is how every viewer (a second app, the CLI, the history after a restart) tells a
+running run from an interrupted one. A second claim while the owner lives is refused with who holds it.
 """
 from __future__ import annotations
 
@@ -11,111 +12,127 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from studio.config.run import ConfigError
 
 LOCK = ".run.lock"
 
+try:  # POSIX: flock, released by the kernel with the process
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: filelock's msvcrt lock, also released with the process
+    fcntl = None
+
 
 class RunBusy(ConfigError):
     """The run folder is being written by another live process."""
 
 
-def _start_time(pid: int) -> float | None:
-    try:
-        import psutil
+@dataclass
+class Claim:
+    """A held run-folder lock (keep it for the run; ``release`` or the process's end frees it)."""
 
-        return psutil.Process(pid).create_time()
-    except Exception:  # no such process, or psutil missing
-        return None
+    run_dir: Path
+    handle: object  # the open file descriptor (POSIX) or the filelock object
 
 
-def _alive(info: dict) -> bool:
-    """Whether the process that wrote ``info`` still runs (pid reuse is caught by the start time)."""
-    if info.get("host") != socket.gethostname():
-        return True  # another machine's process: cannot tell, assume it runs
-    pid = info.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    started, recorded = _start_time(pid), info.get("started")
-    if started is not None and isinstance(recorded, (int, float)) and abs(started - recorded) > 1.0:
-        return False  # the pid now belongs to another process
-    return True
+_held: dict[str, Claim] = {}  # this process's claims, by run folder
+
+
+def _key(run_dir: str | Path) -> str:
+    return str(Path(run_dir).resolve())
 
 
 def read(run_dir: str | Path) -> dict | None:
+    """Who claimed the folder last (pid, host, claimed); None when nobody wrote one. Says nothing about liveness:
+    ask ``held``."""
     try:
-        return json.loads((Path(run_dir) / LOCK).read_text(encoding="utf-8"))
+        data = json.loads((Path(run_dir) / LOCK).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) and data.get("pid") else None
 
 
-def claim(run_dir: str | Path) -> Path:
-    """Take ``run_dir`` for this process; RunBusy if a live process holds it. Returns the lock file."""
+def held(run_dir: str | Path) -> bool:
+    """Whether a live process (this one included) holds the run folder's lock."""
+    path = Path(run_dir) / LOCK
+    if not path.is_file():
+        return False
+    if _key(run_dir) in _held:
+        return True
+    if fcntl is None:  # pragma: no cover
+        from filelock import FileLock, Timeout
+
+        probe = FileLock(str(path) + ".flock")
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            return True
+        probe.release()
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock too
+    return False
+
+
+def claim(run_dir: str | Path) -> Claim:
+    """Take ``run_dir`` for this process; RunBusy if a live process holds it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / LOCK
-    me = {"pid": os.getpid(), "started": _start_time(os.getpid()), "host": socket.gethostname(),
-          "claimed": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    for _ in range(3):
+    path = run_dir / LOCK
+    if _key(run_dir) in _held:
+        raise RunBusy(f"run folder {run_dir} is in use by this studio (process {os.getpid()}): stop that run first")
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "claimed": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if fcntl is None:  # pragma: no cover
+        from filelock import FileLock, Timeout
+
+        handle = FileLock(str(path) + ".flock")
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            info = read(run_dir)
-            if info is None:
-                # being written this instant, or an empty file left by a crash mid-claim
-                time.sleep(0.2)
-                info = read(run_dir)
-                if info is None and time.time() - _mtime(lock) < 5:
-                    raise RunBusy(f"run folder {run_dir} is being claimed by another process") from None
-            if info is not None and _alive(info):
-                raise RunBusy(f"run folder {run_dir} is in use by process {info.get('pid')} on "
-                              f"{info.get('host')} (since {info.get('claimed')}): wait for it or stop it, or train "
-                              f"under another name. If no such run exists, delete {lock}") from None
-            _clear_stale(lock, info)
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(me, f)
-        return lock
-    raise RunBusy(f"could not claim run folder {run_dir}: another process keeps taking it")
+            handle.acquire(timeout=0)
+        except Timeout:
+            raise _busy(run_dir) from None
+        path.write_text(json.dumps(me), encoding="utf-8")
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the owner's info stays until we hold it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise _busy(run_dir) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+        handle = fd
+    c = Claim(run_dir, handle)
+    _held[_key(run_dir)] = c
+    return c
 
 
-def _mtime(p: Path) -> float:
-    try:
-        return p.stat().st_mtime
-    except OSError:
-        return 0.0
+def _busy(run_dir: Path) -> RunBusy:
+    info = read(run_dir) or {}
+    return RunBusy(f"run folder {run_dir} is in use by process {info.get('pid', '?')} on {info.get('host', '?')} "
+                   f"(since {info.get('claimed', '?')}): wait for it or stop it (python -m studio stop "
+                   f"{run_dir}), or train under another name")
 
 
-def _clear_stale(lock: Path, info: dict | None) -> None:
-    """Remove a dead owner's lock, unless someone replaced it meanwhile (rename first, then check what we took)."""
-    aside = lock.with_name(f"{LOCK}.stale-{os.getpid()}")
-    try:
-        os.replace(lock, aside)
-    except FileNotFoundError:
+def release(run_dir: str | Path | Claim) -> None:
+    """Let go of the folder if this process holds it (the file stays: it records who trained here last)."""
+    key = _key(run_dir.run_dir if isinstance(run_dir, Claim) else run_dir)
+    c = _held.pop(key, None)
+    if c is None:
+        return
+    if fcntl is None:  # pragma: no cover
+        c.handle.release()
         return
     try:
-        taken = json.loads(aside.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        taken = None
-    if taken is not None and taken != info and _alive(taken):
-        os.replace(aside, lock)  # a live process claimed it between our read and the rename: give it back
-        raise RunBusy(f"run folder {lock.parent} was just claimed by process {taken.get('pid')}")
-    aside.unlink(missing_ok=True)
-
-
-def release(run_dir: str | Path) -> None:
-    """Remove the lock if this process holds it."""
-    info = read(run_dir)
-    if info and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
-        try:
-            (Path(run_dir) / LOCK).unlink()
-        except FileNotFoundError:
-            pass
+        fcntl.flock(c.handle, fcntl.LOCK_UN)
+    finally:
+        os.close(c.handle)

@@ -26,7 +26,7 @@ def roll_back(engine, job, trainer) -> None:
     adapter = None
     good, skipped = folder.latest_checkpoint(job.run_dir) if is_main_process() else (None, [])
     if good is not None:
-        engine._phase(job, "saving", f"Rolling back to {good.name}…")
+        engine.phase(job, "saving", f"Rolling back to {good.name}…")
         out = folder.adapter_dir(job.run_dir)
         trainer.save_model(str(out))  # the tokenizer and config; the weights come from the good checkpoint
         for f in good.glob("adapter_model*.safetensors"):
@@ -52,5 +52,5 @@ def roll_back(engine, job, trainer) -> None:
         folder.write_error(job.run_dir, text + "\n")
     except OSError:
         pass
-    engine._emit(job, "error", message=text)
-    engine._emit(job, "done", state="failed", adapter=adapter, step=d["step"], message=text)
+    engine.emit(job, "error", message=text)
+    engine.emit(job, "done", state="failed", adapter=adapter, step=d["step"], message=text)

@@ -146,9 +146,12 @@ def cores() -> int:
 # ---- the estimate ---------------------------------------------------------------------------------------------------
 
 def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
-             n_cores: int | None = None, converted: bool | None = None) -> Duration | None:
-    """The predicted duration of ``cfg`` on this CPU; None when the model's size is unknown. ``lengths``: the
-    training rows' token lengths (``data_lengths``); without them every row counts as max_length."""
+             n_cores: int | None = None, converted: bool | None = None, device=None,
+             world: int = 1) -> Duration | None:
+    """The predicted duration of ``cfg`` on the CPU ``device`` (a ``models.DeviceInfo``; its ``bf16`` decides the
+    time constant, the host CPU is never asked; None: a CPU without native bf16); None when the model's size is
+    unknown. ``lengths``: the training rows' token lengths (``data_lengths``); without them every row counts as
+    max_length. ``world``: the processes training it (the run plan's ``world``; the Train tab's process: 1)."""
     from studio.training import speed
     from studio.config.run import BUNDLED_MODEL, resolve_epochs
 
@@ -184,7 +187,7 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     else:
         return None
     n_cores = n_cores or cores()
-    per_token = seconds_per_token_gparam(cfg) * params / 1e9 * CALIBRATION_CORES / min(max(n_cores, 1), 16)
+    per_token = seconds_per_token_gparam(cfg, device) * params / 1e9 * CALIBRATION_CORES / min(max(n_cores, 1), 16)
     if t.gradient_checkpointing:
         per_token *= CHECKPOINTING_FACTOR
     tokens_per_step = rows_per_step * pad_tok
@@ -200,7 +203,7 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
         eval_rows = min(EVAL_LIMIT, n_eval)
     eval_s = eval_rows * mean_tok * per_token * EVAL_SHARE
     eval_loss_s = 0.0
-    if n_eval and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if n_eval and world > 1:
         # without the held-out watch (several processes) transformers evaluates every save_steps and once more at
         # the last step (TrainerControl's end-of-training eval)
         passes = steps // t.save_steps + (1 if steps % t.save_steps else 0)
@@ -223,11 +226,12 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
                     save_s=SAVE_S, notes=notes, eval_loss_s=eval_loss_s)
 
 
-def seconds_per_token_gparam(cfg) -> float:
-    """The time constant for the math a CPU run of ``cfg`` does on this machine (``models.cpu_autocast``'s rule)."""
+def seconds_per_token_gparam(cfg, device=None) -> float:
+    """The time constant for the math a CPU run of ``cfg`` does on ``device`` (``models.cpu_autocast``'s rule on the
+    DeviceInfo the plan was given; None: a CPU without native bf16, float32 math)."""
     from studio.models import load as models
 
-    cpu = models.DeviceInfo(kind="cpu", name="cpu", bf16=models.cpu_bf16())
+    cpu = device if device is not None and device.kind == "cpu" else models.DeviceInfo(kind="cpu", name="cpu")
     return SECONDS_PER_TOKEN_GPARAM_BF16 if models.cpu_autocast(cfg, cpu) else SECONDS_PER_TOKEN_GPARAM
 
 
@@ -243,12 +247,13 @@ def cpu_seq(lengths: list[int] | None, current: int) -> int:
 
 
 def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None,
-             effective_batch: int | None = None, target_s: float = CPU_TARGET_TRAIN_S) -> dict[str, Any]:
+             effective_batch: int | None = None, target_s: float = CPU_TARGET_TRAIN_S,
+             device=None) -> dict[str, Any]:
     """Run-config changes that make ``cfg`` finish in minutes on this CPU: max_length from the data, 8 rows a step
     (2 per pass; fewer when the recipe's effective batch is smaller), no gradient checkpointing where memory allows,
     no GPU-only settings, at most CPU_EVAL_ROWS held-out rows, and a step cap that keeps training and held-out
     scoring near ``target_s`` seconds (never more than the run's epochs - 'auto': up to 3 passes over a small
-    file - never under CPU_MIN_STEPS steps)."""
+    file - never under CPU_MIN_STEPS steps) on the CPU ``device`` (``estimate``'s)."""
     from studio.training import memory
 
     seq = cpu_seq(lengths, cfg.kto.max_length)
@@ -270,7 +275,7 @@ def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None
         "model.gpu_memory_gib": None, "model.load_in_4bit": False, "model.backend": "full",
         "train.optim": "adamw_torch", "train.max_steps": -1, "data.eval_max_rows": CPU_EVAL_ROWS,
     }
-    d = estimate(cfg.updated(changes), lengths)
+    d = estimate(cfg.updated(changes), lengths, device=device)
     if d is None or d.step_s <= 0:
         return changes
     # the held-out scoring comes out of the same budget, counted at the cap (the watch's checks during training
@@ -278,7 +283,7 @@ def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None
     # visited), which makes its steps dearer: re-estimate at each cap
     cap = d.steps
     while cap > CPU_MIN_STEPS:
-        capped = estimate(cfg.updated({**changes, "train.max_steps": cap}), lengths)
+        capped = estimate(cfg.updated({**changes, "train.max_steps": cap}), lengths, device=device)
         scoring = capped.eval_s + capped.eval_loss_s
         if capped.train_s + capped.reference_s + scoring <= target_s:
             break

@@ -16,8 +16,14 @@ Any front end (the Gradio Train tab, the CLI's progress bar, tests) starts a job
 - ``error``: what went wrong and a plain-words fix; the job ends, the process stays up;
 - ``done``: the job ended (finished or stopped), with the adapter path.
 
-A stop request is a flag read at the end of each optimizer step: the trainer then saves a resumable checkpoint and
-the engine saves the adapter, so stopping never loses the work done. Only one job runs at a time.
+Every event (with the job's ``state`` then) is also appended to the run folder's ``events.jsonl``
+(``folder.append_event``): the run folder is the interface, and every viewer - this app's Train tab, a second app on
+the same studio home, the CLI - renders from it (``studio.runs.live``). The trainer holds the run folder's kernel
+lock for the whole job (``studio.runs.lock``), so a viewer tells a live run from one whose process is gone.
+
+A stop request is a file in the run folder (``folder.request_stop``: ``Engine.stop``, a second app's Stop,
+``python -m studio stop RUN``), checked at the end of each optimizer step: the trainer then saves a resumable
+checkpoint and the engine saves the adapter, so stopping never loses the work done. Only one job runs at a time.
 """
 from __future__ import annotations
 
@@ -62,6 +68,13 @@ class Job:
     plan: Any = None  # studio.training.plan.RunPlan: every `auto` of the config decided for this machine and data
     # the first non-finite gradient, weight or logged number: {"step", "what", "names"} (studio.training.events)
     diverged: dict[str, Any] | None = None
+    lock: Any = None  # studio.runs.lock.Claim: the run folder, held while the job runs
+
+    def should_stop(self) -> bool:
+        """Stop asked for, here (``Engine.stop``) or by any viewer through the run folder's stop request."""
+        if not self.stop_requested and folder.stop_requested(self.run_dir):
+            self.stop_requested = True
+        return self.stop_requested
 
     @property
     def run_dir(self) -> Path:
@@ -95,28 +108,55 @@ class Engine:
             resume_note = None
             if resume_from is not None:  # this run's newest whole checkpoint, or a named one that is whole
                 resume_from, resume_note = folder.resume_point(cfg.run_dir(), resume_from)
+            claim = None
             if _is_main_process():
                 from studio.runs import lock as runlock
 
-                runlock.claim(cfg.run_dir())  # RunBusy (a ConfigError) while another process trains into it
-            job = Job(id=uuid.uuid4().hex[:12], config=cfg, resume_from=resume_from)
+                claim = runlock.claim(cfg.run_dir())  # RunBusy (a ConfigError) while another process trains into it
+                try:
+                    if resume_from:
+                        folder.forget_metrics_after(cfg.run_dir(), folder.step_of(resume_from))
+                    else:  # a new run owns the folder: checkpoints an older run left here are not resumed
+                        folder.start_fresh(cfg.run_dir())
+                    folder.clear_stop(cfg.run_dir())  # a request a finished run left is not this job's
+                    folder.write_config(cfg.run_dir(), cfg)
+                except BaseException as e:
+                    runlock.release(claim)
+                    if isinstance(e, OSError):
+                        from studio.config.run import ConfigError
+
+                        raise ConfigError(f"cannot write the run folder {cfg.run_dir()}: {e.strerror or e}. Free "
+                                          "some space or choose another output_dir") from e
+                    raise
+            job = Job(id=uuid.uuid4().hex[:12], config=cfg, resume_from=resume_from, lock=claim)
             self.job = job
-            self._emit(job, "started", resume_from=resume_from, run_dir=str(cfg.run_dir()))
+            self.emit(job, "started", resume_from=resume_from, run_dir=str(cfg.run_dir()), job_id=job.id,
+                      name=cfg.name, pid=os.getpid())
             if resume_note:
-                self._emit(job, "status", message=resume_note)
+                self.emit(job, "status", message=resume_note)
             job.thread = threading.Thread(target=self._run, args=(job,), name=f"kto-{job.id}", daemon=True)
             job.thread.start()
             return job
 
     def stop(self) -> bool:
+        """Ask the current job to stop: the run folder's stop request, which the trainer checks every step."""
         job = self.job
         if job is None or job.done:
             return False
+        if _is_main_process():
+            folder.request_stop(job.run_dir, by=f"this studio (process {os.getpid()})")
+        self.stopping(job)
+        return True
+
+    def stopping(self, job: Job) -> None:
+        """The job saw a stop request: say so once."""
+        first = not getattr(job, "_stop_said", False)
         job.stop_requested = True
+        job._stop_said = True
         if job.state == "running":
             job.state = "stopping"
-        self._emit(job, "status", message="Stopping after the current step; the adapter will be saved…")
-        return True
+        if first:
+            self.emit(job, "status", message="Stopping after the current step; the adapter will be saved…")
 
     def wait(self, timeout: float | None = None) -> Job | None:
         job = self.job
@@ -133,12 +173,16 @@ class Engine:
         return self.job is not None and not self.job.done
 
     # ---- the job -------------------------------------------------------------------------------------------------
-    def _emit(self, job: Job, type_: str, **data) -> None:
+    def emit(self, job: Job, type_: str, **data) -> None:
+        """One event of ``job``: kept in memory, appended to the run folder's events.jsonl (with the job's state),
+        passed to ``on_event``."""
         event = {"type": type_, "time": time.time(), **data}
         job.events.append(event)
-        if type_ == "metrics" and _is_main_process():
+        if _is_main_process():
             try:
-                folder.append_metrics(job.run_dir, event)
+                folder.append_event(job.run_dir, {**event, "state": data.get("state", job.state)})
+                if type_ == "metrics":
+                    folder.append_metrics(job.run_dir, event)
             except OSError:
                 pass
         if self.on_event:
@@ -147,79 +191,87 @@ class Engine:
             except Exception:  # a broken observer must not kill training
                 log.exception("event observer failed")
 
-    def _phase(self, job: Job, phase: str, message: str, done: int | None = None, total: int | None = None) -> None:
-        self._emit(job, "phase", phase=phase, message=message, done=done, total=total)
+    def phase(self, job: Job, phase: str, message: str, done: int | None = None, total: int | None = None) -> None:
+        self.emit(job, "phase", phase=phase, message=message, done=done, total=total)
 
     def _run(self, job: Job) -> None:
-        cfg = job.config
+        """The job's thread: any failure ends the run as 'failed' (error.log, a plain-words reason, the events) and
+        the process keeps serving; at the end the model, optimizer and caches are released (the trainer lives only
+        in ``_train``'s frame, gone by then) and the run folder is let go."""
         try:
-            job.run_dir.mkdir(parents=True, exist_ok=True)
-            if _is_main_process():
-                if job.resume_from:
-                    folder.forget_metrics_after(job.run_dir, folder.step_of(job.resume_from))
-                else:  # a new run owns the folder: checkpoints an older run left here are not resumed
-                    folder.start_fresh(job.run_dir)
-                folder.write_config(job.run_dir, cfg)
-            self._emit(job, "status", message=f"Run folder: {job.run_dir}")
-            trainer = self._build(job)
-            if trainer is None:  # stopped while loading
-                job.state = "stopped"
-                self._emit(job, "done", state="stopped", adapter=None, message="Stopped before training began.")
-                return
-            job.state = "stopping" if job.stop_requested else "running"
-            self._emit(job, "status", message="Resuming training…" if job.resume_from else "Training…")
-            trainer.train(resume_from_checkpoint=job.resume_from)
-            model = getattr(trainer, "model", None)
-            if job.diverged is None and model is not None:  # the last guard: never a non-finite adapter as the result
-                from studio.training import health
-
-                bad = health.non_finite_tensors((n, p) for n, p in model.named_parameters() if p.requires_grad)
-                if bad:
-                    job.diverged = {"step": trainer.state.global_step, "what": "adapter weights", "names": bad}
-            if job.diverged is not None:  # stopped at a NaN/inf: the last good checkpoint, and the run failed
-                from studio.training.diverged import roll_back
-
-                roll_back(self, job, trainer)
-                return
-            # the held-out watch scores the last step and loads the adapter to keep (best step, or rolled back)
-            watched = job.watch.finish(trainer.model, trainer.state.global_step, job.stop_requested) \
-                if job.watch is not None else None
-            adapter = folder.adapter_dir(job.run_dir)
-            self._phase(job, "saving", "Saving the adapter…")
-            trainer.save_model(str(adapter))
-            job.adapter_path = str(adapter)
-            verdict = ""
-            if watched is not None:
-                verdict = self._report_watch(job, watched)
-            elif not job.stop_requested and cfg.data.evaluate_after and job.eval_rows and _is_main_process():
-                verdict = self._evaluate(job, trainer)
-            if _is_main_process():
-                self._report_health(job, collapsed=bool(watched and watched["collapsed"]))
-            job.state = "stopped" if job.stop_requested else "finished"
-            step = trainer.state.global_step
-            self._emit(job, "done", state=job.state, adapter=str(adapter), step=step,
-                       message=f"{'Stopped' if job.stop_requested else 'Finished'} at step {step}. "
-                               f"Adapter saved to {adapter}" + verdict)
+            self._train(job)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an event; the process stays up
             job.state = "failed"
-            job.error = explain_error(exc, cfg)
+            try:
+                job.error = explain_error(exc, job.config)
+            except Exception:  # noqa: BLE001 - explaining must not fail the failure report
+                job.error = f"{type(exc).__name__}: {exc}. The full traceback is in the run folder's error.log."
             try:
                 folder.write_error(job.run_dir, traceback.format_exc())
             except OSError:
                 pass
             # the traceback goes to error.log (and the debug log), the plain message to the user once
             log.debug("training failed: %s", traceback.format_exc())
-            self._emit(job, "error", message=job.error)
-            self._emit(job, "done", state="failed", adapter=None, message=job.error)
+            self.emit(job, "error", message=job.error)
+            self.emit(job, "done", state="failed", adapter=None, message=job.error)
+            del exc  # its traceback holds the trainer's frame
         finally:
             job.ended_at = time.time()
             if _is_main_process():
                 from studio.runs import lock as runlock
 
-                runlock.release(job.run_dir)
-            from studio.models.load import free_memory
+                try:
+                    folder.clear_stop(job.run_dir)
+                finally:
+                    runlock.release(job.lock or job.run_dir)
+        job.watch = None  # it holds the tuned model's scorer and the best step's adapter weights
+        from studio.models.load import free_memory
 
-            free_memory()
+        free_memory()  # gc, then torch.cuda.empty_cache(): the GPU memory goes back to the card
+
+    def _train(self, job: Job) -> None:
+        cfg = job.config
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        self.emit(job, "status", message=f"Run folder: {job.run_dir}")
+        trainer = self._build(job)
+        if trainer is None:  # stopped while loading
+            job.state = "stopped"
+            self.emit(job, "done", state="stopped", adapter=None, message="Stopped before training began.")
+            return
+        job.state = "stopping" if job.should_stop() else "running"
+        self.emit(job, "status", message="Resuming training…" if job.resume_from else "Training…")
+        trainer.train(resume_from_checkpoint=job.resume_from)
+        model = getattr(trainer, "model", None)
+        if job.diverged is None and model is not None:  # the last guard: never a non-finite adapter as the result
+            from studio.training import health
+
+            bad = health.non_finite_tensors((n, p) for n, p in model.named_parameters() if p.requires_grad)
+            if bad:
+                job.diverged = {"step": trainer.state.global_step, "what": "adapter weights", "names": bad}
+        if job.diverged is not None:  # stopped at a NaN/inf: the last good checkpoint, and the run failed
+            from studio.training.diverged import roll_back
+
+            roll_back(self, job, trainer)
+            return
+        # the held-out watch scores the last step and loads the adapter to keep (best step, or rolled back)
+        watched = job.watch.finish(trainer.model, trainer.state.global_step, job.stop_requested) \
+            if job.watch is not None else None
+        adapter = folder.adapter_dir(job.run_dir)
+        self.phase(job, "saving", "Saving the adapter…")
+        trainer.save_model(str(adapter))
+        job.adapter_path = str(adapter)
+        verdict = ""
+        if watched is not None:
+            verdict = self._report_watch(job, watched)
+        elif not job.stop_requested and cfg.data.evaluate_after and job.eval_rows and _is_main_process():
+            verdict = self._evaluate(job, trainer)
+        if _is_main_process():
+            self._report_health(job, collapsed=bool(watched and watched["collapsed"]))
+        job.state = "stopped" if job.stop_requested else "finished"
+        step = trainer.state.global_step
+        self.emit(job, "done", state=job.state, adapter=str(adapter), step=step,
+                  message=f"{'Stopped' if job.stop_requested else 'Finished'} at step {step}. "
+                          f"Adapter saved to {adapter}" + verdict)
 
     def _report_watch(self, job: Job, watched: dict[str, Any]) -> str:
         """Store the kept adapter's held-out evaluation (eval.json) and say in words what the watch saw."""
@@ -238,11 +290,11 @@ class Engine:
             evaluate.write_eval(job.run_dir, result)
         line = evaluate.verdict_line(result)
         finding = health.held_out_learning(result, cfg.train.learning_rate, collapsed_run=watched["collapsed"])
-        self._emit(job, "evaluation", summary=f"Held-out: {line}", rewards=result["rewards"],
+        self.emit(job, "evaluation", summary=f"Held-out: {line}", rewards=result["rewards"],
                    drift=result.get("drift"), verdict=result.get("verdict"), watch=result["watch"],
                    finding=finding.as_dict() if finding else None)
         if watched["message"]:
-            self._emit(job, "status", message=watched["message"])
+            self.emit(job, "status", message=watched["message"])
         text = (" " + watched["message"] if watched["message"] else "") + f" Held-out ({which}): {line}."
         if finding and not watched["collapsed"]:
             text += f" ⚠️ {finding.title}. {finding.fix}"
@@ -254,13 +306,13 @@ class Engine:
 
         findings = health.check_config(job.metrics(), job.config)
         icons = {health.ERROR: "🛑", health.WARNING: "⚠️", health.INFO: "ℹ️"}
-        self._emit(job, "health", findings=[f.as_dict() for f in findings])
+        self.emit(job, "health", findings=[f.as_dict() for f in findings])
         for f in findings:
             where = f" (from step {f.step})" if f.step is not None else ""
-            self._emit(job, "status", message=f"{icons[f.severity]} Health: {f.title}{where}. {f.meaning} "
+            self.emit(job, "status", message=f"{icons[f.severity]} Health: {f.title}{where}. {f.meaning} "
                                               f"What to change: {f.fix}")
         if not findings:
-            self._emit(job, "status", message="Health: no problems spotted in the training curves.")
+            self.emit(job, "status", message="Health: no problems spotted in the training curves.")
 
     def _evaluate(self, job: Job, trainer) -> str:
         """Held-out base-vs-tuned scores with the model still in memory; a warning when nothing was learned."""
@@ -269,15 +321,15 @@ class Engine:
 
         cfg = job.config
         rows = evaluate.limit_rows(job.eval_rows, cfg.data.eval_max_rows)
-        self._emit(job, "status", message=f"Scoring {len(rows)} held-out rows, base vs tuned…")
-        self._phase(job, "scoring", f"Scoring {len(rows)} held-out rows, base vs tuned…", 0, len(rows))
+        self.emit(job, "status", message=f"Scoring {len(rows)} held-out rows, base vs tuned…")
+        self.phase(job, "scoring", f"Scoring {len(rows)} held-out rows, base vs tuned…", 0, len(rows))
         try:
             model = trainer.model
             model.eval()
             result = evaluate.evaluate_rows(model, trainer.processing_class, rows, beta=cfg.kto.beta,
                                             max_length=cfg.kto.max_length)
         except Exception as e:  # the adapter is saved; a failed score must not fail the run
-            self._emit(job, "status", message=f"Held-out evaluation skipped: {e}")
+            self.emit(job, "status", message=f"Held-out evaluation skipped: {e}")
             return ""
         result.update(run=job.run_dir.name, run_dir=str(job.run_dir), adapter=job.adapter_path,
                       adapter_label=f"{job.run_dir.name} · final adapter", base_model=cfg.model.name_or_path,
@@ -288,17 +340,17 @@ class Engine:
                    f"{'–' if r.get('pair_accuracy') is None else format(r['pair_accuracy'], '.0%')}, "
                    f"margin {'–' if r.get('margin') is None else format(r['margin'], '+.3f')}.")
         finding = health.held_out_learning(result, cfg.train.learning_rate)
-        self._emit(job, "evaluation", summary=summary.strip(), rewards=r,
+        self.emit(job, "evaluation", summary=summary.strip(), rewards=r,
                    finding=finding.as_dict() if finding else None)
         if finding:
-            self._emit(job, "status", message=f"⚠️ {finding.title}. {finding.fix}")
+            self.emit(job, "status", message=f"⚠️ {finding.title}. {finding.fix}")
             return summary + f" ⚠️ {finding.title}. {finding.fix}"
         return summary
 
     def _build(self, job: Job):
         from studio import data as data_mod
         from studio.runs import checkpoints
-        from studio.training import logprob, microbatch, speed, plan as planner
+        from studio.training import logprob, microbatch, speed, plan as planner, trl_seam
         from studio.models import load as models
 
         cfg = job.config
@@ -309,54 +361,55 @@ class Engine:
         cfg = job.config = plan.config(cfg)  # fill_card's split of the batch, if any
         backend = job.backend = plan.backend
         speed.fast_attention_kernels()
-        self._emit(job, "status", message=f"Device: {device.name} ({device.kind}); path: {models.BACKEND_LABELS[backend]}",
+        self.emit(job, "status", message=f"Device: {device.name} ({device.kind}); path: {models.BACKEND_LABELS[backend]}",
                    backend=backend, device=device.as_dict(), plan=plan.as_dict())
         for note in plan.notes[1:-1]:  # the last says whether the reference is precomputed: once the data is read
-            self._emit(job, "status", message=note)
-        self._emit(job, "status", message="Preparing data…")
-        self._phase(job, "data", f"Reading and preparing {Path(data_mod.resolve(cfg.data.train_file)).name}…")
+            self.emit(job, "status", message=note)
+        self.emit(job, "status", message="Preparing data…")
+        self.phase(job, "data", f"Reading and preparing {Path(data_mod.resolve(cfg.data.train_file)).name}…")
         td = data_mod.prepare_training(cfg)
-        self._emit(job, "status", message=f"{len(td.train)} training rows ({td.n_desirable} desirable, "
+        self.emit(job, "status", message=f"{len(td.train)} training rows ({td.n_desirable} desirable, "
                                           f"{td.n_undesirable} undesirable)" + (f"; {len(td.eval)} eval rows" if td.eval is not None else ""),
                    n_train=len(td.train), n_desirable=td.n_desirable, n_undesirable=td.n_undesirable)
         for note in td.notes:
-            self._emit(job, "status", message=note)
+            self.emit(job, "status", message=note)
         job.eval_rows = td.eval.to_list() if td.eval is not None else None
         if cfg.data.length_grouping:
             td.train = speed.group_by_length(td.train, cfg.train.per_device_train_batch_size, cfg.train.seed)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = plan.world  # the plan's process count (plan.world_size: the one reader of WORLD_SIZE)
         plan = job.plan = plan.with_data(len(td.train))
         precompute = plan.precompute_ref
         if _is_main_process():
             plan.save(job.run_dir)
         for note in plan.notes:  # epochs 'auto', decided for these rows
             if note.startswith("Epochs:"):
-                self._emit(job, "status", message=note)
-        self._emit(job, "status", message=plan.notes[-1], plan=plan.as_dict())
-        self._emit(job, "status", message="Speed-ups: " + (", ".join(
+                self.emit(job, "status", message=note)
+        self.emit(job, "status", message=plan.notes[-1], plan=plan.as_dict())
+        self.emit(job, "status", message="Speed-ups: " + (", ".join(
             (["length-grouped batches"] if cfg.data.length_grouping else [])
             + (["reference log-probs computed once before training"] if precompute else [])
             + (["policy and KL rows in one forward pass"] if plan.joint_pass else [])) or "none"))
         micro = plan.micro_batch
         if micro:
-            self._emit(job, "status", message=microbatch.describe(micro, plan.batch), micro_batch_size=micro)
-        if job.stop_requested:
+            self.emit(job, "status", message=microbatch.describe(micro, plan.batch), micro_batch_size=micro)
+        if job.should_stop():
             return None
         from studio.models import bundled
         from studio.config.run import BUNDLED_MODEL
 
         if cfg.model.name_or_path == BUNDLED_MODEL and not bundled.is_converted():
-            self._phase(job, "convert", "Converting the bundled SmolLM2-135M into a trainable checkpoint (once, "
+            self.phase(job, "convert", "Converting the bundled SmolLM2-135M into a trainable checkpoint (once, "
                                         "about a minute on a CPU)…")
         else:
-            self._phase(job, "model", f"Loading {cfg.model.name_or_path}…")
+            self.phase(job, "model", f"Loading {cfg.model.name_or_path}…")
 
         def model_progress(m: str) -> None:
-            self._emit(job, "status", message=m)
-            self._phase(job, "convert" if m.startswith("Converting") else "model", m)
+            self.emit(job, "status", message=m)
+            self.phase(job, "convert" if m.startswith("Converting") else "model", m)
 
-        loaded = models.load_for_training(cfg, device, progress=model_progress, frozen_dtype=plan.frozen_dtype)
-        if job.stop_requested:
+        loaded = models.load_for_training(cfg, device, progress=model_progress, frozen_dtype=plan.frozen_dtype,
+                                          world=plan.world)
+        if job.should_stop():
             return None
         if logprob.needs_fallback(device.kind):
             logprob.install_fallback(force=True)
@@ -374,9 +427,9 @@ class Engine:
         kto_args = plan.kto_config(cfg, do_eval=trl_eval, eval_strategy="steps" if trl_eval else "no",
                                    eval_steps=cfg.train.save_steps if trl_eval else None)
         ref_pass_rows = plan.precompute_rows
-        self._emit(job, "status", message="Tokenizing…")
+        self.emit(job, "status", message="Tokenizing…")
         n_tok = len(td.train) + (len(td.eval) if td.eval is not None else 0)
-        self._phase(job, "data", f"Tokenizing {n_tok} rows…")
+        self.phase(job, "data", f"Tokenizing {n_tok} rows…")
         trainer = trainer_cls(model=loaded.model, args=kto_args, train_dataset=td.train, eval_dataset=td.eval,
                               processing_class=loaded.tokenizer,
                               callbacks=[make_callback(self, job), *self.extra_callbacks])
@@ -384,17 +437,17 @@ class Engine:
         if watching:
             from studio.training.watch import Watch
 
-            job.watch = Watch(cfg, job.eval_rows, lambda type_, **d: self._emit(job, type_, **d),
+            job.watch = Watch(cfg, job.eval_rows, lambda type_, **d: self.emit(job, type_, **d),
                               stopping=lambda: job.stop_requested,
                               # a launch-bound small model scores in few, large passes
                               max_tokens=16384 if plan.joint_pass else 4096 if device.kind == "cuda" else 2048)
             trainer.add_callback(job.watch.callback(
                 cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps))
         # checkpoint-N appears only once complete, saying which run saved it
-        checkpoints.atomic_saves(trainer, mark=lambda p: folder.mark_checkpoint(job.run_dir, p))
+        checkpoints.atomic_saves(trainer, trl_seam, mark=lambda p: folder.mark_checkpoint(job.run_dir, p))
         dropped = speed.drop_reference_copy(trainer.model)
         if precompute and not job.stop_requested:
-            self._emit(job, "status", message=f"Computing the reference model's log-probs for {len(td.train)} rows "
+            self.emit(job, "status", message=f"Computing the reference model's log-probs for {len(td.train)} rows "
                                               f"once ({ref_pass_rows} rows per pass)…")
             # frozen_dtype: reference log-probs cached while bitsandbytes upcast the embeddings (float32 residual
             # stream) are not this base's
@@ -402,7 +455,7 @@ class Engine:
                 loaded.source.path, backend=backend, dtype=str(loaded.dtype), frozen_dtype=plan.frozen_dtype,
                 device=device.kind, load_in_4bit=cfg.model.load_in_4bit,
                 trust_remote_code=cfg.model.trust_remote_code) if dropped else None
-            speed.precompute_reference(trainer, ref_pass_rows, fingerprint, progress=lambda d, t: self._phase(
+            speed.precompute_reference(trainer, ref_pass_rows, fingerprint, progress=lambda d, t: self.phase(
                 job, "reference", f"Reference model's log-probs, {ref_pass_rows} rows per pass", d, t))
         return trainer
 

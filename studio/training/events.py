@@ -129,14 +129,14 @@ def make_callback(engine, job):
         def on_train_begin(self, args, state, control, **kw):
             self.t0 = self.last_t = time.time()
             self.start_step = state.global_step
-            engine._emit(job, "progress", step=state.global_step, max_steps=state.max_steps,
+            engine.emit(job, "progress", step=state.global_step, max_steps=state.max_steps,
                          epoch=state.epoch or 0.0, elapsed_s=0.0, eta_s=None)
-            engine._phase(job, "training", "Training", state.global_step, state.max_steps)
+            engine.phase(job, "training", "Training", state.global_step, state.max_steps)
 
         def on_save(self, args, state, control, **kw):
             path = folder.checkpoint_dir(args.output_dir, state.global_step)
             if path.is_dir():
-                engine._emit(job, "checkpoint", step=state.global_step, path=str(path))
+                engine.emit(job, "checkpoint", step=state.global_step, path=str(path))
 
         def _diverged(self, control, step: int, what: str, names: list[str]) -> None:
             if job.diverged is None:
@@ -158,14 +158,15 @@ def make_callback(engine, job):
             return control
 
         def on_step_end(self, args, state, control, model=None, **kw):
-            engine._phase(job, "training", "Training", state.global_step, state.max_steps)
+            engine.phase(job, "training", "Training", state.global_step, state.max_steps)
             if model is not None and job.diverged is None:
                 bad = health.non_finite_tensors((n, p) for n, p in model.named_parameters() if p.requires_grad)
                 if bad:
                     self._diverged(control, state.global_step, "adapter weights", bad)
             if job.diverged is not None:
                 self._diverged(control, state.global_step, "", [])
-            elif job.stop_requested:
+            elif _agreed(job.should_stop()):  # the run folder's stop request (any viewer), on every rank at once
+                engine.stopping(job)
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -177,11 +178,11 @@ def make_callback(engine, job):
                 total = len(eval_dataloader) if eval_dataloader is not None else None
             except TypeError:
                 total = None
-            engine._phase(job, "evaluating", "Eval loss on the held-out rows", self.eval_batches, total)
+            engine.phase(job, "evaluating", "Eval loss on the held-out rows", self.eval_batches, total)
 
         def on_evaluate(self, args, state, control, **kw):
             self.eval_batches = 0
-            engine._phase(job, "training", "Training", state.global_step, state.max_steps)
+            engine.phase(job, "training", "Training", state.global_step, state.max_steps)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {})
@@ -206,9 +207,27 @@ def make_callback(engine, job):
                          elapsed_s=elapsed, eta_s=eta, **memory_use())
             if job.watch is not None and "loss" in logs:
                 event.update(job.watch.take_pending())  # the held-out check of this step (studio/training/watch.py)
-            engine._emit(job, "metrics", **event)
+            engine.emit(job, "metrics", **event)
 
     return EngineCallback()
+
+
+def _agreed(flag: bool) -> bool:
+    """Under several processes (`accelerate launch`), a stop seen by one rank is every rank's (they must leave the
+    training loop at the same step); one process: the flag itself."""
+    try:
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([1.0 if flag else 0.0])
+            if dist.get_backend() == "nccl":
+                t = t.cuda()
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return bool(t.item() > 0)
+    except Exception:  # noqa: BLE001 - no process group: this process decides
+        pass
+    return flag
 
 
 def memory_use() -> dict[str, float | None]:

@@ -123,7 +123,7 @@ def trainer_class(base):
             if not (self.model.training and not return_outputs and trl_seam.computes_kl(self)
                     and trl_seam.uses_precomputed_reference(self) and applies(inputs)
                     and not getattr(self, "aux_loss_enabled", False)
-                    and "_compute_kl_logps" not in vars(self)):  # a KL supplied by the caller (micro-batching) wins
+                    and not trl_seam.kl_supplied(self)):  # a KL supplied by the caller (micro-batching) wins
                 return trl_seam.class_kto_loss(base, self, model, inputs, return_outputs)
             import torch
 

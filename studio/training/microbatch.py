@@ -86,12 +86,12 @@ def _micro_batched_step(trainer, model, inputs: dict[str, Any], num_items_in_bat
         # DeepSpeed's engine steps inside backward(): one backward per training step only
         raise ValueError("memory.micro_batch_size does not work with DeepSpeed; leave it empty")
 
-    cp_context, inputs = trainer._prepare_context_parallel_inputs(model, inputs)
+    cp_context, inputs = trl_seam.prepare_context_parallel_inputs(trainer, model, inputs)
     with cp_context():
         model.train()
         if hasattr(trainer.optimizer, "train") and callable(trainer.optimizer.train):
             trainer.optimizer.train()
-        inputs = trainer._prepare_inputs(inputs)
+        inputs = trl_seam.prepare_inputs(trainer, inputs)
 
         n = len(inputs["label"])
         size = trainer.micro_batch_size
@@ -130,7 +130,7 @@ def _micro_batched_step(trainer, model, inputs: dict[str, Any], num_items_in_bat
         from transformers.training_args import OptimizerNames
 
         if trainer.args.optim in [OptimizerNames.LOMO, OptimizerNames.ADALOMO]:
-            kwargs["learning_rate"] = trainer._get_learning_rate()
+            kwargs["learning_rate"] = trl_seam.learning_rate(trainer)
         scale_by_accumulation = ((not trainer.model_accepts_loss_kwargs or num_items_in_batch is None)
                                  and trainer.compute_loss_func is None)
         metrics = trl_seam.train_metrics(trainer)

@@ -133,8 +133,10 @@ def plan(cfg: RunConfig, card: str, device, *, model_key: str | None = None, rec
         if apply:
             if lengths is None:
                 lengths = duration.data_lengths(cfg)
-            out.config = cfg = cfg.updated(duration.cpu_plan(cfg, lengths, duration.ram_gib(), eff))
-        out.duration = duration.estimate(cfg, lengths if lengths is not None else duration.data_lengths(cfg))
+            out.config = cfg = cfg.updated(duration.cpu_plan(cfg, lengths, duration.ram_gib(), eff,
+                                                             device=_cpu_of(device)))
+        out.duration = duration.estimate(cfg, lengths if lengths is not None else duration.data_lengths(cfg),
+                                         device=_cpu_of(device))
     elif kind != "cuda" and apply:  # Apple MPS: no GPU budget, no CPU step cap
         out.config = cfg = cfg.updated({"model.gpu_memory_gib": None, "memory.micro_batch_size": None,
                                         **_not_cpu(cfg)})
@@ -155,6 +157,12 @@ def plan(cfg: RunConfig, card: str, device, *, model_key: str | None = None, rec
     if apply and out.card_plan.changes:
         out.config = out.config.updated(out.card_plan.changes)
     return out
+
+
+def _cpu_of(device):
+    """The CPU a 'cpu' card plans for: this DeviceInfo when it is one, else (planning a CPU run on a GPU machine) a
+    CPU without native bf16 - the plan never asks the host CPU."""
+    return device if getattr(device, "kind", None) == "cpu" else None
 
 
 def _not_cpu(cfg: RunConfig) -> dict[str, Any]:
@@ -288,6 +296,12 @@ def _precompute_note(setting, on: bool | None, n_rows: int | None) -> str:
             f"{'visits' if on else 'does not visit'} nearly all {n_rows} rows).")
 
 
+def world_size() -> int:
+    """How many processes train this run (``accelerate launch`` sets WORLD_SIZE): the studio's one reader of it. The
+    run plan carries it (``RunPlan.world``); the engine, the loader and the CLI take it from there."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows: int | list | None = None, *,
              fetch: bool = True) -> RunPlan:
     """The run plan of ``cfg`` on ``device`` (default: this machine's, ``models.detect_device``) for ``data_rows``
@@ -296,7 +310,8 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
     Raises ``models.ModelLoadError`` for a path the machine cannot take and ``memory.RunWontFit`` (a ConfigError)
     for a CUDA run predicted not to fit its budget. ``fetch``: may the memory estimate download a config.json."""
     device = device or models.detect_device()
-    backend = models.choose_backend(cfg, device)
+    world = world_size()
+    backend = models.choose_backend(cfg, device, world)
     notes = [f"Path: {models.BACKEND_LABELS[backend]}" + (" (model.backend 'auto')" if cfg.model.backend == "auto"
                                                           else "")]
     if backend != "unsloth" and cfg.model.backend == "auto" and device.kind == "cuda" and not device.unsloth \
@@ -368,7 +383,7 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
         budget_gib=budget, peak_gib=peak, estimate=breakdown, changes=tuple(changes.items()), notes=tuple(notes),
         precompute_setting=cfg.kto.precompute_ref_log_probs, max_steps=t.max_steps,
         epochs=resolve_epochs(t.num_train_epochs, None), epochs_setting=t.num_train_epochs,
-        world=int(os.environ.get("WORLD_SIZE", "1")), joint_fits=joint_fits)
+        world=world, joint_fits=joint_fits)
     if isinstance(data_rows, list):
         data_rows = len(data_rows)
     if data_rows is not None:

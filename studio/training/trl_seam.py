@@ -204,3 +204,52 @@ def supplied_reference(trainer, policy_kl=None) -> Iterator[None]:
             trainer._compute_kl_logps = old_kl_attr
         else:
             vars(trainer).pop("_compute_kl_logps", None)
+
+
+# ---- transformers.Trainer internals (checkpoint saves, micro-batched steps) --------------------------------------------
+
+def checkpoint_save(trainer) -> Callable:
+    """The trainer's checkpoint writer (``Trainer._save_checkpoint(model, trial)``)."""
+    return _attr(trainer, "_save_checkpoint")
+
+
+def replace_checkpoint_save(trainer, save: Callable) -> None:
+    """Make ``save(model, trial=None)`` the trainer's checkpoint writer (``runs/checkpoints.atomic_saves``)."""
+    _attr(trainer, "_save_checkpoint")
+    trainer._save_checkpoint = save
+
+
+def output_dir(trainer, trial=None) -> str:
+    """Where the trainer writes checkpoints (``Trainer._get_output_dir``)."""
+    return _attr(trainer, "_get_output_dir")(trial=trial)
+
+
+@contextlib.contextmanager
+def output_dir_as(trainer, path) -> Iterator[None]:
+    """Within: the trainer writes its checkpoint into ``path`` (a staging folder) instead of its output_dir."""
+    _attr(trainer, "_get_output_dir")
+    trainer._get_output_dir = lambda trial=None: str(path)
+    try:
+        yield
+    finally:
+        del trainer._get_output_dir  # back to the class's method
+
+
+def prepare_context_parallel_inputs(trainer, model, inputs):
+    """``Trainer._prepare_context_parallel_inputs``: (the context to run in, the inputs)."""
+    return _attr(trainer, "_prepare_context_parallel_inputs")(model, inputs)
+
+
+def prepare_inputs(trainer, inputs):
+    """``Trainer._prepare_inputs``: the batch on the trainer's device."""
+    return _attr(trainer, "_prepare_inputs")(inputs)
+
+
+def learning_rate(trainer) -> float:
+    """``Trainer._get_learning_rate``: the scheduler's current learning rate."""
+    return _attr(trainer, "_get_learning_rate")()
+
+
+def kl_supplied(trainer) -> bool:
+    """Whether the caller supplied the policy's KL log-probs for this step (``supplied_reference`` with a KL)."""
+    return "_compute_kl_logps" in vars(trainer)

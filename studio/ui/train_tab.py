@@ -1,7 +1,9 @@
 """Train tab: start / stop / resume the engine's job, watch its curves and health, browse the run history.
 
-Everything shown is read from the server-side ``Studio`` (its engine's current job and the SQLite history) by a
-timer, so a refreshed page or a second browser tab shows the running job, not a blank form.
+Everything shown is read by a timer from the run folder's event log (``studio.runs.live``) of the run this studio
+watches - its engine's job, or a run another process on the same studio home trains (a second app, the CLI) - and
+from the SQLite history, so a refreshed page, a second browser tab or a second app shows the running run, not a
+blank form. Stop writes the run folder's stop request, which whichever process trains the run honours.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from studio.models import load as models
 from studio.config.run import ConfigError, RunConfig
 from studio.training.engine import JobRunning
 from studio.training.events import current_phase
-from studio.runs import folder
-from studio.runs.history import HistoryError
+from studio.runs import folder, live
+from studio.runs.history import ACTIVE, HistoryError
 from studio.ui.widgets import collect, field_component, shown
 
 FIELDS = [
@@ -123,14 +125,52 @@ def stop_button(busy: bool) -> dict:
     return gr.update(variant="stop" if busy else "secondary", interactive=busy)
 
 
-def job_metrics(studio) -> list[dict]:
-    """The current job's training steps, with the steps of earlier attempts of the same run when it was resumed."""
+def _view(studio, run_dir) -> live.RunView:
+    """The run folder's view, kept per studio so each tick reads only the new lines of its event log."""
+    views = studio.__dict__.setdefault("_run_views", {})
+    key = str(Path(run_dir).resolve())
+    if key not in views:
+        views[key] = live.RunView(run_dir)
+    return views[key].refresh()
+
+
+def watched(studio):
+    """The run this studio shows: its engine's job while it runs, else a run another process on this studio home
+    trains now (a second app, the CLI), else its engine's last job or the other process's run it showed last, else
+    the newest run if its trainer is gone
+    (interrupted: resumable). Rendered from the run folder's event log; a job whose folder has none (a trainer of an
+    older studio) from the job itself. None: nothing to show."""
     job = studio.engine.job
-    if job is None:
+    if job is not None and not job.done:
+        return _from_folder(studio, job)
+    runs = studio.history.runs()
+    for r in runs:
+        if r["status"] in ACTIVE and live.is_live(r["run_dir"]) and folder.has_events(r["run_dir"]):
+            studio.__dict__["_watched_run"] = r["run_dir"]  # kept in view once it ends
+            return _view(studio, r["run_dir"])
+    if job is not None:
+        return _from_folder(studio, job)
+    if studio.__dict__.get("_watched_run"):
+        return _view(studio, studio.__dict__["_watched_run"])
+    if runs and runs[0]["status"] == "interrupted" and folder.has_events(runs[0]["run_dir"]):
+        return _view(studio, runs[0]["run_dir"])
+    return None
+
+
+def _from_folder(studio, job):
+    return _view(studio, job.run_dir) if folder.has_events(job.run_dir) else job
+
+
+def job_metrics(studio, shown=None) -> list[dict]:
+    """The watched run's training steps, with the steps of earlier attempts of the same run when it was resumed."""
+    shown = watched(studio) if shown is None else shown
+    if shown is None:
         return []
-    run_id = studio.history.run_for_job(job.id) if job.resume_from else None
+    if isinstance(shown, live.RunView):
+        return health.train_steps(shown.metrics())
+    run_id = studio.history.run_for_job(shown.id) if shown.resume_from else None
     logged = studio.history.metrics(run_id) if run_id else []
-    return health.train_steps(logged + job.metrics())
+    return health.train_steps(logged + shown.metrics())
 
 
 def status_md(job) -> str:
@@ -138,7 +178,10 @@ def status_md(job) -> str:
         return "No run yet. Pick settings and press **Start training**."
     statuses = [e for e in job.events if e["type"] in ("status", "error", "done")]
     last = statuses[-1]["message"] if statuses else ""
-    return (f"**{STATE_LABELS[job.state]}** — run `{job.config.name}`" + (f" ({job.backend})" if job.backend else "")
+    if job.state == "interrupted":
+        last = live.INTERRUPTED_MESSAGE
+    name = job.config.name if job.config is not None else Path(job.run_dir).name
+    return (f"**{STATE_LABELS.get(job.state, job.state)}** — run `{name}`" + (f" ({job.backend})" if job.backend else "")
             + (f", resumed from `{Path(job.resume_from).name}`" if job.resume_from else "") + f"  \n{last}")
 
 
@@ -182,10 +225,11 @@ def duration_markdown(cfg, card: str | None = "cpu") -> str:
     """The Train tab's line: how long the config in the form takes here (CPU only; a GPU run shows its steps).
     ``card``: the Model tab's card (None: not picked yet, so the tab shows this machine's, CPU only): the advice to
     pick the CPU only card is given only when another card is picked."""
-    if models.detect_device().kind != "cpu":
+    device = models.detect_device()
+    if device.kind != "cpu":
         return ""
     lengths = duration.data_lengths(cfg)
-    d = duration.estimate(cfg, lengths)
+    d = duration.estimate(cfg, lengths, device=device)
     if d is None:
         why = ("the training data's token lengths could not be measured with this model's tokenizer" if lengths is None
                else "the model's size cannot be read before it is downloaded")
@@ -337,13 +381,23 @@ def busy_message(studio, verb: str) -> str:
     return f"**Not {verb}:** a training job is running (`{job.config.name}`): stop it or wait for it to end."
 
 
-def start_run(studio, run_name, values) -> dict:
+def start_run(studio, run_name, values, processes: int = 1) -> dict:
+    """Start the form's run: in this process (the engine's thread), or with ``processes`` > 1 on all GPUs through
+    ``accelerate launch`` (studio/training/launcher.py), watched through its run folder like any other process's."""
     if studio.engine.busy:
         return {"message": busy_message(studio, "started")}
     try:
         changes = form_changes(run_name, values)
         cfg, note = folder.new_run(studio.config.updated(changes))
         cfg = studio.update({**changes, "name": cfg.name}, source="train-form")
+        if int(processes or 1) > 1:
+            from studio.training import launcher
+
+            launched = launcher.launch(cfg, int(processes))
+            studio.__dict__["_watched_run"] = str(launched.run_dir)
+            return {"message": f"{note + '  ' + chr(10) if note else ''}Started run `{cfg.name}` on {processes} GPUs "
+                               f"(data-parallel) → `{cfg.run_dir()}`; console log `{launched.log}`",
+                    "name": cfg.name}
         studio.engine.start(cfg)
         return {"message": f"{note + '  ' + chr(10) if note else ''}Started run `{cfg.name}` → `{cfg.run_dir()}`",
                 "name": cfg.name}
@@ -374,8 +428,15 @@ def resume_run(studio, run_name, checkpoint, values) -> dict:
 
 
 def stop_run(studio) -> dict:
-    return {"message": "Stopping after this step; a checkpoint and the adapter are saved." if studio.engine.stop()
-            else "No training is running."}
+    """Stop this studio's job, or the live run it shows that another process trains: the run folder's stop
+    request, turned into a checkpoint and the adapter by the trainer."""
+    if studio.engine.stop():
+        return {"message": "Stopping after this step; a checkpoint and the adapter are saved."}
+    shown = watched(studio)
+    if shown is not None and not shown.done and live.request_stop(shown.run_dir, by="the studio's Stop button"):
+        return {"message": f"Stopping `{Path(shown.run_dir).name}` (trained by another process) after this step; "
+                           "a checkpoint and the adapter are saved."}
+    return {"message": "No training is running."}
 
 
 def open_run(studio, run_id) -> dict:
@@ -422,12 +483,12 @@ def page_form(studio) -> dict:
 def tick(studio, state, run_name, checkpoint, now: float | None = None) -> dict:
     """The timer: what changed since this browser tab last drew (``state``, returned updated as "seen")."""
     state = dict(state or {})
-    job = studio.engine.job
+    job = watched(studio)
     hist = studio.history
     key = [job.id if job else None, len(job.events) if job else 0, job.state if job else None, hist.version]
     out: dict = {}
     if key != state.get("key"):
-        metrics = job_metrics(studio)
+        metrics = job_metrics(studio, job)
         # plots are redrawn only when the curves changed (a redraw resets the chart's zoom and tooltips)
         curve_key = [job.id if job else None, [(m["step"], m.get("loss")) for m in metrics]]
         if curve_key != state.get("curves"):
@@ -443,7 +504,7 @@ def tick(studio, state, run_name, checkpoint, now: float | None = None) -> dict:
     if choices != state.get("runs"):
         state["runs"] = choices
         out.update({k: gr.update(choices=choices) for k in ("run", "compare_a", "compare_b")})
-    busy = studio.engine.busy
+    busy = studio.engine.busy or (job is not None and not job.done)
     if busy != state.get("busy"):  # red and clickable only while a job runs
         state["busy"] = busy
         out["stop"] = stop_button(busy)
@@ -499,6 +560,15 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
             comps = [field_component(studio.config, s, n, label=f"{n.replace('_', ' ')}", min_width=200)
                      for s, n in FIELDS]
     build_run_card(studio, tab, name, comps)
+    here = models.detect_device()
+    gpu_count = here.count if here.kind == "cuda" else 1
+    gpus = None
+    if gpu_count > 1:  # several GPUs: this process on one, or all of them through accelerate launch
+        from studio.training import launcher
+
+        gpus = gr.Dropdown(label="GPUs", choices=launcher.gpu_choices(gpu_count), value=gpu_count,
+                           elem_id="train-gpus", info="All GPUs: data-parallel processes (accelerate launch), "
+                                                      "watched and stopped through the run folder.")
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="train-start")
         stop = gr.Button("Stop (saves the adapter)", variant="secondary", interactive=False, elem_id="train-stop")
@@ -559,7 +629,11 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
         return {"fn": handler, "outputs": [ui[k] for k in keys]}
 
     form = [name, *comps]
-    start.click(**on(lambda n, *v: start_run(studio, n, v), "message", "name"), inputs=form, concurrency_limit=1)
+    if gpus is None:
+        start.click(**on(lambda n, *v: start_run(studio, n, v), "message", "name"), inputs=form, concurrency_limit=1)
+    else:
+        start.click(**on(lambda g, n, *v: start_run(studio, n, v, g), "message", "name"), inputs=[gpus, *form],
+                    concurrency_limit=1)
     resume.click(**on(lambda n, c, *v: resume_run(studio, n, c, v), "message"), inputs=[name, ckpt, *comps],
                  concurrency_limit=1)
     stop.click(**on(lambda: stop_run(studio), "message"))
