@@ -126,8 +126,11 @@ def child(arch: str, form: str, base: str, work: Path, cap_gib: float, steps_tot
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total))
     from bench.ui_driver import Page
+    from studio import safepaths
     from studio.config.run import RunConfig
     from studio.ui.app import Studio, build_app
+
+    safepaths.allow([str(Path(base).parent)])  # as `python app.py --allow-path MODELS` lets the page name the models
 
     s = Steps(f"{arch}/{form}")
     app = build_app(Studio(RunConfig()))
