@@ -363,7 +363,7 @@ class Engine:
         speed.fast_attention_kernels()
         self.emit(job, "status", message=f"Device: {device.name} ({device.kind}); path: {models.BACKEND_LABELS[backend]}",
                    backend=backend, device=device.as_dict(), plan=plan.as_dict())
-        for note in plan.notes[1:-1]:  # the last says whether the reference is precomputed: once the data is read
+        for note in plan.setup_notes:  # epochs and the reference are decided once the data is read
             self.emit(job, "status", message=note)
         self.emit(job, "status", message="Preparing data…")
         self.phase(job, "data", f"Reading and preparing {Path(data_mod.resolve(cfg.data.train_file)).name}…")
@@ -381,10 +381,9 @@ class Engine:
         precompute = plan.precompute_ref
         if _is_main_process():
             plan.save(job.run_dir)
-        for note in plan.notes:  # epochs 'auto', decided for these rows
-            if note.startswith("Epochs:"):
-                self.emit(job, "status", message=note)
-        self.emit(job, "status", message=plan.notes[-1], plan=plan.as_dict())
+        if plan.epochs_note:  # epochs 'auto', decided for these rows
+            self.emit(job, "status", message=plan.epochs_note)
+        self.emit(job, "status", message=plan.precompute_note, plan=plan.as_dict())
         self.emit(job, "status", message="Speed-ups: " + (", ".join(
             (["length-grouped batches"] if cfg.data.length_grouping else [])
             + (["reference log-probs computed once before training"] if precompute else [])
