@@ -374,6 +374,8 @@ class Engine:
         for note in td.notes:
             self.emit(job, "status", message=note)
         job.eval_rows = td.eval.to_list() if td.eval is not None else None
+        if job.eval_rows is not None and _is_main_process():  # what a later evaluation reads (evaluate.held_out_rows)
+            folder.write_heldout(job.run_dir, job.eval_rows)
         if cfg.data.length_grouping:
             td.train = speed.group_by_length(td.train, cfg.train.per_device_train_batch_size, cfg.train.seed)
         world = plan.world  # the plan's process count (plan.world_size: the one reader of WORLD_SIZE)
