@@ -31,6 +31,7 @@ whole one of this run, or a named one, checked).
 from __future__ import annotations
 
 import json
+import time
 import re
 import uuid
 from pathlib import Path
@@ -64,6 +65,10 @@ RESUME_KEEPS = ("lora.", "model.", "data.")
 
 step_of = checkpoints.step_of
 checkpoint_dir = checkpoints.checkpoint_dir
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _write_atomic(path: Path, text: str) -> Path:
