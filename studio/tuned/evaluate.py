@@ -306,7 +306,7 @@ def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:
     run_dir = Path(run_dir)
     full = _complete(dict(result), run_dir)
     full["created"] = full["created"] or time.strftime("%Y-%m-%dT%H:%M:%S")
-    return atomic.write_atomic(run_dir / EVAL_FILE, json.dumps(full, indent=2))
+    return atomic.write(run_dir / EVAL_FILE, json.dumps(full, indent=2))
 
 
 def read_eval(run_dir: str | Path) -> dict[str, Any] | None:
