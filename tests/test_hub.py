@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from studio.models import hub
+from studio.models import hub, repo_size
 from studio.config.run import RunConfig
 
 
@@ -155,7 +155,7 @@ def test_a_rejected_or_malformed_token_is_not_repeated_in_the_message(monkeypatc
     ("google/gemma-7b-it", "unsloth/gemma-7b-it-bnb-4bit", 17.08, 5.57),
 ])
 def test_the_download_size_is_the_size_of_the_repo_named_16bit_or_4bit(full, four_bit, gb16, gb4):
-    sixteen, four = hub.download_size(full), hub.download_size(four_bit)
+    sixteen, four = repo_size.download_size(full), repo_size.download_size(four_bit)
     assert not sixteen.four_bit and four.four_bit
     assert sixteen.gb == pytest.approx(gb16, rel=0.02) and four.gb == pytest.approx(gb4, rel=0.02)
     assert f"about {four.gb:.1f} GB to download (`{four_bit}`, stored in 4 bits)" == four.describe()
@@ -177,13 +177,13 @@ def test_a_cached_repos_size_follows_its_configs_storage_form_and_unknown_or_loc
                   {"config.json": json.dumps({**spec, "quantization_config": quant}).encode()})
     fake_snapshot(tmp_path, "someone/Plain-7B-fp32",
                   {"config.json": json.dumps({**spec, "torch_dtype": "float32"}).encode()})
-    plain = hub.download_size("someone/Plain-7B")
-    assert plain.gb == pytest.approx(hub.download_size("mistralai/Mistral-7B-Instruct-v0.3").gb)
-    assert hub.download_size("someone/Plain-7B-bnb-4bit").four_bit
-    assert hub.download_size("someone/Plain-7B-bnb-4bit").gb < plain.gb / 3
-    assert hub.download_size("someone/Plain-7B-fp32").gb == pytest.approx(2 * plain.gb)
-    assert hub.download_size("someone/never-downloaded") is None
-    assert hub.download_size("bundled:smollm2-135m") is None and hub.download_size(str(tmp_path)) is None
+    plain = repo_size.download_size("someone/Plain-7B")
+    assert plain.gb == pytest.approx(repo_size.download_size("mistralai/Mistral-7B-Instruct-v0.3").gb)
+    assert repo_size.download_size("someone/Plain-7B-bnb-4bit").four_bit
+    assert repo_size.download_size("someone/Plain-7B-bnb-4bit").gb < plain.gb / 3
+    assert repo_size.download_size("someone/Plain-7B-fp32").gb == pytest.approx(2 * plain.gb)
+    assert repo_size.download_size("someone/never-downloaded") is None
+    assert repo_size.download_size("bundled:smollm2-135m") is None and repo_size.download_size(str(tmp_path)) is None
 
 
 # ---- offline known once (issue 30, item 1) ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 from studio.training import memory, plan
 from studio.config import presets
 from studio.config.run import RunConfig
-from studio.models import hub
+from studio.models import hub, repo_size
 
 SEED_MODELS = {
     "qwen2.5-3b-instruct": ("Qwen/Qwen2.5-3B-Instruct", "unsloth/Qwen2.5-3B-Instruct-bnb-4bit", False),
@@ -57,7 +57,7 @@ def test_the_seeds_models_carry_hub_ids_unsloth_copies_gating_and_an_architectur
 
 def test_the_bundled_model_is_a_preset_and_other_models_stay_open():
     bundled = presets.find_model("bundled:smollm2-135m")
-    assert bundled is not None and hub.download_size("bundled:smollm2-135m") is None  # ships with the studio
+    assert bundled is not None and repo_size.download_size("bundled:smollm2-135m") is None  # ships with the studio
     assert presets.find_model("someone/SomeModel-7B") is None
     assert presets.OTHER_MODEL not in {p.key for p in presets.list_presets("models")}
 

@@ -5,7 +5,7 @@ import gradio as gr
 import pandas as pd
 
 from studio import safepaths
-from studio.models import hub, load as models
+from studio.models import hub, load as models, repo_size
 from studio.training import autofit, memory, plan as planner
 from studio.config import presets
 from studio.ui.widgets import collect, field_component
@@ -71,7 +71,7 @@ def preset_info(model_key: str, recipe_key: str, source: str | None = None) -> s
         gate = (" **Gated:** accept the licence on the hub and add a token below — or use Unsloth's pre-quantized "
                 f"copy `{p.get('unsloth_id')}` on a CUDA GPU (no token)." if p.get("gated") else "")
         repo = source if source and presets.find_model(source) == p else p.get("hub_id")
-        size = hub.download_size(repo) if repo else None
+        size = repo_size.download_size(repo) if repo else None
         size = f", {size.describe()}" if size else ""
         lines.append(f"**{p.title}** — hub `{p.get('hub_id')}`"
                      + (f", 4-bit `{p.get('unsloth_id')}`" if p.get("unsloth_id") else "")
