@@ -164,6 +164,9 @@ def test_headless_eval_prints_json_and_stores_it_with_the_run(run_dir, tmp_path,
     printed = json.loads(capsys.readouterr().out)
     stored = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
     assert "held-out 25% split" in printed["data"]  # the run's own held-out rows, as split for training
+    from studio.runs import folder
+
+    assert printed["n_rows"] <= len(folder.read_heldout(run_dir))  # the split the engine stored with the run
     assert printed["n_rows"] <= 4 and printed["n_rows"] == len(stored["rows"])
     assert {k: v for k, v in stored.items() if k != "rows"} == printed
     assert set(printed["base"]) == set(printed["tuned"]) >= {"logp_desirable", "logp_undesirable", "logp_gap",
@@ -201,3 +204,61 @@ def test_conversation_rows_need_a_chat_template(bundled_model_dir):
         scoring.tokenize_row(tok, [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}], 64)
     plain = scoring.tokenize_row(tok, "Hi", " Yo", 64)
     assert plain.completion_ids[-1] == tok.eos_token_id  # plain-text completions end with EOS, as in TRL
+
+
+def _run_folder(tmp_path, **changes):
+    """A run folder with its run.yaml only (no training): its data file does not exist."""
+    from studio.config.run import RunConfig
+    from studio.runs import folder
+
+    cfg = RunConfig().updated({"name": "held", "output_dir": str(tmp_path / "held"), "data.train_file": str(
+        tmp_path / "gone.jsonl"), "data.eval_fraction": 0.25, **changes})
+    folder.write_config(cfg.run_dir(), cfg)
+    return cfg.run_dir()
+
+
+def test_evaluation_reads_the_held_out_split_the_run_stored(tmp_path, monkeypatch):
+    from studio import data as data_mod
+    from studio.runs import folder
+
+    run = _run_folder(tmp_path)
+    stored = [{"prompt": "q", "completion": "a", "label": True}, {"prompt": "q", "completion": "b", "label": False}]
+    folder.write_heldout(run, stored)
+
+    def no_split(cfg):
+        raise AssertionError("the run's training data was read and split again")
+
+    monkeypatch.setattr(data_mod, "prepare_training", no_split)
+    rows, source = evaluate.held_out_rows(run)
+    assert rows == stored and "held-out 25% split" in source
+
+
+def test_evaluate_run_reads_run_yaml_once_and_returns_what_it_stored(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from studio.runs import folder
+    from studio.tuned import chat
+
+    run = _run_folder(tmp_path)
+    folder.write_heldout(run, [{"prompt": "q", "completion": "a", "label": True}])
+    reads = []
+    real_read = folder.read_config
+    monkeypatch.setattr(folder, "read_config", lambda d: reads.append(d) or real_read(d))
+    monkeypatch.setattr(chat, "resolve_adapter", lambda p: SimpleNamespace(path=run / "adapter", label="held · a"))
+
+    class FakeChat:
+        lock = __import__("threading").Lock()
+        device = SimpleNamespace(kind="cpu")
+        model = tokenizer = None
+
+        def use(self, choice, progress=None):
+            pass
+
+    scores = {"n_rows": 1, "n_pairs": 0, "rows": [{"index": 0}], "base": {"logp_desirable": -2.0},
+              "tuned": {"logp_desirable": -1.5}, "rewards": {}}
+    monkeypatch.setattr(evaluate, "evaluate_rows", lambda *a, **k: dict(scores))
+    monkeypatch.setattr(evaluate, "read_eval", lambda d: pytest.fail("evaluate_run read its own eval.json back"))
+    result = evaluate.evaluate_run(run, chat_model=FakeChat())
+    assert len(reads) == 1
+    assert json.loads((run / evaluate.EVAL_FILE).read_text(encoding="utf-8")) == json.loads(json.dumps(result))
+    assert "drift" in result and result["verdict"]["word"] and result["adapter_label"] == "held · a"

@@ -27,10 +27,9 @@ from tests.test_eval_file import OLD_ENGINE_FILE
 
 def test_an_eval_file_of_an_older_version_is_read_with_every_key(tmp_path):
     (tmp_path / folder.EVAL_FILE).write_text(json.dumps(OLD_ENGINE_FILE), encoding="utf-8")
-    plain = folder.read_eval(tmp_path)  # the file's own keys, without the scores' verdict
-    assert plain["adapter_label"] == "old · final adapter" and plain["run_dir"] == str(tmp_path)
-    assert plain["created"] and plain["data"] and "verdict" not in plain
-    scored = evaluate.read_eval(tmp_path)  # the same reader, with the derived keys
+    scored = evaluate.read_eval(tmp_path)  # the one reader of eval.json: defaults and the derived keys
+    assert scored["adapter_label"] == "old · final adapter" and scored["run_dir"] == str(tmp_path)
+    assert scored["created"] and scored["data"]
     assert scored["verdict"]["word"] == evaluate.NO_CHANGE and scored["drift"] == pytest.approx(-0.05)
     assert scored["rewards"]["pair_accuracy_se"] is not None
 
@@ -38,13 +37,13 @@ def test_an_eval_file_of_an_older_version_is_read_with_every_key(tmp_path):
 @pytest.mark.parametrize("cut", [1, 40, 150])
 def test_a_cut_off_eval_file_is_no_evaluation(tmp_path, cut):
     (tmp_path / folder.EVAL_FILE).write_text(json.dumps(OLD_ENGINE_FILE, indent=2)[:cut], encoding="utf-8")
-    assert folder.read_eval(tmp_path) is None and evaluate.read_eval(tmp_path) is None
+    assert evaluate.read_eval(tmp_path) is None
 
 
 def test_the_eval_writer_is_atomic_and_its_file_reads_back(tmp_path):
-    folder.write_eval(tmp_path, {"run": "x", "n_pairs": "3"})
+    evaluate.write_eval(tmp_path, {"run": "x", "n_pairs": "3"})
     assert not list(tmp_path.glob("*.part"))
-    back = folder.read_eval(tmp_path)
+    back = evaluate.read_eval(tmp_path)
     assert back["run"] == "x" and back["n_pairs"] == 0 and back["created"]
 
 

@@ -99,6 +99,25 @@ def test_epochs_auto_is_decided_once_from_the_training_rows(tmp_path, rows, epoc
     assert f"Epochs: {epochs}" in planner.plan_text(p)
 
 
+def test_the_plans_notes_are_typed_fields_not_positions_or_prefixes():
+    """The engine shows the setup notes before the data is read and the epochs and reference decisions after it; it
+    reads each from its field, so a note's wording or place decides nothing."""
+    cfg = RunConfig().updated({"model.dtype": "float32", "train.num_train_epochs": "auto", "train.optim": "auto"})
+    open_ = planner.plan_run(cfg, CPU)
+    assert open_.path_note.startswith("Path:") and open_.epochs_note and open_.precompute_note
+    assert any(n.startswith("Optimizer:") for n in open_.setup_notes)
+    assert open_.notes == (open_.path_note, *open_.setup_notes, open_.epochs_note, open_.precompute_note)
+    # a setup note worded like a decision stays a setup note once the data is read
+    odd = dataclasses.replace(open_, setup_notes=open_.setup_notes + ("Epochs: a word from a person",
+                                                                      "Reference log-probs: also a person's"))
+    p = odd.with_data(200)
+    assert p.setup_notes == odd.setup_notes
+    assert p.epochs_note == "Epochs: 3 ('auto': 200 training rows; small files get up to 3 passes)."
+    assert p.precompute_note != open_.precompute_note and p.notes[-1] == p.precompute_note
+    assert p.path_note not in planner.describe_plan(p) and all(n in planner.describe_plan(p) for n in p.setup_notes)
+    assert planner.plan_run(cfg.updated({"train.num_train_epochs": 2.0}), CPU).with_data(200).epochs_note is None
+
+
 def test_epochs_the_user_set_are_kept():
     cfg = RunConfig().updated({"model.dtype": "float32", "train.num_train_epochs": 2.5})
     p = planner.plan_run(cfg, CPU)

@@ -14,7 +14,9 @@ A run folder (``<studio home>/runs/NAME`` or a custom ``output_dir``) holds:
 - ``checkpoint-N/``  resumable checkpoints, written whole by ``studio.runs.checkpoints`` (``run_checkpoints``,
                      ``latest_checkpoint``);
 - ``adapter/``       the final LoRA adapter (``adapter_dir``, ``adapters``);
-- ``eval.json``      the held-out evaluation (``write_eval`` / ``read_eval``);
+- ``eval.json``      the held-out evaluation (its one reader and writer is ``studio.tuned.evaluate``: the file is
+                     what an evaluation says, its derived keys are the evaluation's);
+- ``heldout.jsonl``  the held-out rows the run trained without (``write_heldout`` / ``read_heldout``);
 - ``error.log``      the traceback of a failed run (``write_error`` / ``read_error``);
 - ``plan.json``      the run plan, when one is stored (``write_plan`` / ``read_plan``);
 - ``.run-id``        which run owns the folder: a fresh start writes a new id and each checkpoint it saves carries
@@ -29,12 +31,11 @@ whole one of this run, or a named one, checked).
 from __future__ import annotations
 
 import json
-import math
-import re
 import time
+import re
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -47,6 +48,7 @@ from studio.runs.lock import LOCK
 CONFIG_FILE = "run.yaml"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
+HELDOUT_FILE = "heldout.jsonl"
 ERROR_FILE = "error.log"
 PLAN_FILE = "plan.json"
 ADAPTER_DIR = "adapter"
@@ -56,8 +58,8 @@ RUN_ID_FILE = ".run-id"
 # so a user's own files in a custom output folder survive.
 EVENTS_FILE = "events.jsonl"
 STOP_FILE = "stop.request"
-STUDIO_FILES = (ADAPTER_DIR, METRICS_FILE, CONFIG_FILE, EVAL_FILE, ERROR_FILE, PLAN_FILE, README_FILE, RUN_ID_FILE,
-                LOCK, EVENTS_FILE, STOP_FILE)
+STUDIO_FILES = (ADAPTER_DIR, METRICS_FILE, CONFIG_FILE, EVAL_FILE, HELDOUT_FILE, ERROR_FILE, PLAN_FILE, README_FILE,
+                RUN_ID_FILE, LOCK, EVENTS_FILE, STOP_FILE)
 # What a resume keeps as saved: the adapter's shape, the base model and the data the run trains on.
 RESUME_KEEPS = ("lora.", "model.", "data.")
 
@@ -297,69 +299,31 @@ def adapters(run_dir: str | Path) -> list[Path]:
     return out + [Path(p) for _, p in reversed(run_checkpoints(run_dir)) if is_adapter_dir(p)]
 
 
-# ---- eval.json -----------------------------------------------------------------------------------------------------
+# ---- heldout.jsonl -----------------------------------------------------------------------------------------------
 
-Derive = Callable[[dict[str, Any]], None]
-
-
-def write_eval(run_dir: str | Path, result: dict[str, Any], derive: Derive | None = None) -> Path:
-    """Store an evaluation as the run's ``eval.json`` (the one writer: the engine's end-of-run score and
-    ``python -m studio eval`` both come here), atomically. Missing presentation keys are filled in, so every stored
-    file has what the readers show; ``derive`` fills the keys computed from the scores (``studio.tuned.evaluate``)."""
-    run_dir = Path(run_dir)
-    full = _with_defaults(dict(result), run_dir, derive)
-    if full.get("created") is None:
-        full["created"] = _now()
-    return _write_atomic(run_dir / EVAL_FILE, json.dumps(full, indent=2))
+def write_heldout(run_dir: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Store the held-out rows the run trained without (its seeded split), so an evaluation reads them back instead
+    of splitting the data again."""
+    return _write_atomic(Path(run_dir) / HELDOUT_FILE,
+                         "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 
 
-def read_eval(run_dir: str | Path, derive: Derive | None = None) -> dict[str, Any] | None:
-    """The run's stored evaluation with every key the readers use (defaults for keys an older or partial file
-    lacks), or None when there is none or it cannot be read (truncated, garbage): a stored file never stops the
-    studio from starting."""
-    f = Path(run_dir) / EVAL_FILE
-    data = _read_json(f)
-    if not isinstance(data, dict):
-        return None
+def read_heldout(run_dir: str | Path) -> list[dict[str, Any]] | None:
+    """The run's stored held-out rows, or None when it stored none (a run of an older studio) or the file cannot be
+    read; a cut-off last line is skipped."""
     try:
-        data = _with_defaults(data, Path(run_dir), derive)
-        if data.get("created") is None:
-            data["created"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(f.stat().st_mtime))
-        return data
-    except Exception:  # noqa: BLE001 - a file too odd to make sense of is treated as absent
+        lines = (Path(run_dir) / HELDOUT_FILE).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
         return None
-
-
-def _count(v: Any) -> int:
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else 0
-
-
-def _with_defaults(data: dict[str, Any], run_dir: Path, derive: Derive | None = None) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    data.setdefault("run", run_dir.name)
-    data.setdefault("run_dir", str(run_dir))
-    data.setdefault("adapter", str(run_dir / ADAPTER_DIR))
-    if not data.get("adapter_label"):
-        adapter = Path(str(data.get("adapter") or ADAPTER_DIR))
-        which = "final adapter" if adapter.name == ADAPTER_DIR else adapter.name
-        data["adapter_label"] = f"{data['run']} · {which}"
-    for key in ("base_model", "limit", "beta", "max_length", "created", "note"):
-        data.setdefault(key, None)
-    if not data.get("data"):
-        data["data"] = "the run's held-out rows"
-    for key in ("n_rows", "n_desirable", "n_undesirable", "n_pairs", "n_skipped"):
-        data[key] = _count(data.get(key))
-    for key in ("base", "tuned", "rewards"):  # numbers only: a stray string must not break a table
-        side = data.get(key) if isinstance(data.get(key), dict) else {}
-        data[key] = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
-                     for k, v in side.items()}
-    if not isinstance(data.get("beta"), (int, float)):
-        data["beta"] = None
-    if not isinstance(data.get("rows"), list):
-        data["rows"] = []
-    if derive is not None:
-        derive(data)
-    return data
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 # ---- error.log, plan.json ------------------------------------------------------------------------------------------

@@ -363,7 +363,7 @@ class Engine:
         speed.fast_attention_kernels()
         self.emit(job, "status", message=f"Device: {device.name} ({device.kind}); path: {models.BACKEND_LABELS[backend]}",
                    backend=backend, device=device.as_dict(), plan=plan.as_dict())
-        for note in plan.notes[1:-1]:  # the last says whether the reference is precomputed: once the data is read
+        for note in plan.setup_notes:  # epochs and the reference are decided once the data is read
             self.emit(job, "status", message=note)
         self.emit(job, "status", message="Preparing data…")
         self.phase(job, "data", f"Reading and preparing {Path(data_mod.resolve(cfg.data.train_file)).name}…")
@@ -374,6 +374,8 @@ class Engine:
         for note in td.notes:
             self.emit(job, "status", message=note)
         job.eval_rows = td.eval.to_list() if td.eval is not None else None
+        if job.eval_rows is not None and _is_main_process():  # what a later evaluation reads (evaluate.held_out_rows)
+            folder.write_heldout(job.run_dir, job.eval_rows)
         if cfg.data.length_grouping:
             td.train = speed.group_by_length(td.train, cfg.train.per_device_train_batch_size, cfg.train.seed)
         world = plan.world  # the plan's process count (plan.world_size: the one reader of WORLD_SIZE)
@@ -381,10 +383,9 @@ class Engine:
         precompute = plan.precompute_ref
         if _is_main_process():
             plan.save(job.run_dir)
-        for note in plan.notes:  # epochs 'auto', decided for these rows
-            if note.startswith("Epochs:"):
-                self.emit(job, "status", message=note)
-        self.emit(job, "status", message=plan.notes[-1], plan=plan.as_dict())
+        if plan.epochs_note:  # epochs 'auto', decided for these rows
+            self.emit(job, "status", message=plan.epochs_note)
+        self.emit(job, "status", message=plan.precompute_note, plan=plan.as_dict())
         self.emit(job, "status", message="Speed-ups: " + (", ".join(
             (["length-grouped batches"] if cfg.data.length_grouping else [])
             + (["reference log-probs computed once before training"] if precompute else [])

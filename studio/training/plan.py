@@ -214,12 +214,22 @@ class RunPlan:
     data_rows: int | None = None
     epochs: float | None = None  # passes over the training rows; None: 'auto' and the data not read yet (with_data)
     changes: tuple[tuple[str, Any], ...] = ()
-    notes: tuple[str, ...] = ()
+    # Notes for people, by what they say (``notes`` lists them all, in this order): the engine and the UI pick them
+    # by these fields, never by position or wording
+    path_note: str = ""  # the model path the run takes (the headline of describe_plan says it already)
+    setup_notes: tuple[str, ...] = ()  # what the plan decided from the config and the device (optimizer, memory...)
+    epochs_note: str | None = None  # epochs 'auto': how many passes, and why (None: epochs as configured)
+    precompute_note: str = ""  # whether the reference log-probs are precomputed, and why
     precompute_setting: bool | str = field(default="auto", repr=False)  # kto.precompute_ref_log_probs, for with_data
     max_steps: int = field(default=-1, repr=False)
     epochs_setting: float | str = field(default="auto", repr=False)  # train.num_train_epochs, for with_data
     world: int = field(default=1, repr=False)
     joint_fits: bool = field(default=False, repr=False)  # the memory plan leaves room for the joint pass
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Every note, for people to read (plan.json, the CLI, the Model tab)."""
+        return tuple(n for n in (self.path_note, *self.setup_notes, self.epochs_note, self.precompute_note) if n)
 
     def config(self, cfg: RunConfig) -> RunConfig:
         """``cfg`` with the plan's changes (the config the run trains with and saves as run.yaml)."""
@@ -227,14 +237,13 @@ class RunPlan:
 
     def with_data(self, n_rows: int) -> "RunPlan":
         """The plan once the training rows are known: epochs and precompute 'auto' decided for ``n_rows``. The
-        precompute note stays the last one (the engine shows it once the data is read)."""
+        precompute and epochs notes say what was decided (the engine shows them once the data is read)."""
         epochs = resolve_epochs(self.epochs_setting, n_rows)
         on = _precompute(self.precompute_setting, n_rows, self.max_steps,
                          self.batch * self.accumulation * self.world, epochs)
-        why = _precompute_note(self.precompute_setting, on, n_rows)
-        notes = tuple(n for n in self.notes if not n.startswith(("Reference log-probs", "Epochs:")))
-        notes += (_epochs_note(self.epochs_setting, epochs, n_rows),) if self.epochs_setting == "auto" else ()
-        return replace(self, precompute_ref=on, data_rows=n_rows, epochs=epochs, notes=notes + (why,),
+        epochs_note = _epochs_note(self.epochs_setting, epochs, n_rows) if self.epochs_setting == "auto" else None
+        return replace(self, precompute_ref=on, data_rows=n_rows, epochs=epochs, epochs_note=epochs_note,
+                       precompute_note=_precompute_note(self.precompute_setting, on, n_rows),
                        joint_pass=bool(self.joint_fits and on))
 
     @property
@@ -380,7 +389,8 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
         batch=t.per_device_train_batch_size, accumulation=t.gradient_accumulation_steps,
         micro_batch=micro if microbatch.is_active(micro, t.per_device_train_batch_size) else None, gradient_checkpointing=t.gradient_checkpointing,
         max_length=cfg.kto.max_length, precompute_ref=None, precompute_rows=int(rows),
-        budget_gib=budget, peak_gib=peak, estimate=breakdown, changes=tuple(changes.items()), notes=tuple(notes),
+        budget_gib=budget, peak_gib=peak, estimate=breakdown, changes=tuple(changes.items()), path_note=notes[0],
+        setup_notes=tuple(notes[1:]),
         precompute_setting=cfg.kto.precompute_ref_log_probs, max_steps=t.max_steps,
         epochs=resolve_epochs(t.num_train_epochs, None), epochs_setting=t.num_train_epochs,
         world=world, joint_fits=joint_fits)
@@ -389,11 +399,11 @@ def plan_run(cfg: RunConfig, device: models.DeviceInfo | None = None, data_rows:
     if data_rows is not None:
         return out.with_data(data_rows)
     if out.epochs is None:
-        out = replace(out, notes=out.notes + (_epochs_note("auto", None, None),))
+        out = replace(out, epochs_note=_epochs_note("auto", None, None))
     if isinstance(out.precompute_setting, bool):
         return replace(out, precompute_ref=out.precompute_setting, joint_pass=joint_fits and out.precompute_setting,
-                       notes=out.notes + (_precompute_note(out.precompute_setting, out.precompute_setting, None),))
-    return replace(out, notes=out.notes + (_precompute_note("auto", None, None),))
+                       precompute_note=_precompute_note(out.precompute_setting, out.precompute_setting, None))
+    return replace(out, precompute_note=_precompute_note("auto", None, None))
 
 
 def describe_plan(p: RunPlan) -> str:
@@ -412,7 +422,7 @@ def describe_plan(p: RunPlan) -> str:
              f"optimizer {p.optim}{peak}.",
              f"{split}, max_length **{p.max_length}**, gradient checkpointing "
              f"**{'on' if p.gradient_checkpointing else 'off'}**; reference log-probs {pre}."]
-    return "  \n".join(lines) + "".join(f"\n- {n}" for n in p.notes[1:])
+    return "  \n".join(lines) + "".join(f"\n- {n}" for n in p.notes if n != p.path_note)
 
 
 def plan_text(p: RunPlan) -> str:

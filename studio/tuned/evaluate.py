@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from studio import atomic
 from studio.runs import folder
 from studio.runs.folder import EVAL_FILE  # noqa: F401 - evaluate.EVAL_FILE for its readers
 
@@ -206,21 +207,25 @@ def score_result(rows: list[dict], items: list[Tokenized], kept: list[int], skip
     return result
 
 
-def held_out_rows(run_dir: str | Path, data=None) -> tuple[list[dict], str]:
-    """The held-out rows of a run (``data`` if given, else the run's eval file or eval split) and where they came
-    from."""
+def held_out_rows(run_dir: str | Path, data=None, cfg=None) -> tuple[list[dict], str]:
+    """The held-out rows of a run and where they came from: ``data`` if given, else the run's eval file, else the
+    held-out split the run stored (``heldout.jsonl``). ``cfg``: the run's config, when the caller has read it."""
     from studio import data as data_mod
     from studio import safepaths
 
     # a file a person named arrives as a UserPath: bounded by safepaths in the web UI, as typed on the command line
     if safepaths.require(data, "the held-out file") is not None:
         return data_mod.load_kto(str(data)).rows, str(data)
-    cfg = folder.read_config(run_dir)
+    cfg = cfg or folder.read_config(run_dir)
     if cfg.data.eval_file:
         return data_mod.load_kto(cfg.data.eval_file).rows, cfg.data.eval_file
     if cfg.data.eval_fraction > 0:
-        td = data_mod.prepare_training(cfg)  # the same seeded split the run trained without
-        return td.eval.to_list(), f"{cfg.data.train_file} (held-out {cfg.data.eval_fraction:.0%} split)"
+        source = f"{cfg.data.train_file} (held-out {cfg.data.eval_fraction:.0%} split)"
+        rows = folder.read_heldout(run_dir)
+        if rows is None:  # a run of an older studio stored no split: the same seeded split again
+            td = data_mod.prepare_training(cfg)
+            rows = td.eval.to_list() if td.eval is not None else []
+        return rows, source
     raise EvalError(f"run '{Path(run_dir).name}' has no held-out data (no eval file and eval fraction 0): give a "
                     "held-out file (`--data FILE` on the command line, or the file box in the Chat tab)")
 
@@ -237,9 +242,9 @@ def evaluate_run(run_dir: str | Path, data=None, limit: int | None = None, *,
     if not folder.is_run_folder(run_dir):
         raise EvalError(f"{run_dir} is not a run folder (it has no {folder.CONFIG_FILE})")
     choice = chat.resolve_adapter(adapter or run_dir)
-    rows, source = held_out_rows(run_dir, data)
-    rows = limit_rows(rows, limit)
     cfg = folder.read_config(run_dir)
+    rows, source = held_out_rows(run_dir, data, cfg)
+    rows = limit_rows(rows, limit)
     cm = chat_model or chat.ChatModel()
     cm.use(choice, progress=(lambda m: progress(m, 0.0)) if progress else None)
     with cm.lock:
@@ -247,39 +252,78 @@ def evaluate_run(run_dir: str | Path, data=None, limit: int | None = None, *,
         result = evaluate_rows(cm.model, cm.tokenizer, rows, beta=cfg.kto.beta, max_length=cfg.kto.max_length,
                                max_tokens=max_tokens, progress=progress)
     result["verdict"] = verdict(result, cfg.watch.max_drift)  # the run's own collapse bound
-    result = {
+    result = _complete({
         "run": run_dir.name, "run_dir": str(run_dir), "adapter": str(choice.path), "adapter_label": choice.label,
         "base_model": cfg.model.name_or_path, "data": source, "limit": limit, **result,
         "seconds": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    }, run_dir)
     if save:
-        write_eval(run_dir, result)
-        result = read_eval(run_dir) or result
+        write_eval(run_dir, result)  # the result as stored, not read back
     return result
 
 
-# ---- the stored file: studio.runs.folder reads and writes it; the scores' derived keys are filled here ----------
+# ---- the stored file (eval.json): its one reader and writer -------------------------------------------------------
 
-def _derive(data: dict[str, Any]) -> None:
-    """The keys a stored evaluation derives from its scores: spreads, drift and verdict."""
-    for key in ("base", "tuned", "rewards"):
+def _count(v: Any) -> int:
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else 0
+
+
+def _complete(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``data`` with every key the readers use: defaults for what an older or partial file lacks, numbers only in
+    the score tables, and the keys derived from the scores (spreads, drift, verdict)."""
+    data.setdefault("run", run_dir.name)
+    data.setdefault("run_dir", str(run_dir))
+    data.setdefault("adapter", str(run_dir / folder.ADAPTER_DIR))
+    if not data.get("adapter_label"):
+        which = Path(str(data.get("adapter") or folder.ADAPTER_DIR)).name
+        data["adapter_label"] = f"{data['run']} · {'final adapter' if which == folder.ADAPTER_DIR else which}"
+    for key in ("base_model", "limit", "beta", "max_length", "created", "note"):
+        data.setdefault(key, None)
+    data["data"] = data.get("data") or "the run's held-out rows"
+    for key in ("n_rows", "n_desirable", "n_undesirable", "n_pairs", "n_skipped"):
+        data[key] = _count(data.get(key))
+    for key in ("base", "tuned", "rewards"):  # numbers only: a stray string must not break a table
+        side = data.get(key) if isinstance(data.get(key), dict) else {}
+        data[key] = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
+                     for k, v in side.items()}
         if data[key].get("pair_accuracy") is not None and data[key].get("pair_accuracy_se") is None:
             data[key]["pair_accuracy_se"] = accuracy_se(data[key]["pair_accuracy"], data["n_pairs"])
+    if not isinstance(data.get("beta"), (int, float)):
+        data["beta"] = None
+    if not isinstance(data.get("rows"), list):
+        data["rows"] = []
     if not isinstance(data.get("drift"), (int, float)):
         data["drift"] = drift_of(data)
     v = data.get("verdict")
     if not (isinstance(v, dict) and v.get("word") in (LEARNED, NO_CHANGE, DEGENERATED)):
         data["verdict"] = verdict(data)
+    return data
 
 
 def write_eval(run_dir: str | Path, result: dict[str, Any]) -> Path:
-    """Store an evaluation as the run's ``eval.json`` (``studio.runs.folder.write_eval``, with the derived keys)."""
-    return folder.write_eval(run_dir, result, derive=_derive)
+    """Store an evaluation as the run's ``eval.json`` (the one writer: the engine's end-of-run score and
+    ``python -m studio eval`` both come here), atomically, with every key the readers use."""
+    run_dir = Path(run_dir)
+    full = _complete(dict(result), run_dir)
+    full["created"] = full["created"] or time.strftime("%Y-%m-%dT%H:%M:%S")
+    return atomic.write(run_dir / EVAL_FILE, json.dumps(full, indent=2))
 
 
 def read_eval(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's stored evaluation with every key the readers use, or None (``studio.runs.folder.read_eval``)."""
-    return folder.read_eval(run_dir, derive=_derive)
+    """The run's stored evaluation with every key the readers use (defaults for keys an older or partial file
+    lacks), or None when there is none or it cannot be read (truncated, garbage): a stored file never stops the
+    studio from starting."""
+    f = Path(run_dir) / EVAL_FILE
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            return None
+        data = _complete(data, Path(run_dir))
+        if data.get("created") is None:
+            data["created"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(f.stat().st_mtime))
+        return data
+    except Exception:  # noqa: BLE001 - a file too odd to make sense of is treated as absent
+        return None
 
 
 load_result = read_eval  # the earlier name

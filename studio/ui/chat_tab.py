@@ -180,31 +180,39 @@ def build(studio, tab: gr.Tab | None = None):
         download = gr.File(label="Download", file_count="multiple", interactive=False, visible=False,
                            elem_id="chat-export-download")
 
-    # ---- handlers ----------------------------------------------------------------------------------------------
+    # ---- handlers: each returns {component: value} for what it changes (Gradio leaves the other outputs) ------
+    ended_seen = gr.State(None)
+
     def on_refresh(current):
         ch, pick = adapter_choices()
         value = current if current in [v for _, v in ch] else pick
-        return gr.update(choices=ch, value=value), (chat.describe() if chat.loaded else ("" if ch else NO_ADAPTER))
+        return {adapter: gr.update(choices=ch, value=value),
+                status: chat.describe() if chat.loaded else ("" if ch else NO_ADAPTER)}
+
+    def eval_shown(result):
+        head, table, plot = eval_outputs(result)
+        return {eval_status: head, eval_table: table, eval_plot: plot}
 
     def on_adapter(path):
-        return eval_outputs(_stored_eval(path) if path else None)
+        return eval_shown(_stored_eval(path) if path else None)
 
     def on_send(text, base_hist, tuned_hist, state, path, sys_prompt, n_new, temp, p, sd):
         text = (text or "").strip()
         base_hist, tuned_hist = _plain(base_hist), _plain(tuned_hist)
+        # the message stays in its box
+        before = {base_box: inert.shown(base_hist), tuned_box: inert.shown(tuned_hist), turns: state}
         if not text:
-            yield gr.update(), inert.shown(base_hist), inert.shown(tuned_hist), state, gr.update()
+            yield before
             return
         if not path:
-            yield gr.update(), inert.shown(base_hist), inert.shown(tuned_hist), state, NO_ADAPTER
+            yield {**before, status: NO_ADAPTER}
             return
         try:
             if chat.active is None or str(chat.active.path) != path:
-                yield (gr.update(), inert.shown(base_hist), inert.shown(tuned_hist), state,
-                       "⏳ Loading the model and the adapter…")
+                yield {**before, status: "⏳ Loading the model and the adapter…"}
             chat.use(path)
         except Exception as e:  # noqa: BLE001 - shown to the user (ChatError says what to do)
-            yield gr.update(), inert.shown(base_hist), inert.shown(tuned_hist), state, f"❌ {e}"
+            yield {**before, status: f"❌ {e}"}
             return
         note = chat.describe()
         if studio.engine.busy:
@@ -216,33 +224,38 @@ def build(studio, tab: gr.Tab | None = None):
         hist = {"base": base_hist + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}],
                 "tuned": tuned_hist + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}
         state = {k: dict(v) for k, v in (state or {"base": {}, "tuned": {}}).items()}
-        yield "", inert.shown(hist["base"]), inert.shown(hist["tuned"]), state, note
+
+        def sent(message: str) -> dict:
+            return {msg: "", base_box: inert.shown(hist["base"]), tuned_box: inert.shown(hist["tuned"]), turns: state,
+                    status: message}
+
+        yield sent(note)
         for side in ("base", "tuned"):
             reply = ""
             try:
                 chat.use(path)  # another browser tab may have switched the adapter meanwhile
                 for reply in chat.stream(prompt[side], tuned=side == "tuned", settings=settings):
                     hist[side][-1]["content"] = reply
-                    yield "", inert.shown(hist["base"]), inert.shown(hist["tuned"]), state, note
+                    yield sent(note)
                 if chat.cut_off:
                     hist[side][-1]["content"] = reply + cut_mark(settings.max_new_tokens)
             except Exception as e:  # noqa: BLE001
                 hist[side][-1]["content"] = f"(generation failed: {e})"
-                yield "", inert.shown(hist["base"]), inert.shown(hist["tuned"]), state, f"❌ {e}"
+                yield sent(f"❌ {e}")
                 return
             state[side][len(hist[side]) - 1] = Turn(
                 side=side, messages=prompt[side], reply=reply, adapter=chat.active.label,
                 base_model=chat.key.name_or_path, settings=vars(settings).copy(),
                 prompt=chat.feedback_prompt(prompt[side]))
-        yield "", inert.shown(hist["base"]), inert.shown(hist["tuned"]), state, note
+        yield sent(note)
 
     def rate(side):
         def handler(state, data: gr.LikeData):
             index = data.index if isinstance(data.index, int) else data.index[0]
             turn = (state or {}).get(side, {}).get(index)
             if turn is None:
-                return ("Not saved: this reply is still being written (rate it once both sides have finished), or "
-                        "it was not generated in this browser session, so its prompt is unknown.")
+                return {fb: "Not saved: this reply is still being written (rate it once both sides have finished), "
+                            "or it was not generated in this browser session, so its prompt is unknown."}
             if data.liked is True or data.liked is False:
                 feedback.record(turn.prompt, turn.reply, bool(data.liked), side=side, adapter=turn.adapter,
                                 base_model=turn.base_model)
@@ -250,36 +263,36 @@ def build(studio, tab: gr.Tab | None = None):
                 completion = ([{"role": "assistant", "content": turn.reply}] if isinstance(turn.prompt, list)
                               else turn.reply)
                 feedback.remove(feedback.reply_id(turn.prompt, completion, side))
-            return feedback_md()
+            return {fb: feedback_md()}
         return handler
 
     def on_clear():
-        return [], [], {"base": {}, "tuned": {}}, ""
+        return {base_box: [], tuned_box: [], turns: {"base": {}, "tuned": {}}, msg: ""}
 
     def on_eval(path, data_file, limit, progress=gr.Progress()):
         try:
             data_file = safepaths.ui_read(data_file)  # a bounded UserPath, or None
         except safepaths.PathRefused as e:
-            return f"❌ {e}", gr.update(), gr.update()
+            return {eval_status: f"❌ {e}"}
         if not path:
-            return NO_ADAPTER, gr.update(), gr.update()
+            return {eval_status: NO_ADAPTER}
         run_dir = _run_dir(path)
         try:
             result = evaluate.evaluate_run(run_dir, data=data_file,
                                            limit=int(limit) if limit else None, adapter=path, chat_model=chat,
                                            progress=lambda m, f: progress(f, desc=m))
         except Exception as e:  # noqa: BLE001
-            return f"❌ {e}", gr.update(), gr.update()
-        return eval_outputs(result)
+            return {eval_status: f"❌ {e}"}
+        return eval_shown(result)
 
     def on_export(path, fmt_value, out_value, replace=False, type_value=None, progress=gr.Progress()):
         try:
             # the web UI writes only under the studio home (or folders allowed with app.py --allow-path)
             target = safepaths.ui_write(out_value, f"{_run_dir(path).name if path else 'adapter'}-{fmt_value}").path
         except safepaths.PathRefused as e:
-            return f"❌ Export failed: {e}", gr.update(visible=False, value=None)
+            return {export_md: f"❌ Export failed: {e}", download: gr.update(visible=False, value=None)}
         if not path:
-            return NO_ADAPTER, gr.update(visible=False, value=None)
+            return {export_md: NO_ADAPTER, download: gr.update(visible=False, value=None)}
         try:
             extra = {"gguf_type": type_value or gguf_quant.DEFAULT_TYPE} if fmt_value == "gguf" else {}
             r = export.export(path, fmt_value, target, progress=lambda m: progress(None, desc=m),
@@ -287,29 +300,28 @@ def build(studio, tab: gr.Tab | None = None):
             progress(None, desc="Preparing the download…")
             files = downloads(r)
         except Exception as e:  # noqa: BLE001
-            return f"❌ Export failed: {e}", gr.update(visible=False, value=None)
-        return _export_md(r), gr.update(visible=True, value=files)
+            return {export_md: f"❌ Export failed: {e}", download: gr.update(visible=False, value=None)}
+        return {export_md: _export_md(r), download: gr.update(visible=True, value=files)}
 
     def on_size(path, fmt_value, type_value):
         """Before anything is written: what the export will weigh (read from the checkpoint's shapes)."""
         visible = gr.update(visible=fmt_value == "gguf")
         if not path:
-            return visible, ""
+            return {gguf_type: visible, export_size: ""}
         try:
-            return visible, f"Size: **{export.estimate(path, fmt_value, type_value)['text']}**"
+            size = export.estimate(path, fmt_value, type_value)["text"]
+            return {gguf_type: visible, export_size: f"Size: **{size}**"}
         except Exception as e:  # noqa: BLE001 - e.g. a base model not downloaded yet
-            return visible, f"Size: known once the export starts ({e})"
+            return {gguf_type: visible, export_size: f"Size: known once the export starts ({e})"}
 
     def on_tick(seen, current):
         """A run that ended since this page last looked: its adapter joins the list (and is picked when none was)."""
         job = studio.engine.job
         key = f"{job.id}:{job.state}" if job is not None and job.done else None
         if key is None or key == seen:
-            return gr.skip(), gr.skip(), seen
-        dd, text = on_refresh(current)
-        return dd, text, key
+            return gr.skip()
+        return {**on_refresh(current), ended_seen: key}
 
-    ended_seen = gr.State(None)
     gr.Timer(2.0).tick(on_tick, [ended_seen, adapter], [adapter, status, ended_seen], show_progress="hidden")
     refresh.click(on_refresh, [adapter], [adapter, status])
     adapter.focus(on_refresh, [adapter], [adapter, status])
