@@ -20,7 +20,8 @@ rm -rf /tmp/e2e /tmp/models /tmp/eg
 python3 bench/gpu_e2e.py --work /tmp/e2e --layers "$LAYERS" --parallel 6 --steps 10 --deadline $(( $(left) - 45 )) \
   > "$OUT/e2e.txt" 2>&1 &
 E2E=$!
-timeout $(( 270 )) python3 bench/memory_bench.py bnbfit --parallel 1 --deadline 260 --out "$OUT/bnbfit.jsonl" \
+BNB=$(( LIMIT > 520 ? 260 : LIMIT - 90 ))
+timeout $(( BNB + 10 )) python3 bench/memory_bench.py bnbfit --parallel 1 --deadline "$BNB" --out "$OUT/bnbfit.jsonl" \
   > "$OUT/bnbfit.txt" 2>&1
 if grep -qi "out of memory\|OutOfMemory" "$OUT/bnbfit.jsonl" 2>/dev/null; then
   M=$(grep -il "out of memory" "$OUT/bnbfit.jsonl" >/dev/null && python3 -c "
@@ -28,12 +29,14 @@ import json
 for l in open('$OUT/bnbfit.jsonl'):
     r = json.loads(l)
     if 'memory' in str(r.get('error', '')).lower(): print(r['model']); break")
-  timeout $(( $(left) > 300 ? 110 : 20 )) python3 bench/mem_trace.py --top 20 -- bench/memory_bench.py run --model "$M" \
+  timeout $(( $(left) > 200 ? 110 : 20 )) python3 bench/mem_trace.py --top 20 -- bench/memory_bench.py run --model "$M" \
     --path bnb --autofit --fixed-seq --seq 1024 --precompute-ref --cap-gib 7.5 --steps 2 --grad-accum 1 \
     > "$OUT/trace.txt" 2>&1
   rm -rf /tmp/models
 fi
-timeout $(( $(left) - 40 )) python3 bench/export_gpu.py --forms nf4 > "$OUT/export.txt" 2>&1
+if [ "$(left)" -gt 150 ]; then  # a full-depth NF4 base and its exports: about 40 GB of disk, 2-4 minutes
+  timeout $(( $(left) - 40 )) python3 bench/export_gpu.py --forms nf4 > "$OUT/export.txt" 2>&1
+fi
 wait $E2E
 cp /tmp/e2e/log-* "$OUT/" 2>/dev/null
 echo "done in $(( $(date +%s) - T0 )) s"
