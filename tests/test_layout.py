@@ -74,10 +74,9 @@ def test_imports_between_subpackages_run_one_way():
     assert not upward, "imports against the layering (a lower layer importing a higher one):\n" + "\n".join(upward)
 
 
-def test_no_import_circle_between_subpackages():
-    graph: dict[str, set[str]] = {}
-    for src, dst in _edges():
-        graph.setdefault(src, set()).add(dst)
+def _circles(graph: dict[str, set[str]]) -> list[str]:
+    """Every import circle a depth-first walk of ``graph`` meets, as 'a -> b -> a'."""
+    circles: list[str] = []
     state: dict[str, int] = {}
     path: list[str] = []
 
@@ -86,9 +85,8 @@ def test_no_import_circle_between_subpackages():
         path.append(u)
         for v in sorted(graph.get(u, ())):
             if state.get(v) == 1:
-                cycle = path[path.index(v):] + [v]
-                pytest.fail("import circle between subpackages: " + " -> ".join(cycle))
-            if v not in state:
+                circles.append(" -> ".join(path[path.index(v):] + [v]))
+            elif v not in state:
                 visit(v)
         path.pop()
         state[u] = 2
@@ -96,6 +94,15 @@ def test_no_import_circle_between_subpackages():
     for u in sorted(graph):
         if u not in state:
             visit(u)
+    return circles
+
+
+def test_no_import_circle_between_subpackages():
+    graph: dict[str, set[str]] = {}
+    for src, dst in _edges():
+        graph.setdefault(src, set()).add(dst)
+    circles = _circles(graph)
+    assert not circles, "import circles between subpackages:\n" + "\n".join(circles)
 
 
 def _module_edges() -> dict[str, set[str]]:
@@ -123,24 +130,7 @@ def test_no_import_circle_between_modules_of_one_subpackage():
     """Inside a subpackage too, imports run one way (e.g. tuned/gguf_writer.py takes ExportError from
     tuned/merge.py, not from tuned/export.py, which imports gguf_writer)."""
     graph = _module_edges()
-    circles: list[str] = []
-    state: dict[str, int] = {}
-    path: list[str] = []
-
-    def visit(u: str) -> None:
-        state[u] = 1
-        path.append(u)
-        for v in sorted(graph.get(u, ())):
-            if state.get(v) == 1:
-                circles.append(" -> ".join(path[path.index(v):] + [v]))
-            elif v not in state:
-                visit(v)
-        path.pop()
-        state[u] = 2
-
-    for u in sorted(graph):
-        if u not in state:
-            visit(u)
+    circles = _circles(graph)
     assert graph, "no imports found between modules of one subpackage: the test reads nothing"
     assert not circles, "import circles inside a subpackage:\n" + "\n".join(circles)
 
