@@ -46,23 +46,22 @@ def unreply(s: str) -> str:
     return _outside_code(s, lambda p: _REPLY_BACK.sub(r"\1", p))
 
 
-def shown(messages: list[dict]) -> list[dict]:
-    """Chat messages as a Chatbot shows them: the user's as literal text, the model's as sanitized Markdown."""
+def _map_contents(messages: list[dict], assistant, user) -> list[dict]:
+    """Copies of ``messages`` with each text content passed through ``assistant`` or ``user`` by its role."""
     out = []
     for m in messages:
         content = m.get("content")
         if isinstance(content, str):
-            m = {**m, "content": reply(content) if m.get("role") == "assistant" else text(content)}
+            m = {**m, "content": assistant(content) if m.get("role") == "assistant" else user(content)}
         out.append(m)
     return out
+
+
+def shown(messages: list[dict]) -> list[dict]:
+    """Chat messages as a Chatbot shows them: the user's as literal text, the model's as sanitized Markdown."""
+    return _map_contents(messages, reply, text)
 
 
 def said(messages: list[dict]) -> list[dict]:
     """The inverse of ``shown``: what was said, from what a Chatbot shows."""
-    out = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            m = {**m, "content": unreply(content) if m.get("role") == "assistant" else untext(content)}
-        out.append(m)
-    return out
+    return _map_contents(messages, unreply, untext)
