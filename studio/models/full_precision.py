@@ -150,15 +150,32 @@ def merged_dtype(path: str | Path):
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def check_device(n_bytes: int) -> str:
-    """Where a model of ``n_bytes`` runs for an export's check: the GPU when it fits there with room to spare (an
-    H100 holds an 8B model in bf16), else the CPU (an 8 GB card does not)."""
+GIB = 2**30
+
+
+def gpu_room_bytes(budget_gib: float | None = None) -> int:
+    """How many more bytes this process may allocate on the GPU: the card's free memory plus what PyTorch holds
+    cached, capped by the process's memory fraction and by ``budget_gib`` (the run's ``model.gpu_memory_gib``: what
+    the studio may use of the card in all, the Chat tab's model and a finished run's leftovers included)."""
     import torch
 
     if not torch.cuda.is_available():
-        return "cpu"
-    free, _ = torch.cuda.mem_get_info()
-    return "cuda" if n_bytes < 0.6 * free else "cpu"
+        return 0
+    free, total = torch.cuda.mem_get_info()
+    used, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    room = free + (reserved - used)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+    room = min(room, int(fraction * total) - used)
+    if budget_gib:
+        room = min(room, int(budget_gib * GIB) - used)
+    return max(0, room)
+
+
+def check_device(n_bytes: int, budget_gib: float | None = None) -> str:
+    """Where a model of ``n_bytes`` runs for an export's check: the GPU when it fits in the room left there
+    (``gpu_room_bytes``: the run's budget, less what this process already holds) with room to spare for the
+    float32 arithmetic (an H100 holds an 8B model in bf16), else the CPU (an 8 GB card does not)."""
+    return "cuda" if 0 < n_bytes < 0.6 * gpu_room_bytes(budget_gib) else "cpu"
 
 
 def checkpoint_bytes(path: str | Path) -> int:
@@ -175,35 +192,42 @@ def load_base_full(cfg, progress: Progress = None):
     source = resolve_source(cfg.model.name_or_path, progress)
     tok = AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.model.trust_remote_code)
     if is_prequantized(source.path):
-        model = load_4bit(source.path, cfg.model.trust_remote_code, progress)
+        model = load_4bit(source.path, cfg.model.trust_remote_code, progress, budget_gib=cfg.model.gpu_memory_gib)
     else:
         dtype = stored_dtype(source.path)
         if progress:
             progress(f"Loading {cfg.model.name_or_path} in {str(dtype).removeprefix('torch.')} (not 4-bit)…")
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype,
-                                                     device_map={"": check_device(checkpoint_bytes(source.path))},
+                                                     device_map={"": check_device(checkpoint_bytes(source.path),
+                                                                                   cfg.model.gpu_memory_gib)},
                                                      trust_remote_code=cfg.model.trust_remote_code)
     model.eval()
     return model, prepare_tokenizer(tok)
 
 
-def load_4bit(path: str, trust_remote_code: bool = False, progress: Progress = None):
-    """A 4-bit-stored checkpoint loaded as stored (bitsandbytes on the GPU when there is one, else on the CPU), its
-    other weights in float32, computing in float32 on the dequantized 4-bit matrices (``exact_4bit``)."""
+def load_4bit(path: str, trust_remote_code: bool = False, progress: Progress = None,
+              budget_gib: float | None = None):
+    """A 4-bit-stored checkpoint loaded as stored: bitsandbytes on the GPU when it fits in the room the budget leaves
+    (``check_device``), else on the CPU; its other weights in the dtype they are stored in (lossless: arithmetic in
+    float32 comes from ``float32_compute``, not from a float32 copy, which for a 128k vocabulary is 4 GB of
+    embeddings and head); the 4-bit layers computing in float32 on their dequantized matrices (``exact_4bit``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    device = check_device(checkpoint_bytes(path), budget_gib) if _dequantize_device() == "cuda" else "cpu"
     if progress:
-        progress(f"Loading the 4-bit base model stored at {path}…")
-    device = _dequantize_device()
+        progress(f"Loading the 4-bit base model stored at {path} ({'GPU' if device == 'cuda' else 'CPU'})…")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": device},
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=stored_dtype(path), device_map={"": device},
                                                      trust_remote_code=trust_remote_code)
     except torch.OutOfMemoryError:
         if device == "cpu":
             raise
+        import gc
+
+        gc.collect()
         torch.cuda.empty_cache()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"},
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=stored_dtype(path), device_map={"": "cpu"},
                                                      trust_remote_code=trust_remote_code)
     exact_4bit(model)
     return model.eval()
@@ -229,29 +253,66 @@ def exact_4bit(model) -> int:
     return n
 
 
+TILE_ELEMENTS = 2**24  # a big matrix (a 128k-vocabulary LM head) is upcast this many elements at a time: 64 MiB
+
+
 @contextlib.contextmanager
 def float32_compute(model):
     """Run a 16-bit model's forward in float32 without a float32 copy of it: each module with weights of its own is
-    upcast just before it runs and cast back right after (16 -> 32 -> 16 bits is lossless)."""
+    upcast just before it runs and cast back right after (16 -> 32 -> 16 bits is lossless). An embedding is not
+    upcast (looking a row up is exact: its output is cast instead), and a linear layer larger than ``TILE_ELEMENTS``
+    (an LM head: 2 GB in float32 for a 128k vocabulary) multiplies a tile of rows at a time, so the float32 memory
+    the check needs stays small on an 8 GB card."""
     import torch
 
-    hooks = []
+    hooks, tiled = [], []
 
     def up(mod, args):
         mod._studio_dtype = next(mod.parameters(recurse=False)).dtype
         mod.to(torch.float32)
-        return tuple(a.to(torch.float32) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        return _float32_args(args)
 
     def down(mod, args, out):
         mod.to(mod._studio_dtype)
         return out
 
+    def embedded(mod, args, out):
+        return out.to(torch.float32) if torch.is_tensor(out) and out.is_floating_point() else out
+
     for mod in model.modules():
         params = list(mod.parameters(recurse=False))
-        if params and all(p.is_floating_point() and p.dtype != torch.float32 for p in params):
+        if not (params and all(p.is_floating_point() and p.dtype != torch.float32 for p in params)):
+            continue
+        if isinstance(mod, torch.nn.Embedding):
+            hooks.append(mod.register_forward_hook(embedded))
+        elif type(mod) is torch.nn.Linear and mod.weight.numel() > TILE_ELEMENTS:
+            mod.forward = _tiled_float32_linear.__get__(mod)
+            tiled.append(mod)
+        else:
             hooks += [mod.register_forward_pre_hook(up), mod.register_forward_hook(down)]
     try:
         yield model
     finally:
         for h in hooks:
             h.remove()
+        for mod in tiled:
+            del mod.forward  # back to the class's
+
+
+def _float32_args(args):
+    import torch
+
+    return tuple(a.to(torch.float32) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _tiled_float32_linear(mod, x):
+    """``x @ W.T + b`` in float32 for a 16-bit ``W``, upcasting ``TILE_ELEMENTS`` of it at a time."""
+    import torch
+
+    x = x.to(torch.float32)
+    rows = max(1, TILE_ELEMENTS // mod.in_features)
+    parts = []
+    for i in range(0, mod.out_features, rows):
+        bias = None if mod.bias is None else mod.bias[i:i + rows].to(torch.float32)
+        parts.append(torch.nn.functional.linear(x, mod.weight[i:i + rows].to(torch.float32), bias))
+    return torch.cat(parts, dim=-1)

@@ -228,7 +228,7 @@ def _export_merged(src, out: Path, progress: Progress, t0: float) -> ExportResul
     want, floor = reference.reference_logits(run, ids, progress, rounded_to=dtype)
     if progress:
         progress("Loading the merged model back to check it…")
-    device = full_precision.check_device(full_precision.checkpoint_bytes(out))
+    device = full_precision.check_device(full_precision.checkpoint_bytes(out), run.cfg.model.gpu_memory_gib)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, device_map={"": device},
                                                     trust_remote_code=run.cfg.model.trust_remote_code)
     with torch.inference_mode(), full_precision.float32_compute(reloaded):
