@@ -6,8 +6,11 @@
 # 2. meanwhile the bitsandbytes fit of the four flagship models at full depth (bench/memory_bench.py bnbfit), and,
 #    if any ran out of memory, a trace of what held the card (bench/mem_trace.py);
 # 3. then every export of a full-depth Llama-3.1-8B stored in NF4 (bench/export_gpu.py --forms nf4).
-# Output in $OUT (default /tmp/out27).
+# Output in $OUT (default /tmp/out27). PARTS picks what runs (default "e2e bnbfit export": two shorter calls can split
+# them), BNB_MODELS which flagship models bnbfit measures (default all four), BNB_PARALLEL how many at once.
 set -u
+PARTS=${PARTS:-e2e bnbfit export}
+has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 OUT=${OUT:-/tmp/out27}
 mkdir -p "$OUT"
 LIMIT=${LIMIT:-570}
@@ -17,13 +20,18 @@ left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, transformers, trl, peft, bitsandbytes, gradio; print(torch.__version__, torch.version.cuda, transformers.__version__, trl.__version__, peft.__version__, bitsandbytes.__version__, gradio.__version__)" >> "$OUT/gpu.txt" 2>&1
 rm -rf /tmp/e2e /tmp/models /tmp/eg
-python3 bench/gpu_e2e.py --work /tmp/e2e --layers "$LAYERS" --parallel 6 --steps 10 --deadline $(( $(left) - 45 )) \
-  > "$OUT/e2e.txt" 2>&1 &
-E2E=$!
-BNB=$(( LIMIT > 520 ? 260 : LIMIT - 90 ))
-timeout $(( BNB + 10 )) python3 bench/memory_bench.py bnbfit --parallel 1 --deadline "$BNB" --out "$OUT/bnbfit.jsonl" \
-  > "$OUT/bnbfit.txt" 2>&1
-if grep -qi "out of memory\|OutOfMemory" "$OUT/bnbfit.jsonl" 2>/dev/null; then
+E2E=
+if has e2e; then
+  python3 bench/gpu_e2e.py --work /tmp/e2e --layers "$LAYERS" --parallel 6 --steps 10 --deadline $(( $(left) - 45 )) \
+    > "$OUT/e2e.txt" 2>&1 &
+  E2E=$!
+fi
+if has bnbfit; then
+  if has export; then BNB=$(( LIMIT > 520 ? 260 : LIMIT - 90 )); else BNB=$(( LIMIT - 60 )); fi
+  timeout $(( BNB + 10 )) python3 bench/memory_bench.py bnbfit --parallel "${BNB_PARALLEL:-1}" --deadline "$BNB" \
+    ${BNB_MODELS:+--models "$BNB_MODELS"} --out "$OUT/bnbfit.jsonl" > "$OUT/bnbfit.txt" 2>&1
+fi
+if has bnbfit && grep -qi "out of memory\|OutOfMemory" "$OUT/bnbfit.jsonl" 2>/dev/null; then
   M=$(grep -il "out of memory" "$OUT/bnbfit.jsonl" >/dev/null && python3 -c "
 import json
 for l in open('$OUT/bnbfit.jsonl'):
@@ -34,10 +42,10 @@ for l in open('$OUT/bnbfit.jsonl'):
     > "$OUT/trace.txt" 2>&1
   rm -rf /tmp/models
 fi
-if [ "$(left)" -gt 150 ]; then  # a full-depth NF4 base and its exports: about 40 GB of disk, 2-4 minutes
+if has export && [ "$(left)" -gt 150 ]; then  # a full-depth NF4 base and its exports: about 40 GB of disk, 2-4 minutes
   timeout $(( $(left) - 40 )) python3 bench/export_gpu.py --forms nf4 > "$OUT/export.txt" 2>&1
 fi
-wait $E2E
+[ -n "$E2E" ] && wait $E2E
 cp /tmp/e2e/log-* "$OUT/" 2>/dev/null
 echo "done in $(( $(date +%s) - T0 )) s"
 tail -25 "$OUT/e2e.txt"; echo; tail -8 "$OUT/bnbfit.txt"; echo; grep -E "^STEP|^RESULT" "$OUT/export.txt" | cut -c1-400

@@ -235,6 +235,7 @@ def child(arch: str, form: str, base: str, work: Path, cap_gib: float, steps_tot
         peak = torch.cuda.max_memory_allocated() / GIB if cuda else None
         import gc
 
+        studio.engine.wait(120)  # 'done' is written once the run's memory is released; the thread ends right after
         gc.collect()
         after = torch.cuda.memory_allocated() if cuda else None
         _need(_step() == steps_total, f"resumed run ended at step {_step()}, not {steps_total}")
@@ -253,8 +254,13 @@ def child(arch: str, form: str, base: str, work: Path, cap_gib: float, steps_tot
         if not cuda:
             return {"skipped": "no GPU"}
         left = (info["mem_after"] - info["mem_before"]) / 2**20
-        _need(left <= 64, f"the finished run left {left:.0f} MiB allocated")
-        return {"allocated_before_mib": round(info["mem_before"] / 2**20, 1), "left_mib": round(left, 1)}
+        from studio.runs import folder as run_folder
+
+        # what the engine found and emptied in place (studio.models.leftovers), with who held the model
+        found = [e for e in run_folder.read_events(info["run_dir"])[0] if e.get("type") == "memory"]
+        _need(left <= 64, f"the finished run left {left:.0f} MiB allocated; the engine saw {found}")
+        return {"allocated_before_mib": round(info["mem_before"] / 2**20, 1), "left_mib": round(left, 1),
+                "engine_released": found}
 
     def chat():
         page.fire("chat-refresh")

@@ -10,9 +10,10 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def roll_back(engine, job, trainer) -> None:
+def roll_back(engine, job, trainer) -> dict:
     """The run hit NaN/inf: roll back to its last good checkpoint (its adapter becomes adapter/, checked
-    finite), or save no adapter when there is none; either way the run failed and says why and what to do."""
+    finite), or save no adapter when there is none; either way the run failed and says why and what to do.
+    Returns the run's 'done' event (the engine writes it once the run's memory is released)."""
     import shutil
 
     from studio.runs import checkpoints, folder
@@ -46,11 +47,10 @@ def roll_back(engine, job, trainer) -> None:
     if is_main_process():
         engine._report_health(job)
     job.adapter_path = adapter
-    job.state = "failed"
     job.error = text
     try:
         folder.write_error(job.run_dir, text + "\n")
     except OSError:
         pass
     engine.emit(job, "error", message=text)
-    engine.emit(job, "done", state="failed", adapter=adapter, step=d["step"], message=text)
+    return dict(state="failed", adapter=adapter, step=d["step"], message=text)

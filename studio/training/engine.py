@@ -69,6 +69,10 @@ class Job:
     # the first non-finite gradient, weight or logged number: {"step", "what", "names"} (studio.training.events)
     diverged: dict[str, Any] | None = None
     lock: Any = None  # studio.runs.lock.Claim: the run folder, held while the job runs
+    # the trained model, weakly (studio.models.leftovers: emptied if anything still holds it after the run), and the
+    # GPU memory allocated before the run, which the end of the run returns to
+    model_ref: Any = None
+    gpu_before: int = 0
 
     def should_stop(self) -> bool:
         """Stop asked for, here (``Engine.stop``) or by any viewer through the run folder's stop request."""
@@ -196,10 +200,15 @@ class Engine:
 
     def _run(self, job: Job) -> None:
         """The job's thread: any failure ends the run as 'failed' (error.log, a plain-words reason, the events) and
-        the process keeps serving; at the end the model, optimizer and caches are released (the trainer lives only
-        in ``_train``'s frame, gone by then) and the run folder is let go."""
+        the process keeps serving. The model, optimizer and caches are released (the trainer lives only in
+        ``_train``'s frame, gone by then) before the run says it is done, so whoever reacts to 'done' (the Chat tab
+        loading a model, the next run) finds the memory given back; then the run folder is let go."""
+        from studio.models import leftovers
+
+        job.gpu_before = leftovers.cuda_allocated()
+        final: dict[str, Any] | None = None
         try:
-            self._train(job)
+            final = self._train(job)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes an event; the process stays up
             job.state = "failed"
             try:
@@ -213,10 +222,14 @@ class Engine:
             # the traceback goes to error.log (and the debug log), the plain message to the user once
             log.debug("training failed: %s", traceback.format_exc())
             self.emit(job, "error", message=job.error)
-            self.emit(job, "done", state="failed", adapter=None, message=job.error)
+            final = dict(state="failed", adapter=None, message=job.error)
             del exc  # its traceback holds the trainer's frame
+        try:
+            self._release(job, final["state"])
         finally:
+            job.state = final["state"]
             job.ended_at = time.time()
+            self.emit(job, "done", **final)
             if _is_main_process():
                 from studio.runs import lock as runlock
 
@@ -224,20 +237,36 @@ class Engine:
                     folder.clear_stop(job.run_dir)
                 finally:
                     runlock.release(job.lock or job.run_dir)
-        job.watch = None  # it holds the tuned model's scorer and the best step's adapter weights
+
+    def _release(self, job: Job, state: str) -> None:
+        """The finished run's memory back to the card: the watch's scorer, Python's garbage, CUDA's cache; a model
+        something still holds is emptied in place (``studio.models.leftovers``), which the run folder records."""
+        from studio.models import leftovers
         from studio.models.load import free_memory
 
+        job.watch = None  # it holds the tuned model's scorer and the best step's adapter weights
         free_memory()  # gc, then torch.cuda.empty_cache(): the GPU memory goes back to the card
+        try:
+            found = leftovers.release(job.model_ref, job.gpu_before, free_memory)
+        except Exception:  # noqa: BLE001 - the run has ended; its report must not fail it
+            log.exception("releasing the finished run's memory failed")
+            found = None
+        job.model_ref = None
+        if found and _is_main_process():
+            try:
+                folder.append_event(job.run_dir, {"type": "memory", "time": time.time(), "state": state,
+                                                  **found})
+            except OSError:
+                pass
 
-    def _train(self, job: Job) -> None:
+    def _train(self, job: Job) -> dict[str, Any]:
+        """Build the trainer and train; returns the run's 'done' event (``_run`` writes it)."""
         cfg = job.config
         job.run_dir.mkdir(parents=True, exist_ok=True)
         self.emit(job, "status", message=f"Run folder: {job.run_dir}")
         trainer = self._build(job)
         if trainer is None:  # stopped while loading
-            job.state = "stopped"
-            self.emit(job, "done", state="stopped", adapter=None, message="Stopped before training began.")
-            return
+            return dict(state="stopped", adapter=None, message="Stopped before training began.")
         job.state = "stopping" if job.should_stop() else "running"
         self.emit(job, "status", message="Resuming training…" if job.resume_from else "Training…")
         trainer.train(resume_from_checkpoint=job.resume_from)
@@ -251,8 +280,7 @@ class Engine:
         if job.diverged is not None:  # stopped at a NaN/inf: the last good checkpoint, and the run failed
             from studio.training.diverged import roll_back
 
-            roll_back(self, job, trainer)
-            return
+            return roll_back(self, job, trainer)
         # the held-out watch scores the last step and loads the adapter to keep (best step, or rolled back)
         watched = job.watch.finish(trainer.model, trainer.state.global_step, job.stop_requested) \
             if job.watch is not None else None
@@ -267,11 +295,10 @@ class Engine:
             verdict = self._evaluate(job, trainer)
         if _is_main_process():
             self._report_health(job, collapsed=bool(watched and watched["collapsed"]))
-        job.state = "stopped" if job.stop_requested else "finished"
         step = trainer.state.global_step
-        self.emit(job, "done", state=job.state, adapter=str(adapter), step=step,
-                  message=f"{'Stopped' if job.stop_requested else 'Finished'} at step {step}. "
-                          f"Adapter saved to {adapter}" + verdict)
+        return dict(state="stopped" if job.stop_requested else "finished", adapter=str(adapter), step=step,
+                    message=f"{'Stopped' if job.stop_requested else 'Finished'} at step {step}. "
+                            f"Adapter saved to {adapter}" + verdict)
 
     def _report_watch(self, job: Job, watched: dict[str, Any]) -> str:
         """Store the kept adapter's held-out evaluation (eval.json) and say in words what the watch saw."""
@@ -410,6 +437,9 @@ class Engine:
 
         loaded = models.load_for_training(cfg, device, progress=model_progress, frozen_dtype=plan.frozen_dtype,
                                           world=plan.world)
+        import weakref
+
+        job.model_ref = weakref.ref(loaded.model)
         if job.should_stop():
             return None
         if logprob.needs_fallback(device.kind):

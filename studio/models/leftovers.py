@@ -1,0 +1,112 @@
+"""Giving a finished run's GPU memory back, even when something still holds its model.
+
+After a run the engine drops the trainer and collects garbage (``studio.models.load.free_memory``). On an 8 GB card
+every GiB a finished run keeps decides whether the Chat tab's model or an export's check fits, and a reference held
+anywhere (a library's cache, a callback, a traceback) would keep the whole model alive. ``release`` measures what the
+run left allocated beyond what was allocated before it; when its model is still alive it names who holds it (for
+the debug log) and empties every parameter and buffer in place, so the memory goes back whoever holds the module.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+MIB = 2**20
+SLACK = 64 * MIB  # allocator granularity, cuBLAS workspaces and small caches a run may leave: not a leftover
+
+
+def cuda_allocated() -> int:
+    """Bytes this process has allocated on the current GPU (0 without one)."""
+    try:
+        import torch
+
+        return int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken CUDA setup must not fail a run's end
+        return 0
+
+
+def empty_in_place(model) -> int:
+    """Replace every parameter's and buffer's storage of ``model`` with an empty tensor (same dtype and device);
+    returns the bytes that storage held. The module objects stay, hollow: whatever still references them holds
+    nothing big."""
+    import torch
+
+    freed = 0
+    with torch.no_grad():
+        for mod in model.modules():
+            for store in (mod._parameters, mod._buffers):
+                for t in store.values():
+                    if t is None or t.numel() == 0:
+                        continue
+                    freed += t.numel() * t.element_size()
+                    t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+                    if getattr(t, "grad", None) is not None:
+                        t.grad = None
+    return freed
+
+
+def holders(obj: Any, depth: int = 5, limit: int = 6) -> list[str]:
+    """Who references ``obj``, as chains of short descriptions up to ``depth`` links (frames, modules' globals and
+    this search's own lists skipped)."""
+    import types
+
+    mine: set[int] = set()  # this search's own containers, which get_referrers finds too
+    seen: set[int] = {id(obj)}
+    chains: list[str] = []
+    mine.update((id(seen), id(chains), id(mine)))
+
+    def label(r, o) -> str:
+        if isinstance(r, dict):
+            key = next((str(k) for k, v in r.items() if v is o), "?")
+            return f"dict[{key!r}]"
+        if isinstance(r, types.FunctionType):
+            return f"function {r.__module__}.{r.__qualname__}"
+        if isinstance(r, types.MethodType):
+            return f"method {type(r.__self__).__qualname__}.{r.__func__.__qualname__}"
+        return type(r).__module__.split(".")[0] + "." + type(r).__qualname__
+
+    def walk(o, path: list[str], level: int) -> None:
+        if len(chains) >= limit:
+            return
+        found = gc.get_referrers(o)
+        mine.add(id(found))
+        refs = [r for r in found if id(r) not in mine and id(r) not in seen
+                and not isinstance(r, (types.FrameType, types.ModuleType))
+                and not (isinstance(r, dict) and "__builtins__" in r)]  # a module's globals: the names it defines
+        mine.add(id(refs))
+        del found
+        if level >= depth or not refs:
+            chains.append(" <- ".join(path))
+            return
+        for r in refs[:3]:
+            seen.add(id(r))
+            walk(r, path + [label(r, o)], level + 1)
+
+    walk(obj, [type(obj).__module__.split(".")[0] + "." + type(obj).__qualname__], 0)
+    return chains
+
+
+def release(model_ref: Callable[[], Any] | None, before: int, free: Callable[[], None]) -> dict[str, Any] | None:
+    """After a run whose engine dropped its references and called ``free``: when the GPU holds more than ``before``
+    (plus ``SLACK``) and the run's model (``model_ref``, a weak reference) is still alive, say who holds it, empty it
+    in place and ``free`` again. Returns what was found ({allocated_before_mib, left_mib, emptied_mib,
+    allocated_after_mib, holders}), or None when nothing was left over (or there is no GPU)."""
+    left = cuda_allocated() - before
+    model = model_ref() if model_ref is not None else None
+    if left <= SLACK and model is None:
+        return None
+    found: dict[str, Any] = {"allocated_before_mib": round(before / MIB, 1), "left_mib": round(max(left, 0) / MIB, 1),
+                             "emptied_mib": 0.0, "holders": []}
+    if model is not None:
+        found["holders"] = holders(model)
+        found["emptied_mib"] = round(empty_in_place(model) / MIB, 1)
+        del model
+        free()
+    found["allocated_after_mib"] = round(cuda_allocated() / MIB, 1)
+    if found["emptied_mib"] or left > SLACK:
+        log.warning("the finished run left %.0f MiB on the GPU; its model was %s (%.0f MiB emptied in place); "
+                    "held by: %s", found["left_mib"], "alive" if found["holders"] else "gone",
+                    found["emptied_mib"], "; ".join(found["holders"]) or "-")
+    return found
