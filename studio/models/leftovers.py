@@ -48,8 +48,8 @@ def empty_in_place(model) -> int:
 
 
 def holders(obj: Any, depth: int = 5, limit: int = 6) -> list[str]:
-    """Who references ``obj``, as chains of short descriptions up to ``depth`` links (frames, modules' globals and
-    this search's own lists skipped)."""
+    """Who references ``obj``, as chains of short descriptions up to ``depth`` links (modules' globals, this
+    search's own frames and lists skipped)."""
     import types
 
     mine: set[int] = set()  # this search's own containers, which get_referrers finds too
@@ -63,6 +63,8 @@ def holders(obj: Any, depth: int = 5, limit: int = 6) -> list[str]:
             return f"dict[{key!r}]"
         if isinstance(r, types.FunctionType):
             return f"function {r.__module__}.{r.__qualname__}"
+        if isinstance(r, types.FrameType):
+            return f"frame {r.f_code.co_name} ({r.f_code.co_filename.rsplit('/', 1)[-1]}:{r.f_lineno})"
         if isinstance(r, types.MethodType):
             return f"method {type(r.__self__).__qualname__}.{r.__func__.__qualname__}"
         return type(r).__module__.split(".")[0] + "." + type(r).__qualname__
@@ -73,7 +75,8 @@ def holders(obj: Any, depth: int = 5, limit: int = 6) -> list[str]:
         found = gc.get_referrers(o)
         mine.add(id(found))
         refs = [r for r in found if id(r) not in mine and id(r) not in seen
-                and not isinstance(r, (types.FrameType, types.ModuleType))
+                and not isinstance(r, types.ModuleType)
+                and not (isinstance(r, types.FrameType) and r.f_code.co_filename == __file__)
                 and not (isinstance(r, dict) and "__builtins__" in r)]  # a module's globals: the names it defines
         mine.add(id(refs))
         del found

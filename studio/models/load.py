@@ -312,6 +312,7 @@ def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress
     frozen = getattr(torch, frozen_dtype or frozen_dtype_name(backend, dtype_name(cfg, device)))
     if progress:
         progress(f"Loading {cfg.model.name_or_path} with {BACKEND_LABELS[backend]} on {device.name}…")
+    import_before_models()
     try:
         if backend == "unsloth":
             model, tok = _load_unsloth(cfg, source, dtype, progress)
@@ -428,6 +429,19 @@ def prepare_4bit_for_training(model, gradient_checkpointing: bool = True):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def import_before_models() -> None:
+    """Import bitsandbytes and PEFT's bitsandbytes layers while no model exists. PEFT imports them lazily, in the
+    middle of wrapping a model, and bitsandbytes logs a failed optional kernel import with the exception as the
+    message's argument: a log handler that keeps records (a test runner's) then keeps that exception's traceback,
+    its frames' callers, and through them the first model the process loaded, for good."""
+    for name in ("bitsandbytes", "peft.tuners.lora.bnb"):
+        if _has(name.split(".")[0]):
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - a broken optional install is reported where it is used
+                pass
 
 
 def free_memory() -> None:
