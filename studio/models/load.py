@@ -432,16 +432,25 @@ def prepare_4bit_for_training(model, gradient_checkpointing: bool = True):
 
 
 def import_before_models() -> None:
-    """Import bitsandbytes and PEFT's bitsandbytes layers while no model exists. PEFT imports them lazily, in the
-    middle of wrapping a model, and bitsandbytes logs a failed optional kernel import with the exception as the
-    message's argument: a log handler that keeps records (a test runner's) then keeps that exception's traceback,
-    its frames' callers, and through them the first model the process loaded, for good."""
-    for name in ("bitsandbytes", "peft.tuners.lora.bnb"):
-        if _has(name.split(".")[0]):
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - a broken optional install is reported where it is used
-                pass
+    """Import bitsandbytes and PEFT's bitsandbytes layers in a thread of their own, once. PEFT imports them lazily,
+    in the middle of wrapping a model, and bitsandbytes logs a failed optional kernel import with the exception as
+    the message's argument: a log handler that keeps records (a test runner's) then keeps that exception's traceback,
+    its frames and their callers' frames, and so the model those callers hold, for good. In a fresh thread the
+    callers are only the thread's own start-up."""
+    import threading
+
+    def imports() -> None:
+        for name in ("bitsandbytes", "peft.tuners.lora.bnb"):
+            if _has(name.split(".")[0]):
+                try:
+                    importlib.import_module(name)
+                except Exception:  # noqa: BLE001 - a broken optional install is reported where it is used
+                    pass
+
+    if "peft.tuners.lora.bnb" not in sys.modules or "bitsandbytes" not in sys.modules:
+        t = threading.Thread(target=imports, name="studio-imports", daemon=True)
+        t.start()
+        t.join()
 
 
 def free_memory() -> None:
