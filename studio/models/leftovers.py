@@ -91,6 +91,32 @@ def holders(obj: Any, depth: int = 5, limit: int = 6) -> list[str]:
     return chains
 
 
+def largest_cuda_tensors(n: int = 4) -> list[dict[str, Any]]:
+    """The ``n`` largest CUDA tensors Python objects still reference (none: the memory is held inside a library or
+    an autograd graph, out of Python's sight), with who holds each."""
+    import torch
+
+    import warnings
+
+    seen: dict[int, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on some modules' lazy attributes warns of deprecations
+        for o in gc.get_objects():
+            try:
+                if isinstance(o, torch.Tensor) and o.is_cuda and o.numel() * o.element_size() > SLACK:
+                    seen[id(o)] = o
+            except Exception:  # noqa: BLE001 - half-built objects during collection
+                continue
+    out = []
+    for t in sorted(seen.values(), key=lambda t: -t.numel() * t.element_size())[:n]:
+        out.append({"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                    "mib": round(t.numel() * t.element_size() / MIB, 1), "requires_grad": bool(t.requires_grad),
+                    "grad_fn": type(t.grad_fn).__name__ if t.grad_fn is not None else None,
+                    "holders": holders(t, depth=4, limit=3)})
+    seen.clear()
+    return out
+
+
 def release(model_ref: Callable[[], Any] | None, before: int, free: Callable[[], None]) -> dict[str, Any] | None:
     """After a run whose engine dropped its references and called ``free``: when the GPU holds more than ``before``
     (plus ``SLACK``) and the run's model (``model_ref``, a weak reference) is still alive, say who holds it, empty it
@@ -108,6 +134,8 @@ def release(model_ref: Callable[[], Any] | None, before: int, free: Callable[[],
         del model
         free()
     found["allocated_after_mib"] = round(cuda_allocated() / MIB, 1)
+    if cuda_allocated() - before > SLACK:  # still left: which tensors Python can see, and who holds them
+        found["cuda_tensors"] = largest_cuda_tensors()
     if found["emptied_mib"] or left > SLACK:
         log.warning("the finished run left %.0f MiB on the GPU; its model was %s (%.0f MiB emptied in place); "
                     "held by: %s", found["left_mib"], "alive" if found["holders"] else "gone",
