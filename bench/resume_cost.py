@@ -2,7 +2,8 @@
 stop request, as the Stop button writes), and is resumed; issue 30's bar is that the resume takes at most its 3
 remaining steps plus 20 s. Prints figures and PASS/FAIL; asserts nothing.
 
-    python bench/resume_cost.py [--data sample|FILE] [--steps 6] [--stop-at 3] [--slack 20] [--work DIR]
+    python bench/resume_cost.py [--data sample|FILE] [--steps 6] [--stop-at 3] [--slack 20] [--dtype float32]
+                                [--work DIR]
 
 The run config is the CPU card's plan of the default config (studio.training.plan, as the Model tab plans a first
 run: max_length from the data, 2 x 4 rows a step, at most 48 held-out rows watched), with max_steps set to --steps.
@@ -76,6 +77,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--stop-at", type=int, default=3)
     ap.add_argument("--slack", type=float, default=20.0, help="seconds the resume may take beyond its steps")
+    ap.add_argument("--dtype", default=None, help="model.dtype, e.g. float32 (a CPU without bf16; default: the plan's)")
     ap.add_argument("--work", default=None)
     a = ap.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="kto-resume-cost-"))
@@ -96,7 +98,7 @@ def main() -> int:
     bundled.ensure_checkpoint()  # a fresh clone converts the bundled model once; not a resume's cost
     cfg = RunConfig().updated({"name": "resume-cost", "output_dir": str(work / "run"), "data.train_file": a.data})
     cfg = plan.plan(cfg, "cpu", detect_device(), recipe_key="standard").config
-    cfg = cfg.updated({"train.max_steps": a.steps})
+    cfg = cfg.updated({"train.max_steps": a.steps, **({"model.dtype": a.dtype} if a.dtype else {})})
     t = cfg.train
     print("config:", json.dumps({"max_length": cfg.kto.max_length, "batch": t.per_device_train_batch_size,
                                  "accumulation": t.gradient_accumulation_steps, "max_steps": t.max_steps,
