@@ -19,6 +19,9 @@ A run folder (``<studio home>/runs/NAME`` or a custom ``output_dir``) holds:
 - ``heldout.jsonl``  the held-out rows the run trained without (``write_heldout`` / ``read_heldout``);
 - ``error.log``      the traceback of a failed run (``write_error`` / ``read_error``);
 - ``plan.json``      the run plan, when one is stored (``write_plan`` / ``read_plan``);
+- ``cache/``         what a resume reuses instead of computing it again: the tokenized training rows with the
+                     reference log-probs, the held-out watch's base scores and checks (``run_cache``; its one reader
+                     and writer is ``studio.runs.cache``, which ignores an entry whose key does not match);
 - ``.run-id``        which run owns the folder: a fresh start writes a new id and each checkpoint it saves carries
                      it, so resuming never picks a checkpoint an older run left in the same folder;
 - ``.run.lock``      the live writer (``studio.runs.lock``).
@@ -42,7 +45,7 @@ from pydantic import ValidationError
 
 from studio import atomic
 from studio.config.run import ConfigError, RunConfig
-from studio.runs import checkpoints
+from studio.runs import cache, checkpoints
 from studio.runs.lock import LOCK
 
 CONFIG_FILE = "run.yaml"
@@ -59,7 +62,7 @@ RUN_ID_FILE = ".run-id"
 EVENTS_FILE = "events.jsonl"
 STOP_FILE = "stop.request"
 STUDIO_FILES = (ADAPTER_DIR, METRICS_FILE, CONFIG_FILE, EVAL_FILE, HELDOUT_FILE, ERROR_FILE, PLAN_FILE, README_FILE,
-                RUN_ID_FILE, LOCK, EVENTS_FILE, STOP_FILE)
+                RUN_ID_FILE, LOCK, EVENTS_FILE, STOP_FILE, cache.CACHE_DIR)
 # What a resume keeps as saved: the adapter's shape, the base model and the data the run trains on.
 RESUME_KEEPS = ("lora.", "model.", "data.")
 
@@ -279,6 +282,13 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path
             return p, skipped
         skipped.append((p, why))
     return None, skipped
+
+
+# ---- cache/ ------------------------------------------------------------------------------------------------------
+
+def run_cache(run_dir: str | Path) -> cache.RunCache:
+    """The run's cache of prepared rows and base-model scores (``studio.runs.cache``): what a resume reuses."""
+    return cache.RunCache(run_dir)
 
 
 # ---- the adapter ---------------------------------------------------------------------------------------------------

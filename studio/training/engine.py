@@ -376,7 +376,7 @@ class Engine:
 
     def _build(self, job: Job):
         from studio import data as data_mod
-        from studio.runs import checkpoints
+        from studio.runs import cache as run_cache, checkpoints
         from studio.training import logprob, microbatch, speed, plan as planner, trl_seam
         from studio.models import load as models
 
@@ -458,11 +458,40 @@ class Engine:
         kto_args = plan.kto_config(cfg, do_eval=trl_eval, eval_strategy="steps" if trl_eval else "no",
                                    eval_steps=cfg.train.save_steps if trl_eval else None)
         ref_pass_rows = plan.precompute_rows
-        self.emit(job, "status", message="Tokenizing…")
-        n_tok = len(td.train) + (len(td.eval) if td.eval is not None else 0)
-        self.phase(job, "data", f"Tokenizing {n_tok} rows…")
-        trainer = trainer_cls(model=loaded.model, args=kto_args, train_dataset=td.train, eval_dataset=td.eval,
-                              processing_class=loaded.tokenizer,
+        # the base model as loaded: its files and the settings that change its numbers (speed.reference_fingerprint)
+        model_key = speed.reference_fingerprint(
+            loaded.source.path, backend=backend, dtype=str(loaded.dtype), frozen_dtype=plan.frozen_dtype,
+            device=device.kind, load_in_4bit=cfg.model.load_in_4bit, trust_remote_code=cfg.model.trust_remote_code)
+        # what a resume reuses (studio.runs.cache): the prepared rows and reference log-probs an earlier start or
+        # resume of this run stored, when they were made from the same rows, model and settings (one process:
+        # rank 0 alone writes the run folder)
+        store = folder.run_cache(job.run_dir) if model_key and world == 1 and _is_main_process() else None
+        rows_key = ref_key = cached = None
+        reused_ref = False
+        train_rows = td.train
+        if store is not None:
+            rows_key = run_cache.key(rows=run_cache.rows_digest(td.train), model=model_key,
+                                     max_length=kto_args.max_length, batch=kto_args.per_device_train_batch_size,
+                                     truncation=getattr(kto_args, "truncation_mode", None), loss=kto_args.loss_type,
+                                     versions=run_cache.library_versions())
+            ref_key = run_cache.key(rows=rows_key, rows_per_pass=ref_pass_rows)
+            cached = store.load_rows(rows_key)
+        if cached is not None:
+            train_rows, stored_ref = cached
+            reused_ref = bool(precompute) and stored_ref == ref_key
+            if not reused_ref:
+                train_rows = run_cache.without_reference(train_rows)
+            trainer_cls = trl_seam.taking_prepared(trainer_cls, [train_rows])
+            self.emit(job, "status", message=f"Training rows: {len(train_rows)} tokenized rows taken from the run's "
+                                              "cache" + (", with the reference model's log-probs" if reused_ref else ""))
+            self.phase(job, "data", f"Reading {len(train_rows)} tokenized rows from the run's cache…")
+        else:
+            self.emit(job, "status", message="Tokenizing…")
+            n_tok = len(td.train) + (len(td.eval) if trl_eval else 0)
+            self.phase(job, "data", f"Tokenizing {n_tok} rows…")
+        # the held-out rows go to TRL only for its own eval loop; the watch tokenizes and scores them itself
+        trainer = trainer_cls(model=loaded.model, args=kto_args, train_dataset=train_rows,
+                              eval_dataset=td.eval if trl_eval else None, processing_class=loaded.tokenizer,
                               callbacks=[make_callback(self, job), *self.extra_callbacks])
         _no_log_printing(trainer)
         if watching:
@@ -472,22 +501,33 @@ class Engine:
                               stopping=lambda: job.stop_requested,
                               # a launch-bound small model scores in few, large passes
                               max_tokens=16384 if plan.joint_pass else 4096 if device.kind == "cuda" else 2048)
+            if store is not None:  # the base model's scores, and the checks a resume starts from
+                job.watch.cache = store.watch(
+                    run_cache.key(rows=run_cache.rows_digest(job.watch.rows), model=model_key,
+                                  max_length=cfg.kto.max_length, max_tokens=job.watch.max_tokens,
+                                  versions=run_cache.library_versions()), run=folder.run_id(job.run_dir))
             trainer.add_callback(job.watch.callback(
                 cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps))
         # checkpoint-N appears only once complete, saying which run saved it
         checkpoints.atomic_saves(trainer, trl_seam, mark=lambda p: folder.mark_checkpoint(job.run_dir, p))
         dropped = speed.drop_reference_copy(trainer.model)
-        if precompute and not job.stop_requested:
+        if reused_ref and not dropped:  # the reference is a trained starting adapter, not the base the cache scored
+            trainer.train_dataset = run_cache.without_reference(trainer.train_dataset)
+            reused_ref = False
+        if precompute and not job.stop_requested and reused_ref:
+            trl_seam.set_precomputed(trainer, ref_pass_rows, model_key)
+        elif precompute and not job.stop_requested:
             self.emit(job, "status", message=f"Computing the reference model's log-probs for {len(td.train)} rows "
                                               f"once ({ref_pass_rows} rows per pass)…")
             # frozen_dtype: reference log-probs cached while bitsandbytes upcast the embeddings (float32 residual
-            # stream) are not this base's
-            fingerprint = speed.reference_fingerprint(
-                loaded.source.path, backend=backend, dtype=str(loaded.dtype), frozen_dtype=plan.frozen_dtype,
-                device=device.kind, load_in_4bit=cfg.model.load_in_4bit,
-                trust_remote_code=cfg.model.trust_remote_code) if dropped else None
-            speed.precompute_reference(trainer, ref_pass_rows, fingerprint, progress=lambda d, t: self.phase(
+            # stream) are not this base's (model_key holds it)
+            speed.precompute_reference(trainer, ref_pass_rows, model_key if dropped else None,
+                                       progress=lambda d, t: self.phase(
                 job, "reference", f"Reference model's log-probs, {ref_pass_rows} rows per pass", d, t))
+            if store is not None:
+                store.save_rows(rows_key, trainer.train_dataset, ref_key if dropped else None)
+        elif store is not None and cached is None:
+            store.save_rows(rows_key, trainer.train_dataset, None)
         return trainer
 
 

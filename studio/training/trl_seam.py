@@ -34,7 +34,8 @@ LOGPROB_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
 LOGPROB_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
 # KTOTrainer methods the studio calls or wraps: checked when the class is handed out
-TRAINER_METHODS = ("_compute_kl_logps", "compute_ref_log_probs", "_compute_loss", "_precompute_ref_logps")
+TRAINER_METHODS = ("_compute_kl_logps", "compute_ref_log_probs", "_compute_loss", "_precompute_ref_logps",
+                   "_prepare_dataset")
 
 
 def _attr(obj: Any, name: str) -> Any:
@@ -51,6 +52,22 @@ def kto_trainer_class():
     for name in TRAINER_METHODS:
         _attr(cls, name)
     return cls
+
+
+def taking_prepared(cls, prepared: list) -> type:
+    """``cls`` (a KTOTrainer class) whose constructor takes the datasets in ``prepared`` as they are: rows it
+    prepared before (tokenized, KL completions added, over-long prompts dropped: ``_prepare_dataset``) and that the
+    run's cache kept (``studio.runs.cache``). Any other dataset is prepared as usual."""
+    _attr(cls, "_prepare_dataset")
+
+    class TakingPrepared(cls):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            if any(dataset is d for d in prepared):
+                return dataset
+            return super()._prepare_dataset(dataset, *args, **kwargs)
+
+    TakingPrepared.__name__ = TakingPrepared.__qualname__ = cls.__name__
+    return TakingPrepared
 
 
 def kto_config_class():

@@ -26,6 +26,11 @@ adapter at the end. Collapse guard (``watch.stop_on_collapse``): a drift beyond 
 stuck at 0 while the rewards run away (studio.health.collapsed), stops the run and rolls back to the best step, or
 to the untrained adapter when no check before the collapse was sound.
 
+A resume reuses what the run's cache (``studio.runs.cache``, set as ``Watch.cache`` by the engine) holds: the base
+model's log-probs, and the check of the step it resumes from when the run took one there. A step that was not checked
+(a run stopped by hand) is not scored at the start of the resume: it is the step to roll back to only when no later
+check is sound, and it is scored then.
+
 Runs on one process only (a multi-GPU run keeps the score after training and no guard).
 """
 from __future__ import annotations
@@ -103,7 +108,8 @@ class Watch:
         self.best: Point | None = None  # the step kept (see the module doc)
         self.top: Point | None = None  # the most accurate sound check so far
         self.best_state: dict | None = None
-        self.start: Point | None = None
+        self.start: Point | None = None  # None after a resume from a step that was not checked
+        self.start_step = 0
         self.start_state: dict | None = None
         self.collapse: health.Finding | None = None
         self.pending: dict[str, Any] = {}
@@ -111,6 +117,7 @@ class Watch:
         self.items = self.kept = self.base = None
         self.skipped = 0
         self.tokenizer = None
+        self.cache = None  # studio.runs.cache.WatchCache: the base scores and checks of this run, kept for a resume
 
     # ---- scoring -------------------------------------------------------------------------------------------------
     def _logps(self, model, what: str) -> list[float]:
@@ -132,15 +139,24 @@ class Watch:
                 model.train()
 
     def begin(self, model, tokenizer, step: int, max_steps: int, rows_per_step: int) -> None:
-        """Tokenize the rows, score them once with the base model, remember the starting adapter."""
+        """Tokenize the rows, score them once with the base model (or take the scores the run's cache holds),
+        remember the starting adapter."""
         self.tokenizer = tokenizer
         self.items, self.kept, self.skipped = scoring.tokenize_rows(tokenizer, self.rows, self.cfg.kto.max_length)
-        with model.disable_adapter():
-            self.base = self._logps(model, "base model (once)")
+        self.base = self.cache.base(len(self.items)) if self.cache is not None else None
+        if self.base is None:
+            with model.disable_adapter():
+                self.base = self._logps(model, "base model (once)")
+            if self.cache is not None:
+                self.cache.save_base(self.base)
+        else:
+            self.emit("status", message=f"Held-out watch: the base model's scores of {len(self.items)} rows taken "
+                                        "from the run's cache")
         every = self.cfg.watch.every_steps
         self.every = auto_every(len(self.items), rows_per_step) if every == "auto" else int(every)
         self.start_state = _snapshot(model)
-        self.start = Point(step, None) if step == 0 else self.check(model, step, guard=False)
+        self.start_step = step
+        self.start = Point(step, None) if step == 0 else self._resumed_at(step)
         self.pending = {}  # a resumed run's starting point belongs to no new step
         self.emit("status", message=(
             f"Held-out watch: {len(self.items)} rows ({self._n_pairs()} pairs), checked every {self.every} steps"
@@ -155,12 +171,39 @@ class Watch:
             keys.setdefault(evaluate._prompt_key(self.rows[i]["prompt"]), set()).add(bool(self.rows[i]["label"]))
         return sum(1 for v in keys.values() if len(v) == 2)
 
-    def check(self, model, step: int, guard: bool = True) -> Point:
-        tuned = self._logps(model, f"tuned model at step {step}")
+    def _result(self, tuned: list[float]) -> dict[str, Any]:
         result = evaluate.score_result(self.rows, self.items, self.kept, self.skipped, self.base, tuned,
                                        beta=self.cfg.kto.beta, max_length=self.cfg.kto.max_length)
         result["verdict"] = evaluate.verdict(result, self.cfg.watch.max_drift)
-        point = Point(step, result)
+        return result
+
+    def _score(self, model, step: int) -> dict[str, Any]:
+        """Score the model as it is now (step ``step``'s adapter) and keep its scores in the run's cache."""
+        tuned = self._logps(model, f"tuned model at step {step}")
+        if self.cache is not None:
+            self.cache.save_check(step, tuned)
+        return self._result(tuned)
+
+    def _resumed_at(self, step: int) -> Point | None:
+        """The starting point of a run resumed at ``step``: its check from before the stop (the run's cache), which
+        counts for the best step as it did then; None when that step was not checked (scored only if the run has to
+        roll back to it, in ``finish``)."""
+        if self.cache is None:
+            return None
+        self.cache.forget_after(step)  # checks after it belong to the attempt this resume replaces
+        tuned = self.cache.check(step, len(self.items))
+        if tuned is None:
+            return None
+        point = Point(step, self._result(tuned))
+        self.points.append(point)
+        if self.consider(point):
+            self.best_state = self.start_state
+        self.emit("status", message=f"Held-out check at step {step} (taken before the stop, from the run's cache): "
+                                    f"{point.short()}", step=step)
+        return point
+
+    def check(self, model, step: int, guard: bool = True) -> Point:
+        point = Point(step, self._score(model, step))
         self.points.append(point)
         self.pending = {k: v for k, v in point.metrics().items() if v is not None}
         # once a collapse is seen (KL stuck at 0 while the rewards run away: the check right after says how far it
@@ -280,9 +323,13 @@ class Watch:
         guard = self.collapse is not None and self.cfg.watch.stop_on_collapse
         if last is not None and (guard or (self.cfg.watch.keep_best and not user_stopped)):
             target, state = (self.best, self.best_state) if self.best is not None else (self.start, self.start_state)
+            if target is None and self.best is None and state is not None:  # a resume's start, not checked yet
+                target = self.start = Point(self.start_step, None)
             if target is not None and state is not None and target.step != last.step:
                 _restore(model, state)
                 kept, rolled = target, True
+                if kept.result is None and kept.step > 0:  # the resumed-from step: its scores, now
+                    kept.result = self._score(model, kept.step)
         if kept is None:
             return None
         parts = []
