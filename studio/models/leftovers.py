@@ -91,6 +91,18 @@ def holders(obj: Any, depth: int = 5, limit: int = 6) -> list[str]:
     return chains
 
 
+def storage_refs(model) -> list[tuple[str, Any]]:
+    """Weak references to the storage of each of ``model``'s big parameters and buffers (more than ``SLACK``), by
+    name: after the run, whichever is not expired is held somewhere even though the module that owned it is gone."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    out = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.numel() * t.element_size() > SLACK:
+            out.append((name, StorageWeakRef(t.untyped_storage())))
+    return out
+
+
 def largest_cuda_tensors(n: int = 4) -> list[dict[str, Any]]:
     """The ``n`` largest CUDA tensors Python objects still reference (none: the memory is held inside a library or
     an autograd graph, out of Python's sight), with who holds each."""
@@ -117,7 +129,8 @@ def largest_cuda_tensors(n: int = 4) -> list[dict[str, Any]]:
     return out
 
 
-def release(model_ref: Callable[[], Any] | None, before: int, free: Callable[[], None]) -> dict[str, Any] | None:
+def release(model_ref: Callable[[], Any] | None, before: int, free: Callable[[], None],
+            storages: list[tuple[str, Any]] | None = None) -> dict[str, Any] | None:
     """After a run whose engine dropped its references and called ``free``: when the GPU holds more than ``before``
     (plus ``SLACK``) and the run's model (``model_ref``, a weak reference) is still alive, say who holds it, empty it
     in place and ``free`` again. Returns what was found ({allocated_before_mib, left_mib, emptied_mib,
@@ -136,6 +149,7 @@ def release(model_ref: Callable[[], Any] | None, before: int, free: Callable[[],
     found["allocated_after_mib"] = round(cuda_allocated() / MIB, 1)
     if cuda_allocated() - before > SLACK:  # still left: which tensors Python can see, and who holds them
         found["cuda_tensors"] = largest_cuda_tensors()
+        found["weights_still_stored"] = [name for name, ref in storages or [] if not ref.expired()]
     if found["emptied_mib"] or left > SLACK:
         log.warning("the finished run left %.0f MiB on the GPU; its model was %s (%.0f MiB emptied in place); "
                     "held by: %s", found["left_mib"], "alive" if found["holders"] else "gone",

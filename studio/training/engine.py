@@ -72,6 +72,7 @@ class Job:
     # the trained model, weakly (studio.models.leftovers: emptied if anything still holds it after the run), and the
     # GPU memory allocated before the run, which the end of the run returns to
     model_ref: Any = None
+    model_storages: Any = None  # studio.models.leftovers.storage_refs: which big weights outlive the run, on CUDA
     gpu_before: int = 0
 
     def should_stop(self) -> bool:
@@ -247,11 +248,11 @@ class Engine:
         job.watch = None  # it holds the tuned model's scorer and the best step's adapter weights
         free_memory()  # gc, then torch.cuda.empty_cache(): the GPU memory goes back to the card
         try:
-            found = leftovers.release(job.model_ref, job.gpu_before, free_memory)
+            found = leftovers.release(job.model_ref, job.gpu_before, free_memory, job.model_storages)
         except Exception:  # noqa: BLE001 - the run has ended; its report must not fail it
             log.exception("releasing the finished run's memory failed")
             found = None
-        job.model_ref = None
+        job.model_ref = job.model_storages = None
         if found and _is_main_process():
             try:
                 folder.append_event(job.run_dir, {"type": "memory", "time": time.time(), "state": state,
@@ -440,6 +441,9 @@ class Engine:
         import weakref
 
         job.model_ref = weakref.ref(loaded.model)
+        from studio.models import leftovers
+
+        job.model_storages = leftovers.storage_refs(loaded.model) if device.kind == "cuda" else None
         if job.should_stop():
             return None
         if logprob.needs_fallback(device.kind):
