@@ -22,6 +22,10 @@ from typing import Any
 # with `python bench/cpu_duration.py` on an idle machine (2026-12-02): 0.138 on the sample (4 rows a step, ~212
 # tokens, 3.9 s a step) and 0.140 on HH rows at max_length 384, 2 x 4 rows a step (~1465 tokens, 27.7 s a step).
 # (An earlier 0.080, from a faster day's run, made the CPU plan promise 6 min for a run that took 10.)
+# Which CPU: float32 math on the project's Xeon (it has AMX; float32 is what `model.dtype: float32` or
+# KTO_STUDIO_CPU_BF16=0 give there). A 2-core AMD desktop without bf16 ran the HH first run in 8 min 10 s against
+# 4 min 41 s predicted, under load (issue 30): re-fit on such a CPU, idle, with `python bench/cpu_duration.py --float32
+# --data hh-harmless-dev.jsonl.gz --max-length 384 --batch 2 --accum 4`.
 SECONDS_PER_TOKEN_GPARAM = 0.14
 # The same in bfloat16 autocast (float32 weights), on a CPU that multiplies bf16 natively
 # (studio.models.load.cpu_autocast, what model.dtype 'auto' does there): 0.045 on HH rows at max_length 384, 2 x 4 rows a step (8.9 s a step against
