@@ -50,6 +50,10 @@ def main() -> int:
     ap.add_argument("--chat-prompts", type=int, default=5, help="held-out prompts asked in Chat, base vs tuned")
     a = ap.parse_args()
     Path(a.shots).mkdir(parents=True, exist_ok=True)
+    if a.data != "sample" and not Path(a.data).is_file():
+        print(f"FAIL before starting: no data file {a.data}; pass --data FILE (the HH file is shared/data/"
+              "hh-harmless-dev.jsonl.gz beside the repository) or --data sample", flush=True)
+        return 1
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=1_200_000)  # a loaded 2-core machine: waiting is what is measured
@@ -267,11 +271,12 @@ def _verdict(a, run_dir: Path, status: str, total: float, home: Path) -> int:
     result = evaluate.read_eval(run_dir) or {}
     word = (result.get("verdict") or {}).get("word")
     cfg = folder.read_config(run_dir)
+    planned = folder.read_plan(run_dir) or {}
     t = cfg.train
+    math_ = "bf16 autocast" if planned.get("autocast") else planned.get("dtype", "?")
     print(f"\nrun {run_dir.name}: max_length {cfg.kto.max_length}, batch {t.per_device_train_batch_size} x "
-          f"{t.gradient_accumulation_steps}, max_steps {t.max_steps}, lr {t.learning_rate:g}, model.dtype "
-          f"{cfg.model.dtype}, held-out rows scored at most {cfg.data.eval_max_rows}, watch every "
-          f"{cfg.watch.every_steps}")
+          f"{t.gradient_accumulation_steps}, max_steps {t.max_steps}, lr {t.learning_rate:g}, math {math_}, "
+          f"held-out rows scored at most {cfg.data.eval_max_rows}, watch every {cfg.watch.every_steps}")
     if result:
         print("held-out verdict:", evaluate.verdict_line(result))
         b, tu = result.get("base") or {}, result.get("tuned") or {}
