@@ -48,6 +48,8 @@ def main() -> int:
     ap.add_argument("--float32", action="store_true", help="as on a CPU without native bf16 (float32 math)")
     ap.add_argument("--limit", type=float, default=360.0, help="seconds the first run may take (PASS/FAIL)")
     ap.add_argument("--chat-prompts", type=int, default=5, help="held-out prompts asked in Chat, base vs tuned")
+    ap.add_argument("--start-timeout", type=float, default=1800.0,
+                    help="seconds the app may take to answer (a loaded 2-core machine took 8-10 min with --fresh-models)")
     a = ap.parse_args()
     Path(a.shots).mkdir(parents=True, exist_ok=True)
     if a.data != "sample" and not Path(a.data).is_file():
@@ -76,7 +78,7 @@ def main() -> int:
     status, longest, longest_at, run_dir = "", 0.0, "", None
     try:
         with sync_playwright() as p:
-            _wait_up(url, proc, home)
+            _wait_up(url, proc, home, a.start_timeout)
             marks["app up"] = time.time()
             browser = p.chromium.launch(executable_path="/usr/bin/chromium",
                                         args=["--headless", "--no-sandbox", "--disable-gpu"])
