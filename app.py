@@ -68,6 +68,15 @@ def main(argv=None) -> int:
         from studio.training import plan as planner
 
         cfg = planner.initial_config(cfg, models.detect_device())
+    from studio import paths
+    from studio.runs import lock
+    from studio.ui.app import other_apps_warning
+
+    # this app is listed first, then the others looked up: two apps started together each see the other
+    lock.announce_app(f"http://{args.host}:{args.port}")
+    shared = other_apps_warning(lock.other_apps(), paths.home())
+    if shared:
+        print(f"WARNING: {shared}", file=sys.stderr, flush=True)
     warning = exposure_warning(args.host, args.share, auth is not None)
     if warning:
         print(warning, file=sys.stderr, flush=True)

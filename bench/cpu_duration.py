@@ -1,10 +1,12 @@
 """Seconds a CPU training step takes with the bundled model, to calibrate ``studio.training.duration``.
 
-    python bench/cpu_duration.py [--data FILE] [--max-length N] [--batch B] [--steps S]
+    python bench/cpu_duration.py [--data FILE] [--max-length N] [--batch B] [--steps S] [--float32]
 
 Trains a few steps through the engine (the UI's and CLI's path) and prints, per step, the rows, the padded tokens
-and the seconds, then the fitted constant (seconds per token per billion parameters) that studio/training/duration.py uses.
-Other work on the machine slows it down: say so with the figure.
+and the seconds, then the fitted constant (seconds per token per billion parameters) that studio/training/duration.py uses:
+SECONDS_PER_TOKEN_GPARAM_BF16 on a CPU with native bf16 (model.dtype 'auto' trains in bf16 autocast there),
+SECONDS_PER_TOKEN_GPARAM with ``--float32`` or on a CPU without it. The load average is printed with the figure:
+other work on the machine slows it down (a quiet machine's load average stays under 0.5).
 """
 from __future__ import annotations
 
@@ -22,11 +24,15 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--float32", action="store_true", help="float32 math, as on a CPU without native bf16")
     a = ap.parse_args()
+    if a.float32:
+        os.environ["KTO_STUDIO_CPU_BF16"] = "0"
     os.environ.setdefault("KTO_STUDIO_HOME", tempfile.mkdtemp(prefix="kto-bench-"))
     from studio.training import duration
     from studio.config.run import RunConfig
     from studio.training.engine import Engine
+    from studio.models.load import detect_device
 
     cfg = RunConfig().updated({
         "name": "bench", "data.train_file": a.data, "kto.max_length": a.max_length,
@@ -34,7 +40,9 @@ def main() -> None:
         "train.max_steps": a.steps, "train.gradient_checkpointing": a.checkpointing, "train.save_steps": 10_000,
         "kto.precompute_ref_log_probs": False, "data.evaluate_after": False,
         # no held-out rows: the held-out watch's scoring passes would otherwise be timed as training steps
-        "data.eval_fraction": 0.0, "watch.every_steps": 0})
+        "data.eval_fraction": 0.0, "watch.every_steps": 0, **({"model.dtype": "float32"} if a.float32 else {})})
+    device = detect_device()
+    load0 = os.getloadavg()[0]
     t0 = time.time()
     engine = Engine()
     job = engine.start(cfg)
@@ -43,12 +51,15 @@ def main() -> None:
     steps = job.metrics()
     first = next(e for e in job.events if e["type"] == "progress")
     per_step = (steps[-1]["time"] - first["time"]) / len(steps)
-    est = duration.estimate(cfg, lengths=duration.data_lengths(cfg))
+    est = duration.estimate(cfg, lengths=duration.data_lengths(cfg), device=device)
     params = duration.model_params(cfg)
     tokens = est.tokens_per_step
     print(f"steps {len(steps)} · rows/step {a.batch * a.accum} · tokens/step ~{tokens:.0f} · measured {per_step:.1f} "
-          f"s/step · estimated {est.step_s:.1f} s/step · whole job {time.time() - t0:.0f} s · cores {os.cpu_count()}")
-    print(f"fitted SECONDS_PER_TOKEN_GPARAM = {per_step / (tokens * params / 1e9):.4f}")
+          f"s/step · estimated {est.step_s:.1f} s/step · whole job {time.time() - t0:.0f} s · cores {os.cpu_count()} · "
+          f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end")
+    name = ("SECONDS_PER_TOKEN_GPARAM_BF16 (bf16 autocast)" if duration.seconds_per_token_gparam(cfg, device)
+            == duration.SECONDS_PER_TOKEN_GPARAM_BF16 else "SECONDS_PER_TOKEN_GPARAM (float32 math)")
+    print(f"fitted {name} = {per_step / (tokens * params / 1e9):.4f}")
 
 
 if __name__ == "__main__":

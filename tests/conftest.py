@@ -84,13 +84,13 @@ _TRAINED: dict[str, Path] = {}
 
 
 def trained_run_dir(tmp_path_factory) -> Path:
-    """A 3-step CPU training run of the bundled model with a quarter of the sample data held out. Trained once per
+    """A 3-step CPU training run of the bundled model with 12 rows (6 prompts) of the sample data held out. Trained once per
     test session and shared by the chat, evaluation, export and browser tests (treat it as read-only)."""
     if "run" not in _TRAINED:
         from studio.training.engine import Engine
 
         root = tmp_path_factory.mktemp("trained")
-        cfg = tiny_run_config(root, name="tiny", **{"data.eval_fraction": 0.25})
+        cfg = tiny_run_config(root, name="tiny", **{"data.eval_fraction": 0.25, "data.eval_max_rows": 12})
         engine = Engine()
         job = engine.start(cfg)
         engine.wait(900)

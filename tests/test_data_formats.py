@@ -105,7 +105,12 @@ def test_hub_id_offline_says_to_go_online():
 
 def test_bundled_sample_loads():
     norm = load_kto("sample")
-    assert len(norm.rows) == 48 and {r["label"] for r in norm.rows} == {True, False}
+    # 99 prompts, each with a desirable and an undesirable completion: a 10% hold-out keeps ~10 pairs to judge by
+    assert len(norm.rows) == 198 and {r["label"] for r in norm.rows} == {True, False}
+    by_prompt: dict[str, set] = {}
+    for r in norm.rows:
+        by_prompt.setdefault(json.dumps(r["prompt"], sort_keys=True), set()).add(r["label"])
+    assert len(by_prompt) == 99 and all(labels == {True, False} for labels in by_prompt.values())
 
 
 # ---- shapes -----------------------------------------------------------------------------------------------------------

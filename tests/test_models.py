@@ -169,3 +169,21 @@ def test_the_bitsandbytes_path_keeps_embeddings_head_and_norms_16bit_and_trains_
     assert all(v for n, v in grads[0].items() if ".lora_B." in n)
     assert all(grads[1].values())
     assert set(unquantized.values()) == {p.dtype for n, p in model.named_parameters() if n in unquantized}
+
+
+def test_a_cpu_without_native_bf16_can_be_asked_for_on_any_cpu(monkeypatch):
+    """KTO_STUDIO_CPU_BF16=0 (bench/first_run_flow.py --float32): plan, estimate and train as on a desktop CPU
+    without AVX-512 BF16/AMX, whatever this host has; the duration then uses the float32 constant."""
+    import torch
+
+    from studio.config.run import RunConfig
+    from studio.models import load as models
+    from studio.training import duration
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)  # a host with AMX
+    assert models.cpu_bf16()
+    monkeypatch.setenv("KTO_STUDIO_CPU_BF16", "0")
+    assert not models.cpu_bf16()
+    cpu = models.DeviceInfo(kind="cpu", name="cpu", bf16=models.cpu_bf16())
+    assert not models.cpu_autocast(RunConfig(), cpu)
+    assert duration.seconds_per_token_gparam(RunConfig(), cpu) == duration.SECONDS_PER_TOKEN_GPARAM

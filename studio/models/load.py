@@ -90,7 +90,11 @@ def detect_device() -> DeviceInfo:
 def cpu_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX: most server CPUs since 2020, recent
     desktop ones with AVX-512). There a LoRA step in bfloat16 autocast is 2-5x faster than in float32 (measured on the
-    CI's 2-core Xeon); without it bfloat16 is emulated and slower, so float32 stays."""
+    CI's 2-core Xeon); without it bfloat16 is emulated and slower, so float32 stays. ``KTO_STUDIO_CPU_BF16=0`` answers
+    no on any CPU: the studio then plans, estimates and trains as on a CPU without it (bench/first_run_flow.py
+    --float32 times a desktop CPU's first run that way)."""
+    if os.environ.get("KTO_STUDIO_CPU_BF16") == "0":
+        return False
     import torch
 
     cpu = getattr(torch, "cpu", None)

@@ -5,6 +5,10 @@ it; the trainer holds it for the whole run. The kernel releases the lock when th
 ends (a crash, kill -9, the machine's power), so there is no stale lock to recognise: ``held(run_dir)`` is true
 exactly while a trainer lives, which is how every viewer (a second app, the CLI, the history after a restart) tells a
 running run from an interrupted one. A second claim while the owner lives is refused with who holds it.
+
+The same lock tells which apps serve a studio home: ``announce_app`` claims ``<home>/.apps/<pid>`` for the app's
+whole life (with its address), and ``other_apps`` lists the claims a live process still holds. An app that was killed
+leaves its folder behind but no holder, so it is never listed (and its folder is removed on the next look).
 """
 from __future__ import annotations
 
@@ -84,14 +88,15 @@ def held(run_dir: str | Path) -> bool:
     return False
 
 
-def claim(run_dir: str | Path) -> Claim:
-    """Take ``run_dir`` for this process; RunBusy if a live process holds it."""
+def claim(run_dir: str | Path, **about) -> Claim:
+    """Take ``run_dir`` for this process; RunBusy if a live process holds it. ``about``: more to record beside the
+    owner (``read`` returns it)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
     if _key(run_dir) in _held:
         raise RunBusy(f"run folder {run_dir} is in use by this studio (process {os.getpid()}): stop that run first")
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "claimed": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "claimed": time.strftime("%Y-%m-%dT%H:%M:%S"), **about}
     if fcntl is None:  # pragma: no cover
         from filelock import FileLock, Timeout
 
@@ -136,3 +141,56 @@ def release(run_dir: str | Path | Claim) -> None:
         fcntl.flock(c.handle, fcntl.LOCK_UN)
     finally:
         os.close(c.handle)
+
+
+# ---- the apps serving one studio home ------------------------------------------------------------------------------
+
+APPS = ".apps"
+
+
+def _apps_dir(home: str | Path | None) -> Path:
+    from studio import paths
+
+    return Path(home) if home is not None else paths.home()
+
+
+def announce_app(url: str, home: str | Path | None = None) -> Claim:
+    """Record that this process serves the studio home (default: ``paths.home()``) at ``url``, for as long as it
+    lives: other apps on the same home list it (``other_apps``)."""
+    return claim(_apps_dir(home) / APPS / str(os.getpid()), url=url)
+
+
+def other_apps(home: str | Path | None = None) -> list[dict]:
+    """The other live apps serving the studio home: [{pid, host, claimed, url}], oldest first. Folders of apps that
+    ended (killed too: the kernel let go of their lock) are not listed, and are removed."""
+    folder = _apps_dir(home) / APPS
+    out = []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    for d in entries:
+        if not d.is_dir() or _key(d) in _held:
+            continue
+        if held(d):
+            info = read(d)
+            if info:
+                out.append(info)
+        else:
+            _remove_stale(d)
+    return sorted(out, key=lambda i: str(i.get("claimed", "")))
+
+
+def _remove_stale(d: Path) -> None:
+    """Remove an ended app's folder, holding its lock meanwhile (so a process that claims it now keeps it)."""
+    try:
+        c = claim(d)
+    except (RunBusy, OSError):
+        return
+    try:
+        (d / LOCK).unlink(missing_ok=True)
+        d.rmdir()
+    except OSError:
+        pass
+    finally:
+        release(c)

@@ -22,6 +22,10 @@ from typing import Any
 # with `python bench/cpu_duration.py` on an idle machine (2026-12-02): 0.138 on the sample (4 rows a step, ~212
 # tokens, 3.9 s a step) and 0.140 on HH rows at max_length 384, 2 x 4 rows a step (~1465 tokens, 27.7 s a step).
 # (An earlier 0.080, from a faster day's run, made the CPU plan promise 6 min for a run that took 10.)
+# Which CPU: float32 math on the project's Xeon (it has AMX; float32 is what `model.dtype: float32` or
+# KTO_STUDIO_CPU_BF16=0 give there). A 2-core AMD desktop without bf16 ran the HH first run in 8 min 10 s against
+# 4 min 41 s predicted, under load (issue 30): re-fit on such a CPU, idle, with `python bench/cpu_duration.py --float32
+# --data hh-harmless-dev.jsonl.gz --max-length 384 --batch 2 --accum 4`.
 SECONDS_PER_TOKEN_GPARAM = 0.14
 # The same in bfloat16 autocast (float32 weights), on a CPU that multiplies bf16 natively
 # (studio.models.load.cpu_autocast, what model.dtype 'auto' does there): 0.045 on HH rows at max_length 384, 2 x 4 rows a step (8.9 s a step against
@@ -56,6 +60,12 @@ CPU_ROWS_PER_STEP = 8
 CPU_EVAL_ROWS = 48
 CPU_SEQ_MIN, CPU_SEQ_MAX, CPU_SEQ_STEP = 128, 512, 64
 CPU_LENGTH_QUANTILE = 0.9  # max_length covers this share of the rows whole; longer ones are truncated
+# the held-out watch of a capped CPU run checks about this many times (its charts get that many points, its best-step
+# choice that many candidates); 'auto' spaces checks for long GPU runs and gave a 6-step CPU run one point, at the end
+# (fewer where one check costs more than CPU_WATCH_SHARE / CPU_WATCH_CHECKS of the budget: long held-out rows on a
+# float32 CPU, whose checks would leave no time to train)
+CPU_WATCH_CHECKS = 4
+CPU_WATCH_SHARE = 1 / 3
 
 
 @dataclass
@@ -72,6 +82,7 @@ class Duration:
     eval_s: float
     save_s: float
     eval_loss_s: float = 0.0  # the trainer's eval loss on the held-out rows (every save_steps and at the end)
+    check_s: float = 0.0  # one check of the held-out watch during training (the tuned side of the held-out rows)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -202,6 +213,7 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     if cfg.data.evaluate_after:
         eval_rows = min(EVAL_LIMIT, n_eval)
     eval_s = eval_rows * mean_tok * per_token * EVAL_SHARE
+    check_s = min(EVAL_LIMIT, n_eval) * mean_tok * per_token * EVAL_SHARE / 2
     eval_loss_s = 0.0
     if n_eval and world > 1:
         # without the held-out watch (several processes) transformers evaluates every save_steps and once more at
@@ -214,7 +226,8 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
 
         every = (watch.auto_every(eval_rows or n_eval, rows_per_step) if cfg.watch.every_steps == "auto"
                  else int(cfg.watch.every_steps))
-        eval_s += (steps // max(every, 1)) * min(EVAL_LIMIT, n_eval) * mean_tok * per_token * EVAL_SHARE / 2
+        # a check falling on the last step is the scoring after training, counted above
+        eval_s += ((steps - 1) // max(every, 1)) * check_s
     if converted is None:
         from studio.models import bundled
 
@@ -223,7 +236,7 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     notes = [] if lengths else ["Row lengths unknown: counted every row at max_length."]
     return Duration(steps=steps, rows_per_step=rows_per_step, tokens_per_step=tokens_per_step, step_s=step_s,
                     startup_s=startup, reference_s=reference_s, train_s=steps * step_s, eval_s=eval_s,
-                    save_s=SAVE_S, notes=notes, eval_loss_s=eval_loss_s)
+                    save_s=SAVE_S, notes=notes, eval_loss_s=eval_loss_s, check_s=check_s)
 
 
 def seconds_per_token_gparam(cfg, device=None) -> float:
@@ -251,7 +264,7 @@ def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None
              device=None) -> dict[str, Any]:
     """Run-config changes that make ``cfg`` finish in minutes on this CPU: max_length from the data, 8 rows a step
     (2 per pass; fewer when the recipe's effective batch is smaller), no gradient checkpointing where memory allows,
-    no GPU-only settings, at most CPU_EVAL_ROWS held-out rows, and a step cap that keeps training and held-out
+    no GPU-only settings, at most CPU_EVAL_ROWS held-out rows checked about CPU_WATCH_CHECKS times, and a step cap that keeps training and held-out
     scoring near ``target_s`` seconds (never more than the run's epochs - 'auto': up to 3 passes over a small
     file - never under CPU_MIN_STEPS steps) on the CPU ``device`` (``estimate``'s)."""
     from studio.training import memory
@@ -281,9 +294,13 @@ def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None
     # the held-out scoring comes out of the same budget, counted at the cap (the watch's checks during training
     # grow with the steps); a capped run may lose the up-front reference pass (it pays only when nearly every row is
     # visited), which makes its steps dearer: re-estimate at each cap
+    checks = CPU_WATCH_CHECKS
+    if d.check_s > 0:
+        checks = max(1, min(CPU_WATCH_CHECKS, int(target_s * CPU_WATCH_SHARE // d.check_s)))
     cap = d.steps
     while cap > CPU_MIN_STEPS:
-        capped = estimate(cfg.updated({**changes, "train.max_steps": cap}), lengths, device=device)
+        capped = estimate(cfg.updated({**changes, "train.max_steps": cap,
+                                       "watch.every_steps": cpu_watch_every(cap, checks)}), lengths, device=device)
         scoring = capped.eval_s + capped.eval_loss_s
         if capped.train_s + capped.reference_s + scoring <= target_s:
             break
@@ -291,7 +308,14 @@ def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None
         cap = max(CPU_MIN_STEPS, min(cap - 1, int(target_s // capped.step_s)))
     if cap < d.steps:
         changes["train.max_steps"] = cap
+    changes["watch.every_steps"] = cpu_watch_every(cap, checks)
     return changes
+
+
+def cpu_watch_every(steps: int, checks: int = CPU_WATCH_CHECKS) -> int:
+    """Steps between held-out checks on a CPU run of ``steps`` steps: ``checks`` checks, the last at the end (the
+    plan counts their cost in the run's time)."""
+    return max(1, math.ceil(steps / max(checks, 1)))
 
 
 def ram_gib() -> float | None:

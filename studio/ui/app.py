@@ -86,6 +86,25 @@ CSS = """
 """
 
 
+def other_apps_warning(others: list[dict], home) -> str | None:
+    """What to tell when other apps serve the same studio home (``studio.runs.lock.other_apps``); None when none."""
+    if not others:
+        return None
+    listed = "; ".join(f"process {o.get('pid', '?')} at {o.get('url') or '?'} (since {o.get('claimed', '?')})"
+                       for o in others)
+    return (f"Another KTO Studio already serves this studio home ({home}): {listed}. Both show the same runs: a run "
+            "started in either is live in both, and either's Stop stops it; two runs at once would share this "
+            "machine. Use that app, or start this one with another KTO_STUDIO_HOME.")
+
+
+def _others_markdown() -> str:
+    from studio import paths
+    from studio.runs import lock
+
+    text = other_apps_warning(lock.other_apps(), paths.home())
+    return f"⚠️ {text}" if text else ""
+
+
 def build_app(studio: Studio | None = None) -> gr.Blocks:
     from studio.ui import ab_tab, chat_tab, data_tab, model_tab, train_tab
 
@@ -93,6 +112,8 @@ def build_app(studio: Studio | None = None) -> gr.Blocks:
     with gr.Blocks(title="KTO Studio") as app:
         gr.Markdown("# KTO Studio\nKTO preference fine-tuning on your own GPU (or CPU): "
                     "**Data → Model & preset → Train → Chat**.", elem_id="studio-title")
+        others = gr.Markdown("", elem_id="other-apps")  # said when the page loads: apps come and go
+        app.load(_others_markdown, outputs=others, show_progress="hidden")
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
                 data_tab.build(studio)

@@ -62,7 +62,7 @@ def serve_studio(home: Path, log_path: Path):
 
 @contextlib.contextmanager
 def serve_with_trained_run(tmp_path: Path, tmp_path_factory):
-    """The studio with one trained run ('tiny', a quarter of the sample data held out) already in its home, as
+    """The studio with one trained run ('tiny', 12 rows of the sample data held out) already in its home, as
     after a training session (its evaluation and exports left out, so the page makes them afresh)."""
     from tests.conftest import trained_run_dir
 

@@ -19,7 +19,7 @@ BUTTON = {"A": "#ab-vote-a", "B": "#ab-vote-b", "tie": "#ab-vote-tie", "both_bad
 
 @pytest.fixture()
 def studio_server(tmp_path, tmp_path_factory, bundled_model_dir):
-    """The studio with one trained run ('tiny', a quarter of the sample data held out) in its home."""
+    """The studio with one trained run ('tiny', 12 rows of the sample data held out) in its home."""
     with serve_with_trained_run(tmp_path, tmp_path_factory) as server:
         yield server
 

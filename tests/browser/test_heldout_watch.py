@@ -7,7 +7,7 @@ from playwright.sync_api import expect
 from tests.browser.conftest import shot
 from tests.browser.test_train_tab import TRAINING_TIMEOUT, _set
 
-UNSTABLE = {  # the sample data's default held-out split (one whole pair), a learning rate 50x too high
+UNSTABLE = {  # the sample data's default held-out split (5% of the rows, whole pairs), a learning rate 50x too high
     "cfg-train-max_steps": "12", "cfg-train-save_steps": "1000", "cfg-train-per_device_train_batch_size": "2",
     "cfg-train-gradient_accumulation_steps": "1", "cfg-kto-max_length": "64", "cfg-lora-r": "4",
     "cfg-lora-lora_alpha": "8", "cfg-train-learning_rate": "0.05",

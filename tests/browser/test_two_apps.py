@@ -72,3 +72,34 @@ def test_a_second_app_on_the_same_home_shows_the_live_run_and_its_stop_stops_it(
         shot(two, "second-app-stopped")
         b1.close()
         b2.close()
+
+
+def test_an_app_started_on_a_home_another_app_serves_warns_on_its_console_and_in_its_page(tmp_path):
+    """Issue 30, item 8: the second app says so at start; once the other app is gone, a reload says nothing."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_other_apps import announcing_app
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"chromium not found at {CHROMIUM}: apt-get install chromium (.ci/run does)")
+    home = tmp_path / "home"
+    other = announcing_app(home, "http://127.0.0.1:7999")
+    try:
+        with serve_studio(home, tmp_path / "second.log") as second, sync_playwright() as p:
+            console = second["log"].read_text()
+            assert "WARNING: Another KTO Studio already serves this studio home" in console
+            assert "http://127.0.0.1:7999" in console
+            browser, page = _browser_page(p, second["url"])
+            expect(page.locator("#other-apps")).to_contain_text("Another KTO Studio already serves this studio home")
+            expect(page.locator("#other-apps")).to_contain_text("http://127.0.0.1:7999")
+            shot(page, "second-app-warned")
+            other.kill()
+            other.wait()
+            page.reload()
+            page.wait_for_selector("text=KTO Studio")
+            page.wait_for_timeout(1500)
+            expect(page.locator("#other-apps")).not_to_contain_text("Another KTO Studio")
+            browser.close()
+    finally:
+        other.kill()
+        other.wait()
