@@ -63,6 +63,29 @@ def bundled_model_dir():
     return bundled.ensure_checkpoint()
 
 
+def make_tiny_model(folder, tokenizer_dir):
+    """A 2-layer random Llama (hidden size 32) with the tokenizer (and chat template) of ``tokenizer_dir``: a real
+    KTOTrainer step on it takes a fraction of a second on a CPU."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, bundled_model_dir):
+    """A 2-layer random Llama with the bundled tokenizer, for tests of what the engine does around training (stop,
+    resume, roll back, history) rather than of what the bundled model learns: its steps are nearly free."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), bundled_model_dir)
+
+
 def tiny_run_config(tmp_path, **changes):
     """A few-step CPU run on the bundled model and sample data."""
     from studio.config.run import RunConfig

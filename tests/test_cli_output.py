@@ -5,11 +5,12 @@ from __future__ import annotations
 from tests.conftest import tiny_run_config, wait_for
 
 
-def test_a_run_prints_no_raw_trl_log_dicts(tmp_path, bundled_model_dir, capfd):
+def test_a_run_prints_no_raw_trl_log_dicts(tmp_path, tiny_model_dir, capfd):
     from studio.training.engine import Engine
 
     engine = Engine()
-    job = engine.start(tiny_run_config(tmp_path, **{"train.max_steps": 2, "train.logging_steps": 1}))
+    job = engine.start(tiny_run_config(tmp_path, **{"model.name_or_path": str(tiny_model_dir), "train.max_steps": 2,
+                                                    "train.logging_steps": 1}))
     engine.wait()
     assert job.state != "failed", job.error
     out, err = capfd.readouterr()

@@ -47,8 +47,10 @@ def test_a_short_run_trains_the_adapter_and_logs_finite_metrics(tmp_path, bundle
     assert any(e.get("message", "").startswith("Epochs: 3 ('auto'") for e in job.events)
 
 
-def test_stop_mid_run_saves_an_adapter_and_resume_continues_from_that_step(tmp_path, bundled_model_dir):
-    cfg = tiny_run_config(tmp_path, **{"train.max_steps": 40, "train.save_steps": 1000})
+def test_stop_mid_run_saves_an_adapter_and_resume_continues_from_that_step(tmp_path, tiny_model_dir):
+    # stopping and resuming, not what is learned: a tiny random model
+    cfg = tiny_run_config(tmp_path, **{"model.name_or_path": str(tiny_model_dir), "train.max_steps": 200,
+                                       "train.save_steps": 1000})
     engine = Engine()
     job = engine.start(cfg)
     assert wait_for(lambda: any(m.get("step", 0) >= 1 for m in job.metrics()) or job.done)
@@ -58,7 +60,7 @@ def test_stop_mid_run_saves_an_adapter_and_resume_continues_from_that_step(tmp_p
     engine.wait(300)
     assert job.state == "stopped", job.error
     stopped_at = job.events[-1]["step"]
-    assert 1 <= stopped_at < 40
+    assert 1 <= stopped_at < 200
     assert (Path(job.adapter_path) / "adapter_model.safetensors").is_file()
     ckpt = latest_checkpoint(cfg.run_dir())[0]
     assert ckpt is not None and str(ckpt).endswith(f"checkpoint-{stopped_at}")
@@ -73,7 +75,7 @@ def test_stop_mid_run_saves_an_adapter_and_resume_continues_from_that_step(tmp_p
     assert steps == [stopped_at + 1, stopped_at + 2]
 
 
-def test_a_failed_run_reports_a_fix_and_the_engine_stays_usable(tmp_path, bundled_model_dir):
+def test_a_failed_run_reports_a_fix_and_the_engine_stays_usable(tmp_path, tiny_model_dir):
     engine = Engine()
     bad = tiny_run_config(tmp_path, **{"data.train_file": str(tmp_path / "missing.jsonl")})
     job = engine.start(bad)
@@ -81,7 +83,8 @@ def test_a_failed_run_reports_a_fix_and_the_engine_stays_usable(tmp_path, bundle
     assert job.state == "failed"
     assert "missing.jsonl does not exist" in job.error
     assert [e["type"] for e in job.events][-2:] == ["error", "done"]
-    job2 = engine.start(tiny_run_config(tmp_path, **{"train.max_steps": 1, "output_dir": str(tmp_path / "r2")}))
+    job2 = engine.start(tiny_run_config(tmp_path, **{"model.name_or_path": str(tiny_model_dir), "train.max_steps": 1,
+                                                     "output_dir": str(tmp_path / "r2")}))
     engine.wait(600)
     assert job2.state == "finished", job2.error
 
@@ -96,14 +99,14 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
 def test_cli_trains_the_quickstart_and_prints_where_the_adapter_went(tmp_path, bundled_model_dir):
     out = tmp_path / "cli-run"
     proc = subprocess.run(
-        [sys.executable, "-m", "studio", "train", "presets/runs/quickstart.yaml", "--set", "train.max_steps=2",
+        [sys.executable, "-m", "studio", "train", "presets/runs/quickstart.yaml", "--set", "train.max_steps=1",
          "--set", f"output_dir={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"adapter: {out / 'adapter'}" in proc.stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
+    assert [m["step"] for m in metrics if "loss" in m] == [1]
 
 
 def test_cli_bad_config_exits_with_the_field_name(tmp_path):
@@ -118,7 +121,9 @@ def test_cli_bad_config_exits_with_the_field_name(tmp_path):
 def test_a_run_that_learned_nothing_says_so_after_scoring_its_held_out_rows(tmp_path, bundled_model_dir):
     """The seed's full fine-tuning learning rate on a LoRA adapter: the run finishes, its held-out evaluation is
     stored with it, and the final message warns that nothing was learned and what to change."""
-    cfg = tiny_run_config(tmp_path, **{"train.learning_rate": 5e-7, "data.eval_fraction": 0.25})
+    # one step: at this rate the adapter barely moves in any number of steps; what is under test is the scoring after
+    # training and the message it leads to
+    cfg = tiny_run_config(tmp_path, **{"train.learning_rate": 5e-7, "data.eval_fraction": 0.25, "train.max_steps": 1})
     engine = Engine()
     job = engine.start(cfg)
     engine.wait(600)

@@ -28,12 +28,12 @@ def _emit(history: History, job: Job, type_: str, **data):
 
 
 # ---- the real story -------------------------------------------------------------------------------------------------
-def test_stop_then_resume_from_an_earlier_checkpoint_is_one_run_whose_curve_forks(tmp_path, bundled_model_dir):
+def test_stop_then_resume_from_an_earlier_checkpoint_is_one_run_whose_curve_forks(tmp_path, tiny_model_dir):
     history = History()
     engine = Engine(on_event=history.record)
-    # no reference pass before training: keeps the CPU run short
-    cfg = tiny_run_config(tmp_path, **{"train.max_steps": 20, "train.save_steps": 2,
-                                       "kto.precompute_ref_log_probs": False})
+    # the history's story, not the model's: a tiny random model; no reference pass before training
+    cfg = tiny_run_config(tmp_path, **{"model.name_or_path": str(tiny_model_dir), "train.max_steps": 200,
+                                       "train.save_steps": 2, "kto.precompute_ref_log_probs": False})
     job = engine.start(cfg)
     run = history.get(job.id)
     assert run["status"] == "starting" and run["name"] == "t"  # recorded before the thread does anything
@@ -45,7 +45,7 @@ def test_stop_then_resume_from_an_earlier_checkpoint_is_one_run_whose_curve_fork
     stopped_at = job.events[-1]["step"]
     run = history.get(job.id)
     assert run["status"] == "stopped" and run["ended_at"] >= run["created_at"]
-    assert run["step"] == stopped_at and run["max_steps"] == 20
+    assert run["step"] == stopped_at and run["max_steps"] == 200
     assert Path(run["adapter_path"], "adapter_model.safetensors").is_file()
     assert {c["step"] for c in run["checkpoints"]} >= {2, stopped_at}
     assert [s for s, _ in history.checkpoints(job.id)][-1] == stopped_at

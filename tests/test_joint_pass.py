@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from studio.training import joint_pass, microbatch
-from tests.test_microbatch import BATCH, _step, _trainer, assert_same_step, tiny_model_dir  # noqa: F401 (fixture)
+from tests.test_microbatch import BATCH, _step, _trainer, assert_same_step
 
 
 def _plain():

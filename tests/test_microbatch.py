@@ -30,22 +30,6 @@ METRIC_KEYS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "l
                "logits/chosen", "logits/rejected", "entropy", "num_tokens")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, bundled_model_dir):
-    """A 2-layer random Llama with the bundled tokenizer (fast on CPU)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(bundled_model_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _lora_model(model_dir, seen: list[int]):
     """The tiny model with a fresh LoRA adapter (same weights every call); ``seen`` gets the (rows, width) of
     every forward pass of the transformer."""
@@ -218,10 +202,11 @@ def _engine_run(tmp_path, monkeypatch, **changes):
     return job, built, messages
 
 
-def test_engine_trains_with_micro_batches(tmp_path, monkeypatch, bundled_model_dir):
+def test_engine_trains_with_micro_batches(tmp_path, monkeypatch, tiny_model_dir):
     from trl import KTOTrainer
 
-    job, built, messages = _engine_run(tmp_path, monkeypatch, **{"memory.micro_batch_size": 1,
+    job, built, messages = _engine_run(tmp_path, monkeypatch, **{"model.name_or_path": str(tiny_model_dir),
+                                                                "memory.micro_batch_size": 1,
                                                                 "train.max_steps": 2, "kto.max_length": 64})
     assert len(built) == 1 and built[0] is not KTOTrainer and built[0].micro_batch_size == 1
     assert any("micro-batches of 1 row" in m for m in messages), messages
@@ -233,11 +218,11 @@ def test_engine_trains_with_micro_batches(tmp_path, monkeypatch, bundled_model_d
                 assert math.isfinite(m[k]), (k, m)
 
 
-def test_engine_uses_the_plain_trainer_when_the_micro_batch_is_not_smaller(tmp_path, monkeypatch,
-                                                                           bundled_model_dir):
+def test_engine_uses_the_plain_trainer_when_the_micro_batch_is_not_smaller(tmp_path, monkeypatch, tiny_model_dir):
     from trl import KTOTrainer
 
-    _, built, messages = _engine_run(tmp_path, monkeypatch, **{"memory.micro_batch_size": 2, "train.max_steps": 1,
+    _, built, messages = _engine_run(tmp_path, monkeypatch, **{"model.name_or_path": str(tiny_model_dir),
+                                                              "memory.micro_batch_size": 2, "train.max_steps": 1,
                                                               "kto.max_length": 64})
     assert built == [KTOTrainer]
     assert not any("micro-batch" in m for m in messages), messages

@@ -111,9 +111,11 @@ def test_the_cli_draws_one_bar_per_phase_with_its_own_count():
     assert "Scoring 12 held-out rows" in out and "Finished at step 4." in out
 
 
-def test_a_real_run_emits_each_phase_in_order_with_counts(tmp_path, bundled_model_dir):
-    """Data, model, reference pass (counted passes), training (counted steps), saving and held-out scoring."""
-    cfg = tiny_run_config(tmp_path, **{"train.max_steps": 2, "kto.max_length": 64, "data.eval_fraction": 0.25,
+def test_a_real_run_emits_each_phase_in_order_with_counts(tmp_path, tiny_model_dir):
+    """Data, model, reference pass (counted passes), training (counted steps), saving and held-out scoring (the
+    engine's phases, not the model's learning: a tiny random model)."""
+    cfg = tiny_run_config(tmp_path, **{"model.name_or_path": str(tiny_model_dir), "train.max_steps": 2,
+                                       "kto.max_length": 64, "data.eval_fraction": 0.25,
                                        "kto.precompute_ref_log_probs": True, "train.save_steps": 1000})
     engine = Engine()
     job = engine.start(cfg)

@@ -12,7 +12,7 @@ import torch
 
 from studio.training import speed
 from studio.training.trl_seam import kto_config
-from tests.test_microbatch import BATCH, METRIC_KEYS, ROWS, _lora_model, _move_policy, _step, tiny_model_dir  # noqa: F401
+from tests.test_microbatch import BATCH, METRIC_KEYS, ROWS, _lora_model, _move_policy, _step
 from tests.test_microbatch import _trainer as microbatch_trainer
 from tests.conftest import tiny_run_config
 

@@ -73,11 +73,12 @@ def _fake_used_run(run_dir):
                                                    for s in range(1, 14)))
 
 
-def test_cli_reusing_a_run_name_without_resume_trains_under_a_fresh_name(tmp_path, studio_home, bundled_model_dir):
+def test_cli_reusing_a_run_name_without_resume_trains_under_a_fresh_name(tmp_path, studio_home, tiny_model_dir):
     used = studio_home / "runs" / "mine"
     _fake_used_run(used)
     before = sorted(str(p.relative_to(used)) for p in used.rglob("*"))
-    cfg = tiny_run_config(tmp_path, name="mine", output_dir=None, **{**CHEAP, "train.max_steps": 1})
+    cfg = tiny_run_config(tmp_path, name="mine", output_dir=None,
+                          **{**CHEAP, "model.name_or_path": str(tiny_model_dir), "train.max_steps": 1})
     yaml_path = tmp_path / "run.yaml"
     cfg.save(yaml_path)
     env = dict(os.environ, KTO_STUDIO_HOME=str(studio_home))
@@ -109,15 +110,16 @@ def test_cli_reusing_a_custom_output_folder_is_refused_with_the_choices(tmp_path
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 
+# checkpoints, not learning: the tiny random model (tests/conftest.py tiny_model_dir) with the tests' own model path
 CHEAP = {"train.max_steps": 2, "train.save_steps": 1, "kto.precompute_ref_log_probs": False, "kto.max_length": 64}
 WAIT = 2400  # a shared, busy 2-core CPU can take minutes per step
 
 
 @pytest.fixture(scope="module")
-def trained_two(tmp_path_factory, bundled_model_dir):
+def trained_two(tmp_path_factory, tiny_model_dir):
     """A 2-step run saving checkpoint-1 and checkpoint-2 through the engine's atomic saves (trained once)."""
     root = tmp_path_factory.mktemp("two")
-    cfg = tiny_run_config(root, **CHEAP)
+    cfg = tiny_run_config(root, **CHEAP, **{"model.name_or_path": str(tiny_model_dir)})
     engine = Engine()
     job = engine.start(cfg)
     engine.wait(WAIT)
@@ -137,7 +139,8 @@ def two_checkpoints(trained_two, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["no_state", "cut_weights", "cut_optimizer", "bad_state"])
-def test_resume_skips_a_damaged_newest_checkpoint_and_says_which_it_took(two_checkpoints, tmp_path, damage):
+def test_resume_skips_a_damaged_newest_checkpoint_and_says_which_it_took(two_checkpoints, tmp_path, damage,
+                                                                         tiny_model_dir):
     newest = two_checkpoints / "checkpoint-2"
     if damage == "no_state":
         (newest / "trainer_state.json").unlink()
@@ -151,15 +154,17 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_which_it_took(two_che
     assert checkpoints.problem(two_checkpoints / "checkpoint-1") is None
     assert latest_checkpoint(two_checkpoints)[0] == two_checkpoints / "checkpoint-1"
     # naming the damaged checkpoint says what is wrong with it and which earlier one to take
-    cfg = tiny_run_config(tmp_path, output_dir=str(two_checkpoints), **CHEAP)
+    cfg = tiny_run_config(tmp_path, output_dir=str(two_checkpoints), **CHEAP,
+                          **{"model.name_or_path": str(tiny_model_dir)})
     with pytest.raises(ConfigError, match=r"checkpoint-2 cannot be resumed: .*checkpoint-1"):
         Engine().start(cfg, resume_from=str(newest))
 
 
-def test_resume_latest_reports_the_skipped_checkpoint_and_finishes(two_checkpoints, tmp_path):
+def test_resume_latest_reports_the_skipped_checkpoint_and_finishes(two_checkpoints, tmp_path, tiny_model_dir):
     (two_checkpoints / "checkpoint-2" / "trainer_state.json").unlink()
     shutil.rmtree(two_checkpoints / "adapter")
-    cfg = tiny_run_config(tmp_path, output_dir=str(two_checkpoints), **CHEAP)
+    cfg = tiny_run_config(tmp_path, output_dir=str(two_checkpoints), **CHEAP,
+                          **{"model.name_or_path": str(tiny_model_dir)})
     engine = Engine()
     job = engine.start(cfg, resume_from="latest")
     engine.wait(WAIT)
@@ -171,7 +176,7 @@ def test_resume_latest_reports_the_skipped_checkpoint_and_finishes(two_checkpoin
 
 
 def test_a_full_disk_while_saving_is_named_leaves_no_partial_checkpoint_and_resume_works(tmp_path, monkeypatch,
-                                                                                           bundled_model_dir):
+                                                                                           tiny_model_dir):
     """torch.save on a full disk: part of optimizer.pt is written, then PyTorch's zip writer fails with
     'unexpected pos' (what a real full disk gave). Here the disk 'fills' at the step-2 checkpoint."""
     import torch
@@ -186,7 +191,7 @@ def test_a_full_disk_while_saving_is_named_leaves_no_partial_checkpoint_and_resu
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", full_disk_save)
-    cfg = tiny_run_config(tmp_path, **CHEAP)
+    cfg = tiny_run_config(tmp_path, **CHEAP, **{"model.name_or_path": str(tiny_model_dir)})
     engine = Engine()
     job = engine.start(cfg)
     engine.wait(WAIT)

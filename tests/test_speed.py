@@ -50,11 +50,13 @@ def test_grouped_batches_keep_trl_kl_pairs_inside_each_batch(tmp_path, bundled_m
             len(set(map(tuple, block["completion_ids"]))) < 4
 
 
-def _run(tmp_path, name, messages: list | None = None, **changes):
+def _run(tmp_path, name, model_dir, messages: list | None = None, **changes):
     # float32 math: these runs compare numbers that padding must not change (bf16 autocast, which a CPU with native
-    # bf16 takes by default, moves a sequence's log-prob by ~0.1 nat with its batch's padding)
+    # bf16 takes by default, moves a sequence's log-prob by ~0.1 nat with its batch's padding). The tiny random
+    # model: what is compared is the reference path's arithmetic on the same weights, not what the model learns.
     cfg = tiny_run_config(tmp_path, **{"output_dir": str(tmp_path / name), "train.max_steps": 2,
-                                       "data.length_grouping": False, "model.dtype": "float32", **changes})
+                                       "data.length_grouping": False, "model.dtype": "float32",
+                                       "model.name_or_path": str(model_dir), **changes})
     engine = Engine(on_event=(lambda _job, ev: messages.append(str(ev.get("message", "")))) if messages is not None
                     else None)
     job = engine.start(cfg)
@@ -63,9 +65,24 @@ def _run(tmp_path, name, messages: list | None = None, **changes):
     return [m for m in job.metrics() if "loss" in m]
 
 
-def test_precomputed_reference_log_probs_give_the_same_losses_and_rewards(tmp_path, bundled_model_dir):
-    plain = _run(tmp_path, "plain", **{"kto.precompute_ref_log_probs": False})
-    pre = _run(tmp_path, "pre", **{"kto.precompute_ref_log_probs": True})
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, tiny_model_dir):
+    """The 2-step run that computes the reference log-probs in every step (trained once for this module)."""
+    return _run(tmp_path_factory.mktemp("plain"), "plain", tiny_model_dir, **{"kto.precompute_ref_log_probs": False})
+
+
+@pytest.fixture(scope="module")
+def precomputed_run(tmp_path_factory, tiny_model_dir):
+    """The same run with the reference log-probs computed once before training, rows per pass left 'auto'; with its
+    status messages."""
+    messages: list[str] = []
+    metrics = _run(tmp_path_factory.mktemp("pre"), "pre", tiny_model_dir, messages,
+                   **{"kto.precompute_ref_log_probs": True})
+    return metrics, messages
+
+
+def test_precomputed_reference_log_probs_give_the_same_losses_and_rewards(plain_run, precomputed_run):
+    plain, (pre, _) = plain_run, precomputed_run
     assert len(plain) == len(pre) == 2
     for a, b in zip(plain, pre):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "kl", "logps/chosen", "logps/rejected"):
@@ -75,20 +92,19 @@ def test_precomputed_reference_log_probs_give_the_same_losses_and_rewards(tmp_pa
     assert any(abs(pre[1].get(k, 0.0)) > 0 for k in ("rewards/chosen", "rewards/rejected"))
 
 
-def test_more_rows_per_precompute_pass_give_the_same_losses(tmp_path, bundled_model_dir):
+def test_more_rows_per_precompute_pass_give_the_same_losses(tmp_path, tiny_model_dir, plain_run, precomputed_run):
     """Bigger precompute passes (kto.precompute_ref_batch_size; 'auto' sizes them on a GPU) pad rows to a longer
     batch: the reference log-probs, and so the run, must not change."""
-    plain = _run(tmp_path, "plain", **{"kto.precompute_ref_log_probs": False})
     messages: list[str] = []
-    wide = _run(tmp_path, "wide", messages, **{"kto.precompute_ref_log_probs": True,
-                                               "kto.precompute_ref_batch_size": 7})
+    wide = _run(tmp_path, "wide", tiny_model_dir, messages, **{"kto.precompute_ref_log_probs": True,
+                                                               "kto.precompute_ref_batch_size": 7})
     assert any("(7 rows per pass)" in m for m in messages), messages
-    for a, b in zip(plain, wide):
+    assert len(wide) == len(plain_run) == 2
+    for a, b in zip(plain_run, wide):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "kl"):
             if key in a or key in b:
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (a["step"], key, a[key], b[key])
-    auto: list[str] = []
-    _run(tmp_path, "auto", auto, **{"kto.precompute_ref_log_probs": True})
+    _, auto = precomputed_run  # rows per pass left 'auto'
     batch = tiny_run_config(tmp_path).train.per_device_train_batch_size
     assert any(f"({batch} rows per pass)" in m for m in auto), auto  # off a GPU 'auto' is TRL's default
 

@@ -12,7 +12,7 @@ import pytest
 
 from studio.data import trl_data
 from studio.training import microbatch, trl_seam
-from tests.test_microbatch import _trainer, tiny_model_dir  # noqa: F401
+from tests.test_microbatch import _trainer
 
 STUDIO = Path(__file__).resolve().parents[1] / "studio"
 # The only modules of studio/ that import trl: the trainer seam, and its data side (tokenization and trl.data_utils,
@@ -160,7 +160,7 @@ def test_kto_config_maps_the_run_config(tmp_path):
     assert args.beta == 0.3 and args.use_cpu and args.output_dir == str(cfg.run_dir())
 
 
-def test_the_seams_functions_on_a_real_trainer(tmp_path, tiny_model_dir):  # noqa: F811
+def test_the_seams_functions_on_a_real_trainer(tmp_path, tiny_model_dir):
     trainer = _trainer(trl_seam.kto_trainer_class(), tiny_model_dir, tmp_path, precompute=False)
     assert trl_seam.reference_model(trainer) is trainer.model  # LoRA: the reference is the "ref" adapter
     assert trl_seam.REFERENCE_ADAPTER in trainer.model.peft_config
