@@ -225,27 +225,39 @@ def test_an_exception_inside_the_trainer_fails_the_run_with_its_reason_and_the_a
 HELD = []  # something outside the engine (a library cache, a callback) that keeps the run's model
 
 
+def _run_with_model(tmp_path, monkeypatch, make_model, steps: int):
+    """A run of the fake trainer whose job's model is ``make_model()`` (held only weakly by the engine): the finished
+    job and its config."""
+    import weakref
+
+    def build(self, job):
+        model = make_model()
+        job.model_ref = weakref.ref(model)
+        return FakeTrainer(self, job)
+
+    monkeypatch.setattr(Engine, "_build", build)
+    cfg = tiny_run_config(tmp_path, **{"train.max_steps": steps})
+    engine = Engine()
+    job = engine.start(cfg)
+    engine.wait(120)
+    assert job.state == "finished", job.error
+    return job, cfg
+
+
 def test_a_model_still_held_after_the_run_is_emptied_in_place_and_said_who_held_it(tmp_path, monkeypatch):
     """The trainer is gone but a module-level list still holds the run's model: at the run's end the engine empties
     every parameter and buffer in place (its memory goes back, on an 8 GB card it decides what fits next), names the
     holder in the run folder's events, and the run keeps its result."""
     import torch
-    import weakref
 
-    def build(self, job):
+    def make():
         model = torch.nn.Sequential(torch.nn.Embedding(1000, 64), torch.nn.Linear(64, 1000))
         model.register_buffer("scale", torch.ones(1000))
         HELD.append(model)
-        job.model_ref = weakref.ref(model)
-        return FakeTrainer(self, job)
+        return model
 
-    monkeypatch.setattr(Engine, "_build", build)
-    cfg = tiny_run_config(tmp_path, **{"train.max_steps": 2})
-    engine = Engine()
-    job = engine.start(cfg)
-    engine.wait(120)
     try:
-        assert job.state == "finished", job.error
+        job, cfg = _run_with_model(tmp_path, monkeypatch, make, steps=2)
         held = HELD[0]
         assert all(t.numel() == 0 for t in [*held.parameters(), *held.buffers()])
         assert held[1].weight.dtype == torch.float32  # hollow, not retyped: whoever holds it sees an empty module
@@ -262,21 +274,14 @@ def test_a_model_still_held_after_the_run_is_emptied_in_place_and_said_who_held_
 
 def test_a_model_nobody_holds_is_not_touched_and_no_memory_event_is_written(tmp_path, monkeypatch):
     import torch
-    import weakref
 
     kept = {}
 
-    def build(self, job):
+    def make():
         model = torch.nn.Linear(8, 8)
         kept["weight"] = model.weight  # a tensor alone, not the model: the model itself is let go
-        job.model_ref = weakref.ref(model)
-        return FakeTrainer(self, job)
+        return model
 
-    monkeypatch.setattr(Engine, "_build", build)
-    cfg = tiny_run_config(tmp_path, **{"train.max_steps": 1})
-    engine = Engine()
-    job = engine.start(cfg)
-    engine.wait(120)
-    assert job.state == "finished", job.error
+    job, cfg = _run_with_model(tmp_path, monkeypatch, make, steps=1)
     assert kept["weight"].numel() == 64
     assert not [e for e in _lines(cfg.run_dir()) if e["type"] == "memory"]
