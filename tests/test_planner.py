@@ -229,16 +229,18 @@ def test_the_duration_counts_the_epochs_the_run_plan_decides(rows, epochs):
     assert fixed.steps == math.ceil(math.ceil(rows / 8) * 1.5)
 
 
-def test_a_short_cpu_run_gets_several_held_out_checks_where_they_are_cheap_and_gives_them_back_on_a_gpu_card():
-    # issue 30: 'auto' spaces the checks for long runs, so a 6-step CPU run got one point on its charts, at the end
+def test_a_short_cpu_run_gets_several_held_out_checks_and_the_estimate_counts_them():
+    # issue 30: 'auto' spaced the checks by cost alone, so a 6-step CPU run got one point on its charts, at the end;
+    # now at least about four, by the same rule in the watch and the estimate, whatever max_steps the user sets
+    from studio.training import watch
+
+    assert watch.auto_every(8, 8, 6) == 2 and watch.auto_every(8, 8, 12) == 3  # cheap checks: four a run
+    assert watch.auto_every(8, 8) == watch.auto_every(8, 8, -1) > 3  # no cap: spaced by cost as before
+    assert watch.auto_every(400, 8, 6) == watch.auto_every(400, 8) > 6  # dear checks: at the end only
     cfg = _hh_config(**{"data.eval_fraction": 0.1})
-    short = [55] * 180  # the sample's short rows: a check costs seconds
-    p = planner.plan(cfg, "cpu", CPU, lengths=short)
-    steps, every = p.config.train.max_steps, p.config.watch.every_steps
-    assert steps > 0 and every == math.ceil(steps / duration.CPU_WATCH_CHECKS)
-    assert steps // every >= duration.CPU_WATCH_CHECKS - 1  # several points before the one at the end
-    # long rows in float32: a check costs as much as several steps; the watch gives way to training
-    long = planner.plan(cfg, "cpu", CPU, lengths=HH_LIKE).config
-    assert long.watch.every_steps == long.train.max_steps  # scored at the end only
-    # a GPU card plans its own cadence
-    assert planner.plan(p.config, "8gb", CPU, lengths=short).config.watch.every_steps == "auto"
+    p = planner.plan(cfg, "cpu", CPU, lengths=[55] * 180)
+    assert p.config.train.max_steps > 0 and p.config.watch.every_steps == "auto"
+    base = cfg.updated({"train.max_steps": 12})
+    d4 = duration.estimate(base, [55] * 180, params=135e6, converted=True)
+    d1 = duration.estimate(base.updated({"watch.every_steps": 12}), [55] * 180, params=135e6, converted=True)
+    assert d4.eval_s > d1.eval_s  # three checks before the end are counted, not one

@@ -60,12 +60,6 @@ CPU_ROWS_PER_STEP = 8
 CPU_EVAL_ROWS = 48
 CPU_SEQ_MIN, CPU_SEQ_MAX, CPU_SEQ_STEP = 128, 512, 64
 CPU_LENGTH_QUANTILE = 0.9  # max_length covers this share of the rows whole; longer ones are truncated
-# the held-out watch of a capped CPU run checks about this many times (its charts get that many points, its best-step
-# choice that many candidates); 'auto' spaces checks for long GPU runs and gave a 6-step CPU run one point, at the end
-# (fewer where one check costs more than CPU_WATCH_SHARE / CPU_WATCH_CHECKS of the budget: long held-out rows on a
-# float32 CPU, whose checks would leave no time to train)
-CPU_WATCH_CHECKS = 4
-CPU_WATCH_SHARE = 1 / 3
 
 
 @dataclass
@@ -224,7 +218,7 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
         # the held-out watch (studio/training/watch.py) scores the tuned side every few steps; the base side once
         from studio.training import watch
 
-        every = (watch.auto_every(eval_rows or n_eval, rows_per_step) if cfg.watch.every_steps == "auto"
+        every = (watch.auto_every(eval_rows or n_eval, rows_per_step, steps) if cfg.watch.every_steps == "auto"
                  else int(cfg.watch.every_steps))
         # a check falling on the last step is the scoring after training, counted above
         eval_s += ((steps - 1) // max(every, 1)) * check_s
@@ -264,7 +258,8 @@ def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None
              device=None) -> dict[str, Any]:
     """Run-config changes that make ``cfg`` finish in minutes on this CPU: max_length from the data, 8 rows a step
     (2 per pass; fewer when the recipe's effective batch is smaller), no gradient checkpointing where memory allows,
-    no GPU-only settings, at most CPU_EVAL_ROWS held-out rows checked about CPU_WATCH_CHECKS times, and a step cap that keeps training and held-out
+    no GPU-only settings, at most CPU_EVAL_ROWS held-out rows (checked at least about ``watch.FEWEST_CHECKS`` times:
+    ``watch.auto_every``), and a step cap that keeps training and held-out
     scoring near ``target_s`` seconds (never more than the run's epochs - 'auto': up to 3 passes over a small
     file - never under CPU_MIN_STEPS steps) on the CPU ``device`` (``estimate``'s)."""
     from studio.training import memory
@@ -294,13 +289,9 @@ def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None
     # the held-out scoring comes out of the same budget, counted at the cap (the watch's checks during training
     # grow with the steps); a capped run may lose the up-front reference pass (it pays only when nearly every row is
     # visited), which makes its steps dearer: re-estimate at each cap
-    checks = CPU_WATCH_CHECKS
-    if d.check_s > 0:
-        checks = max(1, min(CPU_WATCH_CHECKS, int(target_s * CPU_WATCH_SHARE // d.check_s)))
     cap = d.steps
     while cap > CPU_MIN_STEPS:
-        capped = estimate(cfg.updated({**changes, "train.max_steps": cap,
-                                       "watch.every_steps": cpu_watch_every(cap, checks)}), lengths, device=device)
+        capped = estimate(cfg.updated({**changes, "train.max_steps": cap}), lengths, device=device)
         scoring = capped.eval_s + capped.eval_loss_s
         if capped.train_s + capped.reference_s + scoring <= target_s:
             break
@@ -308,14 +299,7 @@ def cpu_plan(cfg, lengths: list[int] | None = None, ram_gib: float | None = None
         cap = max(CPU_MIN_STEPS, min(cap - 1, int(target_s // capped.step_s)))
     if cap < d.steps:
         changes["train.max_steps"] = cap
-    changes["watch.every_steps"] = cpu_watch_every(cap, checks)
     return changes
-
-
-def cpu_watch_every(steps: int, checks: int = CPU_WATCH_CHECKS) -> int:
-    """Steps between held-out checks on a CPU run of ``steps`` steps: ``checks`` checks, the last at the end (the
-    plan counts their cost in the run's time)."""
-    return max(1, math.ceil(steps / max(checks, 1)))
 
 
 def ram_gib() -> float | None:

@@ -440,10 +440,13 @@ class Engine:
                                           world=plan.world)
         import weakref
 
-        job.model_ref = weakref.ref(loaded.model)
+        try:
+            job.model_ref = weakref.ref(loaded.model)
+        except TypeError:  # not a model (a test's stand-in)
+            job.model_ref = None
         from studio.models import leftovers
 
-        job.model_storages = leftovers.storage_refs(loaded.model) if device.kind == "cuda" else None
+        job.model_storages = leftovers.storage_refs(loaded.model) if device.kind == "cuda" and job.model_ref else None
         if job.should_stop():
             return None
         if logprob.needs_fallback(device.kind):

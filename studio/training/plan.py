@@ -166,9 +166,9 @@ def _cpu_of(device):
 
 
 def _not_cpu(cfg: RunConfig) -> dict[str, Any]:
-    """What the CPU plan decided that is no GPU's plan: its step cap, its held-out check cadence (a GPU run spaces
-    them by cost: 'auto'), and its smaller held-out set (unless the user chose another size)."""
-    out: dict[str, Any] = {"train.max_steps": -1, "watch.every_steps": "auto"}
+    """What the CPU plan decided that is no GPU's plan: its step cap, and its smaller held-out set (unless the
+    user chose another size)."""
+    out: dict[str, Any] = {"train.max_steps": -1}
     if cfg.data.eval_max_rows == duration.CPU_EVAL_ROWS:
         out["data.eval_max_rows"] = type(cfg.data).model_fields["eval_max_rows"].default
     return out

@@ -48,10 +48,23 @@ LEAD_SE = 2.0  # an earlier check beats a later one only by a lead of more stand
 METRIC_KEYS = ("heldout/accuracy", "heldout/accuracy_se", "heldout/margin", "heldout/drift", "heldout/n_pairs")
 
 
-def auto_every(n_rows: int, rows_per_step: int) -> int:
-    """Steps between checks so that scoring ``n_rows`` rows costs about BUDGET of the training time."""
+# a short run (a first CPU run) is still checked up to this many times, the last at its end, as long as the checks
+# before the end cost at most SHORT_RUN_SHARE of its training: points on its charts, candidates for its best step
+FEWEST_CHECKS, SHORT_RUN_SHARE = 4, 0.2
+
+
+def auto_every(n_rows: int, rows_per_step: int, steps: int | None = None) -> int:
+    """Steps between checks so that scoring ``n_rows`` rows costs about BUDGET of the training time; in a run of
+    ``steps`` steps that this spacing would check only at the end (a 6-step CPU run got one point), up to
+    FEWEST_CHECKS checks where they cost at most SHORT_RUN_SHARE of its training. The duration estimate counts the
+    same checks."""
     one_check = n_rows * FORWARD_SHARE / max(rows_per_step, 1)  # in optimizer steps
-    return max(1, math.ceil(one_check / BUDGET))
+    every = max(1, math.ceil(one_check / BUDGET))
+    if steps and steps > 0:
+        extra = min(FEWEST_CHECKS - 1, int(steps * SHORT_RUN_SHARE / max(one_check, 1e-9)))
+        if extra >= 1:
+            every = min(every, max(1, math.ceil(steps / (extra + 1))))
+    return every
 
 
 @dataclass
@@ -153,7 +166,7 @@ class Watch:
             self.emit("status", message=f"Held-out watch: the base model's scores of {len(self.items)} rows taken "
                                         "from the run's cache")
         every = self.cfg.watch.every_steps
-        self.every = auto_every(len(self.items), rows_per_step) if every == "auto" else int(every)
+        self.every = auto_every(len(self.items), rows_per_step, max_steps) if every == "auto" else int(every)
         self.start_state = _snapshot(model)
         self.start_step = step
         self.start = Point(step, None) if step == 0 else self._resumed_at(step)
