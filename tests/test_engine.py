@@ -123,7 +123,8 @@ def test_a_run_that_learned_nothing_says_so_after_scoring_its_held_out_rows(tmp_
     stored with it, and the final message warns that nothing was learned and what to change."""
     # one step: at this rate the adapter barely moves in any number of steps; what is under test is the scoring after
     # training and the message it leads to
-    cfg = tiny_run_config(tmp_path, **{"train.learning_rate": 5e-7, "data.eval_fraction": 0.25, "train.max_steps": 1})
+    cfg = tiny_run_config(tmp_path, **{"train.learning_rate": 5e-7, "data.eval_fraction": 0.25, "train.max_steps": 1,
+                                       "data.eval_max_rows": 12})
     engine = Engine()
     job = engine.start(cfg)
     engine.wait(600)
