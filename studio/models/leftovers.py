@@ -5,16 +5,42 @@ every GiB a finished run keeps decides whether the Chat tab's model or an export
 anywhere (a library's cache, a callback, a traceback) would keep the whole model alive. ``release`` measures what the
 run left allocated beyond what was allocated before it; when its model is still alive it names who holds it (for
 the debug log) and empties every parameter and buffer in place, so the memory goes back whoever holds the module.
+``import_before_models`` keeps one such holder from forming (bitsandbytes' logged import error).
 """
 from __future__ import annotations
 
 import gc
+import importlib
+import importlib.util
 import logging
+import sys
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 MIB = 2**20
 SLACK = 64 * MIB  # allocator granularity, cuBLAS workspaces and small caches a run may leave: not a leftover
+
+
+def import_before_models() -> None:
+    """Import bitsandbytes and PEFT's bitsandbytes layers in a thread of their own, once. PEFT imports them lazily,
+    in the middle of wrapping a model, and bitsandbytes logs a failed optional kernel import with the exception as
+    the message's argument: a log handler that keeps records (a test runner's) then keeps that exception's traceback,
+    its frames and their callers' frames, and so the model those callers hold, for good. In a fresh thread the
+    callers are only the thread's own start-up."""
+    import threading
+
+    def imports() -> None:
+        for name in ("bitsandbytes", "peft.tuners.lora.bnb"):
+            if importlib.util.find_spec(name.split(".")[0]) is not None:
+                try:
+                    importlib.import_module(name)
+                except Exception:  # noqa: BLE001 - a broken optional install is reported where it is used
+                    pass
+
+    if "peft.tuners.lora.bnb" not in sys.modules or "bitsandbytes" not in sys.modules:
+        t = threading.Thread(target=imports, name="studio-imports", daemon=True)
+        t.start()
+        t.join()
 
 
 def cuda_allocated() -> int:

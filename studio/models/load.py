@@ -90,9 +90,8 @@ def detect_device() -> DeviceInfo:
 def cpu_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX: most server CPUs since 2020, recent
     desktop ones with AVX-512). There a LoRA step in bfloat16 autocast is 2-5x faster than in float32 (measured on the
-    CI's 2-core Xeon); without it bfloat16 is emulated and slower, so float32 stays. ``KTO_STUDIO_CPU_BF16=0`` answers
-    no on any CPU: the studio then plans, estimates and trains as on a CPU without it (bench/first_run_flow.py
-    --float32 times a desktop CPU's first run that way)."""
+    CI's 2-core Xeon); without it bfloat16 is emulated and slower, so float32 stays. ``KTO_STUDIO_CPU_BF16=0``: no, on
+    any CPU (plan, estimate and train as without it: bench/first_run_flow.py --float32)."""
     if os.environ.get("KTO_STUDIO_CPU_BF16") == "0":
         return False
     import torch
@@ -307,6 +306,8 @@ def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress
     the plan's process count (``RunPlan.world``)."""
     import torch
 
+    from studio.models import leftovers
+
     device = device or detect_device()
     backend = choose_backend(cfg, device, world)
     source = resolve_source(cfg.model.name_or_path, progress)
@@ -316,7 +317,7 @@ def load_for_training(cfg: RunConfig, device: DeviceInfo | None = None, progress
     frozen = getattr(torch, frozen_dtype or frozen_dtype_name(backend, dtype_name(cfg, device)))
     if progress:
         progress(f"Loading {cfg.model.name_or_path} with {BACKEND_LABELS[backend]} on {device.name}…")
-    import_before_models()
+    leftovers.import_before_models()
     try:
         if backend == "unsloth":
             model, tok = _load_unsloth(cfg, source, dtype, progress)
@@ -433,28 +434,6 @@ def prepare_4bit_for_training(model, gradient_checkpointing: bool = True):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
-
-
-def import_before_models() -> None:
-    """Import bitsandbytes and PEFT's bitsandbytes layers in a thread of their own, once. PEFT imports them lazily,
-    in the middle of wrapping a model, and bitsandbytes logs a failed optional kernel import with the exception as
-    the message's argument: a log handler that keeps records (a test runner's) then keeps that exception's traceback,
-    its frames and their callers' frames, and so the model those callers hold, for good. In a fresh thread the
-    callers are only the thread's own start-up."""
-    import threading
-
-    def imports() -> None:
-        for name in ("bitsandbytes", "peft.tuners.lora.bnb"):
-            if _has(name.split(".")[0]):
-                try:
-                    importlib.import_module(name)
-                except Exception:  # noqa: BLE001 - a broken optional install is reported where it is used
-                    pass
-
-    if "peft.tuners.lora.bnb" not in sys.modules or "bitsandbytes" not in sys.modules:
-        t = threading.Thread(target=imports, name="studio-imports", daemon=True)
-        t.start()
-        t.join()
 
 
 def free_memory() -> None:
