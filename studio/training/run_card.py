@@ -134,7 +134,7 @@ def run_card(cfg: RunConfig, device=None) -> tuple[RunCard, RunConfig]:
         steps = None
     when = None
     if device.kind == "cpu":
-        d = duration.estimate(saved, duration.data_lengths(saved))
+        d = duration.estimate(saved, duration.data_lengths(saved), device=device)
         when = d.describe() if d else None
     card = RunCard(model=saved.model.name_or_path, path=path, train_file=saved.data.train_file,
                    eval_file=saved.data.eval_file, train_rows=n_train, held_out_rows=n_held,
