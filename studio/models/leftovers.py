@@ -155,6 +155,27 @@ def largest_cuda_tensors(n: int = 4) -> list[dict[str, Any]]:
     return out
 
 
+def allocation_sites(n: int = 4, frames: int = 14) -> list[dict[str, Any]]:
+    """Where the ``n`` largest live CUDA blocks (over ``SLACK``) were allocated: the Python stack of each, innermost
+    first, when CUDA's allocator history is being recorded (``torch.cuda.memory._record_memory_history``, which a
+    benchmark turns on); empty otherwise. Memory an autograd graph or a library's C++ side holds is out of
+    ``gc``'s sight, but not out of the allocator's."""
+    import torch
+
+    try:
+        snap = torch.cuda.memory._snapshot()
+    except Exception:  # noqa: BLE001 - no GPU, or a build without the allocator's snapshot
+        return []
+    blocks = [b for seg in snap.get("segments", []) for b in seg.get("blocks", [])
+              if b.get("state") == "active_allocated" and b.get("size", 0) > SLACK and b.get("frames")]
+    out = []
+    for b in sorted(blocks, key=lambda b: -b["size"])[:n]:
+        stack = [f"{f.get('name')} ({'/'.join(str(f.get('filename', '?')).rsplit('/', 2)[-2:])}:{f.get('line')})"
+                 for f in b["frames"] if not str(f.get("filename", "")).startswith("<")]
+        out.append({"mib": round(b["size"] / MIB, 1), "stack": stack[:frames]})
+    return out
+
+
 def release(model_ref: Callable[[], Any] | None, before: int, free: Callable[[], None],
             storages: list[tuple[str, Any]] | None = None) -> dict[str, Any] | None:
     """After a run whose engine dropped its references and called ``free``: when the GPU holds more than ``before``
@@ -176,6 +197,9 @@ def release(model_ref: Callable[[], Any] | None, before: int, free: Callable[[],
     if cuda_allocated() - before > SLACK:  # still left: which tensors Python can see, and who holds them
         found["cuda_tensors"] = largest_cuda_tensors()
         found["weights_still_stored"] = [name for name, ref in storages or [] if not ref.expired()]
+        sites = allocation_sites()
+        if sites:
+            found["allocated_by"] = sites
     if found["emptied_mib"] or left > SLACK:
         log.warning("the finished run left %.0f MiB on the GPU; its model was %s (%.0f MiB emptied in place); "
                     "held by: %s", found["left_mib"], "alive" if found["holders"] else "gone",

@@ -98,7 +98,8 @@ def gguf_file(run, folder: Path, file_name: str | None, gguf_type: str, mf_name:
                               "tensors_written": info["tensors"]}
     if note:
         checks["note"] = note
-    checks.update(gguf_check.check_model_file(gguf_path, merged, lay, planned, n_params))
+    as_written: dict | None = {} if want is not None and written not in ("f16", "f32") else None
+    checks.update(gguf_check.check_model_file(gguf_path, merged, lay, planned, n_params, as_written))
     try:
         gguf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_path.name)
     except Exception as e:  # noqa: BLE001 - transformers' GGUF tokenizer reader has gaps of its own
@@ -119,7 +120,18 @@ def gguf_file(run, folder: Path, file_name: str | None, gguf_type: str, mf_name:
         del loaded
         gc.collect()
         precision = {"f32": "float32", "f16": "16-bit", "q8_0": "8-bit"}.get(written, "4-bit")
-        vs = reference.compare(got, want, precision)
+        # the floor: the model with exactly the rounded weights the file holds (read by ``gguf`` in the model's own
+        # layout). How far the trained model's logits move under that rounding depends on the model (a random-weight
+        # one, with flat logits, changes its top token under 4-bit rounding where a trained one does not), so the
+        # file is held to its own floor, and transformers' reading of it must give the floor's logits themselves:
+        # a wrong name, permutation or metadata moves them far beyond arithmetic order.
+        floor = reference.logits_of_weights(config, as_written, ids) if as_written else None
+        as_written = None
+        vs = reference.compare(got, want, precision, floor=floor)
+        if floor is not None:
+            read = reference.compare(got, floor, "16-bit")
+            vs["vs_file_weights"] = {k: read[k] for k in ("max_abs_logit_diff", "top1_agreement", "tolerance", "ok")}
+            vs["ok"] = vs["ok"] and read["ok"]
         checks["vs_adapter_model"] = vs
         if lay.rope_type == "llama3":
             # transformers' GGUF reader ignores llama.cpp's rope_freqs tensor: its logits are only a rough check

@@ -33,8 +33,10 @@ def _array(t) -> object:
         [int(x) for x in reversed(t.shape)])
 
 
-def check_model_file(path: Path, weights, lay, planned: list, n_params: int) -> dict:
-    """The file's tensors against the plan, and their values against ``weights`` (the merged model)."""
+def check_model_file(path: Path, weights, lay, planned: list, n_params: int, as_written: dict | None = None) -> dict:
+    """The file's tensors against the plan, and their values against ``weights`` (the merged model). With
+    ``as_written`` (a dict, filled when every tensor is compared): each tensor as the file holds it, dequantized and
+    in the model's own (HF) layout, by its HF name."""
     import torch
     from gguf import GGUFReader
 
@@ -72,6 +74,8 @@ def check_model_file(path: Path, weights, lay, planned: list, n_params: int) -> 
         if err > gguf_quant.TOLERANCE.get(kind, 0.15):
             raise ExportError(f"GGUF tensor {p.gg_name} ({kind}) read back differs from the merged weight by "
                               f"{err:.3g} relative RMS, more than {kind} allows ({gguf_quant.TOLERANCE.get(kind)})")
+        if as_written is not None and n_params <= ALL_TENSORS_UP_TO:
+            as_written[p.hf_name] = lay.unpermute(p.hf_name, got)
     return {"loads_with_gguf_reader": True, "architecture": arch, "tensors": len(found), "tensor_types": types,
             "tensors_compared": len(sample), "worst_relative_rms_error": {k: round(v, 6) for k, v in worst.items()}}
 

@@ -34,6 +34,12 @@ def _permute_for_llama_cpp(w, n_head: int):
     return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+def _unpermute_from_llama_cpp(w, n_head: int):
+    """The inverse of ``_permute_for_llama_cpp``: llama.cpp's interleaved rotary pairs back to HF's two halves."""
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
 def _llama3_rope_factors(theta: float, head_dim: int, params: dict):
     """Per-frequency divisors of Llama 3.1+ rope scaling, stored as llama.cpp's ``rope_freqs`` tensor."""
     import math
@@ -162,6 +168,10 @@ class Layout:
     def permute(self, hf_name: str, t):
         heads = self.heads_to_permute(hf_name)
         return t if heads is None else _permute_for_llama_cpp(t, heads)
+
+    def unpermute(self, hf_name: str, t):
+        heads = self.heads_to_permute(hf_name)
+        return t if heads is None else _unpermute_from_llama_cpp(t, heads)
 
 
 def layout(config) -> Layout:

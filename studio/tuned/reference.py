@@ -122,6 +122,27 @@ def reference_logits(run: RunSource, ids, progress: Progress = None, rounded_to=
     return logits if rounded_to is None else (logits, floor)
 
 
+def logits_of_weights(config, weights: dict, ids):
+    """Logits on ``ids`` of the model ``config`` describes with exactly ``weights`` (HF names, float32 tensors, a
+    tied head left out), computed in float32 on the CPU; None when ``weights`` lacks one of the model's tensors."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():  # parameters on the meta device, buffers (rotary frequencies) real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing = model.load_state_dict(weights, strict=False, assign=True).missing_keys
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or any(p.is_meta for p in model.parameters()):
+        return None
+    with torch.inference_mode():
+        out = model.eval()(input_ids=ids).logits.float()
+    del model
+    return out
+
+
 @contextlib.contextmanager
 def merged_and_rounded(model, dtype):
     """Within: every LoRA layer of the PEFT ``model`` computes in float32 with its base matrix (dequantized when
