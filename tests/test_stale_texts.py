@@ -77,3 +77,15 @@ def test_the_ratings_counter_counts_ab_votes(studio_home):
     assert shown, "the Chat tab's counter is not redrawn when the tab is shown"
     text = shown[0].fn()
     assert "**2** rows so far: 1 👍, 1 👎, 1 of them from A/B votes" in text
+
+
+def test_the_run_cards_duration_is_the_train_tabs_line_for_this_cpu(studio_home, host_bf16):
+    """The card said "about 6 min 01 s (45 steps x ~5 s)" while the line under Start said "about 2 min 28 s (45
+    steps x ~2 s)": the card estimated for a CPU without bf16 whatever this one is. Both now estimate for the
+    machine's CPU, with and without native bf16."""
+    from studio.training.run_card import run_card
+    from studio.ui import train_tab
+
+    card, saved = run_card(RunConfig().updated({"train.max_steps": 45}))
+    line = train_tab.duration_markdown(saved, "cpu")
+    assert card.duration and f"**{card.duration}**" in line, (card.duration, line)
