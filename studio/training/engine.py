@@ -74,6 +74,7 @@ class Job:
     model_ref: Any = None
     model_storages: Any = None  # studio.models.leftovers.storage_refs: which big weights outlive the run, on CUDA
     gpu_before: int = 0
+    optimizer_mark: Any = None  # studio.models.leftovers.optimizer_overrides, taken before the run
 
     def should_stop(self) -> bool:
         """Stop asked for, here (``Engine.stop``) or by any viewer through the run folder's stop request."""
@@ -207,6 +208,7 @@ class Engine:
         from studio.models import leftovers
 
         job.gpu_before = leftovers.cuda_allocated()
+        job.optimizer_mark = leftovers.optimizer_overrides()
         final: dict[str, Any] | None = None
         try:
             final = self._train(job)
@@ -246,6 +248,11 @@ class Engine:
         from studio.models.load import free_memory
 
         job.watch = None  # it holds the tuned model's scorer and the best step's adapter weights
+        try:
+            leftovers.forget_optimizer_overrides(job.optimizer_mark)
+        except Exception:  # noqa: BLE001 - a bitsandbytes with another registry layout: reported by release below
+            log.exception("letting go of bitsandbytes' optimizer registry failed")
+        job.optimizer_mark = None
         free_memory()  # gc, then torch.cuda.empty_cache(): the GPU memory goes back to the card
         try:
             found = leftovers.release(job.model_ref, job.gpu_before, free_memory, job.model_storages)
