@@ -40,7 +40,9 @@ def load() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl.gz"))
+    ap.add_argument("--data", default="sample",
+                    help="a data file, or 'sample' (default): the studio's bundled sample, what a new user's first run "
+                         "trains on, and on every clone (the HH file is ../shared/data/hh-harmless-dev.jsonl.gz here)")
     ap.add_argument("--hold-out", type=float, default=0.1)
     ap.add_argument("--port", type=int, default=random.randint(7900, 8999))
     ap.add_argument("--fresh-models", action="store_true")

@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl.gz"))
+    ap.add_argument("--data", default="sample",
+                    help="a data file, or 'sample' (default): the studio's bundled sample, what a new user's first run "
+                         "trains on, and on every clone (the HH file is ../shared/data/hh-harmless-dev.jsonl.gz here)")
     ap.add_argument("--hold-out", type=float, default=0.1)
     ap.add_argument("--float32", action="store_true", help="plan and train as on a CPU without native bf16")
     ap.add_argument("--set", action="append", default=[], help="FIELD=VALUE after the plan (repeatable)")
