@@ -53,7 +53,7 @@ def test_the_rows_digest_follows_content_and_order():
     assert run_cache.rows_digest([a, b]) != run_cache.rows_digest([a, {**b, "completion": "e"}])
 
 
-# ---- a real resume of the bundled model ----------------------------------------------------------------------------
+# ---- a real resume (a tiny random Llama with the bundled tokenizer: what is under test is the cache) ----------------------------------------------------------------------------
 
 @pytest.fixture
 def prepared_calls(monkeypatch):
@@ -70,8 +70,9 @@ def prepared_calls(monkeypatch):
     return calls
 
 
-def _config(tmp_path, rows: int = 16, **changes):
-    """3 steps on the first ``rows`` rows of the sample (a quarter held out), checkpoints and checks every 2 steps."""
+def _config(tmp_path, rows: int = 16, model=None, **changes):
+    """3 steps on the first ``rows`` rows of the sample (a quarter held out), checkpoints and checks every 2 steps,
+    of ``model`` (a folder; default the bundled model)."""
     from studio.data import load_kto
     from studio.data.clean import write_jsonl
 
@@ -80,7 +81,8 @@ def _config(tmp_path, rows: int = 16, **changes):
         write_jsonl(load_kto("sample").rows[:rows], data)
     return tiny_run_config(tmp_path, **{"train.max_steps": 3, "train.save_steps": 2, "watch.every_steps": 2,
                                         "data.train_file": str(data), "data.eval_fraction": 0.25,
-                                        "kto.precompute_ref_log_probs": True, "kto.max_length": 64, **changes})
+                                        "kto.precompute_ref_log_probs": True, "kto.max_length": 64,
+                                        **({"model.name_or_path": str(model)} if model else {}), **changes})
 
 
 def _train(engine, cfg, **kw):
@@ -98,9 +100,9 @@ def _losses(job):
     return {m["step"]: m["loss"] for m in job.metrics() if "loss" in m}
 
 
-def test_a_resume_reuses_the_cache_and_trains_as_one_without_it(tmp_path, bundled_model_dir, prepared_calls):
+def test_a_resume_reuses_the_cache_and_trains_as_one_without_it(tmp_path, tiny_model_dir, prepared_calls):
     engine = Engine()
-    cfg = _config(tmp_path)
+    cfg = _config(tmp_path, model=tiny_model_dir)
     first = _train(engine, cfg)
     assert len(prepared_calls) == 1  # the training rows (the watch tokenizes the held-out ones itself)
     assert _phases(first, "reference") and any("base model" in m for m in _phases(first, "scoring"))
@@ -131,12 +133,12 @@ def test_a_resume_reuses_the_cache_and_trains_as_one_without_it(tmp_path, bundle
     assert drift[0] and drift[0][0] == pytest.approx(drift[1][0], rel=1e-4, abs=1e-5)
 
 
-def test_a_cache_of_other_rows_or_another_max_length_is_rebuilt(tmp_path, bundled_model_dir, prepared_calls):
+def test_a_cache_of_other_rows_or_another_max_length_is_rebuilt(tmp_path, tiny_model_dir, prepared_calls):
     from studio.data import load_kto
     from studio.data.clean import write_jsonl
 
     engine = Engine()
-    cfg = _config(tmp_path, rows=10, **{"train.max_steps": 2})
+    cfg = _config(tmp_path, rows=10, model=tiny_model_dir, **{"train.max_steps": 2})
     data = cfg.data.train_file
     _train(engine, cfg)
 
