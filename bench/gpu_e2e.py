@@ -115,7 +115,8 @@ def _md(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def child(arch: str, form: str, base: str, work: Path, cap_gib: float, steps_total: int) -> list[dict]:
+def child(arch: str, form: str, base: str, work: Path, cap_gib: float, steps_total: int,
+          skip: frozenset = frozenset()) -> list[dict]:
     import torch
 
     home = work / f"home-{arch}-{form}"
@@ -326,6 +327,8 @@ def child(arch: str, form: str, base: str, work: Path, cap_gib: float, steps_tot
                      ("evaluation", evaluate), ("export adapter", export("adapter")),
                      ("export merged", export("merged")), ("export gguf q8_0", export("gguf", "q8_0")),
                      ("export gguf 4-bit", export("gguf", "q4_k_m")), ("export gguf-adapter", export("gguf-adapter"))):
+        if name in skip:
+            continue
         if not s.run(name, fn) and name in ("data", "plan", "start, reload, stop", "resume to the end"):
             break  # later steps need this one
     studio.engine.stop() if getattr(studio.engine, "busy", False) else None
@@ -345,13 +348,16 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", type=int, default=2, help="combinations at once (each capped at --cap-gib)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs on a CPU (a test of this script)")
     ap.add_argument("--deadline", type=float, default=None, help="seconds: stop what still runs then, and say so")
+    ap.add_argument("--skip", default="", help="steps to leave out, comma-separated names from the table (a short "
+                                               "device call re-checking the others)")
     ap.add_argument("--child", nargs=3, metavar=("ARCH", "FORM", "BASE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.child:
         arch, form, base = args.child
-        rows = child(arch, form, base, work, args.cap_gib, args.steps)
+        rows = child(arch, form, base, work, args.cap_gib, args.steps,
+                     frozenset(x.strip() for x in args.skip.split(",") if x.strip()))
         (work / f"result-{arch}-{form}.json").write_text(json.dumps(rows, default=str))
         return sum(not r["ok"] for r in rows)
 
@@ -383,7 +389,7 @@ def main(argv=None) -> int:
             arch, form, base = jobs.pop(0)
             log = open(work / f"log-{arch}-{form}.txt", "w")
             cmd = [sys.executable, __file__, "--work", str(work), "--cap-gib", str(args.cap_gib), "--steps",
-                   str(args.steps), "--child", arch, form, base]
+                   str(args.steps), "--skip", args.skip, "--child", arch, form, base]
             running.append((arch, form, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         time.sleep(2)
         for item in list(running):
