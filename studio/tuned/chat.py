@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from studio.config.run import RunConfig
+from studio.models import cpu_threads
 from studio.errors import UsageError
 from studio.runs import folder
 from studio.runs.folder import is_adapter_dir
@@ -219,6 +220,7 @@ class ChatModel:
         self.cut_off = False  # the last streamed reply stopped at max_new_tokens, not at the model's end of turn
 
     # -- adapters --
+    @cpu_threads.released
     def use(self, adapter: str | Path | AdapterChoice, progress: Progress = None) -> AdapterChoice:
         """Make ``adapter`` the tuned side, loading its base model and the adapter only when not loaded yet."""
         from peft import PeftModel

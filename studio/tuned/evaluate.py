@@ -24,14 +24,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from studio import atomic
+from studio.models import cpu_threads
 from studio.runs import folder
 from studio.runs.folder import EVAL_FILE  # noqa: F401 - evaluate.EVAL_FILE for its readers
-
 from studio.tuned.scoring import (EvalError, Tokenized, completion_logps, pad_id, tokenize_row,  # noqa: F401
                                   tokenize_rows)
 
 Progress = Callable[[str, float], None] | None  # (message, fraction done)
-
 
 # ---- the evaluation --------------------------------------------------------------------------------------------
 
@@ -230,6 +229,7 @@ def held_out_rows(run_dir: str | Path, data=None, cfg=None) -> tuple[list[dict],
                     "held-out file (`--data FILE` on the command line, or the file box in the Chat tab)")
 
 
+@cpu_threads.released
 def evaluate_run(run_dir: str | Path, data=None, limit: int | None = None, *,
                  adapter: str | Path | None = None, chat_model=None, save: bool = True,
                  progress: Progress = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from studio.models import cpu_threads
 from studio.runs import folder as run_folder
 from studio.tuned import reference
 from studio.tuned.merge import ExportError
@@ -343,6 +344,7 @@ def _human(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
+@cpu_threads.released
 def export(src: str | Path, fmt: str, out: str | Path, progress: Progress = None, **kw) -> ExportResult:
     if fmt == "adapter":
         return export_adapter(src, out, progress, **kw)
