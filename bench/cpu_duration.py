@@ -5,7 +5,8 @@
 Trains a few steps through the engine (the UI's and CLI's path) and prints, per step, the rows, the padded tokens
 and the seconds, then the fitted constant (seconds per token per billion parameters) that studio/training/duration.py uses:
 SECONDS_PER_TOKEN_GPARAM_BF16 on a CPU with native bf16 (model.dtype 'auto' trains in bf16 autocast there),
-SECONDS_PER_TOKEN_GPARAM with ``--float32`` or on a CPU without it. The load average is printed with the figure:
+SECONDS_PER_TOKEN_GPARAM with ``--float32`` or on a CPU without it (given the per-pass constant; run it on short and
+long rows to fit both). The load average is printed with the figure:
 other work on the machine slows it down (a quiet machine's load average stays under 0.5).
 """
 from __future__ import annotations
@@ -57,9 +58,12 @@ def main() -> None:
     print(f"steps {len(steps)} · rows/step {a.batch * a.accum} · tokens/step ~{tokens:.0f} · measured {per_step:.1f} "
           f"s/step · estimated {est.step_s:.1f} s/step · whole job {time.time() - t0:.0f} s · cores {os.cpu_count()} · "
           f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end")
-    name = ("SECONDS_PER_TOKEN_GPARAM_BF16 (bf16 autocast)" if duration.seconds_per_token_gparam(cfg, device)
-            == duration.SECONDS_PER_TOKEN_GPARAM_BF16 else "SECONDS_PER_TOKEN_GPARAM (float32 math)")
-    print(f"fitted {name} = {per_step / (tokens * params / 1e9):.4f}")
+    bf16 = duration.seconds_per_token_gparam(cfg, device) == duration.SECONDS_PER_TOKEN_GPARAM_BF16
+    name = "SECONDS_PER_TOKEN_GPARAM_BF16 (bf16 autocast)" if bf16 else "SECONDS_PER_TOKEN_GPARAM (float32 math)"
+    per_pass = duration.seconds_per_pass_gparam(cfg, device) * a.accum * params / 1e9
+    print(f"fitted {name} = {(per_step - per_pass) / (tokens * params / 1e9):.4f} with "
+          f"{duration.seconds_per_pass_gparam(cfg, device)} s per pass-Gparam ({per_pass:.1f} s a step); "
+          f"{per_step / (tokens * params / 1e9):.4f} as the only constant (two runs of different row lengths fit both)")
 
 
 if __name__ == "__main__":

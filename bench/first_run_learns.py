@@ -73,6 +73,22 @@ def main() -> None:
     result = evaluate.read_eval(job.run_dir) or {}
     rw = result.get("rewards") or {}
     base, tuned = result.get("base") or {}, result.get("tuned") or {}
+    # seconds by phase, measured (from the run's phase events) against predicted (duration.estimate's terms)
+    # (a scoring phase ends with its last row: the time after it, until the next phase event, is training's)
+    phases: dict[str, float] = {}
+    marks, seen = [], set()
+    for e in job.events:
+        if e["type"] == "phase":
+            marks.append((e["time"], e["phase"]))
+            seen.add(e["phase"])
+            if e["phase"] == "scoring" and e.get("total") and e.get("done") == e["total"]:
+                marks.append((e["time"], "training" if "training" in seen else "between"))
+    marks.append((t0 + wall, "end"))
+    for (t_a, name), (t_b, _) in zip(marks, marks[1:]):
+        phases[name] = round(phases.get(name, 0.0) + t_b - t_a, 1)
+    phases["before the first phase"] = round(marks[0][0] - t0, 1)
+    predicted_phases = {k: round(getattr(predicted, k), 1) for k in
+                        ("startup_s", "reference_s", "train_s", "eval_s", "save_s", "step_s")} if predicted else {}
     points = [{k: m.get(k) for k in ("step", "heldout/accuracy", "heldout/drift", "heldout/margin")}
               for m in job.metrics() if "heldout/accuracy" in m]
     watch = next((e for e in job.events if e.get("watch_every") is not None), {})
@@ -83,6 +99,7 @@ def main() -> None:
         "rows_per_step": t.per_device_train_batch_size * t.gradient_accumulation_steps, "max_steps": t.max_steps,
         "lr": t.learning_rate, "eval_max_rows": cfg.data.eval_max_rows, "watch_every": watch.get("watch_every"),
         "predicted_s": round(predicted.total_s) if predicted else None, "wall_s": round(wall),
+        "measured_phases_s": phases, "predicted_phases_s": predicted_phases,
         "verdict": (result.get("verdict") or {}).get("word"), "n_pairs": result.get("n_pairs"),
         "acc": rw.get("pair_accuracy"), "acc_se": rw.get("pair_accuracy_se"), "margin": rw.get("margin"),
         "logp_tok_des_base": base.get("logp_per_token_desirable"),

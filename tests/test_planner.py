@@ -87,13 +87,18 @@ def test_the_cpu_plan_turns_checkpointing_on_when_the_model_would_fill_the_ram()
 def test_the_duration_model_reproduces_its_measured_cpu_runs():
     """`python bench/cpu_duration.py --data hh-harmless-dev.jsonl.gz --max-length 384 --batch 2 --accum 4` on the
     idle 2-core machine (2026-12-02): 4 steps of 8 HH rows (~183 tokens each), reference in every step: 110.9 s in
-    float32, 35.6 s in bf16 autocast (model.dtype 'auto' on that CPU, which multiplies bf16 natively)."""
+    float32, 35.6 s in bf16 autocast (model.dtype 'auto' on that CPU, which multiplies bf16 natively). And the
+    sample's short rows (2026-12-08, `--max-length 128 --batch 2 --accum 4`, ~54 tokens a row): 4.4 s a step in bf16
+    autocast, where a per-token constant alone (fitted on HH) predicted 2.0 s."""
     auto = RunConfig().updated({"kto.max_length": 384, "train.per_device_train_batch_size": 2,
                                 "train.gradient_accumulation_steps": 4, "train.max_steps": 4,
                                 "train.gradient_checkpointing": False, "data.evaluate_after": False,
                                 "data.eval_fraction": 0.0, "kto.precompute_ref_log_probs": False})
     fast = duration.estimate(auto, [183] * 3000, n_cores=2, converted=True, device=CPU_BF16)
     assert fast.train_s == pytest.approx(35.6, rel=0.15)
+    short = duration.estimate(auto.updated({"kto.max_length": 128}), [54] * 178, n_cores=2, converted=True,
+                              device=CPU_BF16)
+    assert short.step_s == pytest.approx(4.4, rel=0.15)
     # a CPU without bf16: float32 math
     assert duration.estimate(auto, [183] * 3000, n_cores=2, converted=True, device=CPU).train_s == \
         pytest.approx(110.9, rel=0.15)
@@ -118,11 +123,18 @@ def test_the_plan_and_duration_follow_the_device_info_not_the_host_cpu(host_bf16
     cfg = _hh_config(**{"data.eval_fraction": 0.1})
     fast = planner.plan(cfg, "cpu", CPU_BF16, lengths=[105] * 1417)
     slow = planner.plan(cfg, "cpu", CPU, lengths=[105] * 1417)
-    ratio = duration.SECONDS_PER_TOKEN_GPARAM / duration.SECONDS_PER_TOKEN_GPARAM_BF16
     assert fast.config.train.max_steps > slow.config.train.max_steps
     a = duration.estimate(slow.config, HH_LIKE, converted=True, n_cores=2, device=CPU_BF16)
     b = duration.estimate(slow.config, HH_LIKE, converted=True, n_cores=2, device=CPU)
-    assert b.step_s == pytest.approx(ratio * a.step_s)
+    t = slow.config.train
+    scale = duration.model_params(slow.config) / 1e9  # 2 cores: the calibration's own
+    for d, token, per_pass in ((a, duration.SECONDS_PER_TOKEN_GPARAM_BF16, duration.SECONDS_PER_PASS_GPARAM_BF16),
+                               (b, duration.SECONDS_PER_TOKEN_GPARAM, duration.SECONDS_PER_PASS_GPARAM)):
+        step = (d.tokens_per_step * token + t.gradient_accumulation_steps * per_pass) * scale
+        if d.reference_s:
+            step *= 1 - duration.REFERENCE_SHARE
+        assert d.step_s == pytest.approx(step)
+    assert b.step_s > a.step_s
     assert duration.seconds_per_token_gparam(cfg, CPU_BF16) == duration.SECONDS_PER_TOKEN_GPARAM_BF16
     assert duration.seconds_per_token_gparam(cfg, CPU) == duration.SECONDS_PER_TOKEN_GPARAM
     # no device given: a CPU without native bf16, whatever the host says

@@ -5,7 +5,8 @@ the same functions, so both tabs show one plan.
 
 The time model counts the work a KTO step does on a CPU: every row of the step is pushed through the model about six
 forward-pass equivalents (policy forward + backward, KL forward, reference completion and KL forwards), and that cost
-grows with tokens x parameters. One constant, ``SECONDS_PER_TOKEN_GPARAM``, turns it into seconds; it is measured with
+grows with tokens x parameters. One constant, ``SECONDS_PER_TOKEN_GPARAM``, turns it into seconds (in bf16 autocast
+a second one adds each pass's fixed cost, ``SECONDS_PER_PASS_GPARAM_BF16``); they are measured with
 ``python bench/cpu_duration.py`` on a 2-core machine and scaled by the cores torch uses. When the reference
 log-probs are precomputed, a third of that work moves into one pass before training; the held-out scoring after
 training is two forwards (base and tuned) per row.
@@ -26,12 +27,21 @@ from typing import Any
 # KTO_STUDIO_CPU_BF16=0 give there). A 2-core AMD desktop without bf16 ran the HH first run in 8 min 10 s against
 # 4 min 41 s predicted, under load (issue 30): re-fit on such a CPU, idle, with `python bench/cpu_duration.py --float32
 # --data hh-harmless-dev.jsonl.gz --max-length 384 --batch 2 --accum 4`.
+# Re-measured 2026-12-08 on the Xeon with CPU threads given back (studio.models.cpu_threads): 0.063 on HH rows
+# (12.4 s a step) and 0.071 on the sample (4.2 s). Kept at 0.14 for the CPUs that actually take this path: without
+# AVX-512 BF16 they mostly lack AVX-512 too, half the Xeon's vector width (no such CPU here to re-fit on).
 SECONDS_PER_TOKEN_GPARAM = 0.14
-# The same in bfloat16 autocast (float32 weights), on a CPU that multiplies bf16 natively
-# (studio.models.load.cpu_autocast, what model.dtype 'auto' does there): 0.045 on HH rows at max_length 384, 2 x 4 rows a step (8.9 s a step against
-# 27.7 s in float32, `python bench/cpu_duration.py --data hh-harmless-dev.jsonl.gz --max-length 384 --batch 2
-# --accum 4`, idle, 2026-12-02); 0.05 leaves room for a page open on the same cores.
-SECONDS_PER_TOKEN_GPARAM_BF16 = 0.05
+SECONDS_PER_PASS_GPARAM = 0.0  # float32: the per-token constant's margin covers its small per-pass cost (0.2 s)
+# bfloat16 autocast (float32 weights) on a CPU that multiplies bf16 natively (studio.models.load.cpu_autocast, what
+# model.dtype 'auto' does there) has a fixed cost a pass on top of the tokens: the frozen float32 weights are cast to
+# bf16 for every forward (autocast caches only weights that train). Fitted to two runs of 2 x 4 rows a step,
+# reference in every step (`python bench/cpu_duration.py --max-length 128 --batch 2 --accum 4` and the same with
+# `--data hh-harmless-dev.jsonl.gz --max-length 384`, idle, 2026-12-08): 4.4 s a step for the sample's ~435 tokens,
+# 8.8 s for HH's ~1465, so 0.0318 s per token-Gparam and 4.7 s per pass-Gparam (0.64 s a pass for the bundled model).
+# Plus 10% for a page open on the same cores. With one constant (0.05, fitted on HH alone) the sample's first run
+# planned 44 steps at ~2 s and took 3.2 s each.
+SECONDS_PER_TOKEN_GPARAM_BF16 = 0.035
+SECONDS_PER_PASS_GPARAM_BF16 = 5.2
 CALIBRATION_CORES = 2
 CHECKPOINTING_FACTOR = 1.3  # recomputing activations in the backward pass
 REFERENCE_SHARE = 2 / 6  # the reference model's two forwards out of a step's ~6 forward-equivalents
@@ -192,16 +202,21 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
     else:
         return None
     n_cores = n_cores or cores()
-    per_token = seconds_per_token_gparam(cfg, device) * params / 1e9 * CALIBRATION_CORES / min(max(n_cores, 1), 16)
+    scale = params / 1e9 * CALIBRATION_CORES / min(max(n_cores, 1), 16)
+    per_token = seconds_per_token_gparam(cfg, device) * scale
+    per_pass = seconds_per_pass_gparam(cfg, device) * scale  # a pass: per_device_train_batch_size rows
     if t.gradient_checkpointing:
         per_token *= CHECKPOINTING_FACTOR
+        per_pass *= CHECKPOINTING_FACTOR
     tokens_per_step = rows_per_step * pad_tok
-    step_s = tokens_per_step * per_token
+    step_s = tokens_per_step * per_token + t.gradient_accumulation_steps * per_pass
     reference_s = 0.0
     precompute = speed.should_precompute_ref(cfg.kto.precompute_ref_log_probs, n_rows or steps * rows_per_step,
                                              t.max_steps, rows_per_step, epochs)
     if precompute:
-        reference_s = (n_rows or steps * rows_per_step) * pad_tok * per_token * REFERENCE_SHARE
+        ref_rows = n_rows or steps * rows_per_step
+        ref_passes = math.ceil(ref_rows / t.per_device_train_batch_size)
+        reference_s = (ref_rows * pad_tok * per_token + ref_passes * per_pass) * REFERENCE_SHARE
         step_s *= 1 - REFERENCE_SHARE
     eval_rows = 0
     if cfg.data.evaluate_after:
@@ -236,10 +251,20 @@ def estimate(cfg, lengths: list[int] | None = None, params: float | None = None,
 def seconds_per_token_gparam(cfg, device=None) -> float:
     """The time constant for the math a CPU run of ``cfg`` does on ``device`` (``models.cpu_autocast``'s rule on the
     DeviceInfo the plan was given; None: a CPU without native bf16, float32 math)."""
+    return SECONDS_PER_TOKEN_GPARAM_BF16 if _autocast(cfg, device) else SECONDS_PER_TOKEN_GPARAM
+
+
+def seconds_per_pass_gparam(cfg, device=None) -> float:
+    """The fixed time a forward-and-backward pass costs on top of its tokens, per billion parameters (bf16 autocast
+    casts the frozen weights every pass; float32: none counted), on the CPU ``device`` as ``seconds_per_token_gparam``."""
+    return SECONDS_PER_PASS_GPARAM_BF16 if _autocast(cfg, device) else SECONDS_PER_PASS_GPARAM
+
+
+def _autocast(cfg, device) -> bool:
     from studio.models import load as models
 
     cpu = device if device is not None and device.kind == "cpu" else models.DeviceInfo(kind="cpu", name="cpu")
-    return SECONDS_PER_TOKEN_GPARAM_BF16 if models.cpu_autocast(cfg, cpu) else SECONDS_PER_TOKEN_GPARAM
+    return models.cpu_autocast(cfg, cpu)
 
 
 # ---- the CPU plan ---------------------------------------------------------------------------------------------------
