@@ -248,3 +248,18 @@ def test_every_part_a_handler_returns_is_an_output_of_its_event(studio, monkeypa
         args = [run_id if c.elem_id == "history-run" else c.value for c in block_fn.inputs]
         out = block_fn.fn(*args)
         assert out == gr.skip() or set(out) <= set(block_fn.outputs), block_fn.name
+
+
+def test_the_held_out_accuracy_chart_draws_100_percent_inside_its_frame():
+    """Held-out checks of a first run that learns sit at 100%: with the axis fitted to the data they were drawn on
+    the chart's top edge, where they are hard to see."""
+    import gradio as gr
+
+    from studio.ui.app import Studio, build_app
+
+    app = build_app(Studio())
+    plots = {b.elem_id: b for b in app.blocks.values() if isinstance(b, (gr.LinePlot, gr.ScatterPlot))}
+    accuracy = plots["plot-heldout-accuracy"]
+    low, high = accuracy.y_lim
+    assert low == 0 and high > 1
+    assert plots["plot-loss"].y_lim is None  # the other curves keep a fitted axis

@@ -71,6 +71,7 @@ PLOTS = {
     "held-out drift (nats/token)": ("heldout-drift", ["heldout/drift"]),
 }
 CHECK_PLOTS = ("held-out reward accuracy", "held-out drift (nats/token)")
+PLOT_Y_LIMITS = {"held-out reward accuracy": [0, 1.05]}  # a fraction: 100% drawn inside the frame, not on its edge
 COMPARABLE = ["loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "kl", "learning_rate", "tokens_per_s"]
 HISTORY_COLUMNS = ["run", "name", "status", "started", "took", "steps", "loss", "margin", "adapter"]
 STATE_LABELS = {"starting": "⏳ starting", "running": "🏃 training", "stopping": "⏸ stopping",
@@ -591,7 +592,8 @@ def build(studio, app: gr.Blocks | None = None, tab: gr.Tab | None = None):
                 kind, steps = (gr.ScatterPlot, {"x_axis_format": "d"}) if title in CHECK_PLOTS else (gr.LinePlot, {})
                 plots.append(kind(x="step", y="value", color="series", title=title, height=230, **steps,
                                   y_title=PLOTS[title][1][0] if len(PLOTS[title][1]) == 1 else "reward",
-                                  y_axis_format=".3~g", color_title="", elem_id=f"plot-{PLOTS[title][0]}"))
+                                  y_axis_format=".3~g", color_title="", elem_id=f"plot-{PLOTS[title][0]}",
+                                  y_lim=PLOT_Y_LIMITS.get(title)))
     health_box = gr.Markdown(elem_id="train-health")
 
     with gr.Accordion("Run history", open=True):
