@@ -73,3 +73,20 @@ def test_the_entry_points_a_ui_thread_calls_give_their_team_back():
 
     for fn in (bundled.ensure_checkpoint, chat.ChatModel.use, evaluate.evaluate_run, export.export):
         assert getattr(fn, "releases_cpu_threads", False), fn.__qualname__
+
+
+def test_a_release_before_torch_is_imported_does_not_switch_later_releases_off(monkeypatch):
+    """The bundled model's check returns at once when it is converted, before torch is imported in the process: that
+    first release must not settle that there is no libgomp to release."""
+    import sys
+
+    import torch  # noqa: F401
+
+    if not cpu_threads.supported():
+        pytest.skip("torch does not use libgomp here")
+    monkeypatch.setattr(cpu_threads, "_looked", False)
+    monkeypatch.setattr(cpu_threads, "_libgomp", None)
+    with monkeypatch.context() as m:
+        m.delitem(sys.modules, "torch")
+        cpu_threads.release()  # as if torch were not imported yet: nothing to give back, nothing decided
+    assert cpu_threads._gomp() is not None

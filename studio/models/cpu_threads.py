@@ -18,6 +18,7 @@ import ctypes
 import functools
 import inspect
 import logging
+import sys
 from typing import Any, Callable, TypeVar
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ def _gomp():
     keep no such per-thread teams that throttle each other; nothing to give back)."""
     global _libgomp, _looked
     if not _looked:
+        if "torch" not in sys.modules:  # torch has run nothing yet (nothing to give back); look again later
+            return None
         _looked = True
         try:
             with open("/proc/self/maps") as maps:
