@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
 from studio.models import cpu_threads
 
 
-def _tasks() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _tasks() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 
 def _workers_left_by(work) -> int:
@@ -28,7 +29,12 @@ def _workers_left_by(work) -> int:
         torch.set_num_threads(2)
         before = _tasks()
         work()
-        out.append(_tasks() - before)
+        # threads the work started that are still there (others may end meanwhile: not counted); a worker given
+        # back exits on its own schedule: wait for it (at most 2 s; a kept one never goes)
+        deadline = time.monotonic() + 2
+        while _tasks() - before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        out.append(len(_tasks() - before))
         done.set()
         hold.wait()
 
@@ -75,18 +81,36 @@ def test_the_entry_points_a_ui_thread_calls_give_their_team_back():
         assert getattr(fn, "releases_cpu_threads", False), fn.__qualname__
 
 
-def test_a_release_before_torch_is_imported_does_not_switch_later_releases_off(monkeypatch):
+def test_a_release_before_torch_is_imported_does_not_switch_later_releases_off():
     """The bundled model's check returns at once when it is converted, before torch is imported in the process: that
-    first release must not settle that there is no libgomp to release."""
+    first release must not settle that there is no libgomp to release. In a fresh process: release, import torch,
+    work in a living thread, release there; no worker stays."""
+    import subprocess
     import sys
-
-    import torch  # noqa: F401
+    from pathlib import Path
 
     if not cpu_threads.supported():
         pytest.skip("torch does not use libgomp here")
-    monkeypatch.setattr(cpu_threads, "_looked", False)
-    monkeypatch.setattr(cpu_threads, "_libgomp", None)
-    with monkeypatch.context() as m:
-        m.delitem(sys.modules, "torch")
-        cpu_threads.release()  # as if torch were not imported yet: nothing to give back, nothing decided
-    assert cpu_threads._gomp() is not None
+    script = """
+import os, sys, threading, time
+from studio.models import cpu_threads
+cpu_threads.release()  # torch not imported yet
+assert "torch" not in sys.modules
+import torch
+out, done, hold = [], threading.Event(), threading.Event()
+def living():
+    torch.set_num_threads(2)
+    before = set(os.listdir("/proc/self/task"))
+    cpu_threads.released(lambda: torch.ones(2**22).sum())()
+    deadline = time.monotonic() + 2
+    while set(os.listdir("/proc/self/task")) - before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    out.append(len(set(os.listdir("/proc/self/task")) - before))
+    done.set(); hold.wait()
+t = threading.Thread(target=living); t.start(); done.wait(60); hold.set(); t.join()
+print("LEFT", out[0])
+"""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "LEFT 0" in r.stdout, r.stdout
