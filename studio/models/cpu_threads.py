@@ -29,8 +29,8 @@ _looked = False
 
 
 def _gomp():
-    """torch's libgomp when the process has it loaded (Linux builds of torch), else None (macOS's libomp and Windows
-    keep no such per-thread teams that throttle each other; nothing to give back)."""
+    """torch's libgomp when the process has it loaded (Linux builds of torch), else None: elsewhere (macOS's libomp,
+    Windows) nothing is given back, since nothing was measured there."""
     global _libgomp, _looked
     if not _looked:
         if "torch" not in sys.modules:  # torch has run nothing yet (nothing to give back); look again later
