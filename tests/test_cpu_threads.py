@@ -92,23 +92,12 @@ def test_a_release_before_torch_is_imported_does_not_switch_later_releases_off()
     if not cpu_threads.supported():
         pytest.skip("torch does not use libgomp here")
     script = """
-import os, sys, threading, time
+import sys
 from studio.models import cpu_threads
 cpu_threads.release()  # torch not imported yet
 assert "torch" not in sys.modules
-import torch
-out, done, hold = [], threading.Event(), threading.Event()
-def living():
-    torch.set_num_threads(2)
-    before = set(os.listdir("/proc/self/task"))
-    cpu_threads.released(lambda: torch.ones(2**22).sum())()
-    deadline = time.monotonic() + 2
-    while set(os.listdir("/proc/self/task")) - before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    out.append(len(set(os.listdir("/proc/self/task")) - before))
-    done.set(); hold.wait()
-t = threading.Thread(target=living); t.start(); done.wait(60); hold.set(); t.join()
-print("LEFT", out[0])
+from tests.test_cpu_threads import _parallel_math, _workers_left_by
+print("LEFT", _workers_left_by(cpu_threads.released(_parallel_math)))
 """
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
